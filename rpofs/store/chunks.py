@@ -1,0 +1,157 @@
+"""The chunk store: content-addressed data in append-only pack files.
+
+Writing: PackWriter appends records to one new pack file per backup session
+(two sessions never share a file, so concurrent backups of different VMs need
+no lock) and makes them durable with sync() before the catalog refers to them.
+Reading: ChunkReader finds, decompresses and verifies; a cache of decoded
+chunks lets sequential reads of one 1 MiB chunk decode it once.
+"""
+
+import collections
+import os
+import threading
+
+import blake3
+import zstandard
+
+from ..errors import ChunkMissing, CorruptChunk
+from .schema import CODEC_RAW, CODEC_ZSTD, PACK_HEADER, ChunkLocation, pack_name
+
+ZSTD_LEVEL = 1  # ~1 GB/s per core; higher levels cost more than they save on disk data
+_local = threading.local()
+
+
+def chunk_key(data) -> bytes:
+    return blake3.blake3(data).digest()
+
+
+def _compressor() -> zstandard.ZstdCompressor:
+    c = getattr(_local, "cctx", None)
+    if c is None:
+        c = _local.cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
+    return c
+
+
+def _decompressor() -> zstandard.ZstdDecompressor:
+    d = getattr(_local, "dctx", None)
+    if d is None:
+        d = _local.dctx = zstandard.ZstdDecompressor()
+    return d
+
+
+def encode(data) -> tuple[int, bytes]:
+    """(codec, stored bytes): zstd only when it saves space."""
+    packed = _compressor().compress(data)
+    if len(packed) < len(data):
+        return CODEC_ZSTD, packed
+    return CODEC_RAW, bytes(data)
+
+
+class PackWriter:
+    """Appends chunk records to one pack file. Thread-safe."""
+
+    def __init__(self, chunks_dir: str, pack: int):
+        self.pack = pack
+        self.path = os.path.join(chunks_dir, pack_name(pack))
+        self._dir = chunks_dir
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        self._offset = 0
+        self._lock = threading.Lock()
+        self.bytes_written = 0
+
+    def append(self, key: bytes, codec: int, raw_len: int, stored: bytes) -> ChunkLocation:
+        header = PACK_HEADER.pack(key, codec, raw_len, len(stored))
+        with self._lock:
+            offset = self._offset + len(header)
+            if os.writev(self._fd, [header, stored]) != len(header) + len(stored):
+                raise OSError(f"short write to {self.path} (disk full?)")
+            self._offset = offset + len(stored)
+            self.bytes_written += len(header) + len(stored)
+        return ChunkLocation(self.pack, offset, len(stored), raw_len, codec)
+
+    def sync(self) -> None:
+        """Make the pack durable; the catalog may refer to it afterwards."""
+        os.fsync(self._fd)
+        dfd = os.open(self._dir, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def discard(self) -> None:
+        """Remove the pack: nothing refers to it (the backup was not committed)."""
+        self.close()
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+
+class ChunkReader:
+    """Reads and verifies chunks. Thread-safe; keeps pack files open."""
+
+    def __init__(self, chunks_dir: str, cache_bytes: int = 64 << 20):
+        self._dir = chunks_dir
+        self._fds: dict[int, int] = {}
+        self._lock = threading.Lock()
+        self._cache: collections.OrderedDict[bytes, bytes] = collections.OrderedDict()
+        self._cache_bytes = 0
+        self._cache_limit = cache_bytes
+
+    def _fd(self, pack: int) -> int:
+        with self._lock:
+            fd = self._fds.get(pack)
+            if fd is None:
+                path = os.path.join(self._dir, pack_name(pack))
+                try:
+                    fd = os.open(path, os.O_RDONLY)
+                except FileNotFoundError:
+                    raise ChunkMissing(f"pack file {path} is missing") from None
+                self._fds[pack] = fd
+            return fd
+
+    def read(self, key: bytes, loc: ChunkLocation) -> bytes:
+        with self._lock:
+            data = self._cache.get(key)
+            if data is not None:
+                self._cache.move_to_end(key)
+                return data
+        data = self._load(key, loc)
+        with self._lock:
+            if key not in self._cache:
+                self._cache[key] = data
+                self._cache_bytes += len(data)
+                while self._cache_bytes > self._cache_limit:
+                    _, old = self._cache.popitem(last=False)
+                    self._cache_bytes -= len(old)
+        return data
+
+    def _load(self, key: bytes, loc: ChunkLocation) -> bytes:
+        stored = os.pread(self._fd(loc.pack), loc.stored_len, loc.offset)
+        where = f"chunk {key.hex()[:16]} in {pack_name(loc.pack)} at {loc.offset}"
+        if len(stored) != loc.stored_len:
+            raise CorruptChunk(f"{where}: pack file is truncated")
+        if loc.codec == CODEC_ZSTD:
+            try:
+                data = _decompressor().decompress(stored, max_output_size=loc.raw_len)
+            except zstandard.ZstdError as e:
+                raise CorruptChunk(f"{where}: {e}") from None
+        elif loc.codec == CODEC_RAW:
+            data = stored
+        else:
+            raise CorruptChunk(f"{where}: unknown codec {loc.codec}")
+        if len(data) != loc.raw_len or chunk_key(data) != key:
+            raise CorruptChunk(f"{where}: content does not match its key")
+        return data
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+            self._cache.clear()

@@ -1,0 +1,270 @@
+"""The repository: opening it, listing what it holds, and recording backups.
+
+One Repository per process (LMDB forbids opening an environment twice in one
+process). Reads use short read transactions; a backup is staged in a
+BackupWriter and made visible by one write transaction in commit().
+"""
+
+import functools
+import json
+import os
+import threading
+import uuid as uuidlib
+
+import lmdb
+
+from ..errors import ChunkMissing, NoRepository, NoSuchPoint, RpofsError, UnknownFormat
+from . import schema
+from .chunks import ChunkReader, PackWriter, chunk_key, encode
+from .schema import (BLOCK_SIZE, CHUNK_SIZE, FORMAT, ZERO_KEY, ChunkLocation, DiskRecord,
+                     PointRecord)
+
+DEFAULT_REPO = "/var/lib/rpofs"
+MAP_SIZE = 1 << 40  # address space only; the file grows as needed
+
+
+def default_repo_path() -> str:
+    return os.environ.get("RPOFS_REPO") or DEFAULT_REPO
+
+
+class Repository:
+    def __init__(self, path: str, env: lmdb.Environment):
+        self.path = path
+        self.env = env
+        self.db = {name: env.open_db(name.encode()) for name in schema.DATABASES}
+        self.chunks_dir = os.path.join(path, "chunks")
+        self.tmp_dir = os.path.join(path, "tmp")
+        self.reader = ChunkReader(self.chunks_dir)
+
+    # -- opening -------------------------------------------------------------
+
+    @classmethod
+    def init(cls, path: str) -> "Repository":
+        catalog = os.path.join(path, "catalog")
+        if os.path.exists(catalog):
+            raise RpofsError(f"{path} already holds a repository")
+        for sub in ("catalog", "chunks", "tmp"):
+            os.makedirs(os.path.join(path, sub), mode=0o700, exist_ok=True)
+        env = cls._open_env(catalog, create=True)
+        with env.begin(write=True) as txn:
+            meta = env.open_db(b"meta", txn=txn)
+            for name in schema.DATABASES:
+                env.open_db(name.encode(), txn=txn)
+            txn.put(b"format", str(FORMAT).encode(), db=meta)
+            txn.put(b"next_point", schema.u32(1), db=meta)
+            txn.put(b"next_pack", schema.u32(1), db=meta)
+        return cls(path, env)
+
+    @classmethod
+    def open(cls, path: str) -> "Repository":
+        catalog = os.path.join(path, "catalog")
+        if not os.path.isfile(os.path.join(catalog, "data.mdb")):
+            raise NoRepository(f"no rpofs repository at {path} (create one with: rpofs --repo {path} init)")
+        env = cls._open_env(catalog, create=False)
+        with env.begin() as txn:
+            meta = env.open_db(b"meta", txn=txn, create=False)
+            found = txn.get(b"format", db=meta)
+        if found != str(FORMAT).encode():
+            env.close()
+            shown = found.decode(errors="replace") if found else "none"
+            raise UnknownFormat(f"repository {path} has format {shown}; this rpofs reads format {FORMAT} only")
+        return cls(path, env)
+
+    @staticmethod
+    def _open_env(catalog: str, create: bool) -> lmdb.Environment:
+        try:
+            return lmdb.open(catalog, map_size=MAP_SIZE, max_dbs=len(schema.DATABASES),
+                             subdir=True, create=create, max_readers=512)
+        except lmdb.Error as e:
+            raise NoRepository(f"cannot open catalog {catalog}: {e}") from None
+
+    def close(self) -> None:
+        self.reader.close()
+        self.env.close()
+
+    # -- reading the relations ----------------------------------------------
+
+    def vms(self) -> list[tuple[str, str]]:
+        """(uuid, last known name) of every VM with points."""
+        with self.env.begin(db=self.db["vms"]) as txn:
+            return [(str(uuidlib.UUID(bytes=bytes(k))), _json_name(v)) for k, v in txn.cursor()]
+
+    def points(self, vm: str) -> list[PointRecord]:
+        """A VM's points, oldest first."""
+        prefix = uuidlib.UUID(vm).bytes
+        out = []
+        with self.env.begin() as txn:
+            cur = txn.cursor(db=self.db["vm_points"])
+            points = txn.cursor(db=self.db["points"])
+            if cur.set_range(prefix):
+                for key in cur.iternext(values=False):
+                    if key[:16] != prefix:
+                        break
+                    _, _, no = schema.read_vm_point_key(key)
+                    out.append(PointRecord.decode(points.get(schema.point_key(no))))
+        return out
+
+    def point(self, no: int) -> PointRecord:
+        with self.env.begin(db=self.db["points"]) as txn:
+            raw = txn.get(schema.point_key(no))
+        if raw is None:
+            raise NoSuchPoint(f"no point {no}")
+        return PointRecord.decode(raw)
+
+    def read_chunk(self, key: bytes) -> bytes:
+        if key == ZERO_KEY:
+            raise ValueError("the zero key has no stored chunk")
+        with self.env.begin(db=self.db["chunks"]) as txn:
+            raw = txn.get(key)
+        if raw is None:
+            raise ChunkMissing(f"chunk {key.hex()[:16]} is not in the catalog")
+        return self.reader.read(key, ChunkLocation.decode(raw))
+
+    def store_blob(self, data: bytes) -> str:
+        """Store a small piece of data (e.g. a domain XML) at once; its key in hex."""
+        with self.begin_writer() as w:
+            key = w.put_chunk(data)
+            w.commit_chunks_only()
+        return key.hex()
+
+    # -- writing ---------------------------------------------------------------
+
+    def begin_writer(self) -> "BackupWriter":
+        with self.env.begin(write=True, db=self.db["meta"]) as txn:
+            pack = schema.read_u32(txn.get(b"next_pack"))
+            txn.put(b"next_pack", schema.u32(pack + 1))
+        return BackupWriter(self, PackWriter(self.chunks_dir, pack))
+
+
+class BackupWriter:
+    """Stages one point: chunks go to a new pack file, index entries to memory.
+
+    put_* are thread-safe (hashing and compression run in the caller's
+    thread). commit() makes the point visible atomically; abort() or an
+    exception inside `with` discards everything.
+    """
+
+    def __init__(self, repo: Repository, pack: PackWriter):
+        self.repo = repo
+        self.pack = pack
+        self._new: dict[bytes, ChunkLocation] = {}
+        self._lock = threading.Lock()
+        self._full: list[tuple[int, int, bytes]] = []    # (disk, chunk no, key)
+        self._log: list[tuple[int, int, bytes]] = []     # (disk, block no, key)
+        self.stats = {"logical_bytes": 0, "stored_bytes": 0, "new_chunks": 0, "zero_bytes": 0}
+        self._done = False
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if not self._done:
+            self.abort()
+
+    def put_chunk(self, data) -> bytes:
+        """Store data unless already stored; its key. data must not be all zeros."""
+        key = chunk_key(data)
+        with self._lock:
+            if key in self._new:
+                return key
+        with self.repo.env.begin(db=self.repo.db["chunks"]) as txn:
+            if txn.get(key) is not None:
+                return key
+        codec, stored = encode(data)
+        loc = self.pack.append(key, codec, len(data), stored)
+        with self._lock:
+            self._new.setdefault(key, loc)
+            self.stats["stored_bytes"] += len(stored)
+            self.stats["new_chunks"] += 1
+        return key
+
+    def _key_of(self, data) -> bytes:
+        with self._lock:
+            self.stats["logical_bytes"] += len(data)
+        if not any_nonzero(data):
+            with self._lock:
+                self.stats["zero_bytes"] += len(data)
+            return ZERO_KEY
+        return self.put_chunk(data)
+
+    def put_full_chunk(self, disk: int, chunk_no: int, data) -> None:
+        key = self._key_of(data)
+        if key != ZERO_KEY:  # absent from the full index means zeros
+            with self._lock:
+                self._full.append((disk, chunk_no, key))
+
+    def put_log_block(self, disk: int, block_no: int, data) -> None:
+        key = self._key_of(data)  # ZERO_KEY is recorded: it overrides the full
+        with self._lock:
+            self._log.append((disk, block_no, key))
+
+    def commit(self, *, vm: str, vm_name: str, kind: str, time_us: int, chain: int | None,
+               parent: int | None, consistency: str, disks: list[DiskRecord], checkpoint: str,
+               domain_xml: str, reason: str = "") -> PointRecord:
+        assert kind in ("full", "log") and (kind == "full") == (chain is None)
+        self.pack.sync()
+        db = self.repo.db
+        vm_bytes = uuidlib.UUID(vm).bytes
+        with self.repo.env.begin(write=True) as txn:
+            no = schema.read_u32(txn.get(b"next_point", db=db["meta"]))
+            txn.put(b"next_point", schema.u32(no + 1), db=db["meta"])
+            self._put_chunks(txn)
+            if kind == "full":
+                chain = no
+                for disk, chunk_no, key in sorted(self._full):
+                    txn.put(schema.full_key(chain, disk, chunk_no), key, db=db["full_index"], append=True)
+            else:
+                cur = txn.cursor(db=db["log_index"])
+                for disk, block_no, key in self._log:
+                    cur.put(schema.log_key(chain, disk, block_no, no), key)
+            record = PointRecord(
+                point=no, vm=vm, vm_name=vm_name, kind=kind, time_us=time_us, chain=chain,
+                parent=parent, consistency=consistency, disks=tuple(disks), checkpoint=checkpoint,
+                domain_xml=domain_xml, reason=reason, stats=dict(self.stats))
+            txn.put(schema.point_key(no), record.encode(), db=db["points"])
+            txn.put(schema.vm_point_key(vm_bytes, time_us, no), b"", db=db["vm_points"])
+            txn.put(vm_bytes, _json_dump_name(vm_name), db=db["vms"])
+        self._finish()
+        return record
+
+    def commit_chunks_only(self) -> None:
+        self.pack.sync()
+        with self.repo.env.begin(write=True) as txn:
+            self._put_chunks(txn)
+        self._finish()
+
+    def _put_chunks(self, txn) -> None:
+        cur = txn.cursor(db=self.repo.db["chunks"])
+        for key, loc in self._new.items():
+            # overwrite=False: another session may have stored the same chunk first
+            cur.put(key, loc.encode(), overwrite=False)
+
+    def _finish(self) -> None:
+        self._done = True
+        self.pack.close()
+        if not self._new:
+            self.pack.discard()
+
+    def abort(self) -> None:
+        self._done = True
+        self.pack.discard()
+
+
+@functools.lru_cache(maxsize=8)
+def _zeros(n: int) -> bytes:
+    return bytes(n)
+
+
+def any_nonzero(data) -> bool:
+    return data != _zeros(len(data))  # a memcmp: ~15 us per MiB
+
+
+def _json_name(v: bytes) -> str:
+    return json.loads(bytes(v))["name"]
+
+
+def _json_dump_name(name: str) -> bytes:
+    return json.dumps({"name": name}).encode()
+
+
+__all__ = ["Repository", "BackupWriter", "default_repo_path", "BLOCK_SIZE", "CHUNK_SIZE"]

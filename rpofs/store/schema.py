@@ -1,0 +1,168 @@
+"""The repository's format, version 1. This module is the spec: every LMDB
+sub-database, its key and value layout, and the invariants. Nothing else builds
+keys by hand.
+
+    REPO/catalog/     LMDB environment (the relation store), sub-databases below
+    REPO/chunks/      append-only pack files, pack-00000001 ...
+    REPO/tmp/         scratch space for libvirt's backup jobs and NBD sockets
+
+Integers in keys are big-endian so that LMDB's byte order is numeric order.
+
+Granularity
+    CHUNK_SIZE (1 MiB)  a full backup stores one chunk per CHUNK_SIZE of disk;
+                        the full index costs one entry per non-zero chunk.
+    BLOCK_SIZE (64 KiB) a log backup stores one chunk per changed block: QEMU's
+                        dirty-bitmap granularity for qcow2 with 64 KiB clusters.
+    CHUNK_SIZE is a multiple of BLOCK_SIZE. The last chunk and the last block
+    of a disk are short when the disk size is not a multiple of them.
+
+Sub-databases
+    meta        b"format" -> b"1"; b"next_point", b"next_pack" -> u32
+    vms         vm uuid (16 bytes) -> JSON {"name": last known name}
+    points      point no (u32) -> JSON point record (see PointRecord)
+    vm_points   vm uuid (16) | time_us (u64) | point no (u32) -> b""
+                    every point of a VM in time order: one range scan lists them
+    full_index  chain (u32) | disk (u16) | chunk no (u32) -> chunk key (32)
+                    a full backup's data; an absent chunk is all zeros
+    log_index   chain (u32) | disk (u16) | block no (u32) | ~point (u32) -> chunk key (32)
+                    the as-of index: one entry per block changed by a log point;
+                    the newest change of block B at or before point P is the
+                    first key >= (chain, disk, B, ~P) if its prefix is (chain,
+                    disk, B): one B-tree seek, whatever the number of logs.
+                    ZERO_KEY as value: the block became all zeros.
+    chunks      chunk key (32) -> pack (u32) | offset (u64) | stored length (u32)
+                              | raw length (u32) | codec (u8)
+
+A chain is numbered by its full point's number; disk numbers are positions in
+the full's disk list, which every log of the chain shares. Point numbers grow
+with commit order; within a VM they grow with time, so ~point orders a chain's
+log entries newest first.
+
+A chunk key is the blake3-256 of the chunk's raw bytes; readers verify it.
+All-zero data is never stored.
+
+Commit order: pack data fsync'ed first, then one LMDB write transaction adds
+the chunk locations, the index entries and the point. A crash leaves at most
+unreferenced pack data; a point is visible only when complete.
+"""
+
+import json
+import struct
+from dataclasses import asdict, dataclass, field
+
+FORMAT = 1
+CHUNK_SIZE = 1 << 20
+BLOCK_SIZE = 1 << 16
+BLOCKS_PER_CHUNK = CHUNK_SIZE // BLOCK_SIZE
+ZERO_KEY = bytes(32)
+
+DATABASES = ("meta", "vms", "points", "vm_points", "full_index", "log_index", "chunks")
+
+CODEC_RAW = 0
+CODEC_ZSTD = 1
+
+_U32 = struct.Struct(">I")
+_VM_POINT = struct.Struct(">16sQI")
+_FULL_KEY = struct.Struct(">IHI")
+_LOG_KEY = struct.Struct(">IHII")
+_CHUNK_LOC = struct.Struct(">IQIIB")
+PACK_HEADER = struct.Struct(">32sBII")  # key, codec, raw length, stored length
+"""Each record in a pack file: PACK_HEADER then the stored bytes. The catalog
+points at the stored bytes; the header lets a repair tool rebuild `chunks`."""
+
+
+def u32(n: int) -> bytes:
+    return _U32.pack(n)
+
+
+def read_u32(b: bytes) -> int:
+    return _U32.unpack(b)[0]
+
+
+def point_key(point: int) -> bytes:
+    return _U32.pack(point)
+
+
+def vm_point_key(vm: bytes, time_us: int, point: int) -> bytes:
+    return _VM_POINT.pack(vm, time_us, point)
+
+
+def read_vm_point_key(key: bytes) -> tuple[bytes, int, int]:
+    return _VM_POINT.unpack(key)
+
+
+def full_key(chain: int, disk: int, chunk: int) -> bytes:
+    return _FULL_KEY.pack(chain, disk, chunk)
+
+
+def log_key(chain: int, disk: int, block: int, point: int) -> bytes:
+    return _LOG_KEY.pack(chain, disk, block, 0xFFFFFFFF - point)
+
+
+def log_key_block_prefix(key: bytes) -> bytes:
+    """The (chain, disk, block) part of a log_index key."""
+    return bytes(key[:10])
+
+
+def log_key_point(key: bytes) -> int:
+    return 0xFFFFFFFF - _LOG_KEY.unpack(key)[3]
+
+
+@dataclass(frozen=True)
+class ChunkLocation:
+    pack: int
+    offset: int
+    stored_len: int
+    raw_len: int
+    codec: int
+
+    def encode(self) -> bytes:
+        return _CHUNK_LOC.pack(self.pack, self.offset, self.stored_len, self.raw_len, self.codec)
+
+    @classmethod
+    def decode(cls, b: bytes) -> "ChunkLocation":
+        return cls(*_CHUNK_LOC.unpack(b))
+
+
+def pack_name(pack: int) -> str:
+    return f"pack-{pack:08d}"
+
+
+@dataclass(frozen=True)
+class DiskRecord:
+    target: str           # "vda"
+    size: int             # virtual size in bytes
+    source: str = ""      # image path on the host when backed up (informational)
+
+
+@dataclass(frozen=True)
+class PointRecord:
+    """One recovery point. Stored as JSON in `points`; also point.json's body."""
+    point: int
+    vm: str               # uuid, canonical text form
+    vm_name: str
+    kind: str             # "full" | "log"
+    time_us: int          # the instant the disks were captured
+    chain: int            # the full point this point belongs to (itself for a full)
+    parent: int | None    # the previous point of the chain (None for a full)
+    consistency: str      # "crash-consistent" | "filesystems-frozen"
+    disks: tuple[DiskRecord, ...]
+    checkpoint: str       # the libvirt checkpoint created with this point ("" if none)
+    domain_xml: str       # chunk key (hex) of the domain XML captured with the point
+    reason: str = ""      # why a full was taken when a log was possible to ask for
+    stats: dict = field(default_factory=dict)
+
+    def encode(self) -> bytes:
+        return json.dumps(asdict(self), sort_keys=True).encode()
+
+    @classmethod
+    def decode(cls, b: bytes) -> "PointRecord":
+        d = json.loads(bytes(b))
+        d["disks"] = tuple(DiskRecord(**x) for x in d["disks"])
+        return cls(**d)
+
+    def disk_index(self, target: str) -> int:
+        for i, d in enumerate(self.disks):
+            if d.target == target:
+                return i
+        raise KeyError(target)
