@@ -1,0 +1,128 @@
+"""The command line. Parses arguments into plain values, calls the library,
+and turns an RpofsError into one line on stderr and exit status 1."""
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from .errors import RpofsError
+from .store.repo import Repository, default_repo_path
+from .timefmt import point_names
+
+EXIT_ERROR = 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rpofs", description="Near-zero RPO backups of libvirt VMs, "
+                                "browsable as a filesystem of recovery points.")
+    p.add_argument("--repo", default=None, help="repository directory (default $RPOFS_REPO or /var/lib/rpofs)")
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress on stderr")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sub.add_parser("init", help="create an empty repository")
+
+    b = sub.add_parser("backup", help="take one recovery point of a VM now",
+                       description="Full backup when asked (--full) or when no compatible full exists; "
+                       "otherwise a log backup of the blocks changed since the VM's last point.")
+    b.add_argument("vm", help="VM name or UUID")
+    b.add_argument("--full", action="store_true", help="take a full backup even if a log is possible")
+    b.add_argument("--disk", action="append", default=[], metavar="TARGET",
+                   help="back up only this disk (repeatable; default: every disk)")
+    b.add_argument("--connect", default=os.environ.get("LIBVIRT_DEFAULT_URI", "qemu:///system"),
+                   metavar="URI", help="libvirt URI (default $LIBVIRT_DEFAULT_URI or qemu:///system)")
+
+    pts = sub.add_parser("points", help="list a VM's recovery points")
+    pts.add_argument("vm", help="VM name or UUID (as recorded in the repository)")
+    pts.add_argument("--json", action="store_true", help="one JSON array (the point.json objects)")
+
+    m = sub.add_parser("mount", help="mount the repository; returns once the mount is ready")
+    m.add_argument("mountpoint")
+    m.add_argument("--foreground", action="store_true", help="serve in this process until unmounted")
+    m.add_argument("--allow-other", action="store_true",
+                   help="let other users read, with the kernel checking permissions")
+    m.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
+
+    u = sub.add_parser("umount", help="unmount a mounted repository")
+    u.add_argument("mountpoint")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose or args.command == "mount" else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    repo_path = os.path.abspath(args.repo or default_repo_path())
+    try:
+        return COMMANDS[args.command](repo_path, args) or 0
+    except RpofsError as e:
+        print(f"rpofs: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("rpofs: interrupted", file=sys.stderr)
+        return 130
+
+
+def cmd_init(repo_path: str, args) -> None:
+    Repository.init(repo_path).close()
+    print(f"created repository {repo_path}")
+
+
+def cmd_backup(repo_path: str, args) -> None:
+    from .ingest.backup import BackupRequest, back_up
+    from .virt.client import Connection
+    repo = Repository.open(repo_path)
+    conn = Connection(args.connect)
+    try:
+        point = back_up(repo, conn, BackupRequest(args.vm, args.full, tuple(args.disk)))
+        points = repo.points(point.vm)
+        name = point_names([p.time_us for p in points])[[p.point for p in points].index(point.point)]
+        why = f" ({point.reason})" if point.reason else ""
+        print(f"{point.vm_name}: {point.kind} point {name}: {point.stats['logical_bytes']} bytes read, "
+              f"{point.stats['stored_bytes']} stored{why}")
+    finally:
+        conn.close()
+        repo.close()
+
+
+def cmd_points(repo_path: str, args) -> None:
+    from .mount.vfs import point_json
+    repo = Repository.open(repo_path)
+    try:
+        matches = [uuid for uuid, name in repo.vms() if args.vm in (uuid, name)]
+        if not matches:
+            raise RpofsError(f"no VM {args.vm!r} in repository {repo_path}")
+        if len(matches) > 1:
+            raise RpofsError(f"several VMs are named {args.vm!r}: name one by UUID ({', '.join(matches)})")
+        points = repo.points(matches[0])
+        names = point_names([p.time_us for p in points])
+        if args.json:
+            print(json.dumps([json.loads(point_json(n, p)) for n, p in zip(names, points)], indent=2))
+            return
+        for n, p in zip(names, points):
+            print(f"{n}  {p.kind:4}  chain {p.chain:<6} {p.consistency:18} "
+                  f"{', '.join(d.target for d in p.disks)}{'  (' + p.reason + ')' if p.reason else ''}")
+    finally:
+        repo.close()
+
+
+def cmd_mount(repo_path: str, args) -> None:
+    from .mount.daemon import MountOptions, mount_background, mount_foreground
+    opts = MountOptions(repo=repo_path, mountpoint=os.path.abspath(args.mountpoint), allow_other=args.allow_other)
+    if args.foreground:
+        mount_foreground(opts, args.ready_fd)
+    else:
+        mount_background(opts)
+
+
+def cmd_umount(repo_path: str, args) -> None:
+    from .mount.daemon import unmount
+    unmount(os.path.abspath(args.mountpoint))
+
+
+COMMANDS = {"init": cmd_init, "backup": cmd_backup, "points": cmd_points, "mount": cmd_mount,
+            "umount": cmd_umount}
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,180 @@
+"""One backup of one VM: a full or a log point, from a libvirt pull job.
+
+The rule (DESIGN §2): a log backup is recorded only onto a compatible full —
+same VM, same disks and sizes, its chain's newest checkpoint still in libvirt
+with a usable bitmap. Otherwise a full is taken and the reason recorded.
+Every path ends the libvirt job; a failed backup leaves no point and deletes
+the checkpoint it created (libvirt folds that checkpoint's bitmap into its
+parent, so the next log still sees every change).
+"""
+
+import collections
+import concurrent.futures
+import logging
+import os
+from dataclasses import dataclass
+
+from ..errors import RpofsError, UnsupportedDisk
+from ..store.repo import BackupWriter, Repository
+from ..store.schema import BLOCK_SIZE, CHUNK_SIZE, DiskRecord, PointRecord
+from ..timefmt import now_us
+from ..virt.client import CHECKPOINT_PREFIX, CheckpointUnusable, Connection, Domain, DomainInfo
+from ..virt.nbdexport import Export
+
+log = logging.getLogger(__name__)
+
+SOCKET_DIR = "/run/rpofs"       # unix socket paths must stay short (108 bytes)
+READ_SPAN = 4 << 20             # largest single NBD read for dirty runs
+HASH_THREADS = 2                # hashing + compression; NBD reads stay on the caller's thread
+IN_FLIGHT = 8                   # chunks read ahead of the hashing threads
+
+
+@dataclass(frozen=True)
+class BackupRequest:
+    vm: str                          # name or UUID
+    full: bool = False               # force a full backup
+    disks: tuple[str, ...] = ()      # targets; empty = every disk
+
+
+def back_up(repo: Repository, conn: Connection, req: BackupRequest) -> PointRecord:
+    dom = conn.domain(req.vm)
+    info = dom.info()
+    if not info.running:
+        raise RpofsError(f"VM {info.name} is not running: rpofs backs up running VMs through libvirt's backup API")
+    disks = _chosen_disks(info, req.disks)
+    previous = repo.points(info.uuid)
+    reason = "asked for a full backup" if req.full else _why_not_log(dom, info, disks, previous[-1] if previous else None)
+    if reason is None:
+        try:
+            return _run(repo, dom, info, disks, previous[-1], "")
+        except CheckpointUnusable as e:
+            reason = f"the chain's checkpoint cannot be used ({e})"
+    log.info("%s: full backup: %s", info.name, reason)
+    return _run(repo, dom, info, disks, None, reason)
+
+
+def _chosen_disks(info: DomainInfo, targets: tuple[str, ...]) -> list[DiskRecord]:
+    by_target = {d.target: d for d in info.disks}
+    for t in targets:
+        if t not in by_target:
+            raise RpofsError(f"VM {info.name} has no disk {t} (it has {', '.join(by_target) or 'none'})")
+    chosen = [d for d in info.disks if not targets or d.target in targets]
+    if not chosen:
+        raise RpofsError(f"VM {info.name} has no disks to back up")
+    for d in chosen:
+        if d.format != "qcow2":
+            raise UnsupportedDisk(
+                f"disk {d.target} of {info.name} is {d.format}: log backups need qcow2 (dirty bitmaps); "
+                f"convert it with 'qemu-img convert -O qcow2' and point the VM at the copy, "
+                f"or leave it out with --disk")
+    return [DiskRecord(d.target, d.size, d.source) for d in chosen]
+
+
+def _why_not_log(dom: Domain, info: DomainInfo, disks: list[DiskRecord], last: PointRecord | None) -> str | None:
+    """None when a log backup may extend the VM's newest point; else why not."""
+    if last is None:
+        return "first backup of this VM"
+    had = [(d.target, d.size) for d in last.disks]
+    now = [(d.target, d.size) for d in disks]
+    if had != now:
+        return f"disks changed since the last point: {had} -> {now}"
+    if last.checkpoint not in dom.checkpoints():
+        return f"checkpoint {last.checkpoint} of the last point is gone from libvirt"
+    return None
+
+
+def _run(repo: Repository, dom: Domain, info: DomainInfo, disks: list[DiskRecord],
+         parent: PointRecord | None, reason: str) -> PointRecord:
+    kind = "log" if parent else "full"
+    os.makedirs(SOCKET_DIR, mode=0o700, exist_ok=True)
+    socket = os.path.join(SOCKET_DIR, f"{info.uuid}.sock")
+    checkpoint = f"{CHECKPOINT_PREFIX}{now_us()}"
+    created = False
+    try:
+        exports = dom.begin_pull_backup(
+            [d.target for d in disks], [d.target for d in info.disks], socket, repo.tmp_dir,
+            checkpoint, parent.checkpoint if parent else None)
+        created = True
+        time_us = now_us()  # the disks were captured when backupBegin returned
+        with repo.begin_writer() as writer:
+            for index, disk in enumerate(disks):
+                name, bitmap = exports[disk.target]
+                export = Export(socket, name, bitmap if parent else None)
+                try:
+                    if export.size != disk.size:
+                        raise RpofsError(f"disk {disk.target} changed size during the backup")
+                    if parent:
+                        _copy_dirty(export, writer, index)
+                    else:
+                        _copy_allocated(export, writer, index)
+                finally:
+                    export.close()
+            xml_key = writer.put_chunk(info.xml.encode())
+            record = writer.commit(
+                vm=info.uuid, vm_name=info.name, kind=kind, time_us=time_us,
+                chain=parent.chain if parent else None, parent=parent.point if parent else None,
+                consistency="crash-consistent", disks=disks, checkpoint=checkpoint,
+                domain_xml=xml_key.hex(), reason=reason)
+    except BaseException:
+        try:
+            dom.end_job()
+        finally:
+            if created:
+                dom.delete_checkpoint(checkpoint)
+        raise
+    dom.end_job()
+    # Only the newest checkpoint is needed: older bitmaps would slow the guest's writes.
+    for old in dom.checkpoints():
+        if old != checkpoint:
+            dom.delete_checkpoint(old)
+    return record
+
+
+def _pipeline(writer_call, reads):
+    """Read on this thread, hash/compress/store on HASH_THREADS, IN_FLIGHT ahead."""
+    with concurrent.futures.ThreadPoolExecutor(HASH_THREADS, thread_name_prefix="rpofs-hash") as pool:
+        pending = collections.deque()
+        for args, read in reads:
+            pending.append(pool.submit(writer_call, *args, read()))
+            while len(pending) >= IN_FLIGHT:
+                pending.popleft().result()
+        while pending:
+            pending.popleft().result()
+
+
+def _copy_allocated(export: Export, writer: BackupWriter, disk: int) -> None:
+    """A full: every chunk that holds allocated data; the rest stays absent (zeros)."""
+    wanted = sorted({c for off, n in export.data_ranges()
+                     for c in range(off // CHUNK_SIZE, (off + n - 1) // CHUNK_SIZE + 1)})
+
+    def reads():
+        for c in wanted:
+            start = c * CHUNK_SIZE
+            length = min(CHUNK_SIZE, export.size - start)
+            yield (disk, c), lambda s=start, n=length: export.pread(n, s)
+
+    _pipeline(writer.put_full_chunk, reads())
+
+
+def _copy_dirty(export: Export, writer: BackupWriter, disk: int) -> None:
+    """A log: every block the checkpoint's bitmap marks changed."""
+    blocks = sorted({b for off, n in export.dirty_ranges()
+                     for b in range(off // BLOCK_SIZE, (off + n - 1) // BLOCK_SIZE + 1)})
+    runs = []  # consecutive blocks read in one request, up to READ_SPAN
+    for b in blocks:
+        if runs and runs[-1][1] == b and (b - runs[-1][0]) * BLOCK_SIZE < READ_SPAN:
+            runs[-1][1] = b + 1
+        else:
+            runs.append([b, b + 1])
+
+    def store_run(first, data):
+        for i in range(0, len(data), BLOCK_SIZE):
+            writer.put_log_block(disk, first + i // BLOCK_SIZE, bytes(data[i:i + BLOCK_SIZE]))
+
+    def reads():
+        for first, stop in runs:
+            start = first * BLOCK_SIZE
+            length = min(stop * BLOCK_SIZE, export.size) - start
+            yield (first,), lambda s=start, n=length: export.pread(n, s)
+
+    _pipeline(store_run, reads())

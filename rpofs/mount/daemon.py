@@ -1,0 +1,152 @@
+"""Starting and stopping the mount.
+
+`rpofs mount` starts `rpofs mount --foreground` as a detached child and
+returns once the child says the mount is ready, or prints the child's error.
+The child opens the repository itself: nothing LMDB crosses a fork.
+"""
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import pyfuse3
+import trio
+
+from ..errors import MountError, RpofsError
+from ..store.repo import Repository
+from .fs import Operations
+from .vfs import Tree
+
+log = logging.getLogger(__name__)
+
+READ_AHEAD_KB = 4096  # FUSE's default 128 KiB window caps sequential reads
+
+
+@dataclass(frozen=True)
+class MountOptions:
+    repo: str
+    mountpoint: str
+    allow_other: bool = False
+    log_file: str = ""
+
+
+def check_mountpoint(path: str) -> None:
+    if not os.path.isdir(path):
+        raise MountError(f"mountpoint {path} does not exist or is not a directory")
+    if os.path.ismount(path):
+        raise MountError(f"mountpoint {path} is busy: something is already mounted there")
+
+
+def mount_background(opts: MountOptions) -> None:
+    """Start the mount daemon; return when the mount is ready."""
+    check_mountpoint(opts.mountpoint)
+    read_fd, write_fd = os.pipe()
+    log_path = opts.log_file or os.path.join(opts.repo, "mount.log")
+    cmd = [sys.executable, "-m", "rpofs.cli", "--repo", opts.repo, "mount", opts.mountpoint,
+           "--foreground", "--ready-fd", str(write_fd)]
+    if opts.allow_other:
+        cmd.append("--allow-other")
+    try:
+        log_out = open(log_path, "ab")
+    except OSError as e:
+        raise MountError(f"cannot write the mount log {log_path}: {e.strerror}") from None
+    with log_out:
+        subprocess.Popen(cmd, pass_fds=(write_fd,), stdin=subprocess.DEVNULL, stdout=log_out,
+                         stderr=log_out, start_new_session=True, close_fds=True)
+    os.close(write_fd)
+    with os.fdopen(read_fd) as ready:
+        answer = ready.read().strip()
+    if answer != "ready":
+        raise MountError(answer.removeprefix("error: ") or f"the mount daemon died; see {log_path}")
+
+
+def mount_foreground(opts: MountOptions, ready_fd: int | None = None) -> None:
+    """Serve the mount until it is unmounted or a signal arrives. If ready_fd
+    is given, one line goes there: "ready" or "error: ..."."""
+    tell = _Teller(ready_fd)
+    try:
+        check_mountpoint(opts.mountpoint)
+        repo = Repository.open(opts.repo)
+    except RpofsError as e:
+        tell(f"error: {e}")
+        raise
+    try:
+        ops = Operations(Tree(repo))
+        options = set(pyfuse3.default_options) - {"default_permissions"}
+        options |= {f"fsname=rpofs:{opts.repo}", "subtype=rpofs", "ro"}
+        if opts.allow_other:
+            options |= {"allow_other", "default_permissions"}
+        try:
+            pyfuse3.init(ops, opts.mountpoint, options)
+        except RuntimeError as e:
+            raise MountError(f"cannot mount at {opts.mountpoint}: {e}") from None
+        try:
+            _widen_read_ahead(opts.mountpoint)
+            log.info("mounted %s at %s", opts.repo, opts.mountpoint)
+            tell("ready")
+            trio.run(_serve)
+        finally:
+            pyfuse3.close(unmount=True)
+    except RpofsError as e:
+        tell(f"error: {e}")
+        raise
+    finally:
+        repo.close()
+
+
+async def _serve() -> None:
+    async with trio.open_nursery() as nursery:
+        async def stop_on_signal():
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+                async for _ in signals:
+                    pyfuse3.terminate()
+                    return
+        nursery.start_soon(stop_on_signal)
+        await pyfuse3.main()
+        nursery.cancel_scope.cancel()
+
+
+def _widen_read_ahead(mountpoint: str) -> None:
+    # From mountinfo, not stat(): stat would wait on this very filesystem,
+    # whose request loop is not running yet.
+    with open("/proc/self/mountinfo") as f:
+        devs = [line.split()[2] for line in f if line.split()[4] == mountpoint]
+    if not devs:
+        log.warning("cannot find %s in /proc/self/mountinfo to widen read-ahead", mountpoint)
+        return
+    path = f"/sys/class/bdi/{devs[-1]}/read_ahead_kb"
+    try:
+        with open(path, "w") as f:
+            f.write(str(READ_AHEAD_KB))
+    except OSError as e:
+        log.warning("cannot widen read-ahead (%s): %s", path, e.strerror)
+
+
+class _Teller:
+    """Writes one line to the starting process, once, then closes the pipe."""
+
+    def __init__(self, fd: int | None):
+        self._fd = fd
+
+    def __call__(self, message: str) -> None:
+        if self._fd is None:
+            return
+        fd, self._fd = self._fd, None
+        try:
+            os.write(fd, message.encode() + b"\n")
+        except OSError:
+            pass  # the starter is gone; nothing to tell
+        finally:
+            os.close(fd)
+
+
+def unmount(mountpoint: str) -> None:
+    if not os.path.ismount(mountpoint):
+        raise MountError(f"{mountpoint} is not mounted")
+    result = subprocess.run(["fusermount3", "-u", mountpoint], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise MountError(result.stderr.strip().splitlines()[-1] if result.stderr.strip()
+                         else f"cannot unmount {mountpoint}")

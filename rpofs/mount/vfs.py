@@ -1,0 +1,282 @@
+"""What the repository looks like as a filesystem — here and only here.
+
+    /<vm>/                      one per VM: its name, "<name>.<uuid8>" when names clash
+    /<vm>/latest -> <time>      the newest point
+    /<vm>/<time>/               one per point (names: rpofs.timefmt.point_names)
+        <disk>.raw              the disk at that instant
+        point.json              the point record
+        domain.xml              the VM definition captured with the point
+    /<vm>/at/<any time> -> ../<time>   as-of: the newest point at or before it;
+                                 at/ lists nothing
+
+Pure and synchronous: no pyfuse3 here, so tests can walk the tree without
+mounting. Thread-safe: the FUSE adapter calls it from worker threads.
+Inode numbers are stable for the life of the mount; the point list is re-read
+from the catalog at most once per REFRESH_S, so new points show up in a
+running mount.
+"""
+
+import json
+import stat
+import threading
+import time
+from dataclasses import dataclass
+
+from ..errors import BadTime, RpofsError
+from ..store.materialize import DiskReader
+from ..store.repo import Repository
+from ..store.schema import PointRecord
+from ..timefmt import format_time, parse_as_of, point_names
+
+ROOT_INO = 1
+REFRESH_S = 1.0
+VOLATILE_TTL = 1.0      # root, VM dirs, latest, at/ links: they change
+IMMUTABLE_TTL = 3600.0  # a point and its files never change
+
+
+class NoSuchEntry(RpofsError):
+    pass
+
+
+class NotADirectory(RpofsError):
+    pass
+
+
+class NotASymlink(RpofsError):
+    pass
+
+
+@dataclass(frozen=True)
+class Attr:
+    ino: int
+    mode: int
+    size: int
+    mtime_us: int
+    ttl: float
+
+    @property
+    def is_dir(self) -> bool:
+        return stat.S_ISDIR(self.mode)
+
+
+_DIR = stat.S_IFDIR | 0o555
+_FILE = stat.S_IFREG | 0o444
+_LINK = stat.S_IFLNK | 0o777
+
+
+@dataclass
+class _VmView:
+    uuid: str
+    points: list[PointRecord]
+    names: list[str]
+    by_name: dict[str, PointRecord]
+
+
+class Tree:
+    def __init__(self, repo: Repository, refresh_s: float = REFRESH_S):
+        self.repo = repo
+        self._refresh_s = refresh_s
+        self._lock = threading.RLock()
+        self._loaded_at = float("-inf")
+        self._vms: dict[str, _VmView] = {}       # directory name -> view
+        self._vm_dir: dict[str, str] = {}        # uuid -> directory name
+        self._points: dict[int, tuple[str, PointRecord]] = {}  # point -> (name, record)
+        self._ino: dict[tuple, int] = {("root",): ROOT_INO}
+        self._node: dict[int, tuple] = {ROOT_INO: ("root",)}
+        self._mounted_at = int(time.time() * 1e6)
+
+    # -- the catalog, re-read at most once per refresh period -------------
+
+    def _refresh(self, force: bool = False) -> None:
+        with self._lock:
+            if not force and time.monotonic() - self._loaded_at < self._refresh_s:
+                return
+            vms = self.repo.vms()
+            names = [n for _, n in vms]
+            views, dirs = {}, {}
+            for uuid, name in vms:
+                points = self.repo.points(uuid)
+                if not points:
+                    continue
+                dirname = name if names.count(name) == 1 else f"{name}.{uuid[:8]}"
+                pnames = point_names([p.time_us for p in points])
+                views[dirname] = _VmView(uuid, points, pnames, dict(zip(pnames, points)))
+                dirs[uuid] = dirname
+                for pname, p in zip(pnames, points):
+                    self._points[p.point] = (pname, p)
+            self._vms, self._vm_dir = views, dirs
+            self._loaded_at = time.monotonic()
+
+    def _inode(self, node: tuple) -> int:
+        with self._lock:
+            ino = self._ino.get(node)
+            if ino is None:
+                ino = self._ino[node] = len(self._ino) + 1
+                self._node[ino] = node
+            return ino
+
+    def _node_of(self, ino: int) -> tuple:
+        with self._lock:
+            try:
+                return self._node[ino]
+            except KeyError:
+                raise NoSuchEntry(f"inode {ino}") from None
+
+    def _view(self, uuid: str) -> _VmView:
+        self._refresh()
+        with self._lock:
+            name = self._vm_dir.get(uuid)
+            if name is None:
+                raise NoSuchEntry(f"VM {uuid}")
+            return self._vms[name]
+
+    def _point(self, no: int) -> tuple[str, PointRecord]:
+        with self._lock:
+            found = self._points.get(no)
+        if found is None:
+            raise NoSuchEntry(f"point {no}")
+        return found
+
+    # -- the operations ----------------------------------------------------
+
+    def getattr(self, ino: int) -> Attr:
+        node = self._node_of(ino)
+        kind = node[0]
+        if kind == "root":
+            return Attr(ino, _DIR, 0, self._mounted_at, VOLATILE_TTL)
+        if kind == "vm":
+            view = self._view(node[1])
+            return Attr(ino, _DIR, 0, view.points[-1].time_us, VOLATILE_TTL)
+        if kind == "at":
+            return Attr(ino, _DIR, 0, self._mounted_at, VOLATILE_TTL)
+        if kind in ("latest", "atlink"):
+            target = self.readlink(ino)
+            return Attr(ino, _LINK, len(target), self._mounted_at, VOLATILE_TTL)
+        _, point = self._point(node[1])
+        if kind == "point":
+            return Attr(ino, _DIR, 0, point.time_us, IMMUTABLE_TTL)
+        if kind == "disk":
+            size = point.disks[point.disk_index(node[2])].size
+            return Attr(ino, _FILE, size, point.time_us, IMMUTABLE_TTL)
+        return Attr(ino, _FILE, len(self._small_file(node)), point.time_us, IMMUTABLE_TTL)
+
+    def lookup(self, parent: int, name: str) -> Attr:
+        node = self._node_of(parent)
+        kind = node[0]
+        if kind == "root":
+            self._refresh()
+            with self._lock:
+                view = self._vms.get(name)
+            if view is None:
+                raise NoSuchEntry(name)
+            return self.getattr(self._inode(("vm", view.uuid)))
+        if kind == "vm":
+            view = self._view(node[1])
+            if name == "at":
+                return self.getattr(self._inode(("at", view.uuid)))
+            if name == "latest":
+                return self.getattr(self._inode(("latest", view.uuid)))
+            point = view.by_name.get(name)
+            if point is None:
+                raise NoSuchEntry(name)
+            return self.getattr(self._inode(("point", point.point)))
+        if kind == "at":
+            self._as_of(node[1], name)  # raises NoSuchEntry if nothing is that old
+            return self.getattr(self._inode(("atlink", node[1], name)))
+        if kind == "point":
+            for child_name, child in self._point_children(node[1]):
+                if child_name == name:
+                    return self.getattr(self._inode(child))
+            raise NoSuchEntry(name)
+        raise NotADirectory(name)
+
+    def readdir(self, ino: int) -> list[tuple[str, Attr]]:
+        """Entries in a stable order: new points are appended at the end."""
+        node = self._node_of(ino)
+        kind = node[0]
+        if kind == "root":
+            self._refresh()
+            with self._lock:
+                views = sorted(self._vms.items())
+            return [(name, self.getattr(self._inode(("vm", v.uuid)))) for name, v in views]
+        if kind == "vm":
+            view = self._view(node[1])
+            entries = [("at", ("at", view.uuid)), ("latest", ("latest", view.uuid))]
+            entries += [(n, ("point", p.point)) for n, p in zip(view.names, view.points)]
+            return [(name, self.getattr(self._inode(child))) for name, child in entries]
+        if kind == "at":
+            return []
+        if kind == "point":
+            return [(name, self.getattr(self._inode(child))) for name, child in self._point_children(node[1])]
+        raise NotADirectory(str(ino))
+
+    def readlink(self, ino: int) -> str:
+        node = self._node_of(ino)
+        if node[0] == "latest":
+            return self._view(node[1]).names[-1]
+        if node[0] == "atlink":
+            return "../" + self._as_of(node[1], node[2])
+        raise NotASymlink(str(ino))
+
+    def open(self, ino: int):
+        """Something with read(offset, length) -> bytes. O(1) for disks."""
+        node = self._node_of(ino)
+        if node[0] == "disk":
+            return DiskReader(self.repo, self._point(node[1])[1], node[2])
+        if node[0] in ("json", "xml"):
+            return _Bytes(self._small_file(node))
+        raise NoSuchEntry(str(ino))
+
+    # -- helpers -------------------------------------------------------------
+
+    def _point_children(self, no: int) -> list[tuple[str, tuple]]:
+        _, point = self._point(no)
+        children = [(f"{d.target}.raw", ("disk", no, d.target)) for d in point.disks]
+        return children + [("point.json", ("json", no)), ("domain.xml", ("xml", no))]
+
+    def _as_of(self, uuid: str, text: str) -> str:
+        try:
+            bound = parse_as_of(text)
+        except BadTime:
+            raise NoSuchEntry(text) from None
+        view = self._view(uuid)
+        best = None
+        for name, p in zip(view.names, view.points):
+            if p.time_us > bound:
+                break
+            best = name
+        if best is None:
+            raise NoSuchEntry(f"no point of {uuid} at or before {text}")
+        return best
+
+    def _small_file(self, node: tuple) -> bytes:
+        name, point = self._point(node[1])
+        if node[0] == "json":
+            return point_json(name, point)
+        return self.repo.read_chunk(bytes.fromhex(point.domain_xml))
+
+
+def point_json(name: str, p: PointRecord) -> bytes:
+    """point.json and `rpofs points --json`: a stable, documented shape."""
+    return (json.dumps({
+        "name": name,
+        "time": format_time(p.time_us, 6),
+        "point": p.point,
+        "vm": {"uuid": p.vm, "name": p.vm_name},
+        "kind": p.kind,
+        "chain": p.chain,
+        "parent": p.parent,
+        "consistency": p.consistency,
+        "disks": [{"target": d.target, "size": d.size, "source": d.source} for d in p.disks],
+        "checkpoint": p.checkpoint,
+        "reason": p.reason,
+        "stats": p.stats,
+    }, indent=2) + "\n").encode()
+
+
+class _Bytes:
+    def __init__(self, data: bytes):
+        self._data = data
+
+    def read(self, offset: int, length: int) -> bytes:
+        return self._data[offset:offset + length]

@@ -1,0 +1,151 @@
+"""libvirt, and only here: domains, their disks, pull-mode backup jobs and
+checkpoints. libvirt errors become rpofs errors (VirtError and friends)."""
+
+import contextlib
+import os
+from dataclasses import dataclass
+from xml.etree import ElementTree as ET
+
+import libvirt
+
+from ..errors import UnknownVM, VirtError
+
+CHECKPOINT_PREFIX = "rpofs-"
+
+# libvirt prints every error to stderr unless told otherwise; we report our own.
+libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+
+
+class CheckpointUnusable(VirtError):
+    """The checkpoint a log backup would build on is missing or inconsistent."""
+
+
+@dataclass(frozen=True)
+class DiskInfo:
+    target: str    # "vda"
+    format: str    # "qcow2", "raw", ...
+    source: str    # host path (file or block device)
+    size: int      # virtual size in bytes
+
+
+@dataclass(frozen=True)
+class DomainInfo:
+    uuid: str
+    name: str
+    running: bool
+    disks: tuple[DiskInfo, ...]
+    xml: str       # the persistent definition when there is one, else the live one
+
+
+@contextlib.contextmanager
+def _translated(what: str):
+    try:
+        yield
+    except libvirt.libvirtError as e:
+        code = e.get_error_code()
+        if code in (libvirt.VIR_ERR_NO_DOMAIN_CHECKPOINT, libvirt.VIR_ERR_CHECKPOINT_INCONSISTENT):
+            raise CheckpointUnusable(f"{what}: {e.get_error_message()}") from e
+        raise VirtError(f"{what}: {e.get_error_message()}") from e
+
+
+class Connection:
+    def __init__(self, uri: str):
+        self.uri = uri
+        with _translated(f"cannot connect to libvirt at {uri}"):
+            self._conn = libvirt.open(uri)
+
+    def domain(self, ref: str) -> "Domain":
+        """A domain by name or UUID."""
+        for lookup in (self._conn.lookupByName, self._conn.lookupByUUIDString):
+            try:
+                return Domain(lookup(ref))
+            except libvirt.libvirtError as e:
+                if e.get_error_code() not in (libvirt.VIR_ERR_NO_DOMAIN, libvirt.VIR_ERR_INVALID_ARG):
+                    raise VirtError(f"looking up VM {ref!r}: {e.get_error_message()}") from e
+        raise UnknownVM(f"no VM named {ref!r} on {self.uri}")
+
+    def close(self) -> None:
+        with contextlib.suppress(libvirt.libvirtError):
+            self._conn.close()
+
+
+class Domain:
+    def __init__(self, dom: "libvirt.virDomain"):
+        self._dom = dom
+        self.name = dom.name()
+        self.uuid = dom.UUIDString()
+
+    def info(self) -> DomainInfo:
+        with _translated(f"reading the definition of {self.name}"):
+            running = bool(self._dom.isActive())
+            live = ET.fromstring(self._dom.XMLDesc(0))
+            flags = libvirt.VIR_DOMAIN_XML_INACTIVE if self._dom.isPersistent() else 0
+            xml = self._dom.XMLDesc(flags)
+            disks = []
+            for disk in live.findall("./devices/disk[@device='disk']"):
+                target = disk.find("target").get("dev")
+                driver = disk.find("driver")
+                source = disk.find("source")
+                path = "" if source is None else (source.get("file") or source.get("dev") or "")
+                size = self._dom.blockInfo(target)[0]
+                disks.append(DiskInfo(target, driver.get("type", "raw") if driver is not None else "raw",
+                                      path, size))
+        return DomainInfo(self.uuid, self.name, running, tuple(disks), xml)
+
+    # -- checkpoints -------------------------------------------------------
+
+    def checkpoints(self) -> list[str]:
+        """Names of rpofs's checkpoints, oldest first."""
+        with _translated(f"listing checkpoints of {self.name}"):
+            cps = self._dom.listAllCheckpoints(libvirt.VIR_DOMAIN_CHECKPOINT_LIST_TOPOLOGICAL)
+        return [c.getName() for c in cps if c.getName().startswith(CHECKPOINT_PREFIX)]
+
+    def delete_checkpoint(self, name: str) -> None:
+        """Delete one checkpoint; libvirt merges its bitmap into its parent's,
+        so the changes it tracked stay tracked."""
+        with _translated(f"deleting checkpoint {name} of {self.name}"):
+            try:
+                cp = self._dom.checkpointLookupByName(name)
+            except libvirt.libvirtError as e:
+                if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN_CHECKPOINT:
+                    return
+                raise
+            cp.delete(0)
+
+    # -- backup jobs -------------------------------------------------------
+
+    def begin_pull_backup(self, disks: list[str], all_disks: list[str], socket: str, scratch_dir: str,
+                          checkpoint: str, incremental: str | None) -> dict[str, tuple[str, str | None]]:
+        """Start a pull-mode backup of `disks` exported over NBD at `socket`,
+        creating `checkpoint`. Returns target -> (export name, dirty bitmap
+        name or None)."""
+        backup = ET.Element("domainbackup", mode="pull")
+        if incremental:
+            ET.SubElement(backup, "incremental").text = incremental
+        ET.SubElement(backup, "server", transport="unix", socket=socket)
+        cp = ET.Element("domaincheckpoint")
+        ET.SubElement(cp, "name").text = checkpoint
+        b_disks, c_disks = ET.SubElement(backup, "disks"), ET.SubElement(cp, "disks")
+        for target in all_disks:
+            chosen = target in disks
+            d = ET.SubElement(b_disks, "disk", name=target, backup="yes" if chosen else "no")
+            if chosen:
+                d.set("type", "file")
+                ET.SubElement(d, "scratch", file=os.path.join(scratch_dir, f"{self.uuid}-{target}.scratch"))
+            ET.SubElement(c_disks, "disk", name=target, checkpoint="bitmap" if chosen else "no")
+        with _translated(f"starting the backup job of {self.name}"):
+            self._dom.backupBegin(ET.tostring(backup, encoding="unicode"), ET.tostring(cp, encoding="unicode"), 0)
+        with _translated(f"reading the backup job of {self.name}"):
+            job = ET.fromstring(self._dom.backupGetXMLDesc(0))
+        exports = {}
+        for d in job.findall("./disks/disk[@backup='yes']"):
+            exports[d.get("name")] = (d.get("exportname") or d.get("name"), d.get("exportbitmap"))
+        return exports
+
+    def end_job(self) -> None:
+        """End the domain's backup job, if any. Safe to call on every path."""
+        try:
+            self._dom.abortJob()
+        except libvirt.libvirtError as e:
+            if e.get_error_code() not in (libvirt.VIR_ERR_OPERATION_INVALID, libvirt.VIR_ERR_NO_DOMAIN):
+                raise VirtError(f"ending the backup job of {self.name}: {e.get_error_message()}") from e
