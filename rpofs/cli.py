@@ -59,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     except RpofsError as e:
         print(f"rpofs: {e}", file=sys.stderr)
         return EXIT_ERROR
+    except OSError as e:  # e.g. a full disk: the command failed, nothing was committed
+        print(f"rpofs: {e.strerror or e}{': ' + e.filename if e.filename else ''}", file=sys.stderr)
+        return EXIT_ERROR
     except KeyboardInterrupt:
         print("rpofs: interrupted", file=sys.stderr)
         return 130

@@ -15,6 +15,7 @@ import libvirt
 import libvirt_qemu
 
 URI = "qemu:///system"
+libvirt.registerErrorHandler(lambda _ctx, _err: None, None)  # errors are raised, not printed
 RPOFS = [sys.executable, "-m", "rpofs.cli"]
 
 

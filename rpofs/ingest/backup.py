@@ -24,6 +24,10 @@ from ..virt.nbdexport import Export
 log = logging.getLogger(__name__)
 
 SOCKET_DIR = "/run/rpofs"       # unix socket paths must stay short (108 bytes)
+# QEMU writes its copy-before-write scratch images here. Not in the repository:
+# QEMU runs in its own mount namespace and may not see a filesystem mounted
+# after the VM started.
+SCRATCH_DIR = "/var/tmp/rpofs"
 READ_SPAN = 4 << 20             # largest single NBD read for dirty runs
 HASH_THREADS = 2                # hashing + compression; NBD reads stay on the caller's thread
 IN_FLIGHT = 8                   # chunks read ahead of the hashing threads
@@ -86,13 +90,14 @@ def _why_not_log(dom: Domain, info: DomainInfo, disks: list[DiskRecord], last: P
 def _run(repo: Repository, dom: Domain, info: DomainInfo, disks: list[DiskRecord],
          parent: PointRecord | None, reason: str) -> PointRecord:
     kind = "log" if parent else "full"
-    os.makedirs(SOCKET_DIR, mode=0o700, exist_ok=True)
+    for d in (SOCKET_DIR, SCRATCH_DIR):
+        os.makedirs(d, mode=0o700, exist_ok=True)
     socket = os.path.join(SOCKET_DIR, f"{info.uuid}.sock")
     checkpoint = f"{CHECKPOINT_PREFIX}{now_us()}"
     created = False
     try:
         exports = dom.begin_pull_backup(
-            [d.target for d in disks], [d.target for d in info.disks], socket, repo.tmp_dir,
+            [d.target for d in disks], [d.target for d in info.disks], socket, SCRATCH_DIR,
             checkpoint, parent.checkpoint if parent else None)
         created = True
         time_us = now_us()  # the disks were captured when backupBegin returned

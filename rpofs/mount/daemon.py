@@ -43,6 +43,7 @@ def check_mountpoint(path: str) -> None:
 def mount_background(opts: MountOptions) -> None:
     """Start the mount daemon; return when the mount is ready."""
     check_mountpoint(opts.mountpoint)
+    Repository.open(opts.repo).close()  # a clear error here beats one in the log
     read_fd, write_fd = os.pipe()
     log_path = opts.log_file or os.path.join(opts.repo, "mount.log")
     cmd = [sys.executable, "-m", "rpofs.cli", "--repo", opts.repo, "mount", opts.mountpoint,

@@ -14,7 +14,7 @@ import threading
 import blake3
 import zstandard
 
-from ..errors import ChunkMissing, CorruptChunk
+from ..errors import ChunkMissing, CorruptChunk, RpofsError
 from .schema import CODEC_RAW, CODEC_ZSTD, PACK_HEADER, ChunkLocation, pack_name
 
 ZSTD_LEVEL = 1  # ~1 GB/s per core; higher levels cost more than they save on disk data
@@ -63,8 +63,14 @@ class PackWriter:
         header = PACK_HEADER.pack(key, codec, raw_len, len(stored))
         with self._lock:
             offset = self._offset + len(header)
-            if os.writev(self._fd, [header, stored]) != len(header) + len(stored):
-                raise OSError(f"short write to {self.path} (disk full?)")
+            total = len(header) + len(stored)
+            try:
+                done = os.writev(self._fd, [header, stored])
+                rest = memoryview(header + stored)[done:] if done < total else b""
+                while rest:  # a short write: the next one raises the reason (e.g. ENOSPC)
+                    rest = rest[os.write(self._fd, rest):]
+            except OSError as e:
+                raise RpofsError(f"writing {self.path}: {e.strerror}") from None
             self._offset = offset + len(stored)
             self.bytes_written += len(header) + len(stored)
         return ChunkLocation(self.pack, offset, len(stored), raw_len, codec)

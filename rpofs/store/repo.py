@@ -5,6 +5,7 @@ process). Reads use short read transactions; a backup is staged in a
 BackupWriter and made visible by one write transaction in commit().
 """
 
+import contextlib
 import functools
 import json
 import os
@@ -33,7 +34,6 @@ class Repository:
         self.env = env
         self.db = {name: env.open_db(name.encode()) for name in schema.DATABASES}
         self.chunks_dir = os.path.join(path, "chunks")
-        self.tmp_dir = os.path.join(path, "tmp")
         self.reader = ChunkReader(self.chunks_dir)
 
     # -- opening -------------------------------------------------------------
@@ -43,7 +43,7 @@ class Repository:
         catalog = os.path.join(path, "catalog")
         if os.path.exists(catalog):
             raise RpofsError(f"{path} already holds a repository")
-        for sub in ("catalog", "chunks", "tmp"):
+        for sub in ("catalog", "chunks"):
             os.makedirs(os.path.join(path, sub), mode=0o700, exist_ok=True)
         env = cls._open_env(catalog, create=True)
         with env.begin(write=True) as txn:
@@ -205,7 +205,7 @@ class BackupWriter:
         self.pack.sync()
         db = self.repo.db
         vm_bytes = uuidlib.UUID(vm).bytes
-        with self.repo.env.begin(write=True) as txn:
+        with _catalog_errors(), self.repo.env.begin(write=True) as txn:
             no = schema.read_u32(txn.get(b"next_point", db=db["meta"]))
             txn.put(b"next_point", schema.u32(no + 1), db=db["meta"])
             self._put_chunks(txn)
@@ -229,7 +229,7 @@ class BackupWriter:
 
     def commit_chunks_only(self) -> None:
         self.pack.sync()
-        with self.repo.env.begin(write=True) as txn:
+        with _catalog_errors(), self.repo.env.begin(write=True) as txn:
             self._put_chunks(txn)
         self._finish()
 
@@ -248,6 +248,15 @@ class BackupWriter:
     def abort(self) -> None:
         self._done = True
         self.pack.discard()
+
+
+@contextlib.contextmanager
+def _catalog_errors():
+    """An LMDB failure (disk full, map full) aborts the transaction: say so."""
+    try:
+        yield
+    except lmdb.Error as e:
+        raise RpofsError(f"writing the catalog failed, nothing was recorded: {e}") from None
 
 
 @functools.lru_cache(maxsize=8)

@@ -4,7 +4,6 @@ keys by hand.
 
     REPO/catalog/     LMDB environment (the relation store), sub-databases below
     REPO/chunks/      append-only pack files, pack-00000001 ...
-    REPO/tmp/         scratch space for libvirt's backup jobs and NBD sockets
 
 Integers in keys are big-endian so that LMDB's byte order is numeric order.
 
