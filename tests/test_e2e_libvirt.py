@@ -109,3 +109,30 @@ def test_backup_mount_and_read_every_point(lab):
         wait_for(lambda: os.path.exists(vmdir / newest["name"]), timeout=5, what="the new point in the mount")
         with open(vmdir / newest["name"] / "vdb.raw", "rb") as f:
             assert f.read() == model.snapshot()[1]
+
+
+def test_failed_backup_leaves_nothing_and_the_next_log_is_right(lab):
+    """A backup that fails after libvirt made its checkpoint: no point, the
+    checkpoint deleted (its bitmap folded into its parent's), the job ended —
+    and the next log still carries the writes the failed one would have."""
+    vm, model, repo, d = lab
+    before = points_json(repo, vm.name)
+    model.write(0, 3 * MiB + 4096, 8192, 0x99)
+    os.rename(repo / "chunks", repo / "chunks.away")
+    try:
+        r = run_rpofs("backup", vm.name, repo=repo, check=False)
+    finally:
+        os.rename(repo / "chunks.away", repo / "chunks")
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert points_json(repo, vm.name) == before
+    assert vm.checkpoints() == [before[-1]["checkpoint"]]
+    assert vm.dom.jobInfo()[0] == 0
+
+    model.write(1, 5 * MiB, 4096, 0xAA)
+    out = run_rpofs("backup", vm.name, repo=repo).stdout
+    assert ": log point " in out
+    latest = points_json(repo, vm.name)[-1]
+    with mounted(repo, d / "mnt") as mnt:
+        for i, expected in enumerate(model.snapshot()):
+            with open(mnt / vm.name / latest["name"] / f"vd{chr(97 + i)}.raw", "rb") as f:
+                assert f.read() == expected
