@@ -1,0 +1,91 @@
+"""The mount's tree without FUSE, then a real FUSE mount of a repository
+filled without libvirt: errors become EIO for the damaged range only."""
+
+import errno
+import os
+import random
+
+import pytest
+
+from rpofs.mount.vfs import ROOT_INO, NoSuchEntry, NotADirectory, Tree
+from rpofs.store.repo import Repository
+from rpofs.store import schema
+from rpofs.store.schema import CHUNK_SIZE, ChunkLocation
+from rpofs.timefmt import US
+from synth import back_up, write
+from vmlab import mounted
+
+T0 = 1_795_546_770 * US  # 2026-11-24T18:59:30Z
+
+
+def fill(path, rnd):
+    repo = Repository.init(str(path))
+    disk = bytearray(rnd.randbytes(2 * CHUNK_SIZE)) + bytearray(CHUNK_SIZE // 2)
+    full = back_up(repo, [disk], [set()], "full", None, T0)
+    write(disk, dirty := set(), 5000, b"\x01" * 3000)
+    log1 = back_up(repo, [disk], [dirty], "log", full, T0 + 10 * US + 250_000)
+    write(disk, dirty := set(), CHUNK_SIZE + 7, b"\x02" * 100)
+    log2 = back_up(repo, [disk], [dirty], "log", log1, T0 + 10 * US + 750_000)
+    return repo, disk, (full, log1, log2)
+
+
+def test_tree_names_as_of_and_new_points(tmp_path):
+    repo, disk, (full, log1, log2) = fill(tmp_path / "r", random.Random(1))
+    tree = Tree(repo, refresh_s=0)
+    vm = tree.lookup(ROOT_INO, "m")
+    names = [n for n, _ in tree.readdir(vm.ino)]
+    # two points in one second get the fewest digits that tell them apart
+    assert names == ["at", "latest", "2026-11-24T18:59:30Z", "2026-11-24T18:59:40.2Z", "2026-11-24T18:59:40.7Z"]
+    assert tree.readlink(tree.lookup(vm.ino, "latest").ino) == "2026-11-24T18:59:40.7Z"
+    at = tree.lookup(vm.ino, "at")
+    assert tree.readdir(at.ino) == []
+    for text, expected in [("2026-11-24T18:59:40.2Z", "2026-11-24T18:59:40.2Z"),
+                           ("2026-11-24T18:59:40Z", "2026-11-24T18:59:40.7Z"),  # the whole second
+                           ("2026-11-24T19:59:35+01:00", "2026-11-24T18:59:30Z"),
+                           (str(T0 // US + 5), "2026-11-24T18:59:30Z")]:
+        assert tree.readlink(tree.lookup(at.ino, text).ino) == "../" + expected, text
+    for bad in ("2026-11-24T18:59:29Z", "2026-11-24T18:59:35", "soon"):
+        with pytest.raises(NoSuchEntry):
+            tree.lookup(at.ino, bad)
+    point = tree.lookup(vm.ino, "2026-11-24T18:59:40.2Z")
+    assert [n for n, _ in tree.readdir(point.ino)] == ["vda.raw", "point.json", "domain.xml"]
+    raw = tree.lookup(point.ino, "vda.raw")
+    assert raw.size == len(disk)
+    with pytest.raises(NotADirectory):
+        tree.lookup(raw.ino, "x")
+    # a point committed later appears, appended: earlier offsets stay valid
+    write(disk, dirty := set(), 0, b"\x03")
+    back_up(repo, [disk], [dirty], "log", log2, T0 + 20 * US)
+    assert [n for n, _ in tree.readdir(vm.ino)][:5] == names
+    assert tree.readlink(tree.lookup(vm.ino, "latest").ino) == "2026-11-24T18:59:50Z"
+    newest = tree.lookup(tree.lookup(vm.ino, "2026-11-24T18:59:50Z").ino, "vda.raw")
+    assert tree.open(newest.ino).read(0, 10) == bytes(disk[:10])
+    repo.close()
+
+
+def test_corrupt_chunk_gives_eio_for_its_range_only(tmp_path):
+    repo, disk, points = fill(tmp_path / "r", random.Random(2))
+    # flip one stored byte of the full's second chunk
+    with repo.env.begin() as txn:
+        key = txn.get(schema.full_key(points[0].chain, 0, 1), db=repo.db["full_index"])
+        loc = ChunkLocation.decode(txn.get(key, db=repo.db["chunks"]))
+    repo.close()
+    pack = tmp_path / "r" / "chunks" / f"pack-{loc.pack:08d}"
+    with open(pack, "r+b") as f:
+        f.seek(loc.offset + 1000)
+        b = f.read(1)
+        f.seek(loc.offset + 1000)
+        f.write(bytes([b[0] ^ 0xFF]))
+    with mounted(tmp_path / "r", tmp_path / "mnt") as mnt:
+        path = mnt / "m" / "latest" / "vda.raw"
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            assert os.pread(fd, 4096, 0) == bytes(disk[:4096])
+            assert os.pread(fd, 4096, 2 * CHUNK_SIZE) == bytes(disk[2 * CHUNK_SIZE:2 * CHUNK_SIZE + 4096])
+            with pytest.raises(OSError) as e:
+                os.pread(fd, 4096, CHUNK_SIZE + 64 * 1024)
+            assert e.value.errno == errno.EIO
+        finally:
+            os.close(fd)
+    log = (tmp_path / "r" / "mount.log").read_text()
+    assert "does not match its key" in log and "disk vda" in log
