@@ -18,10 +18,6 @@ class UnknownVM(RpofsError):
     pass
 
 
-class NoSuchPoint(RpofsError):
-    pass
-
-
 class BadTime(RpofsError):
     pass
 

@@ -14,11 +14,10 @@ import uuid as uuidlib
 
 import lmdb
 
-from ..errors import ChunkMissing, NoRepository, NoSuchPoint, RpofsError, UnknownFormat
+from ..errors import ChunkMissing, NoRepository, RpofsError, UnknownFormat
 from . import schema
 from .chunks import ChunkReader, PackWriter, chunk_key, encode
-from .schema import (BLOCK_SIZE, CHUNK_SIZE, FORMAT, ZERO_KEY, ChunkLocation, DiskRecord,
-                     PointRecord)
+from .schema import FORMAT, ZERO_KEY, ChunkLocation, DiskRecord, PointRecord
 
 DEFAULT_REPO = "/var/lib/rpofs"
 MAP_SIZE = 1 << 40  # address space only; the file grows as needed
@@ -104,13 +103,6 @@ class Repository:
                     out.append(PointRecord.decode(points.get(schema.point_key(no))))
         return out
 
-    def point(self, no: int) -> PointRecord:
-        with self.env.begin(db=self.db["points"]) as txn:
-            raw = txn.get(schema.point_key(no))
-        if raw is None:
-            raise NoSuchPoint(f"no point {no}")
-        return PointRecord.decode(raw)
-
     def read_chunk(self, key: bytes) -> bytes:
         if key == ZERO_KEY:
             raise ValueError("the zero key has no stored chunk")
@@ -119,13 +111,6 @@ class Repository:
         if raw is None:
             raise ChunkMissing(f"chunk {key.hex()[:16]} is not in the catalog")
         return self.reader.read(key, ChunkLocation.decode(raw))
-
-    def store_blob(self, data: bytes) -> str:
-        """Store a small piece of data (e.g. a domain XML) at once; its key in hex."""
-        with self.begin_writer() as w:
-            key = w.put_chunk(data)
-            w.commit_chunks_only()
-        return key.hex()
 
     # -- writing ---------------------------------------------------------------
 
@@ -227,12 +212,6 @@ class BackupWriter:
         self._finish()
         return record
 
-    def commit_chunks_only(self) -> None:
-        self.pack.sync()
-        with _catalog_errors(), self.repo.env.begin(write=True) as txn:
-            self._put_chunks(txn)
-        self._finish()
-
     def _put_chunks(self, txn) -> None:
         cur = txn.cursor(db=self.repo.db["chunks"])
         for key, loc in self._new.items():
@@ -274,6 +253,3 @@ def _json_name(v: bytes) -> str:
 
 def _json_dump_name(name: str) -> bytes:
     return json.dumps({"name": name}).encode()
-
-
-__all__ = ["Repository", "BackupWriter", "default_repo_path", "BLOCK_SIZE", "CHUNK_SIZE"]

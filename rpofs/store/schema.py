@@ -103,10 +103,6 @@ def log_key_block_prefix(key: bytes) -> bytes:
     return bytes(key[:10])
 
 
-def log_key_point(key: bytes) -> int:
-    return 0xFFFFFFFF - _LOG_KEY.unpack(key)[3]
-
-
 @dataclass(frozen=True)
 class ChunkLocation:
     pack: int
