@@ -85,10 +85,7 @@ def mount_foreground(opts: MountOptions, ready_fd: int | None = None) -> None:
         except RuntimeError as e:
             raise MountError(f"cannot mount at {opts.mountpoint}: {e}") from None
         try:
-            _widen_read_ahead(opts.mountpoint)
-            log.info("mounted %s at %s", opts.repo, opts.mountpoint)
-            tell("ready")
-            trio.run(_serve)
+            trio.run(_serve, opts, tell)
         finally:
             pyfuse3.close(unmount=True)
     except RpofsError as e:
@@ -98,21 +95,30 @@ def mount_foreground(opts: MountOptions, ready_fd: int | None = None) -> None:
         repo.close()
 
 
-async def _serve() -> None:
+async def _serve(opts: MountOptions, tell) -> None:
     async with trio.open_nursery() as nursery:
         async def stop_on_signal():
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
                 async for _ in signals:
                     pyfuse3.terminate()
                     return
+
+        async def announce_when_serving():
+            # The stat is answered only once the kernel's INIT handshake is
+            # done: then the mount serves, and read-ahead can be widened (the
+            # handshake itself would shrink it back to 128 KiB).
+            await trio.to_thread.run_sync(os.stat, opts.mountpoint)
+            _widen_read_ahead(opts.mountpoint)
+            log.info("mounted %s at %s", opts.repo, opts.mountpoint)
+            tell("ready")
+
         nursery.start_soon(stop_on_signal)
+        nursery.start_soon(announce_when_serving)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
 
 
 def _widen_read_ahead(mountpoint: str) -> None:
-    # From mountinfo, not stat(): stat would wait on this very filesystem,
-    # whose request loop is not running yet.
     with open("/proc/self/mountinfo") as f:
         devs = [line.split()[2] for line in f if line.split()[4] == mountpoint]
     if not devs:

@@ -19,13 +19,13 @@ class DiskReader:
         self.size = point.disks[self.disk].size
         self.target = target
 
-    def read(self, offset: int, length: int) -> bytes:
-        """Exactly the bytes in [offset, offset+length) clipped to the disk,
-        or a ChunkError naming the point and the chunk."""
+    def read(self, offset: int, length: int):
+        """Exactly the bytes in [offset, offset+length) clipped to the disk
+        (a bytes-like object), or a ChunkError naming the point and the chunk."""
         end = min(offset + length, self.size)
         if offset >= end:
             return b""
-        out = bytearray(end - offset)
+        out = None  # allocated only when the read spans more than one piece
         repo, db = self.repo, self.repo.db
         chain, disk, point = self.point.chain, self.disk, self.point.point
         with repo.env.begin() as txn:
@@ -54,9 +54,16 @@ class DiskReader:
                     data = self._chunk(chunks, key)
                     if len(data) != min(span, self.size - base):
                         raise ChunkError(f"{self._where()}: chunk {key.hex()[:16]} does not fit its place")
-                    out[pos - offset:stop - offset] = data[pos - base:stop - base]
+                    piece = memoryview(data)[pos - base:stop - base]
+                    if pos == offset and stop == end:
+                        return piece  # the whole read from one chunk: no copy
+                    if out is None:
+                        out = bytearray(end - offset)
+                    out[pos - offset:stop - offset] = piece
+                elif out is None:
+                    out = bytearray(end - offset)
                 pos = stop
-        return bytes(out)
+        return out
 
     def _chunk(self, chunks_cursor, key: bytes) -> bytes:
         raw = chunks_cursor.get(key)
