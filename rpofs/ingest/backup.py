@@ -94,12 +94,12 @@ def _run(repo: Repository, dom: Domain, info: DomainInfo, disks: list[DiskRecord
         os.makedirs(d, mode=0o700, exist_ok=True)
     socket = os.path.join(SOCKET_DIR, f"{info.uuid}.sock")
     checkpoint = f"{CHECKPOINT_PREFIX}{now_us()}"
-    created = False
+    # If this fails, libvirt started nothing (and a job it refused may be
+    # another process's: never end that one).
+    exports = dom.begin_pull_backup(
+        [d.target for d in disks], [d.target for d in info.disks], socket, SCRATCH_DIR,
+        checkpoint, parent.checkpoint if parent else None)
     try:
-        exports = dom.begin_pull_backup(
-            [d.target for d in disks], [d.target for d in info.disks], socket, SCRATCH_DIR,
-            checkpoint, parent.checkpoint if parent else None)
-        created = True
         time_us = now_us()  # the disks were captured when backupBegin returned
         with repo.begin_writer() as writer:
             for index, disk in enumerate(disks):
@@ -124,8 +124,7 @@ def _run(repo: Repository, dom: Domain, info: DomainInfo, disks: list[DiskRecord
         try:
             dom.end_job()
         finally:
-            if created:
-                dom.delete_checkpoint(checkpoint)
+            dom.delete_checkpoint(checkpoint)
         raise
     dom.end_job()
     # Only the newest checkpoint is needed: older bitmaps would slow the guest's writes.
