@@ -30,6 +30,9 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--full", action="store_true", help="take a full backup even if a log is possible")
     b.add_argument("--disk", action="append", default=[], metavar="TARGET",
                    help="back up only this disk (repeatable; default: every disk)")
+    b.add_argument("--quiesce", nargs="*", metavar="MOUNTPOINT", default=None,
+                   help="freeze the guest's filesystems (all, or these mountpoints) through the guest "
+                   "agent for the snapshot; without an answering agent the point is crash-consistent")
     b.add_argument("--connect", default=os.environ.get("LIBVIRT_DEFAULT_URI", "qemu:///system"),
                    metavar="URI", help="libvirt URI (default $LIBVIRT_DEFAULT_URI or qemu:///system)")
 
@@ -74,11 +77,16 @@ def cmd_init(repo_path: str, args) -> None:
 
 def cmd_backup(repo_path: str, args) -> None:
     from .ingest.backup import BackupRequest, back_up
+    from .ingest.config import DiskChoice, Quiesce
     from .virt.client import Connection
     repo = Repository.open(repo_path)
     conn = Connection(args.connect)
     try:
-        point = back_up(repo, conn, BackupRequest(args.vm, args.full, tuple(args.disk)))
+        quiesce = Quiesce(True, tuple(args.quiesce)) if args.quiesce is not None else Quiesce()
+        point = back_up(repo, conn, BackupRequest(args.vm, "asked for a full backup" if args.full else "",
+                                                  DiskChoice(tuple(args.disk)), quiesce))
+        for warning in point.warnings:
+            print(f"rpofs: warning: {warning}", file=sys.stderr)
         points = repo.points(point.vm)
         name = point_names([p.time_us for p in points])[[p.point for p in points].index(point.point)]
         why = f" ({point.reason})" if point.reason else ""

@@ -14,11 +14,13 @@ import logging
 import os
 from dataclasses import dataclass
 
-from ..errors import RpofsError, UnsupportedDisk
+from ..errors import RpofsError, UnsupportedDisk, VirtError
 from ..store.repo import BackupWriter, Repository
 from ..store.schema import BLOCK_SIZE, CHUNK_SIZE, DiskRecord, PointRecord
 from ..timefmt import now_us
-from ..virt.client import CHECKPOINT_PREFIX, CheckpointUnusable, Connection, Domain, DomainInfo
+from ..virt.client import (CHECKPOINT_PREFIX, AgentUnavailable, CheckpointUnusable, Connection, Domain,
+                           DomainInfo)
+from .config import DiskChoice, Quiesce
 from ..virt.nbdexport import Export
 
 log = logging.getLogger(__name__)
@@ -35,29 +37,38 @@ IN_FLIGHT = 8                   # chunks read ahead of the hashing threads
 
 @dataclass(frozen=True)
 class BackupRequest:
-    vm: str                          # name or UUID
-    full: bool = False               # force a full backup
-    disks: tuple[str, ...] = ()      # targets; empty = every disk
+    vm: str                              # name or UUID
+    full_reason: str = ""                # non-empty: take a full, for this reason
+    disks: DiskChoice = DiskChoice()     # which disks the VM's chains cover
+    quiesce: Quiesce = Quiesce()
 
 
 def back_up(repo: Repository, conn: Connection, req: BackupRequest) -> PointRecord:
     dom = conn.domain(req.vm)
     info = dom.info()
     if not info.running:
-        raise RpofsError(f"VM {info.name} is not running: rpofs backs up running VMs through libvirt's backup API")
-    disks = _chosen_disks(info, req.disks)
+        raise VmNotRunning(f"VM {info.name} is not running: rpofs backs up running VMs through libvirt's backup API")
+    disks = _chosen_disks(dom, info, req.disks)
     previous = repo.points(info.uuid)
-    reason = "asked for a full backup" if req.full else _why_not_log(dom, info, disks, previous[-1] if previous else None)
-    if reason is None:
+    last = previous[-1] if previous else None
+    reason = req.full_reason or _why_not_log(repo, dom, disks, last)
+    if not reason:
         try:
-            return _run(repo, dom, info, disks, previous[-1], "")
+            return _run(repo, dom, info, disks, last, "", req.quiesce)
         except CheckpointUnusable as e:
             reason = f"the chain's checkpoint cannot be used ({e})"
     log.info("%s: full backup: %s", info.name, reason)
-    return _run(repo, dom, info, disks, None, reason)
+    return _run(repo, dom, info, disks, None, reason, req.quiesce)
 
 
-def _chosen_disks(info: DomainInfo, targets: tuple[str, ...]) -> list[DiskRecord]:
+class VmNotRunning(RpofsError):
+    pass
+
+
+def _chosen_disks(dom: Domain, info: DomainInfo, choice: DiskChoice) -> list[DiskRecord]:
+    targets = choice.targets
+    if choice.mountpoint:
+        targets = tuple(dom.disks_of_mountpoint(choice.mountpoint))
     by_target = {d.target: d for d in info.disks}
     for t in targets:
         if t not in by_target:
@@ -74,31 +85,71 @@ def _chosen_disks(info: DomainInfo, targets: tuple[str, ...]) -> list[DiskRecord
     return [DiskRecord(d.target, d.size, d.source) for d in chosen]
 
 
-def _why_not_log(dom: Domain, info: DomainInfo, disks: list[DiskRecord], last: PointRecord | None) -> str | None:
-    """None when a log backup may extend the VM's newest point; else why not."""
+def _why_not_log(repo: Repository, dom: Domain, disks: list[DiskRecord], last: PointRecord | None) -> str:
+    """"" when a log backup may extend the VM's newest point; else why not."""
     if last is None:
         return "first backup of this VM"
     had = [(d.target, d.size) for d in last.disks]
     now = [(d.target, d.size) for d in disks]
     if had != now:
         return f"disks changed since the last point: {had} -> {now}"
-    if last.checkpoint not in dom.checkpoints():
+    if last.checkpoint in dom.checkpoints():
+        return ""
+    # Lost metadata (VM redefined, moved, transient) with the bitmaps maybe
+    # still in the images: give libvirt the checkpoint back, validated.
+    if not last.checkpoint_xml:
         return f"checkpoint {last.checkpoint} of the last point is gone from libvirt"
-    return None
+    try:
+        dom.redefine_checkpoint(repo.read_chunk(bytes.fromhex(last.checkpoint_xml)).decode())
+    except VirtError as e:
+        return f"checkpoint {last.checkpoint} is gone from libvirt and cannot be redefined ({e})"
+    log.info("%s: redefined checkpoint %s from the catalog", dom.name, last.checkpoint)
+    return ""
+
+
+def end_leftovers(repo: Repository, dom: Domain) -> list[str]:
+    """After a crash of the process that backed this VM up: end its backup job
+    and delete checkpoints that no committed point owns (their bitmaps fold
+    into their parents'). Only for the one process that owns the VM's backups."""
+    done = []
+    socket = dom.backup_job_socket()
+    if socket and socket.startswith(SOCKET_DIR + "/"):
+        dom.end_job()
+        done.append("ended a backup job")
+    points = repo.points(dom.uuid)
+    keep = points[-1].checkpoint if points else None
+    for name in reversed(dom.checkpoints()):  # newest first: leaves before parents
+        if name != keep:
+            dom.delete_checkpoint(name)
+            done.append(f"deleted checkpoint {name}")
+    return done
 
 
 def _run(repo: Repository, dom: Domain, info: DomainInfo, disks: list[DiskRecord],
-         parent: PointRecord | None, reason: str) -> PointRecord:
+         parent: PointRecord | None, reason: str, quiesce: Quiesce) -> PointRecord:
     kind = "log" if parent else "full"
     for d in (SOCKET_DIR, SCRATCH_DIR):
         os.makedirs(d, mode=0o700, exist_ok=True)
     socket = os.path.join(SOCKET_DIR, f"{info.uuid}.sock")
     checkpoint = f"{CHECKPOINT_PREFIX}{now_us()}"
-    # If this fails, libvirt started nothing (and a job it refused may be
-    # another process's: never end that one).
-    exports = dom.begin_pull_backup(
-        [d.target for d in disks], [d.target for d in info.disks], socket, SCRATCH_DIR,
-        checkpoint, parent.checkpoint if parent else None)
+    consistency, warnings = "crash-consistent", []
+    frozen = False
+    if quiesce.enabled:
+        try:
+            dom.freeze(quiesce.mountpoints, quiesce.timeout_s)
+            frozen = True
+        except AgentUnavailable as e:
+            warnings.append(f"{e}: the point is crash-consistent")
+    try:
+        # If this fails, libvirt started nothing (and a job it refused may be
+        # another process's: never end that one).
+        exports = dom.begin_pull_backup(
+            [d.target for d in disks], [d.target for d in info.disks], socket, SCRATCH_DIR,
+            checkpoint, parent.checkpoint if parent else None)
+    finally:
+        if frozen:  # the snapshot is taken: the guest need not wait for the copy
+            dom.thaw(quiesce.mountpoints)
+            consistency = "filesystems-frozen"
     try:
         time_us = now_us()  # the disks were captured when backupBegin returned
         with repo.begin_writer() as writer:
@@ -115,11 +166,13 @@ def _run(repo: Repository, dom: Domain, info: DomainInfo, disks: list[DiskRecord
                 finally:
                     export.close()
             xml_key = writer.put_chunk(info.xml.encode())
+            checkpoint_key = writer.put_chunk(dom.checkpoint_xml(checkpoint).encode())
             record = writer.commit(
                 vm=info.uuid, vm_name=info.name, kind=kind, time_us=time_us,
                 chain=parent.chain if parent else None, parent=parent.point if parent else None,
-                consistency="crash-consistent", disks=disks, checkpoint=checkpoint,
-                domain_xml=xml_key.hex(), reason=reason)
+                consistency=consistency, disks=disks, checkpoint=checkpoint,
+                domain_xml=xml_key.hex(), reason=reason, checkpoint_xml=checkpoint_key.hex(),
+                warnings=tuple(warnings))
     except BaseException:
         try:
             dom.end_job()

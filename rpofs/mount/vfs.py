@@ -270,6 +270,7 @@ def point_json(name: str, p: PointRecord) -> bytes:
         "disks": [{"target": d.target, "size": d.size, "source": d.source} for d in p.disks],
         "checkpoint": p.checkpoint,
         "reason": p.reason,
+        "warnings": list(p.warnings),
         "stats": p.stats,
     }, indent=2) + "\n").encode()
 

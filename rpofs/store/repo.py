@@ -185,7 +185,8 @@ class BackupWriter:
 
     def commit(self, *, vm: str, vm_name: str, kind: str, time_us: int, chain: int | None,
                parent: int | None, consistency: str, disks: list[DiskRecord], checkpoint: str,
-               domain_xml: str, reason: str = "") -> PointRecord:
+               domain_xml: str, reason: str = "", checkpoint_xml: str = "",
+               warnings: tuple[str, ...] = ()) -> PointRecord:
         assert kind in ("full", "log") and (kind == "full") == (chain is None)
         self.pack.sync()
         db = self.repo.db
@@ -205,7 +206,8 @@ class BackupWriter:
             record = PointRecord(
                 point=no, vm=vm, vm_name=vm_name, kind=kind, time_us=time_us, chain=chain,
                 parent=parent, consistency=consistency, disks=tuple(disks), checkpoint=checkpoint,
-                domain_xml=domain_xml, reason=reason, stats=dict(self.stats))
+                domain_xml=domain_xml, reason=reason, stats=dict(self.stats),
+                checkpoint_xml=checkpoint_xml, warnings=tuple(warnings))
             txn.put(schema.point_key(no), record.encode(), db=db["points"])
             txn.put(schema.vm_point_key(vm_bytes, time_us, no), b"", db=db["vm_points"])
             txn.put(vm_bytes, _json_dump_name(vm_name), db=db["vms"])

@@ -144,8 +144,10 @@ class PointRecord:
     disks: tuple[DiskRecord, ...]
     checkpoint: str       # the libvirt checkpoint created with this point ("" if none)
     domain_xml: str       # chunk key (hex) of the domain XML captured with the point
-    reason: str = ""      # why a full was taken when a log was possible to ask for
+    reason: str = ""      # why this is a full (first backup, chain broken, asked, interval)
     stats: dict = field(default_factory=dict)
+    checkpoint_xml: str = ""  # chunk key (hex) of the checkpoint's libvirt XML, to redefine it
+    warnings: tuple[str, ...] = ()  # e.g. why a point meant to be frozen is crash-consistent
 
     def encode(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True).encode()
@@ -154,6 +156,7 @@ class PointRecord:
     def decode(cls, b: bytes) -> "PointRecord":
         d = json.loads(bytes(b))
         d["disks"] = tuple(DiskRecord(**x) for x in d["disks"])
+        d["warnings"] = tuple(d.get("warnings", ()))
         return cls(**d)
 
     def disk_index(self, target: str) -> int:

@@ -20,6 +20,10 @@ class CheckpointUnusable(VirtError):
     """The checkpoint a log backup would build on is missing or inconsistent."""
 
 
+class AgentUnavailable(VirtError):
+    """The guest agent did not freeze (absent, not answering, or refused)."""
+
+
 @dataclass(frozen=True)
 class DiskInfo:
     target: str    # "vda"
@@ -53,6 +57,16 @@ class Connection:
         self.uri = uri
         with _translated(f"cannot connect to libvirt at {uri}"):
             self._conn = libvirt.open(uri)
+
+    def alive(self) -> bool:
+        try:
+            return bool(self._conn.isAlive())
+        except libvirt.libvirtError:
+            return False
+
+    def running_domains(self) -> list["Domain"]:
+        with _translated(f"listing the VMs on {self.uri}"):
+            return [Domain(d) for d in self._conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)]
 
     def domain(self, ref: str) -> "Domain":
         """A domain by name or UUID."""
@@ -92,6 +106,36 @@ class Domain:
                                       path, size))
         return DomainInfo(self.uuid, self.name, running, tuple(disks), xml)
 
+    def is_running(self) -> bool:
+        with _translated(f"asking whether {self.name} runs"):
+            return bool(self._dom.isActive())
+
+    # -- the guest agent ---------------------------------------------------
+
+    def freeze(self, mountpoints: tuple[str, ...], timeout_s: float) -> int:
+        """Freeze guest filesystems (all, or these mountpoints); how many froze."""
+        try:
+            self._dom.agentSetResponseTimeout(max(1, round(timeout_s)), 0)
+            return self._dom.fsFreeze(list(mountpoints) or None, 0)
+        except libvirt.libvirtError as e:
+            raise AgentUnavailable(f"cannot freeze the filesystems of {self.name}: {e.get_error_message()}") from e
+
+    def thaw(self, mountpoints: tuple[str, ...]) -> None:
+        with _translated(f"thawing the filesystems of {self.name}"):
+            self._dom.fsThaw(list(mountpoints) or None, 0)
+
+    def disks_of_mountpoint(self, mountpoint: str) -> list[str]:
+        """The disk targets holding a guest mountpoint (the agent's guest-get-fsinfo)."""
+        try:
+            infos = self._dom.fsInfo(0)
+        except libvirt.libvirtError as e:
+            raise AgentUnavailable(f"cannot ask {self.name}'s agent where {mountpoint} is: "
+                                   f"{e.get_error_message()}") from e
+        for mp, _name, _fstype, targets in infos:
+            if mp == mountpoint and targets:
+                return list(targets)
+        raise VirtError(f"{self.name} has no filesystem mounted at {mountpoint} on a disk libvirt knows")
+
     # -- checkpoints -------------------------------------------------------
 
     def checkpoints(self) -> list[str]:
@@ -99,6 +143,18 @@ class Domain:
         with _translated(f"listing checkpoints of {self.name}"):
             cps = self._dom.listAllCheckpoints(libvirt.VIR_DOMAIN_CHECKPOINT_LIST_TOPOLOGICAL)
         return [c.getName() for c in cps if c.getName().startswith(CHECKPOINT_PREFIX)]
+
+    def checkpoint_xml(self, name: str) -> str:
+        with _translated(f"reading checkpoint {name} of {self.name}"):
+            return self._dom.checkpointLookupByName(name).getXMLDesc(0)
+
+    def redefine_checkpoint(self, xml: str) -> None:
+        """Give libvirt back a checkpoint's metadata; it checks that the
+        bitmaps in the images are there and usable."""
+        flags = (libvirt.VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE
+                 | libvirt.VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE_VALIDATE)
+        with _translated(f"redefining a checkpoint of {self.name}"):
+            self._dom.checkpointCreateXML(xml, flags)
 
     def delete_checkpoint(self, name: str) -> None:
         """Delete one checkpoint; libvirt merges its bitmap into its parent's,
@@ -141,6 +197,16 @@ class Domain:
         for d in job.findall("./disks/disk[@backup='yes']"):
             exports[d.get("name")] = (d.get("exportname") or d.get("name"), d.get("exportbitmap"))
         return exports
+
+    def backup_job_socket(self) -> str | None:
+        """The NBD socket of the domain's running backup job, or None."""
+        try:
+            if self._dom.jobInfo()[0] == libvirt.VIR_DOMAIN_JOB_NONE:
+                return None
+            server = ET.fromstring(self._dom.backupGetXMLDesc(0)).find("server")
+        except libvirt.libvirtError:
+            return None  # no backup job (another kind of job, or none any more)
+        return server.get("socket") if server is not None else None
 
     def end_job(self) -> None:
         """End the domain's backup job, if any. Safe to call on every path."""

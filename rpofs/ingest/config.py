@@ -1,0 +1,179 @@
+"""The ingester's configuration: TOML, parsed once into frozen dataclasses.
+A bad file is refused with the file, the key and what is wrong. The format
+is documented in docs/INGEST.md, with an example in systemd/rpofs.toml."""
+
+import fnmatch
+import re
+import tomllib
+from dataclasses import dataclass, field
+
+from ..errors import RpofsError
+
+DEFAULT_CONFIG = "/etc/rpofs/rpofs.toml"
+
+
+class ConfigError(RpofsError):
+    pass
+
+
+@dataclass(frozen=True)
+class DiskChoice:
+    """Which disks a VM's chains cover: every disk, chosen targets, or the
+    disk(s) holding a guest mountpoint (asked of the guest agent)."""
+    targets: tuple[str, ...] = ()       # empty with no mountpoint: every disk
+    mountpoint: str = ""
+
+
+@dataclass(frozen=True)
+class Quiesce:
+    """Freeze guest filesystems through the agent around the snapshot."""
+    enabled: bool = False
+    mountpoints: tuple[str, ...] = ()   # empty: every filesystem
+    timeout_s: float = 10.0
+
+
+@dataclass(frozen=True)
+class VmPolicy:
+    full_interval_s: float = 24 * 3600.0
+    log_interval_s: float = 5.0
+    disks: DiskChoice = DiskChoice()
+    quiesce: Quiesce = Quiesce()
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    uri: str = "qemu:///system"
+    repository: str = "/var/lib/rpofs"
+    max_jobs: int = 2
+    vms: tuple[str, ...] = ()           # names or UUIDs; empty: every running VM
+    exclude: tuple[str, ...] = ()       # glob patterns on names
+    defaults: VmPolicy = VmPolicy()
+    per_vm: dict = field(default_factory=dict)   # name or UUID -> VmPolicy
+    metrics: str = ""                   # "ADDR:PORT" for Prometheus, "" for none
+
+    def policy(self, name: str, uuid: str) -> VmPolicy:
+        return self.per_vm.get(name) or self.per_vm.get(uuid) or self.defaults
+
+    def wants(self, name: str, uuid: str) -> bool:
+        if any(fnmatch.fnmatchcase(name, pattern) for pattern in self.exclude):
+            return False
+        return not self.vms or name in self.vms or uuid in self.vms
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNIT_S = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
+
+
+class _Reader:
+    """Reads values out of one TOML table, naming the key in every error."""
+
+    def __init__(self, path: str, table: dict, prefix: str):
+        self.path, self.table, self.prefix = path, table, prefix
+
+    def fail(self, key: str, what: str):
+        raise ConfigError(f"{self.path}: {self.prefix}{key}: {what}")
+
+    def check_keys(self, allowed: set[str]) -> None:
+        for key in self.table:
+            if key not in allowed:
+                self.fail(key, f"unknown key (known: {', '.join(sorted(allowed))})")
+
+    def string(self, key, default):
+        v = self.table.get(key, default)
+        if not isinstance(v, str) or (not v and default):
+            self.fail(key, f"expected a non-empty string, got {v!r}")
+        return v
+
+    def strings(self, key) -> tuple[str, ...]:
+        v = self.table.get(key, [])
+        if not isinstance(v, list) or not all(isinstance(x, str) and x for x in v):
+            self.fail(key, f"expected a list of strings, got {v!r}")
+        return tuple(v)
+
+    def integer(self, key, default, low):
+        v = self.table.get(key, default)
+        if not isinstance(v, int) or isinstance(v, bool) or v < low:
+            self.fail(key, f"expected an integer >= {low}, got {v!r}")
+        return v
+
+    def duration(self, key, default) -> float:
+        v = self.table.get(key)
+        if v is None:
+            return default
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0:
+            return float(v)
+        m = _DURATION.match(v) if isinstance(v, str) else None
+        if not m or float(m.group(1)) <= 0:
+            self.fail(key, f"expected a duration like 500ms, 5s, 10m, 24h, got {v!r}")
+        return float(m.group(1)) * _UNIT_S[m.group(2)]
+
+
+def _policy(r: _Reader, base: VmPolicy) -> VmPolicy:
+    r.check_keys({"full_interval", "log_interval", "disks", "quiesce", "quiesce_timeout"})
+    disks = base.disks
+    if "disks" in r.table:
+        v = r.table["disks"]
+        if v == "all":
+            disks = DiskChoice()
+        elif isinstance(v, list) and v and all(isinstance(x, str) and x for x in v):
+            disks = DiskChoice(targets=tuple(v))
+        elif isinstance(v, dict) and set(v) == {"mountpoint"} and isinstance(v["mountpoint"], str) \
+                and v["mountpoint"].startswith("/"):
+            disks = DiskChoice(mountpoint=v["mountpoint"])
+        else:
+            r.fail("disks", f'expected "all", a list of targets, or {{ mountpoint = "/path" }}, got {v!r}')
+    quiesce = base.quiesce
+    if "quiesce" in r.table:
+        v = r.table["quiesce"]
+        if v == "none":
+            quiesce = Quiesce(False, (), quiesce.timeout_s)
+        elif v == "all":
+            quiesce = Quiesce(True, (), quiesce.timeout_s)
+        elif isinstance(v, list) and v and all(isinstance(x, str) and x.startswith("/") for x in v):
+            quiesce = Quiesce(True, tuple(v), quiesce.timeout_s)
+        else:
+            r.fail("quiesce", f'expected "none", "all" or a list of guest mountpoints, got {v!r}')
+    quiesce = Quiesce(quiesce.enabled, quiesce.mountpoints, r.duration("quiesce_timeout", quiesce.timeout_s))
+    full = r.duration("full_interval", base.full_interval_s)
+    log = r.duration("log_interval", base.log_interval_s)
+    if log > full:
+        r.fail("log_interval", f"is longer than full_interval ({log:g}s > {full:g}s)")
+    return VmPolicy(full, log, disks, quiesce)
+
+
+def load(path: str) -> IngestConfig:
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file (see systemd/rpofs.toml for an example)") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    top = _Reader(path, data, "")
+    top.check_keys({"ingest", "defaults", "vm"})
+    for key in ("ingest", "defaults", "vm"):
+        if not isinstance(data.get(key, {}), dict):
+            top.fail(key, "expected a table")
+    ingest = _Reader(path, data.get("ingest", {}), "ingest.")
+    ingest.check_keys({"uri", "repository", "max_jobs", "vms", "exclude", "metrics"})
+    vms = ingest.table.get("vms", "running")
+    if vms != "running" and not (isinstance(vms, list) and all(isinstance(x, str) and x for x in vms)):
+        ingest.fail("vms", f'expected "running" or a list of VM names/UUIDs, got {vms!r}')
+    metrics = ingest.string("metrics", "")
+    if metrics and not re.match(r"^[\w.:\[\]-]*:\d+$", metrics):
+        ingest.fail("metrics", f"expected ADDRESS:PORT, got {metrics!r}")
+    defaults = _policy(_Reader(path, data.get("defaults", {}), "defaults."), VmPolicy())
+    per_vm = {}
+    for name, table in data.get("vm", {}).items():
+        if not isinstance(table, dict):
+            top.fail(f"vm.{name}", "expected a table")
+        per_vm[name] = _policy(_Reader(path, table, f"vm.{name}."), defaults)
+    return IngestConfig(
+        uri=ingest.string("uri", "qemu:///system"),
+        repository=ingest.string("repository", "/var/lib/rpofs"),
+        max_jobs=ingest.integer("max_jobs", 2, 1),
+        vms=() if vms == "running" else tuple(vms),
+        exclude=ingest.strings("exclude"),
+        defaults=defaults, per_vm=per_vm, metrics=metrics)
