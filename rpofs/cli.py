@@ -49,12 +49,22 @@ def _parser() -> argparse.ArgumentParser:
 
     u = sub.add_parser("umount", help="unmount a mounted repository")
     u.add_argument("mountpoint")
+
+    i = sub.add_parser("ingest", help="the daemon: full and log backups on schedule, per the config",
+                       description="Runs until SIGTERM/SIGINT; logs to stderr (journald). "
+                       "--repo overrides the config's repository.")
+    i.add_argument("--config", default=None, metavar="FILE", help="TOML config (default /etc/rpofs/rpofs.toml)")
+    i.add_argument("--metrics", default=None, metavar="ADDR:PORT", help="serve Prometheus metrics there")
+
+    s = sub.add_parser("status", help="per VM: last full, last log, achieved RPO, next run, last error")
+    s.add_argument("--json", action="store_true", help="one JSON object (documented in docs/INGEST.md)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose or args.command == "mount" else logging.WARNING,
+    daemon = args.command in ("mount", "ingest")
+    logging.basicConfig(level=logging.INFO if args.verbose or daemon else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     repo_path = os.path.abspath(args.repo or default_repo_path())
     try:
@@ -132,8 +142,45 @@ def cmd_umount(repo_path: str, args) -> None:
     unmount(os.path.abspath(args.mountpoint))
 
 
+def cmd_ingest(repo_path: str, args) -> None:
+    import dataclasses
+    import signal
+
+    import trio
+
+    from .ingest import config, daemon
+    cfg = config.load(args.config or config.DEFAULT_CONFIG)
+    if args.repo or not cfg.repository:
+        cfg = dataclasses.replace(cfg, repository=repo_path)
+    if args.metrics:
+        cfg = dataclasses.replace(cfg, metrics=args.metrics)
+    Repository.open(cfg.repository).close()  # refuse a bad repository before starting anything
+
+    async def until_signalled():
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(daemon.run, cfg)
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                async for signum in signals:
+                    logging.getLogger("rpofs.ingest").info(
+                        "event=stopping signal=%s (running jobs finish first)", signal.Signals(signum).name)
+                    nursery.cancel_scope.cancel()
+                    return
+
+    trio.run(until_signalled)
+
+
+def cmd_status(repo_path: str, args) -> None:
+    from .ingest.status import gather, render
+    repo = Repository.open(repo_path)
+    try:
+        report = gather(repo)
+    finally:
+        repo.close()
+    print(json.dumps(report, indent=2) if args.json else render(report))
+
+
 COMMANDS = {"init": cmd_init, "backup": cmd_backup, "points": cmd_points, "mount": cmd_mount,
-            "umount": cmd_umount}
+            "umount": cmd_umount, "ingest": cmd_ingest, "status": cmd_status}
 
 if __name__ == "__main__":
     sys.exit(main())

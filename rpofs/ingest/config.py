@@ -43,7 +43,7 @@ class VmPolicy:
 @dataclass(frozen=True)
 class IngestConfig:
     uri: str = "qemu:///system"
-    repository: str = "/var/lib/rpofs"
+    repository: str = ""                # "" : --repo, $RPOFS_REPO or /var/lib/rpofs
     max_jobs: int = 2
     vms: tuple[str, ...] = ()           # names or UUIDs; empty: every running VM
     exclude: tuple[str, ...] = ()       # glob patterns on names
@@ -172,7 +172,7 @@ def load(path: str) -> IngestConfig:
         per_vm[name] = _policy(_Reader(path, table, f"vm.{name}."), defaults)
     return IngestConfig(
         uri=ingest.string("uri", "qemu:///system"),
-        repository=ingest.string("repository", "/var/lib/rpofs"),
+        repository=ingest.string("repository", ""),
         max_jobs=ingest.integer("max_jobs", 2, 1),
         vms=() if vms == "running" else tuple(vms),
         exclude=ingest.strings("exclude"),

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import pyfuse3
 import trio
 
+from .. import sdnotify
 from ..errors import MountError, RpofsError
 from ..store.repo import Repository
 from .fs import Operations
@@ -111,6 +112,7 @@ async def _serve(opts: MountOptions, tell) -> None:
             _widen_read_ahead(opts.mountpoint)
             log.info("mounted %s at %s", opts.repo, opts.mountpoint)
             tell("ready")
+            sdnotify.ready()
 
         nursery.start_soon(stop_on_signal)
         nursery.start_soon(announce_when_serving)

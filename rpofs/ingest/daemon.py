@@ -1,0 +1,249 @@
+"""rpofs ingest: the daemon that holds each VM's RPO.
+
+One trio task per VM decides when its next point is due (a log every
+log_interval, a full when full_interval has passed since the chain's full)
+and runs the blocking backup on a worker thread. A CapacityLimiter bounds the
+jobs running at once; a VM waits only for a free job slot, never for another
+VM's job. Failures back off per VM. A discovery loop starts tasks for wanted
+VMs that run, and a task ends when its VM stops or vanishes (its points stay).
+The libvirt connection is re-made with backoff when libvirtd restarts.
+On start, each VM's leftovers from a killed predecessor are ended first.
+"""
+
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass
+
+import trio
+
+from ..errors import RpofsError, UnknownVM
+from ..store.repo import Repository
+from ..store.schema import PointRecord
+from ..timefmt import US
+from ..virt.client import Connection
+from .. import sdnotify
+from . import metrics
+from .backup import BackupRequest, VmNotRunning, back_up, end_leftovers
+from .config import IngestConfig
+
+log = logging.getLogger("rpofs.ingest")
+
+DISCOVER_S = 2.0
+STATUS_FILE = "ingest-status.json"
+MAX_BACKOFF_S = 60.0
+
+
+@dataclass
+class VmStatus:
+    """What `rpofs status` shows of the daemon's view of one VM."""
+    uuid: str
+    name: str
+    state: str = "starting"      # waiting | backing up | not running | gone | failing
+    next_run_us: int = 0
+    last_error: str = ""
+    last_error_us: int = 0
+    last_job_s: float = 0.0
+    points: int = 0
+    failures: int = 0
+    bytes_ingested: int = 0
+    newest_point_us: int = 0
+
+
+class Ingester:
+    def __init__(self, cfg: IngestConfig, repo: Repository):
+        self.cfg = cfg
+        self.repo = repo
+        self.jobs = trio.CapacityLimiter(cfg.max_jobs)
+        self.libvirt_calls = trio.CapacityLimiter(4)
+        self.status: dict[str, VmStatus] = {}
+        self._tasks: set[str] = set()
+        self._conn: Connection | None = None
+        self._conn_lock = trio.Lock()
+        self._started_us = int(time.time() * US)
+
+    async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            await self._connection()
+            nursery.start_soon(self._discover, nursery)
+            nursery.start_soon(self._write_status)
+            if self.cfg.metrics:
+                await nursery.start(metrics.serve, self.cfg.metrics, self._metrics_text)
+            log.info("event=started vms=%s max_jobs=%d", ",".join(self.cfg.vms) or "running", self.cfg.max_jobs)
+            sdnotify.ready()
+            task_status.started()
+
+    # -- libvirt ---------------------------------------------------------------
+
+    async def _connection(self) -> Connection:
+        """The shared connection, re-made (with backoff) when libvirtd went away."""
+        async with self._conn_lock:
+            delay = 1.0
+            while self._conn is None or not await self._call(self._conn.alive):
+                try:
+                    self._conn = await self._call(Connection, self.cfg.uri)
+                    log.info("event=connected uri=%s", self.cfg.uri)
+                except RpofsError as e:
+                    log.warning("event=connect-failed uri=%s retry_s=%g error=%r", self.cfg.uri, delay, str(e))
+                    await trio.sleep(delay)
+                    delay = min(delay * 2, 30.0)
+            return self._conn
+
+    async def _call(self, fn, *args):
+        return await trio.to_thread.run_sync(fn, *args, limiter=self.libvirt_calls)
+
+    # -- which VMs -------------------------------------------------------------
+
+    async def _discover(self, nursery) -> None:
+        while True:
+            try:
+                conn = await self._connection()
+                if self.cfg.vms:
+                    doms = []
+                    for ref in self.cfg.vms:
+                        try:
+                            dom = await self._call(conn.domain, ref)
+                        except UnknownVM:
+                            continue
+                        if await self._call(dom.is_running):
+                            doms.append(dom)
+                        else:
+                            self._vm_status(dom.uuid, dom.name).state = "not running"
+                else:
+                    doms = await self._call(conn.running_domains)
+                for dom in doms:
+                    if dom.uuid not in self._tasks and self.cfg.wants(dom.name, dom.uuid):
+                        self._tasks.add(dom.uuid)
+                        nursery.start_soon(self._vm_task, dom.uuid, dom.name)
+            except RpofsError as e:
+                log.warning("event=discover-failed error=%r", str(e))
+            await trio.sleep(DISCOVER_S)
+
+    def _vm_status(self, uuid: str, name: str) -> VmStatus:
+        st = self.status.get(uuid)
+        if st is None:
+            st = self.status[uuid] = VmStatus(uuid, name)
+        st.name = name
+        return st
+
+    # -- one VM ------------------------------------------------------------------
+
+    async def _vm_task(self, uuid: str, name: str) -> None:
+        st = self._vm_status(uuid, name)
+        policy = self.cfg.policy(name, uuid)
+        try:
+            await self._vm_loop(uuid, name, st, policy)
+        finally:
+            self._tasks.discard(uuid)
+
+    async def _vm_loop(self, uuid, name, st: VmStatus, policy) -> None:
+        conn = await self._connection()
+        try:
+            dom = await self._call(conn.domain, uuid)
+            for what in await trio.to_thread.run_sync(end_leftovers, self.repo, dom):
+                log.warning("event=leftover vm=%s action=%r", name, what)
+        except RpofsError as e:
+            log.warning("event=leftover-check-failed vm=%s error=%r", name, str(e))
+        points = await trio.to_thread.run_sync(self.repo.points, uuid)
+        last = points[-1] if points else None
+        last_full = next((p for p in reversed(points) if p.kind == "full"), None)
+        st.newest_point_us = last.time_us if last else 0
+        backoff, failed_at, warned = 0.0, 0.0, False
+        while True:
+            now = time.time()
+            due, full_reason = _next_due(now, last, last_full, policy)
+            if backoff:
+                due = max(due, failed_at + backoff)
+            st.next_run_us, st.state = int(due * US), "waiting" if not backoff else "failing"
+            await trio.sleep(max(0.0, due - now))
+            async with self.jobs:
+                st.state = "backing up"
+                started = time.monotonic()
+                conn = await self._connection()
+                request = BackupRequest(uuid, full_reason, policy.disks, policy.quiesce)
+                try:
+                    point = await trio.to_thread.run_sync(back_up, self.repo, conn, request)
+                except (VmNotRunning, UnknownVM) as e:
+                    st.state = "gone" if isinstance(e, UnknownVM) else "not running"
+                    log.info("event=stop-scheduling vm=%s why=%r", name, str(e))
+                    return
+                except Exception as e:  # noqa: BLE001 — one VM's failure must not end the daemon
+                    backoff = min(max(policy.log_interval_s, 1.0) * 2 ** min(st.failures, 6), MAX_BACKOFF_S)
+                    failed_at = time.time()
+                    st.failures += 1
+                    st.last_error, st.last_error_us = str(e), int(failed_at * US)
+                    if isinstance(e, RpofsError):
+                        log.warning("event=backup-failed vm=%s retry_s=%g error=%r", name, backoff, str(e))
+                    else:
+                        log.exception("event=backup-failed vm=%s retry_s=%g", name, backoff)
+                    continue
+            backoff = 0.0
+            st.last_job_s = time.monotonic() - started
+            self._record(st, point)
+            last = point
+            if point.kind == "full":
+                last_full = point
+            for w in point.warnings:
+                if not warned:  # a missing agent is said once, not every few seconds
+                    log.warning("event=crash-consistent vm=%s why=%r", name, w)
+                    warned = True
+
+    def _record(self, st: VmStatus, point: PointRecord) -> None:
+        st.points += 1
+        st.bytes_ingested += point.stats.get("stored_bytes", 0)
+        st.newest_point_us = point.time_us
+        log.info("event=point vm=%s kind=%s point=%d job_s=%.3f read=%d stored=%d consistency=%s%s",
+                 st.name, point.kind, point.point, st.last_job_s, point.stats.get("logical_bytes", 0),
+                 point.stats.get("stored_bytes", 0), point.consistency,
+                 f" reason={point.reason!r}" if point.reason else "")
+
+    # -- what others see -----------------------------------------------------------
+
+    async def _write_status(self) -> None:
+        path = os.path.join(self.repo.path, STATUS_FILE)
+        while True:
+            body = json.dumps({"pid": os.getpid(), "started_us": self._started_us,
+                               "written_us": int(time.time() * US),
+                               "vms": [asdict(s) for s in self.status.values()]}, indent=1)
+            await trio.to_thread.run_sync(_write_atomically, path, body)
+            await trio.sleep(1.0)
+
+    def _metrics_text(self) -> str:
+        now_us = time.time() * US
+        lines = ["# TYPE rpofs_rpo_age_seconds gauge", "# TYPE rpofs_points_total counter",
+                 "# TYPE rpofs_ingested_bytes_total counter", "# TYPE rpofs_failures_total counter"]
+        for s in self.status.values():
+            label = f'{{vm="{s.name}",uuid="{s.uuid}"}}'
+            if s.newest_point_us:
+                lines.append(f"rpofs_rpo_age_seconds{label} {(now_us - s.newest_point_us) / US:.3f}")
+            lines += [f"rpofs_points_total{label} {s.points}",
+                      f"rpofs_ingested_bytes_total{label} {s.bytes_ingested}",
+                      f"rpofs_failures_total{label} {s.failures}"]
+        return "\n".join(lines) + "\n"
+
+
+def _next_due(now: float, last: PointRecord | None, last_full: PointRecord | None, policy) -> tuple[float, str]:
+    """When the VM's next point is due, and the reason if it must be a full."""
+    if last is None or last_full is None:
+        return now, ""  # back_up takes a full: nothing to extend
+    full_due = last_full.time_us / US + policy.full_interval_s
+    log_due = last.time_us / US + policy.log_interval_s
+    if full_due <= log_due:
+        return full_due, "full interval elapsed: a new chain starts"
+    return log_due, ""
+
+
+def _write_atomically(path: str, body: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(body)
+    os.replace(tmp, path)
+
+
+async def run(cfg: IngestConfig) -> None:
+    repo = Repository.open(cfg.repository)
+    try:
+        await Ingester(cfg, repo).run()
+    finally:
+        repo.close()

@@ -1,0 +1,69 @@
+"""`rpofs status`: the catalog's facts (last full, last log, achieved RPO)
+joined with what the running ingester reports (state, next run, last error)."""
+
+import json
+import os
+import time
+
+from ..store.repo import Repository
+from ..timefmt import US, format_time
+from .daemon import STATUS_FILE
+
+STALE_S = 10.0  # the ingester rewrites its status every second
+
+
+def _ingester(repo: Repository) -> dict:
+    try:
+        with open(os.path.join(repo.path, STATUS_FILE)) as f:
+            body = json.load(f)
+    except (OSError, ValueError):
+        return {"running": False, "vms": {}}
+    alive = True
+    try:
+        os.kill(body["pid"], 0)
+    except OSError:
+        alive = False
+    fresh = time.time() - body["written_us"] / US < STALE_S
+    return {"running": alive and fresh, "pid": body["pid"], "vms": {v["uuid"]: v for v in body["vms"]}}
+
+
+def _time(us: int | None) -> str | None:
+    return format_time(us, 3) if us else None
+
+
+def gather(repo: Repository) -> dict:
+    now_us = time.time() * US
+    ingester = _ingester(repo)
+    live = ingester["vms"] if ingester["running"] else {}
+    vms = []
+    for uuid, name in sorted(repo.vms(), key=lambda v: v[1]):
+        points = repo.points(uuid)
+        last_full = next((p for p in reversed(points) if p.kind == "full"), None)
+        last_log = next((p for p in reversed(points) if p.kind == "log"), None)
+        newest = points[-1] if points else None
+        d = live.get(uuid, {})
+        vms.append({
+            "name": name, "uuid": uuid, "points": len(points),
+            "last_full": _time(last_full and last_full.time_us),
+            "last_log": _time(last_log and last_log.time_us),
+            "rpo_seconds": round((now_us - newest.time_us) / US, 3) if newest else None,
+            "consistency": newest.consistency if newest else None,
+            "state": d.get("state", "not scheduled"),
+            "next_run": _time(d.get("next_run_us")),
+            "last_job_seconds": d.get("last_job_s"),
+            "last_error": d.get("last_error") or None,
+            "last_error_at": _time(d.get("last_error_us")),
+        })
+    return {"ingester": {"running": ingester["running"], "pid": ingester.get("pid")}, "vms": vms}
+
+
+def render(report: dict) -> str:
+    ing = report["ingester"]
+    lines = [f"ingester: {'running, pid ' + str(ing['pid']) if ing['running'] else 'not running'}"]
+    for v in report["vms"]:
+        rpo = f"{v['rpo_seconds']:.1f}s" if v["rpo_seconds"] is not None else "-"
+        lines.append(f"{v['name']}: rpo {rpo}, {v['points']} points, last full {v['last_full'] or '-'}, "
+                     f"last log {v['last_log'] or '-'}, {v['state']}"
+                     + (f", next {v['next_run']}" if v["next_run"] else "")
+                     + (f", last error at {v['last_error_at']}: {v['last_error']}" if v["last_error"] else ""))
+    return "\n".join(lines)

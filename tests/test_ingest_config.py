@@ -1,0 +1,57 @@
+"""The ingester's config: the documented example parses; every mistake is
+refused naming the file and the key. Pure: no libvirt."""
+
+import os
+import subprocess
+
+import pytest
+
+from rpofs.ingest.config import ConfigError, load
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_the_example_parses():
+    cfg = load(os.path.join(ROOT, "systemd", "rpofs.toml"))
+    assert cfg.vms == () and cfg.exclude == ("scratch-*",) and cfg.max_jobs == 2
+    assert cfg.defaults.log_interval_s == 5 and cfg.defaults.full_interval_s == 24 * 3600
+    db1 = cfg.policy("db1", "some-uuid")
+    assert db1.log_interval_s == 2 and db1.full_interval_s == 24 * 3600
+    assert db1.disks.mountpoint == "/var/lib/postgresql"
+    assert db1.quiesce.enabled and db1.quiesce.mountpoints == ("/var/lib/postgresql",)
+    assert cfg.policy("web1", "u") == cfg.defaults
+    assert cfg.wants("web1", "u") and not cfg.wants("scratch-7", "u")
+
+
+@pytest.mark.parametrize("text, where, what", [
+    ('[defaults]\nlog_interval = "soon"', "defaults.log_interval", "expected a duration"),
+    ('[defaults]\nlog_interval = "2h"\nfull_interval = "1h"', "defaults.log_interval", "longer than full_interval"),
+    ('[ingest]\nmax_jobs = 0', "ingest.max_jobs", "integer >= 1"),
+    ('[ingest]\nvms = "all"', "ingest.vms", '"running" or a list'),
+    ('[ingest]\nmetrics = "nowhere"', "ingest.metrics", "ADDRESS:PORT"),
+    ('[ingest]\nrepo = "/x"', "ingest.repo", "unknown key"),
+    ('[vm.db1]\nquiesce = "yes"', "vm.db1.quiesce", '"none", "all" or a list'),
+    ('[vm.db1]\ndisks = { mountpoint = "relative" }', "vm.db1.disks", "mountpoint"),
+    ('[vm.db1]\nlog_interval = -1', "vm.db1.log_interval", "expected a duration"),
+    ("[ingest\n", "", "not valid TOML"),
+])
+def test_mistakes_name_file_and_key(tmp_path, text, where, what):
+    path = tmp_path / "rpofs.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load(str(path))
+    assert str(e.value).startswith(f"{path}: {where}") and what in str(e.value)
+
+
+def test_cli_refuses_a_bad_config_in_one_line(tmp_path):
+    path = tmp_path / "rpofs.toml"
+    path.write_text('[defaults]\nlog_interval = "soon"\n')
+    r = subprocess.run([os.path.join(ROOT, ".venv", "bin", "rpofs"), "--repo", str(tmp_path / "r"), "ingest",
+                        "--config", str(path)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "defaults.log_interval" in r.stderr
+
+
+def test_systemd_units_verify():
+    units = [os.path.join(ROOT, "systemd", u) for u in ("rpofs-ingest.service", "rpofs-mount.service")]
+    r = subprocess.run(["systemd-analyze", "verify", *units], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
