@@ -6,7 +6,9 @@ import contextlib
 import json
 import os
 import random
+import signal
 import subprocess
+import threading
 import sys
 import time
 import uuid
@@ -17,6 +19,39 @@ import libvirt_qemu
 URI = "qemu:///system"
 libvirt.registerErrorHandler(lambda _ctx, _err: None, None)  # errors are raised, not printed
 RPOFS = [sys.executable, "-m", "rpofs.cli"]
+
+
+class WriteLog:
+    """Guest writes with when they were made, so that a point taken while
+    writes run can be checked: it must hold exactly the first k writes for a
+    k the timing allows."""
+
+    def __init__(self, base: list[list[bytes]]):
+        self.base = [[bytes(d) for d in disks] for disks in base]  # per VM, per disk
+        self.writes = []  # (vm index, disk, offset, length, pattern, t_start, t_end)
+        self._lock = threading.Lock()
+
+    def write(self, vms: list, vm: int, disk: int, offset: int, length: int, pattern: int) -> None:
+        t0 = time.time()
+        vms[vm].write(disk, offset, length, pattern)
+        with self._lock:
+            self.writes.append((vm, disk, offset, length, pattern, t0, time.time()))
+
+    def state(self, vm: int, k: int) -> list[bytearray]:
+        """VM vm's disks after the first k writes (of all VMs)."""
+        disks = [bytearray(d) for d in self.base[vm]]
+        for w in self.writes[:k]:
+            if w[0] == vm:
+                disks[w[1]][w[2]:w[2] + w[3]] = bytes([w[4]]) * w[3]
+        return disks
+
+    def candidates(self, time_s: float, slack_s: float) -> range:
+        """k values possible for a point captured at time_s."""
+        with self._lock:
+            writes = list(self.writes)
+        k_hi = sum(1 for w in writes if w[5] < time_s)
+        k_lo = sum(1 for w in writes if w[6] < time_s - slack_s)
+        return range(k_lo, k_hi + 1)
 
 
 def run_rpofs(*args, repo=None, check=True, timeout=300):
@@ -72,8 +107,9 @@ class TestVM:
 
     __test__ = False
 
-    def __init__(self, name: str, disks: list[tuple[str, str]]):
+    def __init__(self, name: str, disks: list[tuple[str, str]], persistent: bool = False):
         self.name = name
+        self.persistent = persistent
         self.conn = libvirt.open(URI)
         self.disks = disks
         devices = "".join(
@@ -86,9 +122,16 @@ class TestVM:
                    f"<memory unit='MiB'>64</memory><vcpu>1</vcpu>"
                    f"<os><type arch='x86_64'>hvm</type></os><devices>{devices}</devices></domain>")
             try:
-                self.dom = self.conn.createXML(xml, 0)
+                if persistent:
+                    self.dom = self.conn.defineXML(xml)
+                    self.dom.create()
+                else:
+                    self.dom = self.conn.createXML(xml, 0)
                 break
             except libvirt.libvirtError:
+                if persistent:
+                    with contextlib.suppress(libvirt.libvirtError):
+                        self.conn.lookupByName(name).undefine()
                 if kind == kinds[-1]:
                     raise
         self.uuid = self.dom.UUIDString()
@@ -111,7 +154,21 @@ class TestVM:
             self.dom.abortJob()
         with contextlib.suppress(libvirt.libvirtError):
             self.dom.destroy()
+        if self.persistent:
+            with contextlib.suppress(libvirt.libvirtError):
+                self.dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA)
         self.conn.close()
+
+    def flush(self, disk: int) -> None:
+        libvirt_qemu.qemuMonitorCommand(
+            self.dom, f'qemu-io -d /machine/peripheral/virtio-disk{disk}/virtio-backend "flush"',
+            libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP)
+
+    def kill_qemu(self) -> None:
+        """SIGKILL QEMU, as a host crash of the VM would; wait until libvirt sees it."""
+        pid = int(open(f"/run/libvirt/qemu/{self.name}.pid").read())
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: not self.dom.isActive(), timeout=15, what=f"{self.name} to stop")
 
 
 class Model:

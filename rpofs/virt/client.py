@@ -2,6 +2,7 @@
 checkpoints. libvirt errors become rpofs errors (VirtError and friends)."""
 
 import contextlib
+import logging
 import os
 from dataclasses import dataclass
 from xml.etree import ElementTree as ET
@@ -11,6 +12,7 @@ import libvirt
 from ..errors import UnknownVM, VirtError
 
 CHECKPOINT_PREFIX = "rpofs-"
+log = logging.getLogger(__name__)
 
 # libvirt prints every error to stderr unless told otherwise; we report our own.
 libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
@@ -150,15 +152,20 @@ class Domain:
 
     def redefine_checkpoint(self, xml: str) -> None:
         """Give libvirt back a checkpoint's metadata; it checks that the
-        bitmaps in the images are there and usable."""
+        bitmaps in the images are there and usable. The checkpoint comes back
+        as a root: its parent, deleted after it was made, is not needed."""
+        cp = ET.fromstring(xml)
+        for parent in cp.findall("parent"):
+            cp.remove(parent)
         flags = (libvirt.VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE
                  | libvirt.VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE_VALIDATE)
         with _translated(f"redefining a checkpoint of {self.name}"):
-            self._dom.checkpointCreateXML(xml, flags)
+            self._dom.checkpointCreateXML(ET.tostring(cp, encoding="unicode"), flags)
 
     def delete_checkpoint(self, name: str) -> None:
         """Delete one checkpoint; libvirt merges its bitmap into its parent's,
-        so the changes it tracked stay tracked."""
+        so the changes it tracked stay tracked. A checkpoint whose bitmap is
+        already gone (QEMU crashed) loses its metadata only."""
         with _translated(f"deleting checkpoint {name} of {self.name}"):
             try:
                 cp = self._dom.checkpointLookupByName(name)
@@ -166,7 +173,12 @@ class Domain:
                 if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN_CHECKPOINT:
                     return
                 raise
-            cp.delete(0)
+            try:
+                cp.delete(0)
+            except libvirt.libvirtError as e:
+                log.warning("%s: checkpoint %s: %s; deleting its metadata only", self.name, name,
+                            e.get_error_message())
+                cp.delete(libvirt.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY)
 
     # -- backup jobs -------------------------------------------------------
 

@@ -1,0 +1,216 @@
+"""A small real Linux guest for the tests (built by tools/mkguest): a transient
+libvirt domain whose init appends n = 1, 2, 3, ... to /seq.log on its log disk
+(vda) and to table seq of /seq.db on its db disk (vdb), with qemu-ga answering.
+Also readers of that state from a raw disk image, without mounting it.
+
+What the workload guarantees (see tools/mkguest): the log holds 1..L, the
+database 1..M, with L == M or L == M + 1 (the log line is fsynced before the
+row is inserted), and both hold the same t for the same n."""
+
+import contextlib
+import functools
+import json
+import os
+import sqlite3
+import subprocess
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from xml.sax.saxutils import escape, quoteattr
+
+import libvirt
+import libvirt_qemu
+
+URI = "qemu:///system"
+MKGUEST = Path(__file__).resolve().parent.parent / "tools" / "mkguest"
+libvirt.registerErrorHandler(lambda _ctx, _err: None, None)  # errors are raised, not printed
+
+
+@functools.cache
+def build_guest() -> dict:
+    """Build the guest's kernel, initrd and base disks once (tools/mkguest caches
+    them across runs too) and return its manifest."""
+    result = subprocess.run([str(MKGUEST)], capture_output=True, text=True, timeout=900)
+    if result.returncode != 0:
+        raise AssertionError(f"tools/mkguest failed ({result.returncode}):\n{result.stderr}")
+    with open(result.stdout.strip().splitlines()[-1]) as f:
+        return json.load(f)
+
+
+class Guest:
+    """The test guest as a transient domain `name`, its disks qcow2 overlays in
+    `workdir` (log.qcow2 = vda, db.qcow2 = vdb) over the read-only base images,
+    its serial console in workdir/console.log. Entering waits for the agent."""
+
+    __test__ = False
+
+    def __init__(self, name: str, workdir, interval: float = 0.2, memory_mib: int = 256,
+                 boot_timeout: float = 60.0):
+        self.name = name
+        self.workdir = Path(workdir)
+        self.interval = interval
+        self.memory_mib = memory_mib
+        self.boot_timeout = boot_timeout
+        self.log_disk = self.workdir / "log.qcow2"
+        self.db_disk = self.workdir / "db.qcow2"
+        self.console = self.workdir / "console.log"
+        self.conn = self.dom = None
+
+    def __enter__(self):
+        try:
+            self.start()
+        except BaseException:
+            self.destroy()
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        self.destroy()
+
+    def xml(self) -> str:
+        m = build_guest()
+        cmdline = f"console=ttyS0 panic=-1 seq.interval={self.interval}"
+        disks = "".join(
+            f"<disk type='file' device='disk'><driver name='qemu' type='qcow2'/>"
+            f"<source file={quoteattr(str(path))}/><target dev='{dev}' bus='virtio'/></disk>"
+            for dev, path in (("vda", self.log_disk), ("vdb", self.db_disk)))
+        # TCG with qemu64: this machine's /dev/kvm (nested) cannot boot Debian's kernel
+        return f"""<domain type='qemu'>
+  <name>{escape(self.name)}</name><uuid>{uuid.uuid4()}</uuid>
+  <memory unit='MiB'>{self.memory_mib}</memory><vcpu>1</vcpu>
+  <os><type arch='x86_64'>hvm</type>
+    <kernel>{escape(m['vmlinuz'])}</kernel><initrd>{escape(m['initrd'])}</initrd>
+    <cmdline>{escape(cmdline)}</cmdline></os>
+  <cpu mode='custom' match='exact'><model fallback='forbid'>qemu64</model></cpu>
+  <on_poweroff>destroy</on_poweroff><on_reboot>destroy</on_reboot><on_crash>destroy</on_crash>
+  <devices>{disks}
+    <channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel>
+    <serial type='file'><source path={quoteattr(str(self.console))}/><target port='0'/></serial>
+    <memballoon model='none'/>
+  </devices>
+</domain>"""
+
+    def start(self) -> None:
+        m = build_guest()
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        for base, overlay in ((m["log_img"], self.log_disk), (m["db_img"], self.db_disk)):
+            subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", base,
+                            str(overlay)], check=True)
+        self.conn = libvirt.open(URI)
+        self.dom = self.conn.createXML(self.xml(), 0)
+        self.booted_in = self.wait_agent(self.boot_timeout)
+
+    def agent(self, command: str, arguments: dict | None = None, timeout: int = 5):
+        """One guest agent command; its "return" value."""
+        msg = {"execute": command} | ({"arguments": arguments} if arguments else {})
+        reply = libvirt_qemu.qemuAgentCommand(self.dom, json.dumps(msg), timeout, 0)
+        return json.loads(reply)["return"]
+
+    def wait_agent(self, timeout: float) -> float:
+        """Seconds until the agent answers guest-ping; AssertionError after `timeout`."""
+        start = time.monotonic()
+        error = None
+        while time.monotonic() - start < timeout:
+            if not self.dom.isActive():
+                raise AssertionError(f"guest {self.name} stopped while booting\n{self.console_tail()}")
+            try:
+                self.agent("guest-ping", timeout=2)
+                return time.monotonic() - start
+            except libvirt.libvirtError as e:
+                error = e  # not connected yet, or no answer yet
+            time.sleep(0.2)
+        raise AssertionError(f"guest {self.name}: no agent after {timeout} s ({error})\n"
+                             f"{self.console_tail()}")
+
+    def console_tail(self, lines: int = 40) -> str:
+        try:
+            text = self.console.read_text(errors="replace")
+        except OSError as e:
+            return f"(no console log: {e})"
+        return "--- console (tail) ---\n" + "\n".join(text.splitlines()[-lines:])
+
+    def progress(self) -> int:
+        """The last n the guest printed to its console (0 before the first)."""
+        with contextlib.suppress(OSError):
+            for line in reversed(self.console.read_text(errors="replace").splitlines()):
+                if line.startswith("seq "):
+                    return int(line.split()[1])
+        return 0
+
+    def destroy(self) -> None:
+        """Power off at once (like pulling the plug); the overlays stay."""
+        if self.dom is not None:
+            with contextlib.suppress(libvirt.libvirtError):
+                self.dom.destroy()
+            self.dom = None
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
+
+
+def _run_checked(cmd, what):
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise AssertionError(f"{what}: {' '.join(cmd)} failed ({result.returncode}):\n"
+                             f"{result.stdout}{result.stderr}")
+    return result
+
+
+@contextlib.contextmanager
+def _replayed(image_path):
+    """A private copy of the ext4 image with its journal replayed, as a mount
+    would do; nothing else is repaired, so real damage still shows. The image
+    itself is never written (it may be read-only, e.g. in an rpofs mount)."""
+    with tempfile.TemporaryDirectory(prefix="guestlab-") as tmp:
+        copy = os.path.join(tmp, "disk.img")
+        _run_checked(["cp", "--sparse=always", str(image_path), copy], "copy")
+        result = subprocess.run(["e2fsck", "-y", "-E", "journal_only", copy], capture_output=True, text=True)
+        if result.returncode >= 4:  # 0: clean, 1: journal replayed
+            raise AssertionError(f"e2fsck journal replay of {image_path} failed ({result.returncode}):\n"
+                                 f"{result.stdout}{result.stderr}")
+        yield copy, tmp
+
+
+def _debugfs(image, request, what):
+    result = _run_checked(["debugfs", "-R", request, image], what)
+    # debugfs exits 0 even when a request fails; its only expected stderr line is the banner
+    errors = [line for line in result.stderr.splitlines() if not line.startswith("debugfs ")]
+    if errors:
+        raise AssertionError(f"{what}: debugfs -R {request!r}: {' '.join(errors)}")
+    return result.stdout
+
+
+def read_log(image_path) -> list[tuple[int, float]]:
+    """The (n, t) lines of /seq.log in a raw ext4 image of the guest's log disk."""
+    with _replayed(image_path) as (copy, _):
+        text = _debugfs(copy, "cat /seq.log", f"read /seq.log of {image_path}")
+    entries = []
+    for i, line in enumerate(text.split("\n")[:-1] if text else []):  # each line ends with \n
+        n, t = line.split(" ")  # strict: a torn or garbled line raises
+        entries.append((int(n), float(t)))
+    if text and not text.endswith("\n"):
+        raise AssertionError(f"{image_path}: /seq.log ends in a partial line: {text[-80:]!r}")
+    return entries
+
+
+def read_db(image_path) -> list[tuple[int, float]]:
+    """The rows (n, t) of table seq in /seq.db of a raw ext4 image of the guest's
+    db disk. Its -wal (or -journal) is dumped too, so SQLite recovers the
+    database as it would after a crash; integrity_check must pass."""
+    with _replayed(image_path) as (copy, tmp):
+        listing = _debugfs(copy, "ls -p /", f"list / of {image_path}")
+        names = {line.split("/")[5] for line in listing.splitlines() if line.count("/") >= 6}
+        dumps = os.path.join(tmp, "files")
+        os.mkdir(dumps)
+        for name in ("seq.db", "seq.db-wal", "seq.db-journal"):
+            if name in names or name == "seq.db":
+                _debugfs(copy, f"dump /{name} {dumps}/{name}", f"dump /{name} of {image_path}")
+        db = sqlite3.connect(os.path.join(dumps, "seq.db"))
+        try:
+            check = db.execute("PRAGMA integrity_check").fetchall()
+            if check != [("ok",)]:
+                raise AssertionError(f"{image_path}: seq.db integrity_check: {check}")
+            return db.execute("SELECT n, t FROM seq ORDER BY n").fetchall()
+        finally:
+            db.close()

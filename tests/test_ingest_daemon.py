@@ -1,0 +1,156 @@
+"""Real level: the ingester daemon on no-OS VMs while guest writes run, its
+points read through a real mount; kill -9 of the daemon at random moments."""
+
+import datetime
+import json
+import os
+import random
+import signal
+import subprocess
+import threading
+import time
+import uuid
+
+import pytest
+
+from vmlab import (RPOFS, TestVM, WriteLog, make_qcow2, mounted, points_json, run_rpofs, seeded_content,
+                   wait_for)
+
+MiB = 1 << 20
+SIZE = 4 * MiB + 512
+LOG_INTERVAL = 2.0
+SLACK_S = 2.0   # how long before a point's time a write may end and still be left out
+
+
+@pytest.fixture
+def lab(tmp_path):
+    vms, base = [], []
+    try:
+        for v in range(2):
+            disks = [seeded_content(SIZE, 10 * v + d) for d in range(2)]
+            paths = []
+            for d, content in enumerate(disks):
+                paths.append((str(tmp_path / f"vm{v}-{d}.qcow2"), "qcow2"))
+                make_qcow2(paths[-1][0], bytes(content))
+            vms.append(TestVM(f"rpofs-ing-{uuid.uuid4().hex[:8]}", paths))
+            base.append(disks)
+        repo = tmp_path / "repo"
+        run_rpofs("init", repo=repo)
+        config = tmp_path / "rpofs.toml"
+        config.write_text(f'[ingest]\nvms = {json.dumps([vm.name for vm in vms])}\nmax_jobs = 2\n'
+                          f'[defaults]\nlog_interval = "{LOG_INTERVAL}s"\nfull_interval = "1h"\n')
+        yield vms, WriteLog(base), repo, config, tmp_path
+    finally:
+        for vm in vms:
+            vm.destroy()
+
+
+class Writer(threading.Thread):
+    """Guest writes on every disk of every VM, a few per second, until stopped."""
+
+    def __init__(self, vms, log: WriteLog, seed: int):
+        super().__init__(daemon=True)
+        self.vms, self.log, self.rnd = vms, log, random.Random(seed)
+        self.stop = threading.Event()
+        self.error = None
+
+    def run(self):
+        i = 0
+        try:
+            while not self.stop.is_set():
+                vm, disk = self.rnd.randrange(len(self.vms)), self.rnd.randrange(2)
+                length = self.rnd.randrange(1, 256) * 512
+                offset = self.rnd.randrange(0, (SIZE - length) // 512) * 512
+                self.log.write(self.vms, vm, disk, offset, length, 1 + i % 250)
+                i += 1
+                time.sleep(self.rnd.uniform(0.02, 0.2))
+        except Exception as e:  # reported by the test
+            self.error = e
+
+
+def start_daemon(repo, config, log_path):
+    with open(log_path, "ab") as out:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(RPOFS + ["--repo", str(repo), "ingest", "--config", str(config)],
+                                stdout=out, stderr=out)
+
+
+def check_every_point(repo, mnt, vms, log: WriteLog):
+    """Each point of each VM holds exactly the first k guest writes, for a k
+    its time allows; returns the points per VM."""
+    all_points = []
+    for v, vm in enumerate(vms):
+        points = points_json(repo, vm.name)
+        for p in points:
+            disks = []
+            for d in range(2):
+                with open(mnt / vm.name / p["name"] / f"vd{chr(97 + d)}.raw", "rb") as f:
+                    disks.append(f.read())
+            ks = [k for k in log.candidates(_seconds(p["time"]), SLACK_S) if [bytes(x) for x in log.state(v, k)] == disks]
+            assert ks, f"{vm.name} point {p['name']} matches no prefix of the guest writes"
+        all_points.append(points)
+    return all_points
+
+
+def test_daemon_holds_the_interval_and_every_point_is_exact(lab):
+    vms, log, repo, config, tmp = lab
+    writer = Writer(vms, log, seed=5)
+    writer.start()
+    daemon = start_daemon(repo, config, tmp / "ingest.log")
+    try:
+        time.sleep(30)
+        status = json.loads(run_rpofs("status", "--json", repo=repo).stdout)
+        assert status["ingester"]["running"]
+        assert {v["name"]: v["state"] for v in status["vms"]}.keys() == {vm.name for vm in vms}
+        assert all(v["rpo_seconds"] is not None and v["rpo_seconds"] < LOG_INTERVAL + 3 for v in status["vms"])
+    finally:
+        writer.stop.set()
+        writer.join()
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(timeout=60) == 0, (tmp / "ingest.log").read_text()
+    assert writer.error is None, writer.error
+    with mounted(repo, tmp / "mnt") as mnt:
+        per_vm = check_every_point(repo, mnt, vms, log)
+    for points in per_vm:
+        assert points[0]["kind"] == "full" and all(p["kind"] == "log" for p in points[1:])
+        assert len(points) >= 30 / (LOG_INTERVAL + 1)
+        times = [_seconds(p["time"]) for p in points]
+        gaps = [b - a for a, b in zip(times, times[1:])]
+        # achieved RPO: the interval plus the job's time (well under a second here)
+        assert max(gaps) < LOG_INTERVAL + 1.0, gaps
+    assert "Traceback" not in (tmp / "ingest.log").read_text()
+
+
+def _seconds(rfc3339: str) -> float:
+    return datetime.datetime.fromisoformat(rfc3339.replace("Z", "+00:00")).timestamp()
+
+
+def test_kill_9_at_random_moments_loses_nothing(lab):
+    vms, log, repo, config, tmp = lab
+    rnd = random.Random(9)
+    writer = Writer(vms, log, seed=6)
+    writer.start()
+    try:
+        for _ in range(5):
+            daemon = start_daemon(repo, config, tmp / "ingest.log")
+            time.sleep(rnd.uniform(0.5, 4.0))
+            daemon.kill()
+            daemon.wait()
+        # the next start ends the leftovers and goes on
+        before = {vm.name: len(points_json(repo, vm.name)) for vm in vms}
+        daemon = start_daemon(repo, config, tmp / "ingest.log")
+        wait_for(lambda: all(len(points_json(repo, vm.name)) >= before[vm.name] + 2 for vm in vms),
+                 timeout=30, what="two more points per VM after the restarts")
+    finally:
+        writer.stop.set()
+        writer.join()
+    daemon.send_signal(signal.SIGTERM)
+    assert daemon.wait(timeout=60) == 0
+    assert writer.error is None, writer.error
+    for vm in vms:
+        points = points_json(repo, vm.name)
+        assert vm.dom.jobInfo()[0] == 0, "a backup job was left running"
+        assert vm.checkpoints() == [points[-1]["checkpoint"]], "a stray checkpoint was left"
+    with mounted(repo, tmp / "mnt") as mnt:
+        check_every_point(repo, mnt, vms, log)
+    assert os.path.exists(repo / "ingest-status.json")
+
