@@ -70,7 +70,7 @@ class Guest:
 
     def xml(self) -> str:
         m = build_guest()
-        cmdline = f"console=ttyS0 panic=-1 seq.interval={self.interval}"
+        cmdline = f"{m['cmdline']} seq.interval={self.interval}"
         disks = "".join(
             f"<disk type='file' device='disk'><driver name='qemu' type='qcow2'/>"
             f"<source file={quoteattr(str(path))}/><target dev='{dev}' bus='virtio'/></disk>"
@@ -186,7 +186,7 @@ def read_log(image_path) -> list[tuple[int, float]]:
     with _replayed(image_path) as (copy, _):
         text = _debugfs(copy, "cat /seq.log", f"read /seq.log of {image_path}")
     entries = []
-    for i, line in enumerate(text.split("\n")[:-1] if text else []):  # each line ends with \n
+    for line in text.split("\n")[:-1]:  # each line ends with \n
         n, t = line.split(" ")  # strict: a torn or garbled line raises
         entries.append((int(n), float(t)))
     if text and not text.endswith("\n"):

@@ -166,7 +166,8 @@ class TestVM:
 
     def kill_qemu(self) -> None:
         """SIGKILL QEMU, as a host crash of the VM would; wait until libvirt sees it."""
-        pid = int(open(f"/run/libvirt/qemu/{self.name}.pid").read())
+        with open(f"/run/libvirt/qemu/{self.name}.pid") as f:
+            pid = int(f.read())
         os.kill(pid, signal.SIGKILL)
         wait_for(lambda: not self.dom.isActive(), timeout=15, what=f"{self.name} to stop")
 
