@@ -11,10 +11,11 @@ import threading
 import time
 import uuid
 
+import libvirt
 import pytest
 
-from vmlab import (RPOFS, TestVM, WriteLog, make_qcow2, mounted, points_json, run_rpofs, seeded_content,
-                   wait_for)
+from vmlab import (RPOFS, TestVM, WriteLog, make_qcow2, mounted, point_count, points_json, run_rpofs,
+                   seeded_content, wait_for)
 
 MiB = 1 << 20
 SIZE = 4 * MiB + 512
@@ -117,7 +118,8 @@ def test_daemon_holds_the_interval_and_every_point_is_exact(lab):
         gaps = [b - a for a, b in zip(times, times[1:])]
         # achieved RPO: the interval plus the job's time (well under a second here)
         assert max(gaps) < LOG_INTERVAL + 1.0, gaps
-    assert "Traceback" not in (tmp / "ingest.log").read_text()
+    text = (tmp / "ingest.log").read_text()
+    assert "Traceback" not in text and "event=backup-failed" not in text
 
 
 def _seconds(rfc3339: str) -> float:
@@ -136,9 +138,9 @@ def test_kill_9_at_random_moments_loses_nothing(lab):
             daemon.kill()
             daemon.wait()
         # the next start ends the leftovers and goes on
-        before = {vm.name: len(points_json(repo, vm.name)) for vm in vms}
+        before = {vm.name: point_count(repo, vm.name) for vm in vms}
         daemon = start_daemon(repo, config, tmp / "ingest.log")
-        wait_for(lambda: all(len(points_json(repo, vm.name)) >= before[vm.name] + 2 for vm in vms),
+        wait_for(lambda: all(point_count(repo, vm.name) >= before[vm.name] + 2 for vm in vms),
                  timeout=30, what="two more points per VM after the restarts")
     finally:
         writer.stop.set()
@@ -154,3 +156,47 @@ def test_kill_9_at_random_moments_loses_nothing(lab):
         check_every_point(repo, mnt, vms, log)
     assert os.path.exists(repo / "ingest-status.json")
 
+
+
+def test_libvirtd_restart_and_vms_that_go_away(lab):
+    """libvirtd restarted under the daemon: it reconnects and goes on. A VM
+    destroyed: its task ends, its points stay, the other VM goes on."""
+    vms, log, repo, config, tmp = lab
+    daemon = start_daemon(repo, config, tmp / "ingest.log")
+    try:
+        wait_for(lambda: all(point_count(repo, vm.name) >= 2 for vm in vms), timeout=30,
+                 what="points of both VMs")
+        with open("/var/run/libvirtd.pid") as f:
+            libvirtd = int(f.read())
+        os.kill(libvirtd, signal.SIGTERM)
+        wait_for(lambda: not os.path.exists(f"/proc/{libvirtd}"), timeout=30, what="libvirtd to stop")
+        time.sleep(2)
+        subprocess.run(["libvirtd", "-d"], check=True)
+        wait_for(lambda: subprocess.run(["virsh", "-c", "qemu:///system", "version"],
+                                        capture_output=True).returncode == 0, timeout=30, what="libvirtd")
+        counts = {vm.name: point_count(repo, vm.name) for vm in vms}
+        wait_for(lambda: all(point_count(repo, vm.name) >= counts[vm.name] + 2 for vm in vms),
+                 timeout=60, what="points after libvirtd came back")
+
+        gone, alive = vms
+        gone.conn.close()
+        gone.conn = libvirt.open("qemu:///system")  # the old connection died with libvirtd
+        gone.dom = gone.conn.lookupByUUIDString(gone.uuid)
+        alive.conn.close()
+        alive.conn = libvirt.open("qemu:///system")
+        alive.dom = alive.conn.lookupByUUIDString(alive.uuid)
+        kept = point_count(repo, gone.name)
+        gone.dom.destroy()
+        time.sleep(3)
+        kept = point_count(repo, gone.name)
+        counts = point_count(repo, alive.name)
+        wait_for(lambda: point_count(repo, alive.name) >= counts + 2, timeout=30,
+                 what="points of the VM still running")
+        assert point_count(repo, gone.name) == kept  # no more, and none lost
+        status = {v["name"]: v for v in json.loads(run_rpofs("status", "--json", repo=repo).stdout)["vms"]}
+        assert status[gone.name]["state"] in ("not running", "gone") and status[alive.name]["rpo_seconds"] < 10
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(timeout=60) == 0
+    text = (tmp / "ingest.log").read_text()
+    assert "event=connected" in text and "Traceback" not in text

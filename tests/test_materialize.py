@@ -68,3 +68,30 @@ def test_points_listed_in_time_order_and_zero_chunks_not_stored(tmp_path):
     assert p2.stats["new_chunks"] == 1 and p2.chain == p1.point  # the block; the domain XML is shared
     assert DiskReader(repo, p2, "vda").read(0, 200) == bytes(disk[:200])
     repo.close()
+
+
+def test_concurrent_backups_in_one_process_commit(tmp_path):
+    """The ingester runs backups of several VMs on threads of one process."""
+    import threading
+    repo = Repository.init(str(tmp_path / "r"))
+    errors = []
+
+    def work(seed):
+        try:
+            rnd = random.Random(seed)
+            disk = bytearray(rnd.randbytes(CHUNK_SIZE))
+            p = back_up(repo, [disk], [set()], "full", None, 10 + seed)
+            for i in range(20):
+                write(disk, dirty := set(), rnd.randrange(CHUNK_SIZE - 10), b"z" * 10)
+                p = back_up(repo, [disk], [dirty], "log", p, 100 + 40 * i + seed)
+            assert DiskReader(repo, p, "vda").read(0, CHUNK_SIZE) == bytes(disk)
+        except Exception as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(s,)) for s in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    repo.close()

@@ -211,3 +211,9 @@ def wait_for(predicate, timeout=10.0, what="condition"):
 
 def points_json(repo, vm) -> list[dict]:
     return json.loads(run_rpofs("points", vm, "--json", repo=repo).stdout)
+
+
+def point_count(repo, vm) -> int:
+    """How many points the VM has; 0 before its first."""
+    r = run_rpofs("points", vm, "--json", repo=repo, check=False)
+    return len(json.loads(r.stdout)) if r.returncode == 0 else 0

@@ -34,6 +34,15 @@ class Repository:
         self.db = {name: env.open_db(name.encode()) for name in schema.DATABASES}
         self.chunks_dir = os.path.join(path, "chunks")
         self.reader = ChunkReader(self.chunks_dir)
+        self._write_lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def write_txn(self):
+        """The one write transaction at a time: LMDB allows one per
+        environment, and py-lmdb raises rather than waits for a second one
+        in the same process (concurrent backups in the ingester)."""
+        with self._write_lock, _catalog_errors(), self.env.begin(write=True) as txn:
+            yield txn
 
     # -- opening -------------------------------------------------------------
 
@@ -115,9 +124,9 @@ class Repository:
     # -- writing ---------------------------------------------------------------
 
     def begin_writer(self) -> "BackupWriter":
-        with self.env.begin(write=True, db=self.db["meta"]) as txn:
-            pack = schema.read_u32(txn.get(b"next_pack"))
-            txn.put(b"next_pack", schema.u32(pack + 1))
+        with self.write_txn() as txn:
+            pack = schema.read_u32(txn.get(b"next_pack", db=self.db["meta"]))
+            txn.put(b"next_pack", schema.u32(pack + 1), db=self.db["meta"])
         return BackupWriter(self, PackWriter(self.chunks_dir, pack))
 
 
@@ -191,7 +200,7 @@ class BackupWriter:
         self.pack.sync()
         db = self.repo.db
         vm_bytes = uuidlib.UUID(vm).bytes
-        with _catalog_errors(), self.repo.env.begin(write=True) as txn:
+        with self.repo.write_txn() as txn:
             no = schema.read_u32(txn.get(b"next_point", db=db["meta"]))
             txn.put(b"next_point", schema.u32(no + 1), db=db["meta"])
             self._put_chunks(txn)
