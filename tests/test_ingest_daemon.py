@@ -171,7 +171,8 @@ def test_libvirtd_restart_and_vms_that_go_away(lab):
         os.kill(libvirtd, signal.SIGTERM)
         wait_for(lambda: not os.path.exists(f"/proc/{libvirtd}"), timeout=30, what="libvirtd to stop")
         time.sleep(2)
-        subprocess.run(["libvirtd", "-d"], check=True)
+        with open("/var/log/libvirt/libvirtd.log", "ab") as out:  # never a pipe: SIGPIPE would kill it
+            subprocess.run(["libvirtd", "-d"], stdin=subprocess.DEVNULL, stdout=out, stderr=out, check=True)
         wait_for(lambda: subprocess.run(["virsh", "-c", "qemu:///system", "version"],
                                         capture_output=True).returncode == 0, timeout=30, what="libvirtd")
         counts = {vm.name: point_count(repo, vm.name) for vm in vms}
