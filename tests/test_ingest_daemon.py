@@ -39,7 +39,9 @@ def lab(tmp_path):
         run_rpofs("init", repo=repo)
         config = tmp_path / "rpofs.toml"
         config.write_text(f'[ingest]\nvms = {json.dumps([vm.name for vm in vms])}\nmax_jobs = 2\n'
-                          f'[defaults]\nlog_interval = "{LOG_INTERVAL}s"\nfull_interval = "1h"\n')
+                          f'[defaults]\nlog_interval = "{LOG_INTERVAL}s"\nfull_interval = "1h"\n'
+                          # no agent in these VMs: crash-consistent points, said once
+                          'quiesce = "all"\n')
         yield vms, WriteLog(base), repo, config, tmp_path
     finally:
         for vm in vms:
@@ -120,6 +122,9 @@ def test_daemon_holds_the_interval_and_every_point_is_exact(lab):
         assert max(gaps) < LOG_INTERVAL + 1.0, gaps
     text = (tmp / "ingest.log").read_text()
     assert "Traceback" not in text and "event=backup-failed" not in text
+    for vm, points in zip(vms, per_vm):
+        assert all(p["consistency"] == "crash-consistent" and p["warnings"] for p in points)
+        assert text.count(f"event=crash-consistent vm={vm.name} ") == 1
 
 
 def _seconds(rfc3339: str) -> float:

@@ -112,6 +112,11 @@ def end_leftovers(repo: Repository, dom: Domain) -> list[str]:
     and delete checkpoints that no committed point owns (their bitmaps fold
     into their parents'). Only for the one process that owns the VM's backups."""
     done = []
+    try:
+        if dom.thaw():  # frozen by a predecessor killed between freeze and thaw
+            done.append("thawed the guest's filesystems")
+    except VirtError:
+        pass  # no agent, or nothing to thaw
     socket = dom.backup_job_socket()
     if socket and socket.startswith(SOCKET_DIR + "/"):
         dom.end_job()
@@ -133,11 +138,12 @@ def _run(repo: Repository, dom: Domain, info: DomainInfo, disks: list[DiskRecord
     socket = os.path.join(SOCKET_DIR, f"{info.uuid}.sock")
     checkpoint = f"{CHECKPOINT_PREFIX}{now_us()}"
     consistency, warnings = "crash-consistent", []
-    frozen = False
+    frozen_at = None
     if quiesce.enabled:
         try:
+            asked = now_us()  # writers that start after this wait for the thaw
             dom.freeze(quiesce.mountpoints, quiesce.timeout_s)
-            frozen = True
+            frozen_at = asked
         except AgentUnavailable as e:
             warnings.append(f"{e}: the point is crash-consistent")
     try:
@@ -147,11 +153,13 @@ def _run(repo: Repository, dom: Domain, info: DomainInfo, disks: list[DiskRecord
             [d.target for d in disks], [d.target for d in info.disks], socket, SCRATCH_DIR,
             checkpoint, parent.checkpoint if parent else None)
     finally:
-        if frozen:  # the snapshot is taken: the guest need not wait for the copy
-            dom.thaw(quiesce.mountpoints)
+        if frozen_at:  # the snapshot is taken: the guest need not wait for the copy
+            dom.thaw()
             consistency = "filesystems-frozen"
     try:
-        time_us = now_us()  # the disks were captured when backupBegin returned
+        # The point's instant: when the freeze began, or else when the disks
+        # were captured (backupBegin returned).
+        time_us = frozen_at or now_us()
         with repo.begin_writer() as writer:
             for index, disk in enumerate(disks):
                 name, bitmap = exports[disk.target]

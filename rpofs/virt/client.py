@@ -122,9 +122,10 @@ class Domain:
         except libvirt.libvirtError as e:
             raise AgentUnavailable(f"cannot freeze the filesystems of {self.name}: {e.get_error_message()}") from e
 
-    def thaw(self, mountpoints: tuple[str, ...]) -> None:
+    def thaw(self) -> int:
+        """Thaw every frozen filesystem (libvirt's thaw takes no mountpoints)."""
         with _translated(f"thawing the filesystems of {self.name}"):
-            self._dom.fsThaw(list(mountpoints) or None, 0)
+            return self._dom.fsThaw(None, 0)
 
     def disks_of_mountpoint(self, mountpoint: str) -> list[str]:
         """The disk targets holding a guest mountpoint (the agent's guest-get-fsinfo)."""
