@@ -6,9 +6,11 @@ import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import threading
 import time
+import urllib.request
 import uuid
 
 import libvirt
@@ -71,10 +73,10 @@ class Writer(threading.Thread):
             self.error = e
 
 
-def start_daemon(repo, config, log_path):
+def start_daemon(repo, config, log_path, *extra, env=None):
     with open(log_path, "ab") as out:  # the child keeps its own copy of the descriptor
-        return subprocess.Popen(RPOFS + ["--repo", str(repo), "ingest", "--config", str(config)],
-                                stdout=out, stderr=out)
+        return subprocess.Popen(RPOFS + ["--repo", str(repo), "ingest", "--config", str(config), *extra],
+                                stdout=out, stderr=out, env=env)
 
 
 def check_every_point(repo, mnt, vms, log: WriteLog):
@@ -98,9 +100,21 @@ def test_daemon_holds_the_interval_and_every_point_is_exact(lab):
     vms, log, repo, config, tmp = lab
     writer = Writer(vms, log, seed=5)
     writer.start()
-    daemon = start_daemon(repo, config, tmp / "ingest.log")
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)  # as systemd listens for Type=notify
+    notify.bind(str(tmp / "notify"))
+    notify.settimeout(30)
+    port = _free_port()
+    daemon = start_daemon(repo, config, tmp / "ingest.log", "--metrics", f"127.0.0.1:{port}",
+                          env=dict(os.environ, NOTIFY_SOCKET=str(tmp / "notify")))
     try:
+        assert notify.recv(4096).startswith(b"READY=1")
+        notify.close()
         time.sleep(30)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+            metrics = r.read().decode()
+        for vm in vms:
+            assert f'rpofs_points_total{{vm="{vm.name}",uuid="{vm.uuid}"}}' in metrics
+            assert f'rpofs_rpo_age_seconds{{vm="{vm.name}"' in metrics
         status = json.loads(run_rpofs("status", "--json", repo=repo).stdout)
         assert status["ingester"]["running"]
         assert {v["name"]: v["state"] for v in status["vms"]}.keys() == {vm.name for vm in vms}
@@ -125,6 +139,12 @@ def test_daemon_holds_the_interval_and_every_point_is_exact(lab):
     for vm, points in zip(vms, per_vm):
         assert all(p["consistency"] == "crash-consistent" and p["warnings"] for p in points)
         assert text.count(f"event=crash-consistent vm={vm.name} ") == 1
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _seconds(rfc3339: str) -> float:
