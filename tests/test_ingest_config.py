@@ -55,3 +55,21 @@ def test_systemd_units_verify():
     units = [os.path.join(ROOT, "systemd", u) for u in ("rpofs-ingest.service", "rpofs-mount.service")]
     r = subprocess.run(["systemd-analyze", "verify", *units], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+def test_schedule_logs_on_the_interval_and_a_new_chain_when_the_full_is_old():
+    from rpofs.ingest.config import VmPolicy
+    from rpofs.ingest.daemon import _next_due
+    from rpofs.store.schema import PointRecord
+    policy = VmPolicy(full_interval_s=100.0, log_interval_s=5.0)
+
+    def point(kind, t):
+        return PointRecord(point=1, vm="u", vm_name="m", kind=kind, time_us=int(t * 1e6), chain=1, parent=None,
+                           consistency="crash-consistent", disks=(), checkpoint="", domain_xml="")
+
+    assert _next_due(50.0, None, None, policy) == (50.0, "")              # nothing yet: now, a full
+    full = point("full", 1000.0)
+    assert _next_due(1001.0, full, full, policy) == (1005.0, "")          # a log, 5 s after the last point
+    log = point("log", 1097.0)
+    due, reason = _next_due(1098.0, log, full, policy)                    # the full is 100 s old by then
+    assert due == 1100.0 and "full interval elapsed" in reason
