@@ -12,7 +12,7 @@ from rpofs.store.repo import Repository
 from rpofs.store import schema
 from rpofs.store.schema import CHUNK_SIZE, ChunkLocation
 from rpofs.timefmt import US
-from synth import back_up, write
+from synth import VM, back_up, write
 from vmlab import mounted
 
 T0 = 1_795_546_770 * US  # 2026-11-24T18:59:30Z
@@ -60,6 +60,15 @@ def test_tree_names_as_of_and_new_points(tmp_path):
     assert tree.readlink(tree.lookup(vm.ino, "latest").ino) == "2026-11-24T18:59:50Z"
     newest = tree.lookup(tree.lookup(vm.ino, "2026-11-24T18:59:50Z").ino, "vda.raw")
     assert tree.open(newest.ino).read(0, 10) == bytes(disk[:10])
+    # another point in that same second: both names gain the digit that tells them apart
+    p4 = repo.points(VM)[-1]
+    write(disk, dirty := set(), 1, b"\x04")
+    back_up(repo, [disk], [dirty], "log", p4, T0 + 20 * US + 500_000)
+    assert [n for n, _ in tree.readdir(vm.ino)][5:] == ["2026-11-24T18:59:50.0Z", "2026-11-24T18:59:50.5Z"]
+    with pytest.raises(NoSuchEntry):
+        tree.lookup(vm.ino, "2026-11-24T18:59:50Z")
+    p = tree.lookup(tree.lookup(vm.ino, "2026-11-24T18:59:50.5Z").ino, "vda.raw")
+    assert tree.open(p.ino).read(0, 3) == bytes(disk[:3])
     repo.close()
 
 

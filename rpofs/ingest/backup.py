@@ -9,6 +9,7 @@ parent, so the next log still sees every change).
 """
 
 import collections
+import contextlib
 import concurrent.futures
 import logging
 import os
@@ -49,8 +50,7 @@ def back_up(repo: Repository, conn: Connection, req: BackupRequest) -> PointReco
     if not info.running:
         raise VmNotRunning(f"VM {info.name} is not running: rpofs backs up running VMs through libvirt's backup API")
     disks = _chosen_disks(dom, info, req.disks)
-    previous = repo.points(info.uuid)
-    last = previous[-1] if previous else None
+    last = next(repo.newest_points(info.uuid), None)
     reason = req.full_reason or _why_not_log(repo, dom, disks, last)
     if not reason:
         try:
@@ -121,6 +121,8 @@ def end_leftovers(repo: Repository, dom: Domain) -> list[str]:
     if socket and socket.startswith(SOCKET_DIR + "/"):
         dom.end_job()
         done.append("ended a backup job")
+    with contextlib.suppress(FileNotFoundError):  # QEMU's socket of a job that ended uncleanly
+        os.unlink(os.path.join(SOCKET_DIR, f"{dom.uuid}.sock"))
     points = repo.points(dom.uuid)
     keep = points[-1].checkpoint if points else None
     for name in reversed(dom.checkpoints()):  # newest first: leaves before parents

@@ -145,9 +145,7 @@ class Ingester:
                 log.warning("event=leftover vm=%s action=%r", name, what)
         except RpofsError as e:
             log.warning("event=leftover-check-failed vm=%s error=%r", name, str(e))
-        points = await trio.to_thread.run_sync(self.repo.points, uuid)
-        last = points[-1] if points else None
-        last_full = next((p for p in reversed(points) if p.kind == "full"), None)
+        last, last_full = await trio.to_thread.run_sync(newest_and_full, self.repo, uuid)
         st.newest_point_us = last.time_us if last else 0
         backoff, failed_at, warned = 0.0, 0.0, False
         while True:
@@ -221,6 +219,16 @@ class Ingester:
                       f"rpofs_ingested_bytes_total{label} {s.bytes_ingested}",
                       f"rpofs_failures_total{label} {s.failures}"]
         return "\n".join(lines) + "\n"
+
+
+def newest_and_full(repo: Repository, uuid: str) -> tuple[PointRecord | None, PointRecord | None]:
+    """The VM's newest point and the full of its chain (reading back to it only)."""
+    newest = None
+    for p in repo.newest_points(uuid):
+        newest = newest or p
+        if p.kind == "full":
+            return newest, p
+    return newest, None
 
 
 def _next_due(now: float, last: PointRecord | None, last_full: PointRecord | None, policy) -> tuple[float, str]:

@@ -37,13 +37,18 @@ def gather(repo: Repository) -> dict:
     live = ingester["vms"] if ingester["running"] else {}
     vms = []
     for uuid, name in sorted(repo.vms(), key=lambda v: v[1]):
-        points = repo.points(uuid)
-        last_full = next((p for p in reversed(points) if p.kind == "full"), None)
-        last_log = next((p for p in reversed(points) if p.kind == "log"), None)
-        newest = points[-1] if points else None
+        newest = last_full = last_log = None
+        for p in repo.newest_points(uuid):  # back only as far as the newest full and log
+            newest = newest or p
+            if p.kind == "full":
+                last_full = last_full or p
+            else:
+                last_log = last_log or p
+            if last_full and last_log:
+                break
         d = live.get(uuid, {})
         vms.append({
-            "name": name, "uuid": uuid, "points": len(points),
+            "name": name, "uuid": uuid, "points": repo.point_count(uuid),
             "last_full": _time(last_full and last_full.time_us),
             "last_log": _time(last_log and last_log.time_us),
             "rpo_seconds": round((now_us - newest.time_us) / US, 3) if newest else None,

@@ -20,13 +20,13 @@ import json
 import stat
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..errors import BadTime, RpofsError
 from ..store.materialize import DiskReader
 from ..store.repo import Repository
 from ..store.schema import PointRecord
-from ..timefmt import format_time, parse_as_of, point_names
+from ..timefmt import US, format_time, parse_as_of, point_names
 
 ROOT_INO = 1
 REFRESH_S = 1.0
@@ -67,9 +67,25 @@ _LINK = stat.S_IFLNK | 0o777
 @dataclass
 class _VmView:
     uuid: str
-    points: list[PointRecord]
-    names: list[str]
-    by_name: dict[str, PointRecord]
+    points: list[PointRecord] = field(default_factory=list)
+    names: list[str] = field(default_factory=list)
+    by_name: dict[str, PointRecord] = field(default_factory=dict)
+
+    def extend(self, new: list[PointRecord]) -> int:
+        """Append newer points; the index from which names were (re)made. Only
+        the names of points sharing the first new point's second can change
+        (they may gain a fractional digit)."""
+        start = len(self.points)
+        self.points.extend(new)
+        second = new[0].time_us // US
+        group = start
+        while group > 0 and self.points[group - 1].time_us // US == second:
+            group -= 1
+        for name in self.names[group:start]:
+            del self.by_name[name]
+        self.names[group:] = point_names([p.time_us for p in self.points[group:]])
+        self.by_name.update(zip(self.names[group:], self.points[group:]))
+        return group
 
 
 class Tree:
@@ -93,17 +109,20 @@ class Tree:
                 return
             vms = self.repo.vms()
             names = [n for _, n in vms]
+            known = {view.uuid: view for view in self._vms.values()}
             views, dirs = {}, {}
             for uuid, name in vms:
-                points = self.repo.points(uuid)
-                if not points:
+                view = known.get(uuid) or _VmView(uuid)
+                new = self.repo.points(uuid, after=view.points[-1] if view.points else None)
+                if new:
+                    renamed = view.extend(new)
+                    for pname, p in zip(view.names[renamed:], view.points[renamed:]):
+                        self._points[p.point] = (pname, p)
+                if not view.points:
                     continue
                 dirname = name if names.count(name) == 1 else f"{name}.{uuid[:8]}"
-                pnames = point_names([p.time_us for p in points])
-                views[dirname] = _VmView(uuid, points, pnames, dict(zip(pnames, points)))
+                views[dirname] = view
                 dirs[uuid] = dirname
-                for pname, p in zip(pnames, points):
-                    self._points[p.point] = (pname, p)
             self._vms, self._vm_dir = views, dirs
             self._loaded_at = time.monotonic()
 

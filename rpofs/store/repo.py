@@ -97,20 +97,47 @@ class Repository:
         with self.env.begin(db=self.db["vms"]) as txn:
             return [(str(uuidlib.UUID(bytes=bytes(k))), _json_name(v)) for k, v in txn.cursor()]
 
-    def points(self, vm: str) -> list[PointRecord]:
-        """A VM's points, oldest first."""
+    def points(self, vm: str, after: PointRecord | None = None) -> list[PointRecord]:
+        """A VM's points, oldest first; only those newer than `after` if given
+        (a running mount reads just what was added)."""
         prefix = uuidlib.UUID(vm).bytes
+        start = schema.vm_point_key(prefix, after.time_us, after.point + 1) if after else prefix
         out = []
         with self.env.begin() as txn:
             cur = txn.cursor(db=self.db["vm_points"])
             points = txn.cursor(db=self.db["points"])
-            if cur.set_range(prefix):
+            if cur.set_range(start):
                 for key in cur.iternext(values=False):
                     if key[:16] != prefix:
                         break
                     _, _, no = schema.read_vm_point_key(key)
                     out.append(PointRecord.decode(points.get(schema.point_key(no))))
         return out
+
+    def newest_points(self, vm: str):
+        """A VM's points, newest first, read as they are consumed."""
+        prefix = uuidlib.UUID(vm).bytes
+        with self.env.begin() as txn:
+            cur = txn.cursor(db=self.db["vm_points"])
+            points = txn.cursor(db=self.db["points"])
+            found = cur.set_range(prefix + b"\xff" * 12)
+            found = cur.prev() if found else cur.last()
+            while found and cur.key()[:16] == prefix:
+                _, _, no = schema.read_vm_point_key(cur.key())
+                yield PointRecord.decode(points.get(schema.point_key(no)))
+                found = cur.prev()
+
+    def point_count(self, vm: str) -> int:
+        prefix = uuidlib.UUID(vm).bytes
+        with self.env.begin() as txn:
+            cur = txn.cursor(db=self.db["vm_points"])
+            n = 0
+            if cur.set_range(prefix):
+                for key in cur.iternext(values=False):
+                    if key[:16] != prefix:
+                        break
+                    n += 1
+        return n
 
     def read_chunk(self, key: bytes) -> bytes:
         if key == ZERO_KEY:
