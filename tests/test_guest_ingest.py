@@ -20,12 +20,18 @@ def seconds(rfc3339: str) -> float:
     return datetime.datetime.fromisoformat(rfc3339.replace("Z", "+00:00")).timestamp()
 
 
-def run_daemon(repo, config, log_path, until):
+def ingest_until(repo, vm: str, defaults: str, points: int, timeout: float) -> None:
+    """A new repository, and the ingester on `vm` with these [defaults] until
+    the VM has `points` points; it must stop cleanly and log no failure."""
+    run_rpofs("init", repo=repo)
+    config = repo.parent / f"{repo.name}.toml"
+    config.write_text(f'[ingest]\nvms = ["{vm}"]\n[defaults]\nlog_interval = "2s"\n{defaults}\n')
+    log_path = repo.parent / f"{repo.name}-ingest.log"
     with open(log_path, "ab") as out:
         daemon = subprocess.Popen(RPOFS + ["--repo", str(repo), "ingest", "--config", str(config)],
                                   stdout=out, stderr=out)
     try:
-        until()
+        wait_for(lambda: point_count(repo, vm) >= points, timeout=timeout, what=f"{points} points")
     finally:
         daemon.send_signal(signal.SIGTERM)
         assert daemon.wait(timeout=60) == 0, log_path.read_text()
@@ -37,20 +43,10 @@ def test_quiesced_points_of_a_real_guest(tmp_path):
     build_guest()
     repo, repo_db = tmp_path / "repo", tmp_path / "repo-db"
     with Guest(f"rpofs-gi-{uuid.uuid4().hex[:8]}", tmp_path / "guest") as g:
-        run_rpofs("init", repo=repo)
-        config = tmp_path / "all.toml"
-        config.write_text(f'[ingest]\nvms = ["{g.name}"]\n'
-                          '[defaults]\nlog_interval = "2s"\nquiesce = "all"\nquiesce_timeout = "5s"\n')
-        run_daemon(repo, config, tmp_path / "ingest.log",
-                   lambda: wait_for(lambda: point_count(repo, g.name) >= 6, timeout=90, what="six points"))
-
+        ingest_until(repo, g.name, 'quiesce = "all"\nquiesce_timeout = "5s"', points=6, timeout=90)
         # the disk holding a guest mountpoint, that filesystem alone frozen
-        run_rpofs("init", repo=repo_db)
-        config = tmp_path / "db.toml"
-        config.write_text(f'[ingest]\nvms = ["{g.name}"]\n[defaults]\nlog_interval = "2s"\n'
-                          'disks = { mountpoint = "/data/db" }\nquiesce = ["/data/db"]\n')
-        run_daemon(repo_db, config, tmp_path / "ingest-db.log",
-                   lambda: wait_for(lambda: point_count(repo_db, g.name) >= 2, timeout=60, what="two points"))
+        ingest_until(repo_db, g.name, 'disks = { mountpoint = "/data/db" }\nquiesce = ["/data/db"]',
+                     points=2, timeout=60)
         name = g.name
 
     points = points_json(repo, name)
