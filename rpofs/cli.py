@@ -56,6 +56,13 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--config", default=None, metavar="FILE", help="TOML config (default /etc/rpofs/rpofs.toml)")
     i.add_argument("--metrics", default=None, metavar="ADDR:PORT", help="serve Prometheus metrics there")
 
+    c = sub.add_parser("cp", help="copy a guest file out of a recovery point, without a mount",
+                       description="SOURCE is VM@TIME:DISK/VOLUME/PATH, TIME as in the mount's at/ "
+                       "(or 'latest'), VOLUME a partition number or 0 for a whole-disk filesystem.")
+    c.add_argument("source", metavar="SOURCE")
+    c.add_argument("dest", metavar="DEST")
+    c.add_argument("-r", "--recursive", action="store_true", help="copy a directory and what it holds")
+
     s = sub.add_parser("status", help="per VM: last full, last log, achieved RPO, next run, last error")
     s.add_argument("--json", action="store_true", help="one JSON object (documented in docs/INGEST.md)")
     return p
@@ -179,8 +186,18 @@ def cmd_status(repo_path: str, args) -> None:
     print(json.dumps(report, indent=2) if args.json else render(report))
 
 
+def cmd_cp(repo_path: str, args) -> None:
+    from .files.copy import copy_out
+    repo = Repository.open(repo_path)
+    try:
+        copy_out(repo, args.source, args.dest, args.recursive)
+    finally:
+        repo.close()
+
+
 COMMANDS = {"init": cmd_init, "backup": cmd_backup, "points": cmd_points, "mount": cmd_mount,
-            "umount": cmd_umount, "ingest": cmd_ingest, "status": cmd_status}
+            "umount": cmd_umount, "ingest": cmd_ingest, "status": cmd_status,
+            "cp": cmd_cp}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -76,7 +76,7 @@ def test_backup_mount_and_read_every_point(lab):
         assert os.readlink(vmdir / "latest") == points[-1]["name"]
         for p in points:
             pdir = vmdir / p["name"]
-            assert sorted(os.listdir(pdir)) == ["domain.xml", "point.json", "vda.raw", "vdb.raw"]
+            assert sorted(os.listdir(pdir)) == ["domain.xml", "files", "point.json", "vda.raw", "vdb.raw"]
             for i, expected in enumerate(truth[p["point"]]):
                 disk = pdir / f"vd{chr(97 + i)}.raw"
                 assert disk.stat().st_size == SIZES[i]

@@ -4,6 +4,8 @@ filled without libvirt: errors become EIO for the damaged range only."""
 import errno
 import os
 import random
+import signal
+import subprocess
 
 import pytest
 
@@ -13,7 +15,7 @@ from rpofs.store import schema
 from rpofs.store.schema import CHUNK_SIZE, ChunkLocation
 from rpofs.timefmt import US
 from synth import VM, back_up, write
-from vmlab import mounted
+from vmlab import mounted, run_rpofs, wait_for
 
 T0 = 1_795_546_770 * US  # 2026-11-24T18:59:30Z
 
@@ -48,7 +50,7 @@ def test_tree_names_as_of_and_new_points(tmp_path):
         with pytest.raises(NoSuchEntry):
             tree.lookup(at.ino, bad)
     point = tree.lookup(vm.ino, "2026-11-24T18:59:40.2Z")
-    assert [n for n, _ in tree.readdir(point.ino)] == ["vda.raw", "point.json", "domain.xml"]
+    assert [n for n, _ in tree.readdir(point.ino)] == ["vda.raw", "point.json", "domain.xml", "files"]
     raw = tree.lookup(point.ino, "vda.raw")
     assert raw.size == len(disk)
     with pytest.raises(NotADirectory):
@@ -98,3 +100,23 @@ def test_corrupt_chunk_gives_eio_for_its_range_only(tmp_path):
             os.close(fd)
     log = (tmp_path / "r" / "mount.log").read_text()
     assert "does not match its key" in log and "disk vda" in log
+
+
+def test_kill_9_of_the_mount_then_umount_and_mount_again(tmp_path):
+    repo, disk, _ = fill(tmp_path / "r", random.Random(3))
+    repo.close()
+    mnt = tmp_path / "mnt"
+    with mounted(tmp_path / "r", mnt):
+        pid = int(subprocess.run(["pgrep", "-f", f"mount {mnt} --foreground"], capture_output=True,
+                                 text=True, check=True).stdout.split()[0])
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: not os.path.exists(f"/proc/{pid}"), what="the mount daemon to die")
+        with pytest.raises(OSError) as e:
+            os.listdir(mnt)
+        assert e.value.errno == errno.ENOTCONN
+        r = run_rpofs("mount", mnt, repo=tmp_path / "r", check=False)
+        assert r.returncode == 1 and "daemon died" in r.stderr
+        run_rpofs("umount", mnt)
+        run_rpofs("mount", mnt, repo=tmp_path / "r")
+        with open(mnt / "m" / "latest" / "vda.raw", "rb") as f:
+            assert f.read() == bytes(disk)

@@ -5,6 +5,7 @@ returns once the child says the mount is ready, or prints the child's error.
 The child opens the repository itself: nothing LMDB crosses a fork.
 """
 
+import errno
 import logging
 import os
 import signal
@@ -35,9 +36,14 @@ class MountOptions:
 
 
 def check_mountpoint(path: str) -> None:
+    try:
+        os.stat(path)
+    except OSError as e:
+        if e.errno == errno.ENOTCONN:
+            raise MountError(f"{path} is a mount whose daemon died: run rpofs umount {path} first") from None
     if not os.path.isdir(path):
         raise MountError(f"mountpoint {path} does not exist or is not a directory")
-    if os.path.ismount(path):
+    if _mounted(path):
         raise MountError(f"mountpoint {path} is busy: something is already mounted there")
 
 
@@ -152,8 +158,16 @@ class _Teller:
             os.close(fd)
 
 
+def _mounted(path: str) -> bool:
+    """From the mount table: a mount whose daemon died fails stat, so
+    os.path.ismount cannot tell."""
+    with open("/proc/self/mountinfo") as f:
+        points = [line.split()[4].encode().decode("unicode_escape") for line in f]
+    return path in points
+
+
 def unmount(mountpoint: str) -> None:
-    if not os.path.ismount(mountpoint):
+    if not _mounted(mountpoint):
         raise MountError(f"{mountpoint} is not mounted")
     result = subprocess.run(["fusermount3", "-u", mountpoint], capture_output=True, text=True)
     if result.returncode != 0:

@@ -54,6 +54,13 @@ class Operations(pyfuse3.Operations):
         self._fh_lock = threading.Lock()
         self._uid, self._gid = os.getuid(), os.getgid()
 
+    def _new_handle(self, value) -> int:
+        with self._fh_lock:
+            fh = self._next_fh
+            self._next_fh += 1
+            self._handles[fh] = value
+        return fh
+
     async def _meta_call(self, fn, *args):
         return await trio.to_thread.run_sync(fn, *args, limiter=self._meta)
 
@@ -61,12 +68,15 @@ class Operations(pyfuse3.Operations):
         e = pyfuse3.EntryAttributes()
         e.st_ino = a.ino
         e.st_mode = a.mode
-        e.st_nlink = 2 if a.is_dir else 1
-        e.st_uid, e.st_gid = self._uid, self._gid
+        e.st_nlink = a.nlink if a.nlink is not None else (2 if a.is_dir else 1)
+        e.st_uid = self._uid if a.uid is None else a.uid
+        e.st_gid = self._gid if a.gid is None else a.gid
         e.st_size = a.size
         e.st_blksize = 1 << 20
         e.st_blocks = 0
-        e.st_atime_ns = e.st_mtime_ns = e.st_ctime_ns = a.mtime_us * 1000
+        e.st_mtime_ns = a.mtime_ns
+        e.st_atime_ns = a.mtime_ns if a.atime_ns is None else a.atime_ns
+        e.st_ctime_ns = a.mtime_ns if a.ctime_ns is None else a.ctime_ns
         e.attr_timeout = e.entry_timeout = a.ttl
         e.generation = 0
         return e
@@ -88,30 +98,30 @@ class Operations(pyfuse3.Operations):
             attr = await self._meta_call(self.tree.getattr, inode)
             if not attr.is_dir:
                 raise NotADirectory(str(inode))
-            return inode
+            return self._new_handle([inode, None])  # the listing is read on the first readdir
 
     async def readdir(self, fh, start_id, token):
         with _errors(f"readdir {fh}"):
-            entries = await self._meta_call(self.tree.readdir, fh)
-            # offsets are positions + 1: stable, since new points are appended
-            for i, (name, attr) in enumerate(entries[start_id:], start_id + 1):
+            handle = self._handles[fh]
+            if handle[1] is None or start_id == 0:
+                # Listed once per pass: the kernel asks for a big directory in
+                # many small readdir calls. Offsets are positions + 1, stable
+                # because new points are appended.
+                handle[1] = await self._meta_call(self.tree.readdir, handle[0])
+            for i, (name, attr) in enumerate(handle[1][start_id:], start_id + 1):
                 if not pyfuse3.readdir_reply(token, os.fsencode(name), self._entry(attr), i):
                     return
 
     async def releasedir(self, fh):
-        pass
+        self._handles.pop(fh, None)
 
     async def open(self, inode, flags, ctx):
         with _errors(f"open {inode}"):
             if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
                 raise pyfuse3.FUSEError(errno.EROFS)
             content = await self._meta_call(self.tree.open, inode)
-            with self._fh_lock:
-                fh = self._next_fh
-                self._next_fh += 1
-                self._handles[fh] = content
             # points never change: let the kernel keep their pages
-            return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+            return pyfuse3.FileInfo(fh=self._new_handle(content), keep_cache=True)
 
     async def read(self, fh, off, size):
         with _errors(f"read fh {fh} at {off}+{size}"):
@@ -122,10 +132,15 @@ class Operations(pyfuse3.Operations):
         self._handles.pop(fh, None)
 
     async def statfs(self, ctx):
-        s = pyfuse3.StatvfsData()
-        s.f_bsize = s.f_frsize = 4096
-        s.f_namemax = 255
-        return s
+        with _errors("statfs"):
+            used = await self._meta_call(self.tree.stored_bytes)
+            s = pyfuse3.StatvfsData()
+            s.f_bsize = s.f_frsize = 4096
+            s.f_blocks = -(-used // 4096)  # what the repository holds; nothing free: read-only
+            s.f_bfree = s.f_bavail = 0
+            s.f_files, s.f_ffree, s.f_favail = self.tree.inode_count(), 0, 0
+            s.f_namemax = 255
+            return s
 
     async def forget(self, inode_list):
         pass  # inodes live as long as the mount; the tree is small

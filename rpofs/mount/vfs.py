@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 from ..errors import BadTime, RpofsError
 from ..store.materialize import DiskReader
+from ..files.guest import GuestFiles
 from ..store.repo import Repository
 from ..store.schema import PointRecord
 from ..timefmt import US, format_time, parse_as_of, point_names
@@ -51,8 +52,13 @@ class Attr:
     ino: int
     mode: int
     size: int
-    mtime_us: int
+    mtime_ns: int
     ttl: float
+    uid: int | None = None      # None: the mounting user (rpofs's own nodes)
+    gid: int | None = None
+    nlink: int | None = None    # None: 2 for directories, 1 otherwise
+    atime_ns: int | None = None  # None: mtime
+    ctime_ns: int | None = None
 
     @property
     def is_dir(self) -> bool:
@@ -100,6 +106,7 @@ class Tree:
         self._ino: dict[tuple, int] = {("root",): ROOT_INO}
         self._node: dict[int, tuple] = {ROOT_INO: ("root",)}
         self._mounted_at = int(time.time() * 1e6)
+        self.guest = GuestFiles(repo)
 
     # -- the catalog, re-read at most once per refresh period -------------
 
@@ -120,11 +127,19 @@ class Tree:
                         self._points[p.point] = (pname, p)
                 if not view.points:
                     continue
-                dirname = name if names.count(name) == 1 else f"{name}.{uuid[:8]}"
+                dirname = safe_name(name if names.count(name) == 1 else f"{name}.{uuid[:8]}", uuid)
                 views[dirname] = view
                 dirs[uuid] = dirname
             self._vms, self._vm_dir = views, dirs
             self._loaded_at = time.monotonic()
+
+    def stored_bytes(self) -> int:
+        """What the repository takes on disk: its packs and its catalog."""
+        return self.repo.stored_bytes()
+
+    def inode_count(self) -> int:
+        with self._lock:
+            return len(self._ino)
 
     def _inode(self, node: tuple) -> int:
         with self._lock:
@@ -162,22 +177,27 @@ class Tree:
         node = self._node_of(ino)
         kind = node[0]
         if kind == "root":
-            return Attr(ino, _DIR, 0, self._mounted_at, VOLATILE_TTL)
+            return Attr(ino, _DIR, 0, self._mounted_at * 1000, VOLATILE_TTL)
         if kind == "vm":
             view = self._view(node[1])
-            return Attr(ino, _DIR, 0, view.points[-1].time_us, VOLATILE_TTL)
+            return Attr(ino, _DIR, 0, view.points[-1].time_us * 1000, VOLATILE_TTL)
         if kind == "at":
-            return Attr(ino, _DIR, 0, self._mounted_at, VOLATILE_TTL)
+            return Attr(ino, _DIR, 0, self._mounted_at * 1000, VOLATILE_TTL)
         if kind in ("latest", "atlink"):
             target = self.readlink(ino)
-            return Attr(ino, _LINK, len(target), self._mounted_at, VOLATILE_TTL)
+            return Attr(ino, _LINK, len(target), self._mounted_at * 1000, VOLATILE_TTL)
         _, point = self._point(node[1])
-        if kind == "point":
-            return Attr(ino, _DIR, 0, point.time_us, IMMUTABLE_TTL)
+        when = point.time_us * 1000
+        if kind in ("point", "files", "fdisk"):
+            return Attr(ino, _DIR, 0, when, IMMUTABLE_TTL)
         if kind == "disk":
             size = point.disks[point.disk_index(node[2])].size
-            return Attr(ino, _FILE, size, point.time_us, IMMUTABLE_TTL)
-        return Attr(ino, _FILE, len(self._small_file(node)), point.time_us, IMMUTABLE_TTL)
+            return Attr(ino, _FILE, size, when, IMMUTABLE_TTL)
+        if kind == "fnode":
+            e = self.guest.entry(node)
+            return Attr(ino, e.mode, e.size, e.mtime_ns, IMMUTABLE_TTL, e.uid, e.gid, e.nlink, e.atime_ns,
+                        e.ctime_ns)
+        return Attr(ino, _FILE, len(self._small_file(node)), when, IMMUTABLE_TTL)
 
     def lookup(self, parent: int, name: str) -> Attr:
         node = self._node_of(parent)
@@ -202,8 +222,8 @@ class Tree:
         if kind == "at":
             self._as_of(node[1], name)  # raises NoSuchEntry if nothing is that old
             return self.getattr(self._inode(("atlink", node[1], name)))
-        if kind == "point":
-            for child_name, child in self._point_children(node[1]):
+        if kind in ("point", "files", "fdisk", "fnode"):
+            for child_name, child in self._children(node, name):
                 if child_name == name:
                     return self.getattr(self._inode(child))
             raise NoSuchEntry(name)
@@ -225,8 +245,8 @@ class Tree:
             return [(name, self.getattr(self._inode(child))) for name, child in entries]
         if kind == "at":
             return []
-        if kind == "point":
-            return [(name, self.getattr(self._inode(child))) for name, child in self._point_children(node[1])]
+        if kind in ("point", "files", "fdisk", "fnode"):
+            return [(name, self.getattr(self._inode(child))) for name, child in self._children(node)]
         raise NotADirectory(str(ino))
 
     def readlink(self, ino: int) -> str:
@@ -235,6 +255,8 @@ class Tree:
             return self._view(node[1]).names[-1]
         if node[0] == "atlink":
             return "../" + self._as_of(node[1], node[2])
+        if node[0] == "fnode" and self.guest.entry(node).is_link:
+            return self.guest.readlink(self._point(node[1])[1], node)
         raise NotASymlink(str(ino))
 
     def open(self, ino: int):
@@ -244,14 +266,32 @@ class Tree:
             return DiskReader(self.repo, self._point(node[1])[1], node[2])
         if node[0] in ("json", "xml"):
             return _Bytes(self._small_file(node))
+        if node[0] == "fnode" and not self.guest.entry(node).is_dir:
+            return self.guest.open(self._point(node[1])[1], node)
         raise NoSuchEntry(str(ino))
 
     # -- helpers -------------------------------------------------------------
 
-    def _point_children(self, no: int) -> list[tuple[str, tuple]]:
+    def _children(self, node: tuple, name: str | None = None) -> list[tuple[str, tuple]]:
+        """A directory's (name, child node) pairs; with `name`, at least that
+        one if it exists (a lookup need not list a guest directory again)."""
+        kind, no = node[0], node[1]
         _, point = self._point(no)
-        children = [(f"{d.target}.raw", ("disk", no, d.target)) for d in point.disks]
-        return children + [("point.json", ("json", no)), ("domain.xml", ("xml", no))]
+        if kind == "point":
+            children = [(f"{d.target}.raw", ("disk", no, d.target)) for d in point.disks]
+            return children + [("point.json", ("json", no)), ("domain.xml", ("xml", no)), ("files", ("files", no))]
+        if kind == "files":
+            return [(d.target, ("fdisk", no, d.target)) for d in point.disks]
+        if kind == "fdisk":
+            volumes = self.guest.disk(point, node[2]).volumes()
+            return [(v.name, self.guest.root(point, node[2], v.name)[0]) for v in volumes
+                    if name is None or v.name == name]
+        entry = self.guest.entry(node)
+        if not entry.is_dir:
+            raise NotADirectory(entry.name)
+        listing = self.guest.children(point, node)
+        wanted = listing if name is None else ({name: listing[name]} if name in listing else {})
+        return [(n, self.guest.remember(point, node[2], node[3], e)[0]) for n, e in wanted.items()]
 
     def _as_of(self, uuid: str, text: str) -> str:
         try:
@@ -273,6 +313,18 @@ class Tree:
         if node[0] == "json":
             return point_json(name, point)
         return self.repo.read_chunk(bytes.fromhex(point.domain_xml))
+
+
+def safe_name(name: str, uuid: str) -> str:
+    """A VM name as a directory name: "%" and "/" percent-encoded, a leading
+    "." too (no hidden or "." / ".." directories), and names over 200 bytes
+    cut and ended with "~" and the UUID's first 8 digits."""
+    name = name.replace("%", "%25").replace("/", "%2F").replace("\0", "%00")
+    if name.startswith("."):
+        name = "%2E" + name[1:]
+    if len(name.encode()) > 200:
+        name = name.encode()[:190].decode(errors="ignore") + "~" + uuid[:8]
+    return name
 
 
 def point_json(name: str, p: PointRecord) -> bytes:

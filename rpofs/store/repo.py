@@ -139,6 +139,12 @@ class Repository:
                     n += 1
         return n
 
+    def stored_bytes(self) -> int:
+        """Bytes the repository takes on disk (allocated: sparse files count what they use)."""
+        paths = [os.path.join(self.path, "catalog", "data.mdb")]
+        paths += [e.path for e in os.scandir(self.chunks_dir)]
+        return sum(os.stat(p).st_blocks * 512 for p in paths)
+
     def read_chunk(self, key: bytes) -> bytes:
         if key == ZERO_KEY:
             raise ValueError("the zero key has no stored chunk")

@@ -1,0 +1,103 @@
+"""`rpofs cp VM@TIME:DISK/VOLUME/PATH DEST`: a guest file (or, with -r, a
+directory) out of a recovery point, without a mount, through the same reader
+as the mount's files/."""
+
+import os
+import stat
+
+from ..errors import BadTime, RpofsError
+from ..store.repo import Repository
+from ..store.schema import PointRecord
+from ..timefmt import parse_as_of
+from .filesystems import Entry
+from .guest import GuestFiles
+
+COPY_BLOCK = 1 << 20
+
+
+def parse_source(text: str) -> tuple[str, str, list[str]]:
+    """VM@TIME:DISK/VOLUME/PATH -> (vm, time, [disk, volume, path parts...])."""
+    vm, at, rest = text.partition("@")
+    # the time has colons of its own, the path has slashes: the separator is
+    # the last colon before the first slash
+    cut = rest.rfind(":", 0, rest.find("/") if "/" in rest else len(rest))
+    when, path = rest[:max(cut, 0)], rest[cut + 1:]
+    parts = [p for p in path.split("/") if p]
+    if cut < 0 or not at or not vm or not when or len(parts) < 2:
+        raise RpofsError(f"cannot read {text!r}: expected VM@TIME:DISK/VOLUME/PATH, "
+                         f"e.g. web1@2026-11-24T10:40:00Z:vda/1/etc/nginx/nginx.conf")
+    return vm, when, parts
+
+
+def find_point(repo: Repository, vm: str, when: str) -> PointRecord:
+    """The newest point of `vm` at or before `when` ("latest" for the newest)."""
+    matches = [uuid for uuid, name in repo.vms() if vm in (uuid, name)]
+    if len(matches) != 1:
+        raise RpofsError(f"no VM {vm!r} in repository {repo.path}" if not matches else
+                         f"several VMs are named {vm!r}: name one by UUID")
+    newest = repo.newest_points(matches[0])
+    if when == "latest":
+        return next(newest)
+    try:
+        bound = parse_as_of(when)
+    except BadTime as e:
+        raise RpofsError(str(e)) from None
+    for point in newest:
+        if point.time_us <= bound:
+            return point
+    raise RpofsError(f"{vm} has no point at or before {when}")
+
+
+def copy_out(repo: Repository, source: str, dest: str, recursive: bool = False) -> int:
+    """Copy; the number of files written."""
+    vm, when, parts = parse_source(source)
+    point = find_point(repo, vm, when)
+    disk, volume, path = parts[0], parts[1], parts[2:]
+    if disk not in [d.target for d in point.disks]:
+        raise RpofsError(f"the point has no disk {disk} (it has {', '.join(d.target for d in point.disks)})")
+    guest = GuestFiles(repo)
+    key, entry = guest.root(point, disk, volume)
+    for name in path:
+        if not entry.is_dir:
+            raise RpofsError(f"{source}: {entry.name or '/'} is not a directory")
+        children = guest.children(point, key)
+        if name not in children:
+            raise RpofsError(f"{source}: no {name!r} in {entry.name or '/'}")
+        key, entry = guest.remember(point, disk, volume, children[name])
+    if entry.is_dir and not recursive:
+        raise RpofsError(f"{source} is a directory: copy it with -r")
+    if os.path.isdir(dest):
+        dest = os.path.join(dest, entry.name or volume)
+    return _copy(guest, point, key, entry, dest)
+
+
+def _copy(guest: GuestFiles, point: PointRecord, key: tuple, entry: Entry, dest: str) -> int:
+    written = 0
+    if entry.is_link:
+        os.symlink(guest.readlink(point, key), dest)
+        _own(dest, entry)
+        return 1
+    if entry.is_dir:
+        os.makedirs(dest, exist_ok=True)
+        for child in guest.children(point, key).values():
+            child_key, child = guest.remember(point, key[2], key[3], child)
+            written += _copy(guest, point, child_key, child, os.path.join(dest, child.name))
+    elif stat.S_ISREG(entry.mode):
+        source = guest.open(point, key)
+        with open(dest, "wb") as out:
+            for offset in range(0, entry.size, COPY_BLOCK):
+                out.write(source.read(offset, COPY_BLOCK))
+        written = 1
+    else:
+        return 0  # devices, fifos and sockets are not data
+    _own(dest, entry)
+    os.chmod(dest, stat.S_IMODE(entry.mode))
+    os.utime(dest, ns=(entry.atime_ns, entry.mtime_ns))
+    return written
+
+
+def _own(dest: str, entry: Entry) -> None:
+    """Owners as in the guest when root copies (as cp -a would); before chmod,
+    which chown would undo for set-id bits."""
+    if os.geteuid() == 0:
+        os.lchown(dest, entry.uid, entry.gid)

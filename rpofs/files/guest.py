@@ -1,0 +1,141 @@
+"""The guest's own files of a point: for the mount's <point>/files/ and for
+`rpofs cp`.
+
+    files/<disk>/<volume>/<path...>    volume: partition number, "0" = whole disk
+
+Node keys (vfs.Tree turns them into inode numbers):
+    ("files", point)                     the disks
+    ("fdisk", point, disk)               the disk's volumes
+    ("fnode", point, disk, volume, ino)  a guest file or directory; `ino` is the
+                                         filesystem's inode, so hard links share one
+Entries seen by a lookup or a listing are remembered, so getattr and open
+need not walk the filesystem again. A directory's names are cached (a few
+hundred directories) so that lookups in a big directory do not list it again.
+"""
+
+import collections
+import threading
+
+from ..errors import RpofsError
+from .filesystems import Entry, Filesystem
+from .volumes import DiskFiles, Volume
+from ..store.materialize import DiskReader
+from ..store.repo import Repository
+from ..store.schema import PointRecord
+
+DIR_CACHE = 256
+DISK_CACHE = 16
+
+
+class GuestFileError(RpofsError):
+    """A guest file or directory that cannot be read (EIO for it alone)."""
+
+
+class GuestFiles:
+    def __init__(self, repo: Repository):
+        self.repo = repo
+        self._lock = threading.RLock()
+        self._disks: collections.OrderedDict[tuple, DiskFiles] = collections.OrderedDict()
+        self._entries: dict[tuple, Entry] = {}
+        self._dirs: collections.OrderedDict[tuple, dict[str, Entry]] = collections.OrderedDict()
+
+    def disk(self, point: PointRecord, target: str) -> DiskFiles:
+        key = (point.point, target)
+        with self._lock:
+            files = self._disks.get(key)
+            if files is None:
+                reader = DiskReader(self.repo, point, target)
+                files = self._disks[key] = DiskFiles(reader.read, reader.size,
+                                                     f"point {point.point} ({point.vm_name}) disk {target}")
+                while len(self._disks) > DISK_CACHE:
+                    self._disks.popitem(last=False)
+            self._disks.move_to_end(key)
+            return files
+
+    def volume(self, point: PointRecord, target: str, name: str) -> Volume | None:
+        return next((v for v in self.disk(point, target).volumes() if v.name == name), None)
+
+    def filesystem(self, point: PointRecord, target: str, volume: str) -> Filesystem:
+        vol = self.volume(point, target, volume)
+        fs = self.disk(point, target).filesystem(vol) if vol else None
+        if fs is None:
+            raise GuestFileError(vol.note if vol else f"no volume {volume}")
+        return fs
+
+    def root(self, point: PointRecord, target: str, volume: str) -> tuple[tuple, Entry]:
+        fs = self.filesystem(point, target, volume)
+        with fs.lock:
+            entry = _guarded(fs.root, "the root directory")
+        return self.remember(point, target, volume, entry)
+
+    def remember(self, point: PointRecord, target: str, volume: str, entry: Entry) -> tuple[tuple, Entry]:
+        key = ("fnode", point.point, target, volume, entry.ino)
+        with self._lock:
+            self._entries.setdefault(key, entry)
+        return key, entry
+
+    def entry(self, key: tuple) -> Entry:
+        with self._lock:
+            entry = self._entries.get(key)
+        if entry is None:
+            raise GuestFileError(f"guest file {key} was not looked up")
+        return entry
+
+    def children(self, point: PointRecord, key: tuple) -> dict[str, Entry]:
+        """A directory's entries by name, in the filesystem's order."""
+        with self._lock:
+            cached = self._dirs.get(key)
+            if cached is not None:
+                self._dirs.move_to_end(key)
+                return cached
+        fs = self.filesystem(point, key[2], key[3])
+        directory = self.entry(key)
+        with fs.lock:
+            listing = _guarded(lambda: {e.name: e for e in fs.children(directory)}, f"directory {directory.name!r}")
+        with self._lock:
+            self._dirs[key] = listing
+            while len(self._dirs) > DIR_CACHE:
+                self._dirs.popitem(last=False)
+        return listing
+
+    def readlink(self, point: PointRecord, key: tuple) -> str:
+        fs = self.filesystem(point, key[2], key[3])
+        with fs.lock:
+            return _guarded(lambda: fs.readlink(self.entry(key)), "a symbolic link")
+
+    def open(self, point: PointRecord, key: tuple) -> "GuestFile":
+        fs = self.filesystem(point, key[2], key[3])
+        entry = self.entry(key)
+        with fs.lock:
+            stream = _guarded(lambda: fs.open(entry), f"file {entry.name!r}")
+        return GuestFile(fs, stream, entry)
+
+
+class GuestFile:
+    """An open guest file: read(offset, length) through the filesystem's lock."""
+
+    def __init__(self, fs: Filesystem, stream, entry: Entry):
+        self._fs, self._stream, self._entry = fs, stream, entry
+
+    def read(self, offset: int, length: int) -> bytes:
+        with self._fs.lock:
+            def read():
+                self._stream.seek(offset)
+                return self._stream.read(min(length, max(0, self._entry.size - offset)))
+            data = _guarded(read, f"file {self._entry.name!r}")
+        if len(data) != min(length, max(0, self._entry.size - offset)):
+            raise GuestFileError(f"file {self._entry.name!r}: short read at {offset}")
+        return data
+
+
+def _guarded(fn, what: str):
+    """dissect raises many kinds of errors on damaged metadata: one kind here."""
+    try:
+        return fn()
+    except RpofsError:
+        raise
+    except Exception as e:
+        raise GuestFileError(f"{what} cannot be read: {type(e).__name__}: {e}") from e
+
+
+
