@@ -230,3 +230,48 @@ def test_a_log_that_changes_and_deletes_files(lab):
         assert (old / "etc/nginx/nginx.conf").read_text() == "worker_processes 2;\n"
         assert (old / "empty").exists()
         same_tree(changed, new, "ext4")
+
+
+def test_damage_fails_only_what_it_touches(tmp_path):
+    """A corrupt chunk under one guest file: that file gives EIO, its
+    neighbours and the listing still read. A damaged partition table: no
+    volumes, the disk itself still reads."""
+    import errno
+
+    from rpofs.store import schema
+    from rpofs.store.repo import Repository
+    from rpofs.store.schema import CHUNK_SIZE, ChunkLocation
+    from synth import back_up
+
+    rnd = random.Random(8)
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "one.bin").write_bytes(rnd.randbytes(3 * MiB))
+    two = rnd.randbytes(3 * MiB)
+    (src / "two.bin").write_bytes(two)
+    image = tmp_path / "fs.img"
+    ext4(image, src, PART["ext4"])
+    disk_with(tmp_path / "good.raw", [("ext4", image)], "gpt", tmp_path)
+    good = bytearray((tmp_path / "good.raw").read_bytes())
+    bad_table = bytearray(good)
+    bad_table[0:34 * 512] = rnd.randbytes(34 * 512)  # MBR, GPT header and entries
+    repo = Repository.init(str(tmp_path / "repo"))
+    point = back_up(repo, [good, bad_table], [set(), set()], "full", None, 10**15)
+    middle = good.find(two[:4096]) + 3 * MiB // 2  # a chunk holding nothing but two.bin
+    with repo.env.begin() as txn:
+        key = txn.get(schema.full_key(point.chain, 0, middle // CHUNK_SIZE), db=repo.db["full_index"])
+        loc = ChunkLocation.decode(txn.get(key, db=repo.db["chunks"]))
+    repo.close()
+    with open(tmp_path / "repo" / "chunks" / f"pack-{loc.pack:08d}", "r+b") as f:
+        f.seek(loc.offset + 100)
+        f.write(b"\xff" * 16)
+    with mounted(tmp_path / "repo", tmp_path / "mnt") as mnt:
+        files = mnt / "m" / "latest" / "files"
+        assert sorted(os.listdir(files / "vda" / "1")) == ["lost+found", "one.bin", "two.bin"]
+        assert (files / "vda" / "1" / "one.bin").read_bytes() == (src / "one.bin").read_bytes()
+        with pytest.raises(OSError) as e:
+            (files / "vda" / "1" / "two.bin").read_bytes()
+        assert e.value.errno == errno.EIO
+        assert os.listdir(files / "vdb") == []
+        with open(mnt / "m" / "latest" / "vdb.raw", "rb") as f:  # (it shares the bad chunk: dedup)
+            assert f.read(CHUNK_SIZE) == bytes(bad_table[:CHUNK_SIZE])
