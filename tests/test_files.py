@@ -13,7 +13,7 @@ import uuid
 import libvirt_qemu
 import pytest
 
-from vmlab import TestVM, mounted, points_json, run_rpofs
+from vmlab import TestVM, mounted, points_json, run_rpofs, wait_for
 
 MiB = 1 << 20
 PART = {"ext4": 24 * MiB, "btrfs": 128 * MiB, "fat": 24 * MiB, "xfs": 300 * MiB, "ntfs": 24 * MiB}
@@ -275,3 +275,50 @@ def test_damage_fails_only_what_it_touches(tmp_path):
         assert os.listdir(files / "vdb") == []
         with open(mnt / "m" / "latest" / "vdb.raw", "rb") as f:  # (it shares the bad chunk: dedup)
             assert f.read(CHUNK_SIZE) == bytes(bad_table[:CHUNK_SIZE])
+
+
+def test_readers_while_backups_add_points(lab):
+    """Copies out of several points through the mount while backups keep
+    adding points: every copy right, nothing hangs, the new points appear."""
+    import threading
+
+    vm, repo, work, src, plain = lab
+    want = (src / "big.bin").read_bytes()
+    vdb_size = PART["xfs"] + PART["ntfs"] + 4 * MiB
+    errors, done = [], threading.Event()
+
+    def back_up_repeatedly():
+        rnd = random.Random(11)
+        try:
+            while not done.is_set():
+                offset = vdb_size - rnd.randrange(1, 32) * 64 * 1024  # past the partitions
+                vm.write(1, offset, 64 * 1024, rnd.randrange(1, 255))
+                run_rpofs("backup", vm.name, repo=repo)
+        except Exception as e:  # reported below
+            errors.append(e)
+
+    with mounted(repo, work / "mnt") as mnt:
+        first = points_json(repo, vm.name)[0]["name"]
+        writer = threading.Thread(target=back_up_repeatedly)
+        writer.start()
+
+        def read(n):
+            try:
+                for i in range(4):
+                    point = first if (n + i) % 2 else "latest"
+                    got = (mnt / vm.name / point / "files/vda/1/big.bin").read_bytes()
+                    assert got == want, f"reader {n} pass {i}"
+            except Exception as e:
+                errors.append(e)
+
+        readers = [threading.Thread(target=read, args=(n,)) for n in range(3)]
+        for t in readers:
+            t.start()
+        for t in readers:
+            t.join(timeout=120)
+        done.set()
+        writer.join(timeout=120)
+        assert not any(t.is_alive() for t in readers + [writer]), "a reader or the backups hung"
+        assert errors == []
+        newest = points_json(repo, vm.name)[-1]["name"]
+        wait_for(lambda: os.path.exists(mnt / vm.name / newest), timeout=5, what="the newest point")
