@@ -169,6 +169,17 @@ def timed(cmd: list[str], stdout=subprocess.PIPE, timeout: float | None = None) 
     return r.stdout, wall, cpu
 
 
+def drop_caches() -> bool:
+    """Empty the page cache so a 'first read' comes from the disk; False where not allowed."""
+    try:
+        os.sync()
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("1\n")
+        return True
+    except OSError:
+        return False
+
+
 def machine() -> dict:
     """What the figures were measured on, so two result files can be compared fairly."""
     with open("/proc/meminfo") as f:
