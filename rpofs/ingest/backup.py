@@ -21,8 +21,8 @@ from ..store.schema import BLOCK_SIZE, CHUNK_SIZE, DiskRecord, PointRecord
 from ..timefmt import now_us
 from ..virt.client import (CHECKPOINT_PREFIX, AgentUnavailable, CheckpointUnusable, Connection, Domain,
                            DomainInfo)
-from .config import DiskChoice, Quiesce
 from ..virt.nbdexport import Export
+from .config import DiskChoice, Quiesce
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,10 @@ SCRATCH_DIR = "/var/tmp/rpofs"
 READ_SPAN = 4 << 20             # largest single NBD read for dirty runs
 HASH_THREADS = 2                # hashing + compression; NBD reads stay on the caller's thread
 IN_FLIGHT = 8                   # chunks read ahead of the hashing threads
+
+
+class VmNotRunning(RpofsError):
+    pass
 
 
 @dataclass(frozen=True)
@@ -59,10 +63,6 @@ def back_up(repo: Repository, conn: Connection, req: BackupRequest) -> PointReco
             reason = f"the chain's checkpoint cannot be used ({e})"
     log.info("%s: full backup: %s", info.name, reason)
     return _run(repo, dom, info, disks, None, reason, req.quiesce)
-
-
-class VmNotRunning(RpofsError):
-    pass
 
 
 def _chosen_disks(dom: Domain, info: DomainInfo, choice: DiskChoice) -> list[DiskRecord]:

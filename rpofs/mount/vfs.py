@@ -6,6 +6,7 @@
         <disk>.raw              the disk at that instant
         point.json              the point record
         domain.xml              the VM definition captured with the point
+        files/<disk>/<volume>/  the guest's files (rpofs.files.guest)
     /<vm>/at/<any time> -> ../<time>   as-of: the newest point at or before it;
                                  at/ lists nothing
 
