@@ -19,11 +19,9 @@ def back_up(repo, disks, dirty, kind, parent, time_us):
             else:
                 for b in sorted(dirty[d]):
                     w.put_log_block(d, b, bytes(data[b * BLOCK_SIZE:(b + 1) * BLOCK_SIZE]))
-        xml = w.put_chunk(b"<domain><name>m</name></domain>")
+        xml, _ = w.put_chunk(b"<domain><name>m</name></domain>")
         return w.commit(
-            vm=VM, vm_name="m", kind=kind, time_us=time_us,
-            chain=None if kind == "full" else parent.chain,
-            parent=None if kind == "full" else parent.point,
+            vm=VM, vm_name="m", time_us=time_us, parent=None if kind == "full" else parent,
             consistency="crash-consistent",
             disks=[DiskRecord(f"vd{chr(97 + i)}", len(x)) for i, x in enumerate(disks)],
             checkpoint="", domain_xml=xml.hex())

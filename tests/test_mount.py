@@ -120,3 +120,16 @@ def test_kill_9_of_the_mount_then_umount_and_mount_again(tmp_path):
         run_rpofs("mount", mnt, repo=tmp_path / "r")
         with open(mnt / "m" / "latest" / "vda.raw", "rb") as f:
             assert f.read() == bytes(disk)
+
+
+def test_du_of_a_disk_shows_what_is_stored(tmp_path):
+    repo, disk, (full, log1, log2) = fill(tmp_path / "r", random.Random(4))
+    # 2 MiB of random data stored raw, the zero half MiB not at all, plus two small log blocks
+    assert 2 * schema.CHUNK_SIZE < log2.stats["disk_bytes"]["vda"] < 2 * schema.CHUNK_SIZE + 3 * 65536
+    assert full.stats["disk_bytes"]["vda"] <= log1.stats["disk_bytes"]["vda"] <= log2.stats["disk_bytes"]["vda"]
+    repo.close()
+    with mounted(tmp_path / "r", tmp_path / "mnt") as mnt:
+        st = os.stat(mnt / "m" / "latest" / "vda.raw")
+        assert st.st_size == len(disk) and st.st_blocks * 512 == -(-log2.stats["disk_bytes"]["vda"] // 512) * 512
+        used = os.statvfs(mnt)
+        assert used.f_blocks * used.f_frsize >= 2 * schema.CHUNK_SIZE and used.f_bfree == 0

@@ -134,7 +134,6 @@ def end_leftovers(repo: Repository, dom: Domain) -> list[str]:
 
 def _run(repo: Repository, dom: Domain, info: DomainInfo, disks: list[DiskRecord],
          parent: PointRecord | None, reason: str, quiesce: Quiesce) -> PointRecord:
-    kind = "log" if parent else "full"
     for d in (SOCKET_DIR, SCRATCH_DIR):
         os.makedirs(d, mode=0o700, exist_ok=True)
     socket = os.path.join(SOCKET_DIR, f"{info.uuid}.sock")
@@ -175,11 +174,10 @@ def _run(repo: Repository, dom: Domain, info: DomainInfo, disks: list[DiskRecord
                         _copy_allocated(export, writer, index)
                 finally:
                     export.close()
-            xml_key = writer.put_chunk(info.xml.encode())
-            checkpoint_key = writer.put_chunk(dom.checkpoint_xml(checkpoint).encode())
+            xml_key, _ = writer.put_chunk(info.xml.encode())
+            checkpoint_key, _ = writer.put_chunk(dom.checkpoint_xml(checkpoint).encode())
             record = writer.commit(
-                vm=info.uuid, vm_name=info.name, kind=kind, time_us=time_us,
-                chain=parent.chain if parent else None, parent=parent.point if parent else None,
+                vm=info.uuid, vm_name=info.name, time_us=time_us, parent=parent,
                 consistency=consistency, disks=disks, checkpoint=checkpoint,
                 domain_xml=xml_key.hex(), reason=reason, checkpoint_xml=checkpoint_key.hex(),
                 warnings=tuple(warnings))

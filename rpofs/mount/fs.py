@@ -73,7 +73,7 @@ class Operations(pyfuse3.Operations):
         e.st_gid = self._gid if a.gid is None else a.gid
         e.st_size = a.size
         e.st_blksize = 1 << 20
-        e.st_blocks = 0
+        e.st_blocks = 0 if a.is_dir else -(-(a.size if a.stored is None else a.stored) // 512)
         e.st_mtime_ns = a.mtime_ns
         e.st_atime_ns = a.mtime_ns if a.atime_ns is None else a.atime_ns
         e.st_ctime_ns = a.mtime_ns if a.ctime_ns is None else a.ctime_ns

@@ -60,6 +60,7 @@ class Attr:
     nlink: int | None = None    # None: 2 for directories, 1 otherwise
     atime_ns: int | None = None  # None: mtime
     ctime_ns: int | None = None
+    stored: int | None = None   # bytes it takes in storage (st_blocks); None: its size
 
     @property
     def is_dir(self) -> bool:
@@ -193,7 +194,8 @@ class Tree:
             return Attr(ino, _DIR, 0, when, IMMUTABLE_TTL)
         if kind == "disk":
             size = point.disks[point.disk_index(node[2])].size
-            return Attr(ino, _FILE, size, when, IMMUTABLE_TTL)
+            stored = point.stats.get("disk_bytes", {}).get(node[2])  # so du shows what is stored
+            return Attr(ino, _FILE, size, when, IMMUTABLE_TTL, stored=stored)
         if kind == "fnode":
             e = self.guest.entry(node)
             return Attr(ino, e.mode, e.size, e.mtime_ns, IMMUTABLE_TTL, e.uid, e.gid, e.nlink, e.atime_ns,

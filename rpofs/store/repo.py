@@ -5,6 +5,7 @@ process). Reads use short read transactions; a backup is staged in a
 BackupWriter and made visible by one write transaction in commit().
 """
 
+import collections
 import contextlib
 import functools
 import json
@@ -179,6 +180,7 @@ class BackupWriter:
         self._full: list[tuple[int, int, bytes]] = []    # (disk, chunk no, key)
         self._log: list[tuple[int, int, bytes]] = []     # (disk, block no, key)
         self.stats = {"logical_bytes": 0, "stored_bytes": 0, "new_chunks": 0, "zero_bytes": 0}
+        self._disk_bytes: collections.Counter[int] = collections.Counter()  # stored bytes each disk draws on
         self._done = False
 
     def __enter__(self):
@@ -188,48 +190,62 @@ class BackupWriter:
         if not self._done:
             self.abort()
 
-    def put_chunk(self, data) -> bytes:
-        """Store data unless already stored; its key. data must not be all zeros."""
+    def put_chunk(self, data) -> tuple[bytes, int]:
+        """Store data unless already stored: its key and stored size. data
+        must not be all zeros."""
         key = chunk_key(data)
         with self._lock:
             if key in self._new:
-                return key
+                return key, self._new[key].stored_len
         with self.repo.env.begin(db=self.repo.db["chunks"]) as txn:
-            if txn.get(key) is not None:
-                return key
+            found = txn.get(key)
+            if found is not None:
+                return key, ChunkLocation.decode(found).stored_len
         codec, stored = encode(data)
         loc = self.pack.append(key, codec, len(data), stored)
         with self._lock:
             self._new.setdefault(key, loc)
             self.stats["stored_bytes"] += len(stored)
             self.stats["new_chunks"] += 1
-        return key
+        return key, len(stored)
 
-    def _key_of(self, data) -> bytes:
+    def _key_of(self, disk: int, data) -> bytes:
         with self._lock:
             self.stats["logical_bytes"] += len(data)
         if not any_nonzero(data):
             with self._lock:
                 self.stats["zero_bytes"] += len(data)
             return ZERO_KEY
-        return self.put_chunk(data)
+        key, stored = self.put_chunk(data)
+        with self._lock:
+            self._disk_bytes[disk] += stored
+        return key
 
     def put_full_chunk(self, disk: int, chunk_no: int, data) -> None:
-        key = self._key_of(data)
+        key = self._key_of(disk, data)
         if key != ZERO_KEY:  # absent from the full index means zeros
             with self._lock:
                 self._full.append((disk, chunk_no, key))
 
     def put_log_block(self, disk: int, block_no: int, data) -> None:
-        key = self._key_of(data)  # ZERO_KEY is recorded: it overrides the full
+        key = self._key_of(disk, data)  # ZERO_KEY is recorded: it overrides the full
         with self._lock:
             self._log.append((disk, block_no, key))
 
-    def commit(self, *, vm: str, vm_name: str, kind: str, time_us: int, chain: int | None,
-               parent: int | None, consistency: str, disks: list[DiskRecord], checkpoint: str,
-               domain_xml: str, reason: str = "", checkpoint_xml: str = "",
-               warnings: tuple[str, ...] = ()) -> PointRecord:
-        assert kind in ("full", "log") and (kind == "full") == (chain is None)
+    def commit(self, *, vm: str, vm_name: str, time_us: int, parent: PointRecord | None,
+               consistency: str, disks: list[DiskRecord], checkpoint: str, domain_xml: str,
+               reason: str = "", checkpoint_xml: str = "", warnings: tuple[str, ...] = ()) -> PointRecord:
+        """Record the point: a log extending `parent`'s chain, or a full when
+        parent is None."""
+        kind = "log" if parent else "full"
+        chain = parent.chain if parent else None
+        # What each disk draws on in the repository, for du through the mount:
+        # its full's chunks and every log block since (shared chunks counted
+        # for each disk that uses them).
+        drawn = dict(parent.stats.get("disk_bytes", {})) if parent else {}
+        for index, d in enumerate(disks):
+            drawn[d.target] = drawn.get(d.target, 0) + self._disk_bytes[index]
+        self.stats["disk_bytes"] = drawn
         self.pack.sync()
         db = self.repo.db
         vm_bytes = uuidlib.UUID(vm).bytes
@@ -247,7 +263,7 @@ class BackupWriter:
                     cur.put(schema.log_key(chain, disk, block_no, no), key)
             record = PointRecord(
                 point=no, vm=vm, vm_name=vm_name, kind=kind, time_us=time_us, chain=chain,
-                parent=parent, consistency=consistency, disks=tuple(disks), checkpoint=checkpoint,
+                parent=parent.point if parent else None, consistency=consistency, disks=tuple(disks), checkpoint=checkpoint,
                 domain_xml=domain_xml, reason=reason, stats=dict(self.stats),
                 checkpoint_xml=checkpoint_xml, warnings=tuple(warnings))
             txn.put(schema.point_key(no), record.encode(), db=db["points"])
