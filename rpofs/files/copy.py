@@ -60,10 +60,10 @@ def copy_out(repo: Repository, source: str, dest: str, recursive: bool = False) 
     for name in path:
         if not entry.is_dir:
             raise RpofsError(f"{source}: {entry.name or '/'} is not a directory")
-        children = guest.children(point, key)
+        children = guest.children(key)
         if name not in children:
             raise RpofsError(f"{source}: no {name!r} in {entry.name or '/'}")
-        key, entry = guest.remember(point, disk, volume, children[name])
+        key, entry = guest.remember(guest.fs_of(key), point, disk, volume, children[name])
     if entry.is_dir and not recursive:
         raise RpofsError(f"{source} is a directory: copy it with -r")
     if os.path.isdir(dest):
@@ -74,16 +74,16 @@ def copy_out(repo: Repository, source: str, dest: str, recursive: bool = False) 
 def _copy(guest: GuestFiles, point: PointRecord, key: tuple, entry: Entry, dest: str) -> int:
     written = 0
     if entry.is_link:
-        os.symlink(guest.readlink(point, key), dest)
+        os.symlink(guest.readlink(key), dest)
         _own(dest, entry)
         return 1
     if entry.is_dir:
         os.makedirs(dest, exist_ok=True)
-        for child in guest.children(point, key).values():
-            child_key, child = guest.remember(point, key[2], key[3], child)
+        for child in guest.children(key).values():
+            child_key, child = guest.remember(guest.fs_of(key), point, key[2], key[3], child)
             written += _copy(guest, point, child_key, child, os.path.join(dest, child.name))
     elif stat.S_ISREG(entry.mode):
-        source = guest.open(point, key)
+        source = guest.open(key)
         with open(dest, "wb") as out:
             for offset in range(0, entry.size, COPY_BLOCK):
                 out.write(source.read(offset, COPY_BLOCK))

@@ -36,7 +36,9 @@ class GuestFiles:
         self.repo = repo
         self._lock = threading.RLock()
         self._disks: collections.OrderedDict[tuple, DiskFiles] = collections.OrderedDict()
-        self._entries: dict[tuple, Entry] = {}
+        # key -> (entry, the filesystem that made it): its dissect handle is only
+        # valid with that filesystem (and its lock), even if the disk's cache entry went
+        self._entries: dict[tuple, tuple[Entry, Filesystem]] = {}
         self._dirs: collections.OrderedDict[tuple, dict[str, Entry]] = collections.OrderedDict()
 
     def disk(self, point: PointRecord, target: str) -> DiskFiles:
@@ -66,30 +68,34 @@ class GuestFiles:
         fs = self.filesystem(point, target, volume)
         with fs.lock:
             entry = _guarded(fs.root, "the root directory")
-        return self.remember(point, target, volume, entry)
+        return self.remember(fs, point, target, volume, entry)
 
-    def remember(self, point: PointRecord, target: str, volume: str, entry: Entry) -> tuple[tuple, Entry]:
+    def remember(self, fs: Filesystem, point: PointRecord, target: str, volume: str,
+                 entry: Entry) -> tuple[tuple, Entry]:
         key = ("fnode", point.point, target, volume, entry.ino)
         with self._lock:
-            self._entries.setdefault(key, entry)
+            self._entries.setdefault(key, (entry, fs))
         return key, entry
 
     def entry(self, key: tuple) -> Entry:
-        with self._lock:
-            entry = self._entries.get(key)
-        if entry is None:
-            raise GuestFileError(f"guest file {key} was not looked up")
-        return entry
+        return self._known(key)[0]
 
-    def children(self, point: PointRecord, key: tuple) -> dict[str, Entry]:
-        """A directory's entries by name, in the filesystem's order."""
+    def _known(self, key: tuple) -> tuple[Entry, Filesystem]:
+        with self._lock:
+            known = self._entries.get(key)
+        if known is None:
+            raise GuestFileError(f"guest file {key} was not looked up")
+        return known
+
+    def children(self, key: tuple) -> dict[str, Entry]:
+        """A directory's entries by name, in the filesystem's order; remember()
+        them with fs_of(key)."""
         with self._lock:
             cached = self._dirs.get(key)
             if cached is not None:
                 self._dirs.move_to_end(key)
                 return cached
-        fs = self.filesystem(point, key[2], key[3])
-        directory = self.entry(key)
+        directory, fs = self._known(key)
         with fs.lock:
             listing = _guarded(lambda: {e.name: e for e in fs.children(directory)}, f"directory {directory.name!r}")
         with self._lock:
@@ -98,14 +104,16 @@ class GuestFiles:
                 self._dirs.popitem(last=False)
         return listing
 
-    def readlink(self, point: PointRecord, key: tuple) -> str:
-        fs = self.filesystem(point, key[2], key[3])
-        with fs.lock:
-            return _guarded(lambda: fs.readlink(self.entry(key)), "a symbolic link")
+    def fs_of(self, key: tuple) -> Filesystem:
+        return self._known(key)[1]
 
-    def open(self, point: PointRecord, key: tuple) -> "GuestFile":
-        fs = self.filesystem(point, key[2], key[3])
-        entry = self.entry(key)
+    def readlink(self, key: tuple) -> str:
+        entry, fs = self._known(key)
+        with fs.lock:
+            return _guarded(lambda: fs.readlink(entry), "a symbolic link")
+
+    def open(self, key: tuple) -> "GuestFile":
+        entry, fs = self._known(key)
         with fs.lock:
             stream = _guarded(lambda: fs.open(entry), f"file {entry.name!r}")
         return GuestFile(fs, stream, entry)

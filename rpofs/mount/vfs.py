@@ -259,7 +259,7 @@ class Tree:
         if node[0] == "atlink":
             return "../" + self._as_of(node[1], node[2])
         if node[0] == "fnode" and self.guest.entry(node).is_link:
-            return self.guest.readlink(self._point(node[1])[1], node)
+            return self.guest.readlink(node)
         raise NotASymlink(str(ino))
 
     def open(self, ino: int):
@@ -270,7 +270,7 @@ class Tree:
         if node[0] in ("json", "xml"):
             return _Bytes(self._small_file(node))
         if node[0] == "fnode" and not self.guest.entry(node).is_dir:
-            return self.guest.open(self._point(node[1])[1], node)
+            return self.guest.open(node)
         raise NoSuchEntry(str(ino))
 
     # -- helpers -------------------------------------------------------------
@@ -292,9 +292,10 @@ class Tree:
         entry = self.guest.entry(node)
         if not entry.is_dir:
             raise NotADirectory(entry.name)
-        listing = self.guest.children(point, node)
+        listing = self.guest.children(node)
+        fs = self.guest.fs_of(node)
         wanted = listing if name is None else ({name: listing[name]} if name in listing else {})
-        return [(n, self.guest.remember(point, node[2], node[3], e)[0]) for n, e in wanted.items()]
+        return [(n, self.guest.remember(fs, point, node[2], node[3], e)[0]) for n, e in wanted.items()]
 
     def _as_of(self, uuid: str, text: str) -> str:
         try:
