@@ -19,7 +19,7 @@ class FsError(RpofsError):
     """The filesystem cannot be read here (damaged, or not one we know)."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Entry:
     name: str
     mode: int          # st_mode: type and permission bits
@@ -31,7 +31,8 @@ class Entry:
     ctime_ns: int
     nlink: int
     ino: int           # the filesystem's own inode number: hard links share it
-    handle: Any        # the dissect object behind it
+    handle: Any        # the dissect object behind it; None where ino finds it again
+                       # (a parsed inode costs kilobytes: a big directory keeps none)
 
     @property
     def is_dir(self) -> bool:
@@ -57,11 +58,15 @@ class Filesystem:
     def children(self, entry: Entry) -> Iterator[Entry]:
         raise NotImplementedError
 
+    def node(self, entry: Entry):
+        """The dissect object of an entry."""
+        return entry.handle
+
     def open(self, entry: Entry) -> BinaryIO:
-        return entry.handle.open()
+        return self.node(entry).open()
 
     def readlink(self, entry: Entry) -> str:
-        return entry.handle.link
+        return self.node(entry).link
 
 
 def _posix(name, node, ino, nlink) -> Entry:
@@ -77,7 +82,7 @@ def _posix(name, node, ino, nlink) -> Entry:
     else:
         gid = node.gid
     return Entry(name, mode, node.size if not stat.S_ISDIR(mode) else 0, uid, gid, node.atime_ns,
-                 node.mtime_ns, node.ctime_ns, nlink, ino, node)
+                 node.mtime_ns, node.ctime_ns, nlink, ino, None)
 
 
 class ExtFilesystem(Filesystem):
@@ -94,8 +99,11 @@ class ExtFilesystem(Filesystem):
     def root(self) -> Entry:
         return self._entry("", self.fs.root)
 
+    def node(self, entry: Entry):
+        return self.fs.get_inode(entry.ino)
+
     def children(self, entry: Entry) -> Iterator[Entry]:
-        for node in entry.handle.iterdir():
+        for node in self.node(entry).iterdir():
             if node.filename not in (".", ".."):
                 yield self._entry(node.filename, node)
 
@@ -114,8 +122,11 @@ class XfsFilesystem(Filesystem):
     def root(self) -> Entry:
         return self._entry("", self.fs.root)
 
+    def node(self, entry: Entry):
+        return self.fs.get_inode(entry.ino)
+
     def children(self, entry: Entry) -> Iterator[Entry]:
-        for node in entry.handle.iterdir():
+        for node in self.node(entry).iterdir():
             if node.filename not in (".", ".."):
                 yield self._entry(node.filename, node)
 
@@ -134,8 +145,11 @@ class BtrfsFilesystem(Filesystem):
     def root(self) -> Entry:
         return self._entry("", self.fs.root)
 
+    def node(self, entry: Entry):
+        return self.fs.root.subvolume.inode(entry.ino)
+
     def children(self, entry: Entry) -> Iterator[Entry]:
-        for name, node in entry.handle.iterdir():
+        for name, node in self.node(entry).iterdir():
             if name not in (".", ".."):
                 yield self._entry(name, node)
 

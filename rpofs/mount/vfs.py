@@ -48,7 +48,7 @@ class NotASymlink(RpofsError):
     pass
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Attr:
     ino: int
     mode: int
