@@ -322,3 +322,26 @@ def test_readers_while_backups_add_points(lab):
         assert errors == []
         newest = points_json(repo, vm.name)[-1]["name"]
         wait_for(lambda: os.path.exists(mnt / vm.name / newest), timeout=5, what="the newest point")
+
+
+def test_a_directory_of_100000_entries(tmp_path):
+    """Listed through the mount, read lazily: only that directory's blocks.
+    (Btrfs: mkfs.ext4 -d takes minutes to fill such a directory.)"""
+    from rpofs.store.repo import Repository
+    from synth import back_up
+
+    src = tmp_path / "src"
+    (src / "big").mkdir(parents=True)
+    for i in range(100_000):
+        (src / "big" / f"entry-{i:06d}").touch()
+    image = tmp_path / "fs.img"
+    btrfs(image, src, 512 * MiB)
+    shutil.rmtree(src)
+    repo = Repository.init(str(tmp_path / "repo"))
+    back_up(repo, [bytearray(image.read_bytes())], [set()], "full", None, 10**15)
+    repo.close()
+    big = tmp_path / "mnt" / "m" / "latest" / "files" / "vda" / "0" / "big"
+    with mounted(tmp_path / "repo", tmp_path / "mnt"):
+        names = os.listdir(big)
+        assert len(names) == 100_000 and len(set(names)) == 100_000
+        assert os.stat(big / "entry-099999").st_size == 0
