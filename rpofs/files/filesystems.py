@@ -85,7 +85,30 @@ def _posix(name, node, ino, nlink) -> Entry:
                  node.mtime_ns, node.ctime_ns, nlink, ino, None)
 
 
-class ExtFilesystem(Filesystem):
+class _InodeFilesystem(Filesystem):
+    """ext, XFS and Btrfs: entries found again by inode number. Subclasses
+    open the filesystem and say where the link count is and how a directory
+    lists (name, node) pairs."""
+
+    def _entry(self, name, node) -> Entry:
+        return _posix(name, node, node.inum, self._nlink(node.inode))
+
+    def root(self) -> Entry:
+        return self._entry("", self.fs.root)
+
+    def node(self, entry: Entry):
+        return self.fs.get_inode(entry.ino)
+
+    def children(self, entry: Entry) -> Iterator[Entry]:
+        for name, node in self._listing(self.node(entry)):
+            if name not in (".", ".."):
+                yield self._entry(name, node)
+
+    def _listing(self, directory):
+        return ((node.filename, node) for node in directory.iterdir())
+
+
+class ExtFilesystem(_InodeFilesystem):
     kind = "ext"
 
     def __init__(self, fh: BinaryIO):
@@ -93,22 +116,11 @@ class ExtFilesystem(Filesystem):
         from dissect.extfs import ExtFS
         self.fs = ExtFS(fh)
 
-    def _entry(self, name, node) -> Entry:
-        return _posix(name, node, node.inum, node.inode.i_links_count)
-
-    def root(self) -> Entry:
-        return self._entry("", self.fs.root)
-
-    def node(self, entry: Entry):
-        return self.fs.get_inode(entry.ino)
-
-    def children(self, entry: Entry) -> Iterator[Entry]:
-        for node in self.node(entry).iterdir():
-            if node.filename not in (".", ".."):
-                yield self._entry(node.filename, node)
+    def _nlink(self, inode) -> int:
+        return inode.i_links_count
 
 
-class XfsFilesystem(Filesystem):
+class XfsFilesystem(_InodeFilesystem):
     kind = "xfs"
 
     def __init__(self, fh: BinaryIO):
@@ -116,22 +128,11 @@ class XfsFilesystem(Filesystem):
         from dissect.xfs import XFS
         self.fs = XFS(fh)
 
-    def _entry(self, name, node) -> Entry:
-        return _posix(name, node, node.inum, node.inode.di_nlink)
-
-    def root(self) -> Entry:
-        return self._entry("", self.fs.root)
-
-    def node(self, entry: Entry):
-        return self.fs.get_inode(entry.ino)
-
-    def children(self, entry: Entry) -> Iterator[Entry]:
-        for node in self.node(entry).iterdir():
-            if node.filename not in (".", ".."):
-                yield self._entry(node.filename, node)
+    def _nlink(self, inode) -> int:
+        return inode.di_nlink
 
 
-class BtrfsFilesystem(Filesystem):
+class BtrfsFilesystem(_InodeFilesystem):
     kind = "btrfs"
 
     def __init__(self, fh: BinaryIO):
@@ -139,19 +140,14 @@ class BtrfsFilesystem(Filesystem):
         from dissect.btrfs import Btrfs
         self.fs = Btrfs(fh)
 
-    def _entry(self, name, node) -> Entry:
-        return _posix(name, node, node.inum, node.inode.nlink)
-
-    def root(self) -> Entry:
-        return self._entry("", self.fs.root)
+    def _nlink(self, inode) -> int:
+        return inode.nlink
 
     def node(self, entry: Entry):
         return self.fs.root.subvolume.inode(entry.ino)
 
-    def children(self, entry: Entry) -> Iterator[Entry]:
-        for name, node in self.node(entry).iterdir():
-            if name not in (".", ".."):
-                yield self._entry(name, node)
+    def _listing(self, directory):
+        return directory.iterdir()
 
 
 class FatFilesystem(Filesystem):
