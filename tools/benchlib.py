@@ -154,13 +154,14 @@ def rpofs(repo: str, *args: str) -> list[str]:
     return [sys.executable, "-m", "rpofs.cli", "--repo", repo, *args]
 
 
-def timed(cmd: list[str], stdout=subprocess.PIPE, timeout: float | None = None) -> tuple[str, float, float]:
-    """Run a command from the repository root to completion: (stdout, wall seconds, CPU
-    seconds). CPU is from RUSAGE_CHILDREN deltas, so it counts the child and whatever it
-    waited for."""
+def timed(cmd: list[str], stdout=subprocess.PIPE, timeout: float | None = None, env: dict | None = None,
+          cwd: str = ROOT) -> tuple[str, float, float]:
+    """Run a command (from the repository root unless told) to completion: (stdout, wall
+    seconds, CPU seconds). CPU is from RUSAGE_CHILDREN deltas, so it counts the child and
+    whatever it waited for."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.monotonic()
-    r = subprocess.run(cmd, cwd=ROOT, stdout=stdout, stderr=subprocess.PIPE, text=True, timeout=timeout)
+    r = subprocess.run(cmd, cwd=cwd, env=env, stdout=stdout, stderr=subprocess.PIPE, text=True, timeout=timeout)
     wall = time.monotonic() - start
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if r.returncode != 0:
