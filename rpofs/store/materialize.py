@@ -5,6 +5,8 @@ one seek in the as-of index — else the full's chunk, else zeros. Opening is
 O(1) and a read costs the same however many logs precede the point.
 """
 
+import bisect
+
 from ..errors import ChunkError, ChunkMissing
 from . import schema
 from .repo import Repository
@@ -27,19 +29,19 @@ class DiskReader:
             return b""
         out = None  # allocated only when the read spans more than one piece
         repo, db = self.repo, self.repo.db
-        chain, disk, point = self.point.chain, self.disk, self.point.point
+        chain, disk = self.point.chain, self.disk
         with repo.env.begin() as txn:
             fulls = txn.cursor(db=db["full_index"])
-            logs = txn.cursor(db=db["log_index"]) if self.point.kind == "log" else None
             chunks = txn.cursor(db=db["chunks"])
+            changes = {}
+            if self.point.kind == "log":
+                changes = self._changes(txn.cursor(db=db["log_index"]), offset // BLOCK_SIZE,
+                                        (end - 1) // BLOCK_SIZE)
+            changed = sorted(changes)
             pos = offset
             while pos < end:
                 block = pos // BLOCK_SIZE
-                key = None
-                if logs is not None:
-                    wanted = schema.log_key(chain, disk, block, point)
-                    if logs.set_range(wanted) and schema.log_key_block_prefix(logs.key()) == schema.log_key_block_prefix(wanted):
-                        key = logs.value()
+                key = changes.get(block)
                 if key is not None:
                     base, span = block * BLOCK_SIZE, BLOCK_SIZE
                     stop = min(base + BLOCK_SIZE, end)
@@ -47,8 +49,9 @@ class DiskReader:
                     chunk_no = pos // CHUNK_SIZE
                     base, span = chunk_no * CHUNK_SIZE, CHUNK_SIZE
                     stop = min(base + CHUNK_SIZE, end)
-                    if logs is not None:  # the next block may have a log change
-                        stop = min(stop, (block + 1) * BLOCK_SIZE)
+                    i = bisect.bisect_right(changed, block)  # the full serves up to the next change
+                    if i < len(changed):
+                        stop = min(stop, changed[i] * BLOCK_SIZE)
                     key = fulls.get(schema.full_key(chain, disk, chunk_no)) or ZERO_KEY
                 if key != ZERO_KEY:
                     data = self._chunk(chunks, key)
@@ -63,6 +66,25 @@ class DiskReader:
                 elif out is None:
                     out = bytearray(end - offset)
                 pos = stop
+        return out
+
+    def _changes(self, logs, first: int, last: int) -> dict[int, bytes]:
+        """block -> chunk key of its newest change at or before the point, for
+        the blocks first..last that have one. Blocks no log touched cost
+        nothing: the scan jumps from one changed block to the next; a changed
+        block costs one seek past the changes newer than the point."""
+        chain, disk, point = self.point.chain, self.disk, self.point.point
+        out = {}
+        found = logs.set_range(schema.log_key(chain, disk, first, point))
+        while found:
+            c, d, block, changed_at = schema.read_log_key(logs.key())
+            if (c, d) != (chain, disk) or block > last:
+                break
+            if changed_at > point:  # newer than the point: to this block's changes at the point
+                found = logs.set_range(schema.log_key(chain, disk, block, point))
+                continue
+            out[block] = logs.value()
+            found = logs.set_range(schema.log_key(chain, disk, block + 1, point))
         return out
 
     def _chunk(self, chunks_cursor, key: bytes) -> bytes:

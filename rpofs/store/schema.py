@@ -98,9 +98,10 @@ def log_key(chain: int, disk: int, block: int, point: int) -> bytes:
     return _LOG_KEY.pack(chain, disk, block, 0xFFFFFFFF - point)
 
 
-def log_key_block_prefix(key: bytes) -> bytes:
-    """The (chain, disk, block) part of a log_index key."""
-    return bytes(key[:10])
+def read_log_key(key: bytes) -> tuple[int, int, int, int]:
+    """(chain, disk, block, point) of a log_index key."""
+    chain, disk, block, inverted = _LOG_KEY.unpack(key)
+    return chain, disk, block, 0xFFFFFFFF - inverted
 
 
 @dataclass(frozen=True)
