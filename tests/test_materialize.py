@@ -95,3 +95,37 @@ def test_concurrent_backups_in_one_process_commit(tmp_path):
         t.join()
     assert errors == []
     repo.close()
+
+
+def test_few_pack_files_open_however_many_points(tmp_path, monkeypatch):
+    """A pack per backup: readers keep only OPEN_PACKS of them open, also when
+    threads read from packs being closed."""
+    import threading
+
+    from rpofs.store import chunks
+    monkeypatch.setattr(chunks, "OPEN_PACKS", 2)
+    repo = Repository.init(str(tmp_path / "r"))
+    rnd = random.Random(3)
+    disk = bytearray(rnd.randbytes(CHUNK_SIZE))
+    points = [back_up(repo, [disk], [set()], "full", None, 1)]
+    for i in range(12):  # each log in its own pack
+        write(disk, dirty := set(), i * 65536, rnd.randbytes(100))
+        points.append(back_up(repo, [disk], [dirty], "log", points[-1], 2 + i))
+    truth = bytes(disk)
+    repo.reader._cache_limit = 0  # every read goes to the packs
+    errors = []
+
+    def read_all():
+        try:
+            for _ in range(20):
+                assert DiskReader(repo, points[-1], "vda").read(0, CHUNK_SIZE) == truth
+        except Exception as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=read_all) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and len(repo.reader._fds) <= 2
+    repo.close()

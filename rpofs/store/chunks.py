@@ -17,6 +17,7 @@ import zstandard
 from ..errors import ChunkMissing, CorruptChunk, RpofsError
 from .schema import CODEC_RAW, CODEC_ZSTD, PACK_HEADER, ChunkLocation, pack_name
 
+OPEN_PACKS = 256
 ZSTD_LEVEL = 1  # ~1 GB/s per core; higher levels cost more than they save on disk data
 _local = threading.local()
 
@@ -103,23 +104,39 @@ class ChunkReader:
 
     def __init__(self, chunks_dir: str, cache_bytes: int = 64 << 20):
         self._dir = chunks_dir
-        self._fds: dict[int, int] = {}
+        # pack -> [fd, readers now]; least recently used first
+        self._fds: collections.OrderedDict[int, list[int]] = collections.OrderedDict()
         self._lock = threading.Lock()
         self._cache: collections.OrderedDict[bytes, bytes] = collections.OrderedDict()
         self._cache_bytes = 0
         self._cache_limit = cache_bytes
 
-    def _fd(self, pack: int) -> int:
+    def _pread(self, pack: int, length: int, offset: int) -> bytes:
+        """Read from a pack. At most OPEN_PACKS stay open (a repository holds a
+        pack per backup, far more than a process may open); a descriptor in use
+        by another thread is closed only when that thread is done with it."""
         with self._lock:
-            fd = self._fds.get(pack)
-            if fd is None:
+            entry = self._fds.get(pack)
+            if entry is None:
                 path = os.path.join(self._dir, pack_name(pack))
                 try:
-                    fd = os.open(path, os.O_RDONLY)
+                    entry = self._fds[pack] = [os.open(path, os.O_RDONLY), 0]
                 except FileNotFoundError:
                     raise ChunkMissing(f"pack file {path} is missing") from None
-                self._fds[pack] = fd
-            return fd
+            self._fds.move_to_end(pack)
+            entry[1] += 1
+            while len(self._fds) > OPEN_PACKS:
+                old = self._fds.popitem(last=False)[1]
+                old[1] -= 1  # its own reference: closed below or by its last reader
+                if old[1] < 0:
+                    os.close(old[0])
+        try:
+            return os.pread(entry[0], length, offset)
+        finally:
+            with self._lock:
+                entry[1] -= 1
+                if entry[1] < 0:  # evicted while we read
+                    os.close(entry[0])
 
     def read(self, key: bytes, loc: ChunkLocation) -> bytes:
         with self._lock:
@@ -138,7 +155,7 @@ class ChunkReader:
         return data
 
     def _load(self, key: bytes, loc: ChunkLocation) -> bytes:
-        stored = os.pread(self._fd(loc.pack), loc.stored_len, loc.offset)
+        stored = self._pread(loc.pack, loc.stored_len, loc.offset)
         where = f"chunk {key.hex()[:16]} in {pack_name(loc.pack)} at {loc.offset}"
         if len(stored) != loc.stored_len:
             raise CorruptChunk(f"{where}: pack file is truncated")
@@ -157,7 +174,7 @@ class ChunkReader:
 
     def close(self) -> None:
         with self._lock:
-            for fd in self._fds.values():
+            for fd, _ in self._fds.values():
                 os.close(fd)
             self._fds.clear()
             self._cache.clear()
