@@ -8,6 +8,7 @@ The child opens the repository itself: nothing LMDB crosses a fork.
 import errno
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -127,12 +128,11 @@ async def _serve(opts: MountOptions, tell) -> None:
 
 
 def _widen_read_ahead(mountpoint: str) -> None:
-    with open("/proc/self/mountinfo") as f:
-        devs = [line.split()[2] for line in f if line.split()[4] == mountpoint]
-    if not devs:
+    dev = _mount_table().get(mountpoint)
+    if dev is None:
         log.warning("cannot find %s in /proc/self/mountinfo to widen read-ahead", mountpoint)
         return
-    path = f"/sys/class/bdi/{devs[-1]}/read_ahead_kb"
+    path = f"/sys/class/bdi/{dev}/read_ahead_kb"
     try:
         with open(path, "w") as f:
             f.write(str(READ_AHEAD_KB))
@@ -161,9 +161,19 @@ class _Teller:
 def _mounted(path: str) -> bool:
     """From the mount table: a mount whose daemon died fails stat, so
     os.path.ismount cannot tell."""
+    return path in _mount_table()
+
+
+def _mount_table() -> dict[str, str]:
+    """mount point -> its device number "major:minor", from /proc/self/mountinfo
+    (which escapes space, tab, newline and backslash as octal)."""
+    table = {}
     with open("/proc/self/mountinfo") as f:
-        points = [line.split()[4].encode().decode("unicode_escape") for line in f]
-    return path in points
+        for line in f:
+            fields = line.split()
+            point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])
+            table[point] = fields[2]
+    return table
 
 
 def unmount(mountpoint: str) -> None:
