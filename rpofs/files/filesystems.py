@@ -47,8 +47,6 @@ class Filesystem:
     """One opened filesystem. dissect objects share a file position, so every
     call holds the filesystem's lock."""
 
-    kind = "?"
-
     def __init__(self):
         self.lock = threading.RLock()
 
@@ -109,8 +107,6 @@ class _InodeFilesystem(Filesystem):
 
 
 class ExtFilesystem(_InodeFilesystem):
-    kind = "ext"
-
     def __init__(self, fh: BinaryIO):
         super().__init__()
         from dissect.extfs import ExtFS
@@ -121,8 +117,6 @@ class ExtFilesystem(_InodeFilesystem):
 
 
 class XfsFilesystem(_InodeFilesystem):
-    kind = "xfs"
-
     def __init__(self, fh: BinaryIO):
         super().__init__()
         from dissect.xfs import XFS
@@ -133,8 +127,6 @@ class XfsFilesystem(_InodeFilesystem):
 
 
 class BtrfsFilesystem(_InodeFilesystem):
-    kind = "btrfs"
-
     def __init__(self, fh: BinaryIO):
         super().__init__()
         from dissect.btrfs import Btrfs
@@ -152,8 +144,6 @@ class BtrfsFilesystem(_InodeFilesystem):
 
 class FatFilesystem(Filesystem):
     """FAT12/16/32: no owners, no links; every file readable, directories listable."""
-
-    kind = "fat"
 
     def __init__(self, fh: BinaryIO):
         super().__init__()
@@ -191,8 +181,6 @@ def _fat_name(node) -> str:
 
 
 class NtfsFilesystem(Filesystem):
-    kind = "ntfs"
-
     def __init__(self, fh: BinaryIO):
         super().__init__()
         from dissect.ntfs import NTFS
