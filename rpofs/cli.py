@@ -63,6 +63,20 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("dest", metavar="DEST")
     c.add_argument("-r", "--recursive", action="store_true", help="copy a directory and what it holds")
 
+    pr = sub.add_parser("prune", help="remove the points a retention policy does not keep, and their data",
+                        description="Keeps the points any --keep-* option selects, the VM's newest point, and "
+                        "the full of every chain with a kept point; removes the rest and the data only they used. "
+                        "Times are UTC; --keep-within counts back from the VM's newest point.")
+    pr.add_argument("vm", nargs="?", help="VM name or UUID (as recorded in the repository)")
+    pr.add_argument("--all", action="store_true", help="every VM in the repository")
+    pr.add_argument("--keep-last", type=int, default=0, metavar="N", help="the newest N points")
+    pr.add_argument("--keep-within", default=None, metavar="DURATION",
+                    help="every point this close to the newest (e.g. 2h, 7d)")
+    for unit, period in (("hourly", "hour"), ("daily", "day"), ("weekly", "week"), ("monthly", "month")):
+        pr.add_argument(f"--keep-{unit}", type=int, default=0, metavar="N",
+                        help=f"the newest point of each of the last N {period}s that have one")
+    pr.add_argument("--dry-run", action="store_true", help="list what would be removed; change nothing")
+
     s = sub.add_parser("status", help="per VM: last full, last log, achieved RPO, next run, last error")
     s.add_argument("--json", action="store_true", help="one JSON object (documented in docs/INGEST.md)")
     return p
@@ -176,6 +190,46 @@ def cmd_ingest(repo_path: str, args) -> None:
     trio.run(until_signalled)
 
 
+def cmd_prune(repo_path: str, args) -> None:
+    from .ingest.config import parse_duration
+    from .store.prune import Retention, prune_by_name
+    if bool(args.vm) == args.all:
+        raise RpofsError("prune: name one VM or give --all")
+    counts = [args.keep_last, args.keep_hourly, args.keep_daily, args.keep_weekly, args.keep_monthly]
+    if any(n < 0 for n in counts):
+        raise RpofsError("prune: --keep-* counts must be 0 or more")
+    try:
+        within = parse_duration(args.keep_within) if args.keep_within is not None else 0.0
+    except ValueError as e:
+        raise RpofsError(f"prune: --keep-within: {e}") from None
+    policy = Retention(args.keep_last, within, args.keep_hourly, args.keep_daily, args.keep_weekly,
+                       args.keep_monthly)
+    if policy.keeps_everything():
+        raise RpofsError("prune: no --keep-* option given: nothing says what to keep")
+    repo = Repository.open(repo_path)
+    try:
+        for ref in [uuid for uuid, _ in repo.vms()] if args.all else [args.vm]:
+            name, report = prune_by_name(repo, ref, policy, args.dry_run)
+            if args.dry_run:
+                gone = point_names_of(repo, report.points_removed)
+                print(f"{name}: would remove {len(gone)} points, keep {report.points_kept}")
+                for n in gone:
+                    print(f"  {n}")
+            else:
+                print(f"{name}: {report.summary()}")
+    finally:
+        repo.close()
+
+
+def point_names_of(repo, points) -> list[str]:
+    """The names the mount gives these points (names depend on their neighbours)."""
+    if not points:
+        return []
+    every = repo.points(points[0].vm)
+    names = dict(zip((p.point for p in every), point_names([p.time_us for p in every])))
+    return [names[p.point] for p in points]
+
+
 def cmd_status(repo_path: str, args) -> None:
     from .ingest.status import gather, render
     repo = Repository.open(repo_path)
@@ -196,7 +250,7 @@ def cmd_cp(repo_path: str, args) -> None:
 
 
 COMMANDS = {"init": cmd_init, "backup": cmd_backup, "points": cmd_points, "mount": cmd_mount,
-            "umount": cmd_umount, "ingest": cmd_ingest, "status": cmd_status,
+            "umount": cmd_umount, "ingest": cmd_ingest, "status": cmd_status, "prune": cmd_prune,
             "cp": cmd_cp}
 
 if __name__ == "__main__":

@@ -38,6 +38,10 @@ class ChunkMissing(ChunkError):
     pass
 
 
+class PackMissing(ChunkMissing):
+    """The pack file is gone: prune may have moved the chunk elsewhere."""
+
+
 class CorruptChunk(ChunkError):
     pass
 

@@ -7,6 +7,7 @@ import subprocess
 import pytest
 
 from rpofs.ingest.config import ConfigError, load
+from rpofs.store.prune import Retention
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -20,6 +21,9 @@ def test_the_example_parses():
     assert db1.disks.mountpoint == "/var/lib/postgresql"
     assert db1.quiesce.enabled and db1.quiesce.mountpoints == ("/var/lib/postgresql",)
     assert cfg.policy("web1", "u") == cfg.defaults
+    assert cfg.defaults.retention == Retention(within_s=2 * 86400, hourly=48, daily=30, weekly=8)
+    assert db1.retention == Retention(within_s=7 * 86400, hourly=48, daily=30, weekly=8)  # the rest inherited
+    assert cfg.defaults.prune_interval_s == 600
     assert cfg.wants("web1", "u") and not cfg.wants("scratch-7", "u")
 
 
@@ -33,6 +37,9 @@ def test_the_example_parses():
     ('[vm.db1]\nquiesce = "yes"', "vm.db1.quiesce", '"none", "all" or a list'),
     ('[vm.db1]\ndisks = { mountpoint = "relative" }', "vm.db1.disks", "mountpoint"),
     ('[vm.db1]\nlog_interval = -1', "vm.db1.log_interval", "expected a duration"),
+    ('[defaults]\nkeep_daily = -1', "defaults.keep_daily", "integer >= 0"),
+    ('[defaults]\nkeep_within = "forever"', "defaults.keep_within", "expected a duration"),
+    ('[vm.db1]\nkeep = 3', "vm.db1.keep", "unknown key"),
     ("[ingest\n", "", "not valid TOML"),
 ])
 def test_mistakes_name_file_and_key(tmp_path, text, where, what):

@@ -226,3 +226,39 @@ def test_libvirtd_restart_and_vms_that_go_away(lab):
         assert daemon.wait(timeout=60) == 0
     text = (tmp / "ingest.log").read_text()
     assert "event=connected" in text and "Traceback" not in text
+
+
+def test_retention_prunes_as_it_goes_and_survives_kill_9(lab):
+    vms, log, repo, config, tmp = lab
+    config.write_text(config.read_text() + 'keep_within = "5s"\nprune_interval = "1s"\n')
+    writer = Writer(vms, log, seed=7)
+    writer.start()
+    try:
+        daemon = start_daemon(repo, config, tmp / "ingest.log")
+        time.sleep(9)
+        daemon.kill()  # perhaps in the middle of a prune
+        daemon.wait()
+        daemon = start_daemon(repo, config, tmp / "ingest.log")
+        time.sleep(9)
+    finally:
+        writer.stop.set()
+        writer.join()
+    daemon.send_signal(signal.SIGTERM)
+    assert daemon.wait(timeout=60) == 0
+    assert writer.error is None, writer.error
+    text = (tmp / "ingest.log").read_text()
+    assert "event=pruned" in text and "event=prune-failed" not in text and "Traceback" not in text
+    for vm in vms:
+        points = points_json(repo, vm.name)
+        times = [_seconds(p["time"]) for p in points]
+        # the chain's full, then only points within 5 s (+ one prune interval) of the newest
+        assert points[0]["kind"] == "full" and times[-1] - times[1] <= 5 + 1 + LOG_INTERVAL, times
+    with mounted(repo, tmp / "mnt") as mnt:
+        check_every_point(repo, mnt, vms, log)
+    from test_prune import check_repository
+    from rpofs.store.repo import Repository
+    r = Repository.open(str(repo))
+    try:
+        check_repository(r)
+    finally:
+        r.close()

@@ -8,6 +8,7 @@ import tomllib
 from dataclasses import dataclass, field
 
 from ..errors import RpofsError
+from ..store.prune import Retention
 
 DEFAULT_CONFIG = "/etc/rpofs/rpofs.toml"
 
@@ -38,6 +39,8 @@ class VmPolicy:
     log_interval_s: float = 5.0
     disks: DiskChoice = DiskChoice()
     quiesce: Quiesce = Quiesce()
+    retention: Retention = Retention()     # keeps everything unless a keep_* key is given
+    prune_interval_s: float = 600.0
 
 
 @dataclass(frozen=True)
@@ -60,8 +63,16 @@ class IngestConfig:
         return not self.vms or name in self.vms or uuid in self.vms
 
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
-_UNIT_S = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
+_UNIT_S = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400, None: 1}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in "500ms", "5s", "10m", "24h", "7d", "2w" (a bare number: seconds); ValueError if not."""
+    m = _DURATION.match(text)
+    if not m or float(m.group(1)) <= 0:
+        raise ValueError(f"expected a duration like 500ms, 5s, 10m, 24h, 7d, 2w, got {text!r}")
+    return float(m.group(1)) * _UNIT_S[m.group(2)]
 
 
 class _Reader:
@@ -102,14 +113,15 @@ class _Reader:
             return default
         if isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0:
             return float(v)
-        m = _DURATION.match(v) if isinstance(v, str) else None
-        if not m or float(m.group(1)) <= 0:
-            self.fail(key, f"expected a duration like 500ms, 5s, 10m, 24h, got {v!r}")
-        return float(m.group(1)) * _UNIT_S[m.group(2)]
+        try:
+            return parse_duration(v if isinstance(v, str) else "")
+        except ValueError:
+            self.fail(key, f"expected a duration like 500ms, 5s, 10m, 24h, 7d, got {v!r}")
 
 
 def _policy(r: _Reader, base: VmPolicy) -> VmPolicy:
-    r.check_keys({"full_interval", "log_interval", "disks", "quiesce", "quiesce_timeout"})
+    r.check_keys({"full_interval", "log_interval", "disks", "quiesce", "quiesce_timeout", "prune_interval",
+                  *_KEEP_COUNTS, "keep_within"})
     disks = base.disks
     if "disks" in r.table:
         v = r.table["disks"]
@@ -138,7 +150,15 @@ def _policy(r: _Reader, base: VmPolicy) -> VmPolicy:
     log = r.duration("log_interval", base.log_interval_s)
     if log > full:
         r.fail("log_interval", f"is longer than full_interval ({log:g}s > {full:g}s)")
-    return VmPolicy(full, log, disks, quiesce)
+    base_keep = base.retention
+    retention = Retention(**{field: r.integer(key, getattr(base_keep, field), 0) for key, field in _KEEP_COUNTS.items()},
+                          within_s=r.duration("keep_within", base_keep.within_s) if "keep_within" in r.table
+                          else base_keep.within_s)
+    return VmPolicy(full, log, disks, quiesce, retention, r.duration("prune_interval", base.prune_interval_s))
+
+
+_KEEP_COUNTS = {"keep_last": "last", "keep_hourly": "hourly", "keep_daily": "daily", "keep_weekly": "weekly",
+                "keep_monthly": "monthly"}
 
 
 def load(path: str) -> IngestConfig:

@@ -14,7 +14,8 @@ Pure and synchronous: no pyfuse3 here, so tests can walk the tree without
 mounting. Thread-safe: the FUSE adapter calls it from worker threads.
 Inode numbers are stable for the life of the mount; the point list is re-read
 from the catalog at most once per REFRESH_S, so new points show up in a
-running mount.
+running mount, and read whole again after a prune, so removed ones go (a
+point directory's name is revalidated like the VM directory for that).
 """
 
 import json
@@ -108,6 +109,7 @@ class Tree:
         self._ino: dict[tuple, int] = {("root",): ROOT_INO}
         self._node: dict[int, tuple] = {ROOT_INO: ("root",)}
         self._mounted_at = int(time.time() * 1e6)
+        self._pruned = repo.pruned_count()
         self.guest = GuestFiles(repo)
 
     # -- the catalog, re-read at most once per refresh period -------------
@@ -119,6 +121,10 @@ class Tree:
             vms = self.repo.vms()
             names = [n for _, n in vms]
             known = {view.uuid: view for view in self._vms.values()}
+            pruned = self.repo.pruned_count()
+            if pruned != self._pruned:  # points were removed: read every list again
+                known, self._pruned = {}, pruned
+                self._points.clear()
             views, dirs = {}, {}
             for uuid, name in vms:
                 view = known.get(uuid) or _VmView(uuid)
@@ -190,7 +196,9 @@ class Tree:
             return Attr(ino, _LINK, len(target), self._mounted_at * 1000, VOLATILE_TTL)
         _, point = self._point(node[1])
         when = point.time_us * 1000
-        if kind in ("point", "files", "fdisk"):
+        if kind == "point":  # its content never changes, but prune may remove it
+            return Attr(ino, _DIR, 0, when, VOLATILE_TTL)
+        if kind in ("files", "fdisk"):
             return Attr(ino, _DIR, 0, when, IMMUTABLE_TTL)
         if kind == "disk":
             size = point.disks[point.disk_index(node[2])].size

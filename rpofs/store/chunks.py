@@ -14,7 +14,7 @@ import threading
 import blake3
 import zstandard
 
-from ..errors import ChunkMissing, CorruptChunk, RpofsError
+from ..errors import CorruptChunk, PackMissing, RpofsError
 from .schema import CODEC_RAW, CODEC_ZSTD, PACK_HEADER, ChunkLocation, pack_name
 
 OPEN_PACKS = 256
@@ -122,7 +122,7 @@ class ChunkReader:
                 try:
                     entry = self._fds[pack] = [os.open(path, os.O_RDONLY), 0]
                 except FileNotFoundError:
-                    raise ChunkMissing(f"pack file {path} is missing") from None
+                    raise PackMissing(f"pack file {path} is missing") from None
             self._fds.move_to_end(pack)
             entry[1] += 1
             while len(self._fds) > OPEN_PACKS:
@@ -154,11 +154,19 @@ class ChunkReader:
                     self._cache_bytes -= len(old)
         return data
 
-    def _load(self, key: bytes, loc: ChunkLocation) -> bytes:
+    def stored(self, loc: ChunkLocation) -> bytes:
+        """The chunk's bytes as stored (compressed or not), unverified."""
         stored = self._pread(loc.pack, loc.stored_len, loc.offset)
-        where = f"chunk {key.hex()[:16]} in {pack_name(loc.pack)} at {loc.offset}"
         if len(stored) != loc.stored_len:
-            raise CorruptChunk(f"{where}: pack file is truncated")
+            raise CorruptChunk(f"{pack_name(loc.pack)} at {loc.offset}: pack file is truncated")
+        return stored
+
+    def _load(self, key: bytes, loc: ChunkLocation) -> bytes:
+        where = f"chunk {key.hex()[:16]} in {pack_name(loc.pack)} at {loc.offset}"
+        try:
+            stored = self.stored(loc)
+        except CorruptChunk:
+            raise CorruptChunk(f"{where}: pack file is truncated") from None
         if loc.codec == CODEC_ZSTD:
             try:
                 data = _decompressor().decompress(stored, max_output_size=loc.raw_len)

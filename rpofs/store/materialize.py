@@ -92,7 +92,7 @@ class DiskReader:
         try:
             if raw is None:
                 raise ChunkMissing(f"chunk {key.hex()[:16]} is not in the catalog")
-            return self.repo.reader.read(key, ChunkLocation.decode(raw))
+            return self.repo.read_chunk(key, ChunkLocation.decode(raw))
         except ChunkError as e:
             raise type(e)(f"{self._where()}: {e}") from None
 

@@ -7,6 +7,7 @@ BackupWriter and made visible by one write transaction in commit().
 
 import collections
 import contextlib
+import fcntl
 import functools
 import json
 import os
@@ -15,7 +16,7 @@ import uuid as uuidlib
 
 import lmdb
 
-from ..errors import ChunkMissing, NoRepository, RpofsError, UnknownFormat
+from ..errors import ChunkMissing, NoRepository, PackMissing, RpofsError, UnknownFormat
 from . import schema
 from .chunks import ChunkReader, PackWriter, chunk_key, encode
 from .schema import FORMAT, ZERO_KEY, ChunkLocation, DiskRecord, PointRecord
@@ -44,6 +45,26 @@ class Repository:
         in the same process (concurrent backups in the ingester)."""
         with self._write_lock, _catalog_errors(), self.env.begin(write=True) as txn:
             yield txn
+
+    def _flock(self, mode: int) -> int:
+        """A lock on REPO/lock shared by backups and held alone by prune (see
+        rpofs.store.prune): a backup that finds a chunk already stored must
+        commit before that chunk can be collected. Returns the fd to close."""
+        fd = os.open(os.path.join(self.path, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, mode)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    @contextlib.contextmanager
+    def exclusive(self):
+        fd = self._flock(fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            os.close(fd)
 
     # -- opening -------------------------------------------------------------
 
@@ -146,22 +167,48 @@ class Repository:
         paths += [e.path for e in os.scandir(self.chunks_dir)]
         return sum(os.stat(p).st_blocks * 512 for p in paths)
 
-    def read_chunk(self, key: bytes) -> bytes:
-        if key == ZERO_KEY:
-            raise ValueError("the zero key has no stored chunk")
+    def pruned_count(self) -> int:
+        """How many prunes removed points: a running mount re-reads its lists when it changes."""
+        with self.env.begin(db=self.db["meta"]) as txn:
+            found = txn.get(b"pruned")
+        return schema.read_u32(found) if found else 0
+
+    def locate(self, key: bytes) -> ChunkLocation:
         with self.env.begin(db=self.db["chunks"]) as txn:
             raw = txn.get(key)
         if raw is None:
             raise ChunkMissing(f"chunk {key.hex()[:16]} is not in the catalog")
-        return self.reader.read(key, ChunkLocation.decode(raw))
+        return ChunkLocation.decode(raw)
+
+    def read_chunk(self, key: bytes, loc: ChunkLocation | None = None) -> bytes:
+        """A chunk's bytes, verified; `loc` as a reader's transaction saw it.
+        A pack gone since (compacted by prune) sends us to the chunk's new place."""
+        if key == ZERO_KEY:
+            raise ValueError("the zero key has no stored chunk")
+        loc = loc or self.locate(key)
+        try:
+            return self.reader.read(key, loc)
+        except PackMissing:
+            now = self.locate(key)
+            if now == loc:
+                raise
+            return self.reader.read(key, now)
 
     # -- writing ---------------------------------------------------------------
 
-    def begin_writer(self) -> "BackupWriter":
+    def begin_pack(self) -> PackWriter:
         with self.write_txn() as txn:
             pack = schema.read_u32(txn.get(b"next_pack", db=self.db["meta"]))
             txn.put(b"next_pack", schema.u32(pack + 1), db=self.db["meta"])
-        return BackupWriter(self, PackWriter(self.chunks_dir, pack))
+        return PackWriter(self.chunks_dir, pack)
+
+    def begin_writer(self) -> "BackupWriter":
+        lock = self._flock(fcntl.LOCK_SH)
+        try:
+            return BackupWriter(self, self.begin_pack(), lock)
+        except BaseException:
+            os.close(lock)
+            raise
 
 
 class BackupWriter:
@@ -172,9 +219,10 @@ class BackupWriter:
     exception inside `with` discards everything.
     """
 
-    def __init__(self, repo: Repository, pack: PackWriter):
+    def __init__(self, repo: Repository, pack: PackWriter, lock_fd: int):
         self.repo = repo
         self.pack = pack
+        self._lock_fd = lock_fd  # shared repository lock, held until commit or abort
         self._new: dict[bytes, ChunkLocation] = {}
         self._lock = threading.Lock()
         self._full: list[tuple[int, int, bytes]] = []    # (disk, chunk no, key)
@@ -283,10 +331,17 @@ class BackupWriter:
         self.pack.close()
         if not self._new:
             self.pack.discard()
+        self._unlock()
 
     def abort(self) -> None:
         self._done = True
         self.pack.discard()
+        self._unlock()
+
+    def _unlock(self) -> None:
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
 
 
 @contextlib.contextmanager

@@ -1,0 +1,294 @@
+"""Retention: which recovery points a VM keeps, and removing the others
+without touching a byte of the kept ones.
+
+Choosing is pure (`choose`). A VM always keeps its newest point (the next log
+extends it), and a chain keeps its full while any of its points stays (the
+full is every log's base).
+
+Removing (`prune`) runs under the repository's exclusive lock, so no backup
+is between finding a chunk already stored and committing its reference:
+1. one write transaction drops the points, the index entries no kept point
+   reads any more, and the chunk locations nothing refers to;
+2. pack files with no live chunk are deleted;
+3. packs that are mostly dead are compacted: their live chunks are copied
+   (read and verified) to a new pack, fsync'ed, re-pointed in one
+   transaction, and only then is the old pack deleted.
+A crash anywhere leaves a consistent catalog and, at worst, pack data that
+nothing refers to, which the next prune removes.
+
+A log entry (block B changed at point P) serves every point from P until the
+next change of B; it is kept while a kept point falls in that span, so a
+removed log point's changes live on when a later kept point still reads them.
+"""
+
+import bisect
+import datetime
+import logging
+import os
+import uuid as uuidlib
+from dataclasses import dataclass, field
+
+from ..errors import ChunkError, RpofsError
+from . import schema
+from .chunks import PackWriter
+from .schema import PACK_HEADER, ZERO_KEY, ChunkLocation, PointRecord
+
+log = logging.getLogger(__name__)
+
+US = 1_000_000
+COMPACT_BELOW = 0.5   # compact a pack when less than half of it is live
+
+
+@dataclass(frozen=True)
+class Retention:
+    last: int = 0            # the newest N points
+    within_s: float = 0.0    # every point this close to the newest
+    hourly: int = 0          # the newest point of each of the last N hours that have points (UTC)
+    daily: int = 0
+    weekly: int = 0          # ISO weeks
+    monthly: int = 0
+
+    def keeps_everything(self) -> bool:
+        return not any((self.last, self.within_s, self.hourly, self.daily, self.weekly, self.monthly))
+
+
+def _bucket(unit: str, time_us: int):
+    t = datetime.datetime.fromtimestamp(time_us / US, datetime.timezone.utc)
+    return {"hourly": (t.date(), t.hour), "daily": t.date(), "weekly": t.isocalendar()[:2],
+            "monthly": (t.year, t.month)}[unit]
+
+
+def choose(points: list[PointRecord], policy: Retention) -> set[int]:
+    """The point numbers to keep; points oldest first."""
+    if not points or policy.keeps_everything():
+        return {p.point for p in points}
+    keep = {points[-1].point}
+    if policy.last:
+        keep.update(p.point for p in points[-policy.last:])
+    if policy.within_s:
+        since = points[-1].time_us - policy.within_s * US
+        keep.update(p.point for p in points if p.time_us >= since)
+    for unit in ("hourly", "daily", "weekly", "monthly"):
+        wanted, seen = getattr(policy, unit), set()
+        for p in reversed(points):
+            if len(seen) >= wanted:
+                break
+            bucket = _bucket(unit, p.time_us)
+            if bucket not in seen:
+                seen.add(bucket)
+                keep.add(p.point)
+    keep.update({p.chain for p in points if p.point in keep})
+    return keep
+
+
+def entry_is_live(changed_at: int, next_change: int | None, kept: list[int]) -> bool:
+    """Whether a log entry made at point `changed_at`, superseded at
+    `next_change` (None: never), is read by one of the chain's kept points
+    (sorted)."""
+    i = bisect.bisect_left(kept, changed_at)
+    return i < len(kept) and (next_change is None or kept[i] < next_change)
+
+
+@dataclass
+class PruneReport:
+    points_removed: list[PointRecord] = field(default_factory=list)
+    points_kept: int = 0
+    chunks_freed: int = 0
+    packs_deleted: int = 0
+    packs_compacted: int = 0
+    bytes_freed: int = 0
+
+    def summary(self) -> str:
+        return (f"{len(self.points_removed)} points removed, {self.points_kept} kept; "
+                f"{self.chunks_freed} chunks freed; {self.packs_deleted} pack files deleted, "
+                f"{self.packs_compacted} compacted; {self.bytes_freed} bytes freed")
+
+
+def prune(repo, vm: str, policy: Retention, dry_run: bool = False) -> PruneReport:
+    report = PruneReport()
+    if dry_run:
+        points = repo.points(vm)
+        keep = choose(points, policy)
+        report.points_removed = [p for p in points if p.point not in keep]
+        report.points_kept = len(keep)
+        return report
+    with repo.exclusive():
+        before = repo.stored_bytes()
+        with repo.write_txn() as txn:
+            live = _drop_points(repo, txn, vm, policy, report)
+            if report.points_removed:
+                pruned = schema.read_u32(txn.get(b"pruned", default=schema.u32(0), db=repo.db["meta"]))
+                txn.put(b"pruned", schema.u32(pruned + 1), db=repo.db["meta"])
+        if report.points_removed:
+            _delete_dead_packs(repo, live, report)
+            _compact(repo, live, report)
+        report.bytes_freed = before - repo.stored_bytes()
+    return report
+
+
+def _drop_points(repo, txn, vm: str, policy: Retention, report: PruneReport) -> dict[int, int]:
+    """Step 1. Returns live bytes per pack."""
+    db = repo.db
+    points = _points_in(repo, txn, vm)
+    keep = choose(points, policy)
+    report.points_kept = len(keep)
+    report.points_removed = [p for p in points if p.point not in keep]
+    if not report.points_removed:
+        return {}
+    vm_bytes = uuidlib.UUID(vm).bytes
+    for p in report.points_removed:
+        txn.delete(schema.point_key(p.point), db=db["points"])
+        txn.delete(schema.vm_point_key(vm_bytes, p.time_us, p.point), db=db["vm_points"])
+    touched = {p.chain for p in report.points_removed}
+    for chain in touched:
+        kept = sorted(p.point for p in points if p.chain == chain and p.point in keep)
+        prefix = schema.u32(chain)
+        if not kept:  # the whole chain goes
+            _delete_prefix(txn.cursor(db=db["full_index"]), prefix)
+            _delete_prefix(txn.cursor(db=db["log_index"]), prefix)
+        else:
+            _drop_dead_entries(txn.cursor(db=db["log_index"]), prefix, kept)
+    return _collect_chunks(repo, txn, report)
+
+
+def _points_in(repo, txn, vm: str) -> list[PointRecord]:
+    prefix = uuidlib.UUID(vm).bytes
+    cur, records = txn.cursor(db=repo.db["vm_points"]), txn.cursor(db=repo.db["points"])
+    out = []
+    if cur.set_range(prefix):
+        for key in cur.iternext(values=False):
+            if key[:16] != prefix:
+                break
+            out.append(PointRecord.decode(records.get(schema.point_key(schema.read_vm_point_key(key)[2]))))
+    return out
+
+
+def _delete_prefix(cur, prefix: bytes) -> None:
+    _delete(cur, [key for key in _keys_from(cur, prefix)])
+
+
+def _drop_dead_entries(cur, prefix: bytes, kept: list[int]) -> None:
+    """Entries of one block come newest first: each one's successor is the
+    entry before it."""
+    dead, block_of, newer = [], None, None
+    for key in _keys_from(cur, prefix):
+        _, disk, block, changed_at = schema.read_log_key(key)
+        if (disk, block) != block_of:
+            block_of, newer = (disk, block), None
+        if not entry_is_live(changed_at, newer, kept):
+            dead.append(key)
+        # even when dropped, it ends the span of the entry before it: no kept
+        # point fell between the two, so the older one serves the same points
+        newer = changed_at
+    _delete(cur, dead)
+
+
+def _keys_from(cur, prefix: bytes):
+    if cur.set_range(prefix):
+        for key in cur.iternext(values=False):
+            if key[:len(prefix)] != prefix:
+                break
+            yield bytes(key)
+
+
+def _delete(cur, keys: list[bytes]) -> None:
+    """Collected first: py-lmdb's cursor does not show the next item after a delete."""
+    for key in keys:
+        cur.set_key(key)
+        cur.delete()
+
+
+def _collect_chunks(repo, txn, report: PruneReport) -> dict[int, int]:
+    """Drop chunk locations nothing refers to; live bytes per pack."""
+    db = repo.db
+    referenced = set()
+    for name in ("full_index", "log_index"):
+        referenced.update(txn.cursor(db=db[name]).iternext(keys=False))
+    for _, value in txn.cursor(db=db["points"]):
+        record = PointRecord.decode(value)
+        for hexkey in (record.domain_xml, record.checkpoint_xml):
+            if hexkey:
+                referenced.add(bytes.fromhex(hexkey))
+    referenced.discard(ZERO_KEY)
+    live: dict[int, int] = {}
+    dead = []
+    cur = txn.cursor(db=db["chunks"])
+    for key, value in cur:
+        if key in referenced:
+            loc = ChunkLocation.decode(value)
+            live[loc.pack] = live.get(loc.pack, 0) + PACK_HEADER.size + loc.stored_len
+        else:
+            dead.append(bytes(key))
+    _delete(cur, dead)
+    report.chunks_freed = len(dead)
+    return live
+
+
+def _pack_files(repo) -> dict[int, str]:
+    out = {}
+    for e in os.scandir(repo.chunks_dir):
+        if e.name.startswith("pack-") and e.name[5:].isdigit():
+            out[int(e.name[5:])] = e.path
+    return out
+
+
+def _delete_dead_packs(repo, live: dict[int, int], report: PruneReport) -> None:
+    """Step 2: no backup runs (the lock), so a pack with no live chunk is
+    garbage: a removed point's, or a killed backup's."""
+    for pack, path in _pack_files(repo).items():
+        if pack not in live:
+            os.unlink(path)
+            report.packs_deleted += 1
+
+
+def _compact(repo, live: dict[int, int], report: PruneReport) -> None:
+    """Step 3."""
+    sparse = {pack: path for pack, path in _pack_files(repo).items()
+              if pack in live and live[pack] < COMPACT_BELOW * os.stat(path).st_size}
+    if not sparse:
+        return
+    writer = repo.begin_pack()
+    moved: dict[bytes, tuple[ChunkLocation, ChunkLocation]] = {}
+    broken: set[int] = set()
+    try:
+        with repo.env.begin(db=repo.db["chunks"]) as txn:
+            for key, value in txn.cursor():
+                loc = ChunkLocation.decode(value)
+                if loc.pack not in sparse or loc.pack in broken:
+                    continue
+                try:
+                    data = repo.reader.read(bytes(key), loc)  # verified: never copy damage silently
+                except ChunkError as e:
+                    log.error("pack %d not compacted: %s", loc.pack, e)
+                    broken.add(loc.pack)
+                    continue
+                stored = repo.reader.stored(loc)
+                moved[bytes(key)] = (loc, writer.append(bytes(key), loc.codec, len(data), stored))
+        # a pack found damaged keeps all its chunks where they are
+        moved = {k: v for k, v in moved.items() if v[0].pack not in broken}
+        writer.sync()
+        with repo.write_txn() as txn:
+            cur = txn.cursor(db=repo.db["chunks"])
+            for key, (old, new) in moved.items():
+                cur.put(key, new.encode())
+    except BaseException:
+        writer.discard()
+        raise
+    writer.close()
+    if not moved:
+        writer.discard()
+    for pack, path in sparse.items():
+        if pack not in broken:
+            os.unlink(path)  # a mount reading it through an older snapshot finds the chunk again
+            report.packs_compacted += 1
+
+
+def prune_by_name(repo, vm_ref: str, policy: Retention, dry_run: bool = False) -> tuple[str, PruneReport]:
+    """The VM by name or UUID as recorded in the repository."""
+    matches = [(uuid, name) for uuid, name in repo.vms() if vm_ref in (uuid, name)]
+    if not matches:
+        raise RpofsError(f"no VM {vm_ref!r} in repository {repo.path}")
+    if len(matches) > 1:
+        raise RpofsError(f"several VMs are named {vm_ref!r}: name one by UUID")
+    uuid, name = matches[0]
+    return name, prune(repo, uuid, policy, dry_run)
