@@ -111,10 +111,11 @@ class ChunkReader:
         self._cache_bytes = 0
         self._cache_limit = cache_bytes
 
-    def _pread(self, pack: int, length: int, offset: int) -> bytes:
-        """Read from a pack. At most OPEN_PACKS stay open (a repository holds a
-        pack per backup, far more than a process may open); a descriptor in use
-        by another thread is closed only when that thread is done with it."""
+    def _acquire(self, pack: int) -> list[int]:
+        """A pack's [fd, readers now]. At most OPEN_PACKS stay open (a
+        repository holds a pack per backup, far more than a process may open);
+        a descriptor in use by another thread is closed only when that thread
+        releases it."""
         with self._lock:
             entry = self._fds.get(pack)
             if entry is None:
@@ -130,13 +131,39 @@ class ChunkReader:
                 old[1] -= 1  # its own reference: closed below or by its last reader
                 if old[1] < 0:
                     os.close(old[0])
+        return entry
+
+    def _release(self, entry: list[int]) -> None:
+        with self._lock:
+            entry[1] -= 1
+            if entry[1] < 0:  # evicted while in use
+                os.close(entry[0])
+
+    def _pread(self, pack: int, length: int, offset: int) -> bytes:
+        entry = self._acquire(pack)
         try:
             return os.pread(entry[0], length, offset)
         finally:
-            with self._lock:
-                entry[1] -= 1
-                if entry[1] < 0:  # evicted while we read
-                    os.close(entry[0])
+            self._release(entry)
+
+    def prefetch(self, chunks: list[tuple[bytes, ChunkLocation]]) -> None:
+        """Start reading the chunks a read is about to need, all at once: a
+        point behind many logs draws each 64 KiB block from another place,
+        and read one after another the cold ones would wait on the disk
+        one at a time."""
+        with self._lock:
+            cold = [loc for key, loc in chunks if key not in self._cache]
+        if len(cold) < 2:
+            return
+        for loc in cold:
+            try:
+                entry = self._acquire(loc.pack)
+            except PackMissing:
+                continue  # the read itself will say so, or find the chunk's new place
+            try:
+                os.posix_fadvise(entry[0], loc.offset, loc.stored_len, os.POSIX_FADV_WILLNEED)
+            finally:
+                self._release(entry)
 
     def read(self, key: bytes, loc: ChunkLocation) -> bytes:
         with self._lock:

@@ -6,11 +6,14 @@ O(1) and a read costs the same however many logs precede the point.
 """
 
 import bisect
+import threading
 
 from ..errors import ChunkError, ChunkMissing
 from . import schema
 from .repo import Repository
 from .schema import BLOCK_SIZE, CHUNK_SIZE, ZERO_KEY, ChunkLocation, PointRecord
+
+READ_AHEAD = 8 << 20
 
 
 class DiskReader:
@@ -20,6 +23,9 @@ class DiskReader:
         self.disk = point.disk_index(target)
         self.size = point.disks[self.disk].size
         self.target = target
+        self._ahead_lock = threading.Lock()
+        self._ahead_from = self._ahead_to = 0   # the read-ahead window asked for
+        self._last_end = -1     # where the last read ended: the next one there goes forward
 
     def read(self, offset: int, length: int):
         """Exactly the bytes in [offset, offset+length) clipped to the disk
@@ -27,10 +33,52 @@ class DiskReader:
         end = min(offset + length, self.size)
         if offset >= end:
             return b""
+        pieces = self._pieces(offset, end)
+        self._read_ahead(offset, end, pieces)
         out = None  # allocated only when the read spans more than one piece
-        repo, db = self.repo, self.repo.db
+        for pos, stop, base, span, key, loc in pieces:
+            if loc is not None:
+                data = self._chunk(key, loc)
+                if len(data) != min(span, self.size - base):
+                    raise ChunkError(f"{self._where()}: chunk {key.hex()[:16]} does not fit its place")
+                piece = memoryview(data)[pos - base:stop - base]
+                if pos == offset and stop == end:
+                    return piece  # the whole read from one chunk: no copy
+                if out is None:
+                    out = bytearray(end - offset)
+                out[pos - offset:stop - offset] = piece
+            elif out is None:
+                out = bytearray(end - offset)
+        return out
+
+    def _read_ahead(self, offset: int, end: int, pieces: list[tuple]) -> None:
+        """Ask the kernel for the stored bytes of this read's pieces and, when
+        reads go forward, of the next READ_AHEAD bytes, all at once: a point
+        behind many logs draws each 64 KiB block from another place, and cold
+        blocks read one after another would wait on the disk one at a time."""
+        ahead = None
+        with self._ahead_lock:
+            # forward: right after the last read, or inside the window asked for
+            # (the kernel's own read-ahead sends several requests at once)
+            forward = offset == self._last_end or self._ahead_from <= offset <= self._ahead_to
+            if forward and self._ahead_to - end < READ_AHEAD // 2:
+                start, stop = max(end, self._ahead_to), min(self.size, end + READ_AHEAD)
+                if start < stop:
+                    ahead = (start, stop)
+                    self._ahead_from, self._ahead_to = offset, stop
+            self._last_end = end
+        wanted = [(key, loc) for _, _, _, _, key, loc in pieces if loc is not None]
+        if ahead:
+            wanted += [(key, loc) for _, _, _, _, key, loc in self._pieces(*ahead) if loc is not None]
+        self.repo.reader.prefetch(wanted)
+
+    def _pieces(self, offset: int, end: int) -> list[tuple]:
+        """(pos, stop, base, span, key, location) for each run of [offset, end)
+        served by one chunk (location None: zeros), all from one snapshot."""
+        db = self.repo.db
         chain, disk = self.point.chain, self.disk
-        with repo.env.begin() as txn:
+        out = []
+        with self.repo.env.begin() as txn:
             fulls = txn.cursor(db=db["full_index"])
             chunks = txn.cursor(db=db["chunks"])
             changes = {}
@@ -53,18 +101,14 @@ class DiskReader:
                     if i < len(changed):
                         stop = min(stop, changed[i] * BLOCK_SIZE)
                     key = fulls.get(schema.full_key(chain, disk, chunk_no)) or ZERO_KEY
+                loc = None
                 if key != ZERO_KEY:
-                    data = self._chunk(chunks, key)
-                    if len(data) != min(span, self.size - base):
-                        raise ChunkError(f"{self._where()}: chunk {key.hex()[:16]} does not fit its place")
-                    piece = memoryview(data)[pos - base:stop - base]
-                    if pos == offset and stop == end:
-                        return piece  # the whole read from one chunk: no copy
-                    if out is None:
-                        out = bytearray(end - offset)
-                    out[pos - offset:stop - offset] = piece
-                elif out is None:
-                    out = bytearray(end - offset)
+                    key = bytes(key)
+                    raw = chunks.get(key)
+                    if raw is None:
+                        raise ChunkMissing(f"{self._where()}: chunk {key.hex()[:16]} is not in the catalog")
+                    loc = ChunkLocation.decode(raw)
+                out.append((pos, stop, base, span, key, loc))
                 pos = stop
         return out
 
@@ -87,12 +131,9 @@ class DiskReader:
             found = logs.set_range(schema.log_key(chain, disk, block + 1, point))
         return out
 
-    def _chunk(self, chunks_cursor, key: bytes) -> bytes:
-        raw = chunks_cursor.get(key)
+    def _chunk(self, key: bytes, loc: ChunkLocation) -> bytes:
         try:
-            if raw is None:
-                raise ChunkMissing(f"chunk {key.hex()[:16]} is not in the catalog")
-            return self.repo.read_chunk(key, ChunkLocation.decode(raw))
+            return self.repo.read_chunk(key, loc)
         except ChunkError as e:
             raise type(e)(f"{self._where()}: {e}") from None
 
