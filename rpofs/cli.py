@@ -77,6 +77,14 @@ def _parser() -> argparse.ArgumentParser:
                         help=f"the newest point of each of the last N {period}s that have one")
     pr.add_argument("--dry-run", action="store_true", help="list what would be removed; change nothing")
 
+    rs = sub.add_parser("restore", help="write a whole disk at a point to a file or block device, without a mount",
+                        description="SOURCE is VM@TIME:DISK, TIME as in the mount's at/ (or 'latest'). A file is "
+                        "written sparse, as DEST.part renamed to DEST when complete; a block device is written "
+                        "in full.")
+    rs.add_argument("source", metavar="SOURCE")
+    rs.add_argument("dest", metavar="DEST")
+    rs.add_argument("--force", action="store_true", help="replace DEST if it is an existing file")
+
     s = sub.add_parser("status", help="per VM: last full, last log, achieved RPO, next run, last error")
     s.add_argument("--json", action="store_true", help="one JSON object (documented in docs/INGEST.md)")
     return p
@@ -132,12 +140,7 @@ def cmd_points(repo_path: str, args) -> None:
     from .mount.vfs import point_json
     repo = Repository.open(repo_path)
     try:
-        matches = [uuid for uuid, name in repo.vms() if args.vm in (uuid, name)]
-        if not matches:
-            raise RpofsError(f"no VM {args.vm!r} in repository {repo_path}")
-        if len(matches) > 1:
-            raise RpofsError(f"several VMs are named {args.vm!r}: name one by UUID ({', '.join(matches)})")
-        points = repo.points(matches[0])
+        points = repo.points(repo.find_vm(args.vm)[0])
         names = point_names([p.time_us for p in points])
         if args.json:
             print(json.dumps([json.loads(point_json(n, p)) for n, p in zip(names, points)], indent=2))
@@ -230,6 +233,16 @@ def point_names_of(repo, points) -> list[str]:
     return [names[p.point] for p in points]
 
 
+def cmd_restore(repo_path: str, args) -> None:
+    from .store.restore import restore_disk
+    repo = Repository.open(repo_path)
+    try:
+        size, written = restore_disk(repo, args.source, args.dest, args.force)
+    finally:
+        repo.close()
+    print(f"{args.dest}: {size} bytes, {written} written")
+
+
 def cmd_status(repo_path: str, args) -> None:
     from .ingest.status import gather, render
     repo = Repository.open(repo_path)
@@ -251,6 +264,7 @@ def cmd_cp(repo_path: str, args) -> None:
 
 COMMANDS = {"init": cmd_init, "backup": cmd_backup, "points": cmd_points, "mount": cmd_mount,
             "umount": cmd_umount, "ingest": cmd_ingest, "status": cmd_status, "prune": cmd_prune,
+            "restore": cmd_restore,
             "cp": cmd_cp}
 
 if __name__ == "__main__":

@@ -5,10 +5,9 @@ as the mount's files/."""
 import os
 import stat
 
-from ..errors import BadTime, RpofsError
+from ..errors import RpofsError
 from ..store.repo import Repository
 from ..store.schema import PointRecord
-from ..timefmt import parse_as_of
 from .filesystems import Entry
 from .guest import GuestFiles
 
@@ -29,29 +28,10 @@ def parse_source(text: str) -> tuple[str, str, list[str]]:
     return vm, when, parts
 
 
-def find_point(repo: Repository, vm: str, when: str) -> PointRecord:
-    """The newest point of `vm` at or before `when` ("latest" for the newest)."""
-    matches = [uuid for uuid, name in repo.vms() if vm in (uuid, name)]
-    if len(matches) != 1:
-        raise RpofsError(f"no VM {vm!r} in repository {repo.path}" if not matches else
-                         f"several VMs are named {vm!r}: name one by UUID")
-    newest = repo.newest_points(matches[0])
-    if when == "latest":
-        return next(newest)
-    try:
-        bound = parse_as_of(when)
-    except BadTime as e:
-        raise RpofsError(str(e)) from None
-    for point in newest:
-        if point.time_us <= bound:
-            return point
-    raise RpofsError(f"{vm} has no point at or before {when}")
-
-
 def copy_out(repo: Repository, source: str, dest: str, recursive: bool = False) -> int:
     """Copy; the number of files written."""
     vm, when, parts = parse_source(source)
-    point = find_point(repo, vm, when)
+    point = repo.point_at(vm, when)
     disk, volume, path = parts[0], parts[1], parts[2:]
     if disk not in [d.target for d in point.disks]:
         raise RpofsError(f"the point has no disk {disk} (it has {', '.join(d.target for d in point.disks)})")

@@ -33,20 +33,18 @@ class DiskReader:
         end = min(offset + length, self.size)
         if offset >= end:
             return b""
-        pieces = self._pieces(offset, end)
+        pieces = self.pieces(offset, end)
         self._read_ahead(offset, end, pieces)
         out = None  # allocated only when the read spans more than one piece
-        for pos, stop, base, span, key, loc in pieces:
+        for piece in pieces:
+            pos, stop, loc = piece[0], piece[1], piece[5]
             if loc is not None:
-                data = self._chunk(key, loc)
-                if len(data) != min(span, self.size - base):
-                    raise ChunkError(f"{self._where()}: chunk {key.hex()[:16]} does not fit its place")
-                piece = memoryview(data)[pos - base:stop - base]
+                data = self.piece_bytes(piece)
                 if pos == offset and stop == end:
-                    return piece  # the whole read from one chunk: no copy
+                    return data  # the whole read from one chunk: no copy
                 if out is None:
                     out = bytearray(end - offset)
-                out[pos - offset:stop - offset] = piece
+                out[pos - offset:stop - offset] = data
             elif out is None:
                 out = bytearray(end - offset)
         return out
@@ -69,10 +67,10 @@ class DiskReader:
             self._last_end = end
         wanted = [(key, loc) for _, _, _, _, key, loc in pieces if loc is not None]
         if ahead:
-            wanted += [(key, loc) for _, _, _, _, key, loc in self._pieces(*ahead) if loc is not None]
+            wanted += [(key, loc) for _, _, _, _, key, loc in self.pieces(*ahead) if loc is not None]
         self.repo.reader.prefetch(wanted)
 
-    def _pieces(self, offset: int, end: int) -> list[tuple]:
+    def pieces(self, offset: int, end: int) -> list[tuple]:
         """(pos, stop, base, span, key, location) for each run of [offset, end)
         served by one chunk (location None: zeros), all from one snapshot."""
         db = self.repo.db
@@ -131,11 +129,16 @@ class DiskReader:
             found = logs.set_range(schema.log_key(chain, disk, block + 1, point))
         return out
 
-    def _chunk(self, key: bytes, loc: ChunkLocation) -> bytes:
+    def piece_bytes(self, piece: tuple) -> memoryview:
+        """The bytes of a piece that has a chunk, verified."""
+        pos, stop, base, span, key, loc = piece
         try:
-            return self.repo.read_chunk(key, loc)
+            data = self.repo.read_chunk(key, loc)
         except ChunkError as e:
             raise type(e)(f"{self._where()}: {e}") from None
+        if len(data) != min(span, self.size - base):
+            raise ChunkError(f"{self._where()}: chunk {key.hex()[:16]} does not fit its place")
+        return memoryview(data)[pos - base:stop - base]
 
     def _where(self) -> str:
         return f"point {self.point.point} ({self.point.vm_name}) disk {self.target}"

@@ -28,9 +28,8 @@ import os
 import uuid as uuidlib
 from dataclasses import dataclass, field
 
-from ..errors import ChunkError, RpofsError
+from ..errors import ChunkError
 from . import schema
-from .chunks import PackWriter
 from .schema import PACK_HEADER, ZERO_KEY, ChunkLocation, PointRecord
 
 log = logging.getLogger(__name__)
@@ -285,10 +284,5 @@ def _compact(repo, live: dict[int, int], report: PruneReport) -> None:
 
 def prune_by_name(repo, vm_ref: str, policy: Retention, dry_run: bool = False) -> tuple[str, PruneReport]:
     """The VM by name or UUID as recorded in the repository."""
-    matches = [(uuid, name) for uuid, name in repo.vms() if vm_ref in (uuid, name)]
-    if not matches:
-        raise RpofsError(f"no VM {vm_ref!r} in repository {repo.path}")
-    if len(matches) > 1:
-        raise RpofsError(f"several VMs are named {vm_ref!r}: name one by UUID")
-    uuid, name = matches[0]
+    uuid, name = repo.find_vm(vm_ref)
     return name, prune(repo, uuid, policy, dry_run)

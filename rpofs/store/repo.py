@@ -16,10 +16,11 @@ import uuid as uuidlib
 
 import lmdb
 
-from ..errors import ChunkMissing, NoRepository, PackMissing, RpofsError, UnknownFormat
+from ..errors import BadTime, ChunkMissing, NoRepository, PackMissing, RpofsError, UnknownFormat, UnknownVM
 from . import schema
 from .chunks import ChunkReader, PackWriter, chunk_key, encode
 from .schema import FORMAT, ZERO_KEY, ChunkLocation, DiskRecord, PointRecord
+from ..timefmt import parse_as_of
 
 DEFAULT_REPO = "/var/lib/rpofs"
 MAP_SIZE = 1 << 40  # address space only; the file grows as needed
@@ -118,6 +119,29 @@ class Repository:
         """(uuid, last known name) of every VM with points."""
         with self.env.begin(db=self.db["vms"]) as txn:
             return [(str(uuidlib.UUID(bytes=bytes(k))), _json_name(v)) for k, v in txn.cursor()]
+
+    def find_vm(self, ref: str) -> tuple[str, str]:
+        """(uuid, name) of the VM with that name or UUID in the repository."""
+        matches = [(uuid, name) for uuid, name in self.vms() if ref in (uuid, name)]
+        if not matches:
+            raise UnknownVM(f"no VM {ref!r} in repository {self.path}")
+        if len(matches) > 1:
+            raise RpofsError(f"several VMs are named {ref!r}: name one by UUID "
+                             f"({', '.join(uuid for uuid, _ in matches)})")
+        return matches[0]
+
+    def point_at(self, ref: str, when: str) -> PointRecord:
+        """The VM's newest point at or before `when` (as in the mount's at/),
+        or its newest for "latest"."""
+        uuid, name = self.find_vm(ref)
+        newest = self.newest_points(uuid)
+        if when == "latest":
+            return next(newest)
+        bound = parse_as_of(when)
+        for point in newest:
+            if point.time_us <= bound:
+                return point
+        raise BadTime(f"{name} has no point at or before {when}")
 
     def points(self, vm: str, after: PointRecord | None = None) -> list[PointRecord]:
         """A VM's points, oldest first; only those newer than `after` if given
