@@ -1,6 +1,17 @@
 """From a materialized disk to its filesystems: the disk as a file-like
-stream, its partitions (MBR, GPT) named by number, or the whole disk as "0"
-when a filesystem starts at its first byte."""
+stream and its volumes, each named as it shows under files/<disk>/:
+
+    "1", "2", ...   a partition (MBR, GPT), by number
+    "0"             the whole disk, when a filesystem starts at its first byte
+    "<vg>-<lv>"     an LVM2 logical volume, named as in /dev/mapper (a hyphen
+                    inside a VG or LV name is doubled: VG "my-vg", LV "root"
+                    is "my--vg-root"); the partition or disk that is its
+                    physical volume is not shown itself (lvm.py)
+
+A volume whose filesystem cannot be opened (none there, like swap or a BIOS
+boot partition; damaged; an LV whose layout is not read, or whose extents are
+on a PV this disk does not hold) is left out, its reason logged once and kept
+in DiskFiles.skipped."""
 
 import logging
 import threading
@@ -12,6 +23,7 @@ from dissect.volume.exceptions import DiskError
 
 from .filesystems import Filesystem, FsError, open_filesystem
 from .journal import JournalError, ReplayedDevice
+from .lvm import LvmError, logical_volumes, probe
 
 log = logging.getLogger(__name__)
 
@@ -31,11 +43,13 @@ class ReadStream(AlignedStream):
 
 @dataclass
 class Volume:
-    name: str             # "1", "2", ... or "0" for the whole disk
-    offset: int
+    name: str             # "1", "2", ..., "0" for the whole disk, or "<vg>-<lv>"
+    offset: int           # on the disk (an LV: where its first byte is; `read` maps the rest)
     size: int
     note: str = ""        # why its files cannot be shown, or what was done to show them
+    read: object = field(default=None, repr=False)  # read(offset, length) of an LV; None: the disk at offset
     _fs: Filesystem | None = field(default=None, repr=False)
+    _logged: bool = field(default=False, repr=False)
 
 
 class DiskFiles:
@@ -48,60 +62,120 @@ class DiskFiles:
         self.where = where
         self._lock = threading.Lock()
         self._volumes: list[Volume] | None = None
+        self.skipped: list[Volume] = []  # found but left out: each note says why
 
     def volumes(self) -> list[Volume]:
+        """The volumes whose filesystems open, in order: partitions, then LVs."""
         with self._lock:
             if self._volumes is None:
-                self._volumes = self._find_volumes()
+                found = self._find_volumes()
+                # opened now (a listing of files/<disk>/ opens them all anyway), so that
+                # one that cannot be shown is left out rather than failing the listing
+                self._volumes = [v for v in found if self._open(v) is not None]
+                self.skipped = [v for v in found if v._fs is None]
             return self._volumes
 
     def _find_volumes(self) -> list[Volume]:
+        size = self._disk.size
         try:
             if open_filesystem(self._disk) is not None:
-                return [Volume(WHOLE_DISK, 0, self._disk.size)]
+                return [Volume(WHOLE_DISK, 0, size)]
+            pv = probe(self._read, 0, size, "the whole disk")
+            if pv is not None:
+                return self._logical(self._lvm([pv]))
             self._disk.seek(0)  # dissect reads the table from where the stream stands
             disk = Disk(self._disk)
+        except LvmError as e:
+            log.warning("%s: the whole disk: LVM physical volume cannot be read: %s", self.where, e)
+            return []
         except (DiskError, FsError) as e:
             log.warning("%s: no partition table or filesystem found: %s", self.where, e)
             return []
         except Exception as e:  # a damaged table: the disk itself stays readable
             log.warning("%s: partition table cannot be read: %s", self.where, e)
             return []
-        return [Volume(str(p.number), p.offset, p.size) for p in disk.partitions
-                if p.size > 0 and not _is_container(p)]
+        volumes, pvs = [], []
+        for p in disk.partitions:
+            if p.size <= 0 or _is_container(p):
+                continue
+            length = _length(p, size)
+            try:
+                pv = probe(self._read, p.offset, length, f"partition {p.number}")
+            except LvmError as e:  # a damaged label: no files there, nor a filesystem to show
+                log.warning("%s: partition %s: LVM physical volume cannot be read: %s", self.where, p.number, e)
+                continue
+            except Exception as e:
+                log.warning("%s: partition %s cannot be read: %s", self.where, p.number, e)
+                continue
+            if pv is not None:
+                pvs.append(pv)
+            else:
+                volumes.append(Volume(str(p.number), p.offset, length))
+        return volumes + self._logical(self._lvm(pvs)) if pvs else volumes
+
+    def _lvm(self, pvs):
+        try:
+            return logical_volumes(pvs, self._read, self.where)
+        except Exception as e:  # whatever damaged metadata does: the partitions still show
+            log.warning("%s: LVM metadata cannot be read: %s", self.where, e)
+            return []
+
+    @staticmethod
+    def _logical(lvs) -> list[Volume]:
+        return [Volume(lv.name, lv.offset, lv.size, lv.note, lv.read) for lv in lvs]
 
     def filesystem(self, volume: Volume) -> Filesystem | None:
         """The volume's filesystem, with an ext journal replayed in memory;
         None (and volume.note says why) when it cannot be shown."""
         with self._lock:
-            if volume._fs is not None or volume.note.startswith("cannot"):
-                return volume._fs
+            return self._open(volume)
+
+    def _open(self, volume: Volume) -> Filesystem | None:
+        if volume._fs is not None or volume.note.startswith("cannot"):
+            if volume.note.startswith("cannot") and not volume._logged:
+                volume._logged = True
+                log.warning("%s volume %s: %s", self.where, volume.name, volume.note)
+            return volume._fs
+        read = volume.read
+        if read is None:
             base = volume.offset
 
             def read(offset, length):
                 return self._read(base + offset, length)
 
-            try:
-                stream = ReadStream(read, volume.size)
-                head = stream.read(2048)
-                if head[1080:1082] == b"\x53\xef":  # ext: a mount would replay its journal
-                    device = ReplayedDevice(read, volume.size)
-                    if device.replayed:
-                        volume.note = (f"ext journal replayed in memory: {device.transactions} transactions, "
-                                       f"{device.blocks} blocks")
-                        log.info("%s volume %s: %s", self.where, volume.name, volume.note)
-                    stream = ReadStream(device.read, volume.size)
-                volume._fs = open_filesystem(stream)
-                if volume._fs is None:
-                    volume.note = "cannot show files: no filesystem rpofs can read"
-            except (FsError, JournalError) as e:
-                volume.note = f"cannot show files: {e}"
-            if volume.note.startswith("cannot"):
-                log.warning("%s volume %s: %s", self.where, volume.name, volume.note)
-            return volume._fs
+        try:
+            stream = ReadStream(read, volume.size)
+            head = stream.read(2048)
+            if head[1080:1082] == b"\x53\xef":  # ext: a mount would replay its journal
+                device = ReplayedDevice(read, volume.size)
+                if device.replayed:
+                    volume.note = (f"ext journal replayed in memory: {device.transactions} transactions, "
+                                   f"{device.blocks} blocks")
+                    log.info("%s volume %s: %s", self.where, volume.name, volume.note)
+                stream = ReadStream(device.read, volume.size)
+            volume._fs = open_filesystem(stream)
+            if volume._fs is None:
+                volume.note = "cannot show files: no filesystem rpofs can read"
+        except (FsError, JournalError) as e:
+            volume.note = f"cannot show files: {e}"
+        except Exception as e:  # a read of the volume failed (a damaged chunk, an LV read)
+            volume.note = f"cannot show files: {type(e).__name__}: {e}"
+        if volume.note.startswith("cannot"):
+            volume._logged = True
+            log.warning("%s volume %s: %s", self.where, volume.name, volume.note)
+        return volume._fs
 
 
 def _is_container(partition) -> bool:
     """MBR extended partitions hold the logical ones, which are listed too."""
     return isinstance(partition.type, int) and partition.type in (0x05, 0x0F, 0x85)
 
+
+def _length(partition, disk_size: int) -> int:
+    """A partition's size. dissect gives a GPT partition's as (last LBA - first
+    LBA) sectors, one short: the last LBA is the partition's own."""
+    raw = partition.raw
+    if hasattr(raw, "last_lba") and hasattr(raw, "first_lba"):
+        sector = getattr(partition.disk, "sector_size", 512)
+        return min((raw.last_lba - raw.first_lba + 1) * sector, disk_size - partition.offset)
+    return partition.size
