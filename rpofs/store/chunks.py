@@ -22,6 +22,12 @@ ZSTD_LEVEL = 1  # ~1 GB/s per core; higher levels cost more than they save on di
 _local = threading.local()
 
 
+def _ident(key: bytes | None, loc: ChunkLocation) -> bytes:
+    """What the cache knows a chunk by: its key; a log block (whose key is in
+    its record) by its place."""
+    return key if key is not None else b"@%d:%d" % (loc.pack, loc.offset)
+
+
 def chunk_key(data) -> bytes:
     return blake3.blake3(data).digest()
 
@@ -146,13 +152,13 @@ class ChunkReader:
         finally:
             self._release(entry)
 
-    def prefetch(self, chunks: list[tuple[bytes, ChunkLocation]]) -> None:
-        """Start reading the chunks a read is about to need, all at once: a
-        point behind many logs draws each 64 KiB block from another place,
-        and read one after another the cold ones would wait on the disk
-        one at a time."""
+    def prefetch(self, chunks: list[tuple[bytes | None, ChunkLocation]]) -> None:
+        """Start reading the chunks (key, location) a read is about to need,
+        all at once: a point behind many logs draws each 64 KiB block from
+        another place, and read one after another the cold ones would wait
+        on the disk one at a time."""
         with self._lock:
-            cold = [loc for key, loc in chunks if key not in self._cache]
+            cold = [loc for key, loc in chunks if _ident(key, loc) not in self._cache]
         if len(cold) < 2:
             return
         for loc in cold:
@@ -161,25 +167,35 @@ class ChunkReader:
             except PackMissing:
                 continue  # the read itself will say so, or find the chunk's new place
             try:
-                os.posix_fadvise(entry[0], loc.offset, loc.stored_len, os.POSIX_FADV_WILLNEED)
+                os.posix_fadvise(entry[0], loc.offset - PACK_HEADER.size, PACK_HEADER.size + loc.stored_len,
+                                 os.POSIX_FADV_WILLNEED)
             finally:
                 self._release(entry)
 
-    def read(self, key: bytes, loc: ChunkLocation) -> bytes:
+    def read(self, key: bytes | None, loc: ChunkLocation) -> bytes:
+        """The chunk's bytes, verified against its key; key None for a log
+        block, verified against the key in its record header."""
+        ident = _ident(key, loc)
         with self._lock:
-            data = self._cache.get(key)
+            data = self._cache.get(ident)
             if data is not None:
-                self._cache.move_to_end(key)
+                self._cache.move_to_end(ident)
                 return data
-        data = self._load(key, loc)
+        data = self._load(key, loc)[1]
         with self._lock:
-            if key not in self._cache:
-                self._cache[key] = data
+            if ident not in self._cache:
+                self._cache[ident] = data
                 self._cache_bytes += len(data)
                 while self._cache_bytes > self._cache_limit:
                     _, old = self._cache.popitem(last=False)
                     self._cache_bytes -= len(old)
         return data
+
+    def verified(self, key: bytes | None, loc: ChunkLocation) -> tuple[bytes, bytes]:
+        """(key, stored bytes) of a chunk whose content was checked: what
+        compaction copies."""
+        key, _ = self._load(key, loc)
+        return key, self.stored(loc)
 
     def stored(self, loc: ChunkLocation) -> bytes:
         """The chunk's bytes as stored (compressed or not), unverified."""
@@ -188,12 +204,23 @@ class ChunkReader:
             raise CorruptChunk(f"{pack_name(loc.pack)} at {loc.offset}: pack file is truncated")
         return stored
 
-    def _load(self, key: bytes, loc: ChunkLocation) -> bytes:
-        where = f"chunk {key.hex()[:16]} in {pack_name(loc.pack)} at {loc.offset}"
-        try:
-            stored = self.stored(loc)
-        except CorruptChunk:
-            raise CorruptChunk(f"{where}: pack file is truncated") from None
+    def _load(self, key: bytes | None, loc: ChunkLocation) -> tuple[bytes, bytes]:
+        """(key, raw bytes), checked."""
+        where = (f"chunk {key.hex()[:16]}" if key else "log block") + f" in {pack_name(loc.pack)} at {loc.offset}"
+        head = PACK_HEADER.size
+        if key is None:  # the record header says what the block's key is
+            record = self._pread(loc.pack, head + loc.stored_len, loc.offset - head)
+            if len(record) != head + loc.stored_len:
+                raise CorruptChunk(f"{where}: pack file is truncated")
+            key, codec, raw_len, stored_len = PACK_HEADER.unpack_from(record)
+            if (codec, raw_len, stored_len) != (loc.codec, loc.raw_len, loc.stored_len):
+                raise CorruptChunk(f"{where}: its record header does not match the catalog")
+            stored = memoryview(record)[head:]
+        else:
+            try:
+                stored = self.stored(loc)
+            except CorruptChunk:
+                raise CorruptChunk(f"{where}: pack file is truncated") from None
         if loc.codec == CODEC_ZSTD:
             try:
                 data = _decompressor().decompress(stored, max_output_size=loc.raw_len)
@@ -205,7 +232,7 @@ class ChunkReader:
             raise CorruptChunk(f"{where}: unknown codec {loc.codec}")
         if len(data) != loc.raw_len or chunk_key(data) != key:
             raise CorruptChunk(f"{where}: content does not match its key")
-        return data
+        return key, data
 
     def close(self) -> None:
         with self._lock:

@@ -8,10 +8,10 @@ O(1) and a read costs the same however many logs precede the point.
 import bisect
 import threading
 
-from ..errors import ChunkError, ChunkMissing
+from ..errors import ChunkError, ChunkMissing, PackMissing
 from . import schema
 from .repo import Repository
-from .schema import BLOCK_SIZE, CHUNK_SIZE, ZERO_KEY, ChunkLocation, PointRecord
+from .schema import BLOCK_SIZE, CHUNK_SIZE, ChunkLocation, PointRecord
 
 READ_AHEAD = 8 << 20
 
@@ -87,10 +87,11 @@ class DiskReader:
             pos = offset
             while pos < end:
                 block = pos // BLOCK_SIZE
-                key = changes.get(block)
-                if key is not None:
+                if block in changes:  # a log's record of the block, or None: zeros
                     base, span = block * BLOCK_SIZE, BLOCK_SIZE
                     stop = min(base + BLOCK_SIZE, end)
+                    key = None
+                    loc = schema.read_log_value(changes[block], min(span, self.size - base))
                 else:
                     chunk_no = pos // CHUNK_SIZE
                     base, span = chunk_no * CHUNK_SIZE, CHUNK_SIZE
@@ -98,14 +99,14 @@ class DiskReader:
                     i = bisect.bisect_right(changed, block)  # the full serves up to the next change
                     if i < len(changed):
                         stop = min(stop, changed[i] * BLOCK_SIZE)
-                    key = fulls.get(schema.full_key(chain, disk, chunk_no)) or ZERO_KEY
-                loc = None
-                if key != ZERO_KEY:
-                    key = bytes(key)
-                    raw = chunks.get(key)
-                    if raw is None:
-                        raise ChunkMissing(f"{self._where()}: chunk {key.hex()[:16]} is not in the catalog")
-                    loc = ChunkLocation.decode(raw)
+                    key = fulls.get(schema.full_key(chain, disk, chunk_no))
+                    loc = None
+                    if key is not None:  # absent: zeros
+                        key = bytes(key)
+                        raw = chunks.get(key)
+                        if raw is None:
+                            raise ChunkMissing(f"{self._where()}: chunk {key.hex()[:16]} is not in the catalog")
+                        loc = ChunkLocation.decode(raw)
                 out.append((pos, stop, base, span, key, loc))
                 pos = stop
         return out
@@ -130,15 +131,32 @@ class DiskReader:
         return out
 
     def piece_bytes(self, piece: tuple) -> memoryview:
-        """The bytes of a piece that has a chunk, verified."""
-        pos, stop, base, span, key, loc = piece
+        """The bytes of a piece that has a chunk (or a log block), verified."""
         try:
-            data = self.repo.read_chunk(key, loc)
+            data = self._chunk(piece)
+        except PackMissing:  # prune moved it after our snapshot: look again
+            fresh = self.pieces(piece[0], piece[1])
+            if len(fresh) != 1 or fresh[0][5] is None or fresh[0][5] == piece[5]:
+                raise
+            piece = fresh[0]
+            data = self._chunk(piece)
+        pos, stop, base, span, key, _ = piece
+        if len(data) != min(span, self.size - base):
+            raise ChunkError(f"{self._where()}: {_what(key)} does not fit its place")
+        return memoryview(data)[pos - base:stop - base]
+
+    def _chunk(self, piece: tuple) -> bytes:
+        key, loc = piece[4], piece[5]
+        try:
+            return self.repo.reader.read(key, loc)
+        except PackMissing:
+            raise
         except ChunkError as e:
             raise type(e)(f"{self._where()}: {e}") from None
-        if len(data) != min(span, self.size - base):
-            raise ChunkError(f"{self._where()}: chunk {key.hex()[:16]} does not fit its place")
-        return memoryview(data)[pos - base:stop - base]
 
     def _where(self) -> str:
         return f"point {self.point.point} ({self.point.vm_name}) disk {self.target}"
+
+
+def _what(key: bytes | None) -> str:
+    return f"chunk {key.hex()[:16]}" if key else "log block"

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 from ..errors import ChunkError
 from . import schema
-from .schema import PACK_HEADER, ZERO_KEY, ChunkLocation, PointRecord
+from .schema import BLOCK_SIZE, PACK_HEADER, ChunkLocation, PointRecord
 
 log = logging.getLogger(__name__)
 
@@ -93,13 +93,15 @@ class PruneReport:
     points_removed: list[PointRecord] = field(default_factory=list)
     points_kept: int = 0
     chunks_freed: int = 0
+    log_entries_dropped: int = 0
     packs_deleted: int = 0
     packs_compacted: int = 0
     bytes_freed: int = 0
 
     def summary(self) -> str:
         return (f"{len(self.points_removed)} points removed, {self.points_kept} kept; "
-                f"{self.chunks_freed} chunks freed; {self.packs_deleted} pack files deleted, "
+                f"{self.log_entries_dropped} log blocks and {self.chunks_freed} chunks freed; "
+                f"{self.packs_deleted} pack files deleted, "
                 f"{self.packs_compacted} compacted; {self.bytes_freed} bytes freed")
 
 
@@ -144,9 +146,9 @@ def _drop_points(repo, txn, vm: str, policy: Retention, report: PruneReport) -> 
         prefix = schema.u32(chain)
         if not kept:  # the whole chain goes
             _delete_prefix(txn.cursor(db=db["full_index"]), prefix)
-            _delete_prefix(txn.cursor(db=db["log_index"]), prefix)
+            report.log_entries_dropped += _delete_prefix(txn.cursor(db=db["log_index"]), prefix)
         else:
-            _drop_dead_entries(txn.cursor(db=db["log_index"]), prefix, kept)
+            report.log_entries_dropped += _drop_dead_entries(txn.cursor(db=db["log_index"]), prefix, kept)
     return _collect_chunks(repo, txn, report)
 
 
@@ -162,11 +164,11 @@ def _points_in(repo, txn, vm: str) -> list[PointRecord]:
     return out
 
 
-def _delete_prefix(cur, prefix: bytes) -> None:
-    _delete(cur, [key for key in _keys_from(cur, prefix)])
+def _delete_prefix(cur, prefix: bytes) -> int:
+    return _delete(cur, list(_keys_from(cur, prefix)))
 
 
-def _drop_dead_entries(cur, prefix: bytes, kept: list[int]) -> None:
+def _drop_dead_entries(cur, prefix: bytes, kept: list[int]) -> int:
     """Entries of one block come newest first: each one's successor is the
     entry before it."""
     dead, block_of, newer = [], None, None
@@ -179,7 +181,7 @@ def _drop_dead_entries(cur, prefix: bytes, kept: list[int]) -> None:
         # even when dropped, it ends the span of the entry before it: no kept
         # point fell between the two, so the older one serves the same points
         newer = changed_at
-    _delete(cur, dead)
+    return _delete(cur, dead)
 
 
 def _keys_from(cur, prefix: bytes):
@@ -190,26 +192,29 @@ def _keys_from(cur, prefix: bytes):
             yield bytes(key)
 
 
-def _delete(cur, keys: list[bytes]) -> None:
+def _delete(cur, keys: list[bytes]) -> int:
     """Collected first: py-lmdb's cursor does not show the next item after a delete."""
     for key in keys:
         cur.set_key(key)
         cur.delete()
+    return len(keys)
 
 
 def _collect_chunks(repo, txn, report: PruneReport) -> dict[int, int]:
-    """Drop chunk locations nothing refers to; live bytes per pack."""
+    """Drop chunk locations nothing refers to; live bytes per pack (its
+    referenced chunks and the log blocks that live entries point at)."""
     db = repo.db
-    referenced = set()
-    for name in ("full_index", "log_index"):
-        referenced.update(txn.cursor(db=db[name]).iternext(keys=False))
+    referenced = set(txn.cursor(db=db["full_index"]).iternext(keys=False))
     for _, value in txn.cursor(db=db["points"]):
         record = PointRecord.decode(value)
         for hexkey in (record.domain_xml, record.checkpoint_xml):
             if hexkey:
                 referenced.add(bytes.fromhex(hexkey))
-    referenced.discard(ZERO_KEY)
     live: dict[int, int] = {}
+    for value in txn.cursor(db=db["log_index"]).iternext(keys=False):
+        loc = schema.read_log_value(value, 0)
+        if loc is not None:
+            live[loc.pack] = live.get(loc.pack, 0) + PACK_HEADER.size + loc.stored_len
     dead = []
     cur = txn.cursor(db=db["chunks"])
     for key, value in cur:
@@ -247,39 +252,63 @@ def _compact(repo, live: dict[int, int], report: PruneReport) -> None:
     if not sparse:
         return
     writer = repo.begin_pack()
-    moved: dict[bytes, tuple[ChunkLocation, ChunkLocation]] = {}
+    chunks: dict[bytes, ChunkLocation] = {}   # chunk key -> its new place
+    blocks: dict[bytes, bytes] = {}           # log_index key -> its new value
     broken: set[int] = set()
+
+    def copy(key, loc):
+        """The record copied to the new pack, checked first: never copy damage
+        silently (a damaged pack keeps everything where it is)."""
+        if loc.pack in broken:
+            return None
+        try:
+            key, stored = repo.reader.verified(key, loc)
+        except ChunkError as e:
+            log.error("pack %d not compacted: %s", loc.pack, e)
+            broken.add(loc.pack)
+            return None
+        return loc.pack, writer.append(key, loc.codec, loc.raw_len, stored)
+
     try:
-        with repo.env.begin(db=repo.db["chunks"]) as txn:
-            for key, value in txn.cursor():
+        with repo.env.begin() as txn:
+            for key, value in txn.cursor(db=repo.db["chunks"]):
                 loc = ChunkLocation.decode(value)
-                if loc.pack not in sparse or loc.pack in broken:
-                    continue
-                try:
-                    data = repo.reader.read(bytes(key), loc)  # verified: never copy damage silently
-                except ChunkError as e:
-                    log.error("pack %d not compacted: %s", loc.pack, e)
-                    broken.add(loc.pack)
-                    continue
-                stored = repo.reader.stored(loc)
-                moved[bytes(key)] = (loc, writer.append(bytes(key), loc.codec, len(data), stored))
-        # a pack found damaged keeps all its chunks where they are
-        moved = {k: v for k, v in moved.items() if v[0].pack not in broken}
+                if loc.pack in sparse and (done := copy(bytes(key), loc)):
+                    chunks[bytes(key)] = done
+            sizes = _disk_sizes(repo, txn)
+            for lkey, value in txn.cursor(db=repo.db["log_index"]):
+                chain, disk, block, _ = schema.read_log_key(lkey)
+                loc = schema.read_log_value(value, min(BLOCK_SIZE, sizes[chain, disk] - block * BLOCK_SIZE))
+                if loc is not None and loc.pack in sparse and (done := copy(None, loc)):
+                    blocks[bytes(lkey)] = done
         writer.sync()
         with repo.write_txn() as txn:
-            cur = txn.cursor(db=repo.db["chunks"])
-            for key, (old, new) in moved.items():
-                cur.put(key, new.encode())
+            for key, (old_pack, new) in chunks.items():
+                if old_pack not in broken:
+                    txn.put(key, new.encode(), db=repo.db["chunks"])
+            for lkey, (old_pack, new) in blocks.items():
+                if old_pack not in broken:
+                    txn.put(lkey, schema.log_value(new), db=repo.db["log_index"])
     except BaseException:
         writer.discard()
         raise
     writer.close()
-    if not moved:
+    if not chunks and not blocks:
         writer.discard()
     for pack, path in sparse.items():
         if pack not in broken:
-            os.unlink(path)  # a mount reading it through an older snapshot finds the chunk again
+            os.unlink(path)  # a mount reading it through an older snapshot finds the data again
             report.packs_compacted += 1
+
+
+def _disk_sizes(repo, txn) -> dict[tuple[int, int], int]:
+    """(chain, disk) -> the disk's size, from each chain's full."""
+    out = {}
+    for _, value in txn.cursor(db=repo.db["points"]):
+        record = PointRecord.decode(value)
+        if record.kind == "full":
+            out.update({(record.chain, i): d.size for i, d in enumerate(record.disks)})
+    return out
 
 
 def prune_by_name(repo, vm_ref: str, policy: Retention, dry_run: bool = False) -> tuple[str, PruneReport]:

@@ -19,7 +19,7 @@ import lmdb
 from ..errors import BadTime, ChunkMissing, NoRepository, PackMissing, RpofsError, UnknownFormat, UnknownVM
 from . import schema
 from .chunks import ChunkReader, PackWriter, chunk_key, encode
-from .schema import FORMAT, ZERO_KEY, ChunkLocation, DiskRecord, PointRecord
+from .schema import FORMAT, ChunkLocation, DiskRecord, PointRecord
 from ..timefmt import parse_as_of
 
 DEFAULT_REPO = "/var/lib/rpofs"
@@ -207,8 +207,6 @@ class Repository:
     def read_chunk(self, key: bytes, loc: ChunkLocation | None = None) -> bytes:
         """A chunk's bytes, verified; `loc` as a reader's transaction saw it.
         A pack gone since (compacted by prune) sends us to the chunk's new place."""
-        if key == ZERO_KEY:
-            raise ValueError("the zero key has no stored chunk")
         loc = loc or self.locate(key)
         try:
             return self.reader.read(key, loc)
@@ -250,7 +248,8 @@ class BackupWriter:
         self._new: dict[bytes, ChunkLocation] = {}
         self._lock = threading.Lock()
         self._full: list[tuple[int, int, bytes]] = []    # (disk, chunk no, key)
-        self._log: list[tuple[int, int, bytes]] = []     # (disk, block no, key)
+        self._log: list[tuple[int, int, bytes]] = []     # (disk, block no, log_index value)
+        self._wrote_blocks = False
         self.stats = {"logical_bytes": 0, "stored_bytes": 0, "new_chunks": 0, "zero_bytes": 0}
         self._disk_bytes: collections.Counter[int] = collections.Counter()  # stored bytes each disk draws on
         self._done = False
@@ -281,28 +280,37 @@ class BackupWriter:
             self.stats["new_chunks"] += 1
         return key, len(stored)
 
-    def _key_of(self, disk: int, data) -> bytes:
+    def _count(self, disk: int, data) -> bool:
+        """Count the data read; whether it holds anything but zeros."""
+        nonzero = any_nonzero(data)
         with self._lock:
             self.stats["logical_bytes"] += len(data)
-        if not any_nonzero(data):
-            with self._lock:
+            if not nonzero:
                 self.stats["zero_bytes"] += len(data)
-            return ZERO_KEY
-        key, stored = self.put_chunk(data)
-        with self._lock:
-            self._disk_bytes[disk] += stored
-        return key
+        return nonzero
 
     def put_full_chunk(self, disk: int, chunk_no: int, data) -> None:
-        key = self._key_of(disk, data)
-        if key != ZERO_KEY:  # absent from the full index means zeros
+        if self._count(disk, data):  # absent from the full index means zeros
+            key, stored = self.put_chunk(data)
             with self._lock:
+                self._disk_bytes[disk] += stored
                 self._full.append((disk, chunk_no, key))
 
     def put_log_block(self, disk: int, block_no: int, data) -> None:
-        key = self._key_of(disk, data)  # ZERO_KEY is recorded: it overrides the full
+        """A changed block: its record goes to the pack as it is (log blocks
+        are not deduplicated: the catalog keeps their place, not their key);
+        an all-zero block is recorded as zeros, overriding the full."""
+        loc = None
+        if self._count(disk, data):
+            codec, stored = encode(data)
+            loc = self.pack.append(chunk_key(data), codec, len(data), stored)
+            with self._lock:
+                self._wrote_blocks = True
+                self.stats["stored_bytes"] += len(stored)
+                self.stats["new_chunks"] += 1
+                self._disk_bytes[disk] += len(stored)
         with self._lock:
-            self._log.append((disk, block_no, key))
+            self._log.append((disk, block_no, schema.log_value(loc)))
 
     def commit(self, *, vm: str, vm_name: str, time_us: int, parent: PointRecord | None,
                consistency: str, disks: list[DiskRecord], checkpoint: str, domain_xml: str,
@@ -331,8 +339,8 @@ class BackupWriter:
                     txn.put(schema.full_key(chain, disk, chunk_no), key, db=db["full_index"], append=True)
             else:
                 cur = txn.cursor(db=db["log_index"])
-                for disk, block_no, key in self._log:
-                    cur.put(schema.log_key(chain, disk, block_no, no), key)
+                for disk, block_no, value in self._log:
+                    cur.put(schema.log_key(chain, disk, block_no, no), value)
             record = PointRecord(
                 point=no, vm=vm, vm_name=vm_name, kind=kind, time_us=time_us, chain=chain,
                 parent=parent.point if parent else None, consistency=consistency, disks=tuple(disks), checkpoint=checkpoint,
@@ -353,7 +361,7 @@ class BackupWriter:
     def _finish(self) -> None:
         self._done = True
         self.pack.close()
-        if not self._new:
+        if not self._new and not self._wrote_blocks:
             self.pack.discard()
         self._unlock()
 
