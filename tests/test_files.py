@@ -345,3 +345,156 @@ def test_a_directory_of_100000_entries(tmp_path):
         names = os.listdir(big)
         assert len(names) == 100_000 and len(set(names)) == 100_000
         assert os.stat(big / "entry-099999").st_size == 0
+
+
+def big_tree(root, n, links=True):
+    """Two directories of n entries each: files of many sizes, modes, owners
+    and times, subdirectories, symlinks; with `links`, FIFOs and hard links
+    (within big/, and from big2/ into big/)."""
+    rnd = random.Random(21)
+    modes = (0o644, 0o600, 0o755, 0o4755 if links else 0o700, 0o640)
+    for d in ("big", "big2"):
+        (root / d).mkdir(parents=True)
+        for i in range(n):
+            p = root / d / f"e{i:05d}"
+            if i % 50 == 0:
+                p.mkdir()
+                os.chmod(p, 0o750)
+            elif i % 50 == 1:
+                os.symlink("t" * (1 + i % 40), p)
+            elif i % 50 == 2 and links:
+                os.mkfifo(p)
+            else:
+                p.write_bytes(rnd.randbytes(i % 3000))
+                os.chown(p, i % 3 * 1000, i % 4 * 100)
+                os.chmod(p, modes[i % 5])
+            os.utime(p, (1_600_000_000 + i * 7, 1_500_000_000 + i * 13), follow_symlinks=False)
+    if links:
+        for i in range(5, n, 20):
+            os.link(root / "big" / f"e{i:05d}", root / "big" / f"hl{i:05d}")
+            os.link(root / "big" / f"e{i:05d}", root / "big2" / f"xl{i:05d}")
+
+
+def listed_then_stated(directory, interleaved):
+    """{name: (d_type kind, d_ino, lstat)}: os.scandir, then a stat of each
+    entry; or (interleaved) each stat right after its entry is read, as ls -l
+    does."""
+    def kind(e):
+        return "dir" if e.is_dir(follow_symlinks=False) else "link" if e.is_symlink() else \
+            "file" if e.is_file(follow_symlinks=False) else "other"
+    if interleaved:
+        return {e.name: (kind(e), e.inode(), os.lstat(e.path)) for e in os.scandir(directory)}
+    listed = [(e.name, kind(e), e.inode(), e.path) for e in os.scandir(directory)]
+    return {name: (k, ino, os.lstat(path)) for name, k, ino, path in listed}
+
+
+def same_listing(src, got, times, nlink=True):
+    """Every entry of src is in got with its type (from the listing alone),
+    mode, owner, size, link count and times, and names share an inode in got
+    exactly where they do in src."""
+    want = {e.name: os.lstat(e.path) for e in os.scandir(src)}
+    assert sorted(got) == sorted(want)
+    for name, (kind, d_ino, st) in got.items():
+        sa = want[name]
+        kinds = {stat.S_IFDIR: "dir", stat.S_IFLNK: "link", stat.S_IFREG: "file"}
+        assert kind == kinds.get(stat.S_IFMT(sa.st_mode), "other"), name
+        assert d_ino == st.st_ino, name
+        assert (st.st_mode, st.st_uid, st.st_gid) == (sa.st_mode, sa.st_uid, sa.st_gid), name
+        if not stat.S_ISDIR(sa.st_mode):  # (a directory's size and links are the filesystem's own)
+            assert (st.st_size, st.st_nlink if nlink else 0) == (sa.st_size, sa.st_nlink if nlink else 0), name
+        if times:  # (the source's atimes moved when the images were made)
+            assert int(st.st_mtime) == int(sa.st_mtime), name
+
+    def groups(stats):
+        by_ino = {}
+        for name, sa in stats.items():
+            by_ino.setdefault(sa.st_ino, set()).add(name)
+        return sorted(sorted(g) for g in by_ino.values())
+    assert groups({n: st for n, (_, _, st) in got.items()}) == groups(want)
+
+
+def test_a_big_directory_listed_then_stated(tmp_path):
+    """A listing reads only the directory (names, inode numbers, types); each
+    entry's attributes, read when it is stat'ed, are exact: ext4 and Btrfs
+    with hard links and FIFOs, XFS without (a protofile makes neither); every
+    entry listed first then stat'ed, and stat'ed as it is listed (then the
+    listing sends the rest whole); a file open through one name keeps its
+    size and bytes while its other names are listed; cp -a copies it all."""
+    from rpofs.store.repo import Repository
+    from synth import back_up
+
+    n = 3000
+    src, plain = tmp_path / "src", tmp_path / "plain"
+    big_tree(src, n)
+    big_tree(plain, n, links=False)
+    images = []
+    for name, build, tree, size in (("ext4", ext4, src, 64 * MiB), ("btrfs", btrfs, src, 160 * MiB),
+                                    ("xfs", xfs, plain, 300 * MiB)):
+        images.append(tmp_path / f"{name}.img")
+        build(images[-1], tree, size)
+    repo = Repository.init(str(tmp_path / "repo"))
+    back_up(repo, [bytearray(i.read_bytes()) for i in images], [set()] * 3, "full", None, 10**15)
+    repo.close()
+    with mounted(tmp_path / "repo", tmp_path / "mnt") as mnt:
+        files = mnt / "m" / "latest" / "files"
+        for disk, tree, posix_times in (("vda", src, True), ("vdb", src, True), ("vdc", plain, False)):
+            root = files / disk / "0"
+            for d, interleaved in (("big", False), ("big2", True), ("big", False), ("big2", False)):
+                same_listing(tree / d, listed_then_stated(root / d, interleaved), posix_times)
+            if tree is src:
+                big = (src / "big" / "e02005").read_bytes()
+                with open(root / "big2" / "xl02005", "rb") as f:
+                    for _ in range(3):
+                        list(os.scandir(root / "big"))
+                        assert os.fstat(f.fileno()).st_size == len(big) == os.stat(root / "big" / "hl02005").st_size
+                        f.seek(0)
+                        assert f.read() == big
+        copy = tmp_path / "copy"
+        subprocess.run(["cp", "-a", str(files / "vda" / "0" / "big"), str(copy)], check=True)
+        same_listing(src / "big", listed_then_stated(copy, False), True, nlink=False)  # (big2/ not copied)
+
+
+@pytest.mark.parametrize("options", [[], ["-I", "128"], ["-O", "^filetype"], ["-O", "64bit"]])
+def test_ext_read_as_dissect_reads_it(tmp_path, options):
+    """ext's fast paths (directory entries and inodes unpacked with struct)
+    give what dissect's own parse gives, for every entry of a tree of many
+    kinds: 128- and 256-byte inodes, with and without file types in
+    directory entries, 64-bit group descriptors, owners past 16 bits, a size
+    past 32 bits, times with nanoseconds and epoch bits."""
+    from rpofs.files.filesystems import ExtFilesystem, _InodeFilesystem
+
+    src = tmp_path / "src"
+    big_tree(src, 400)
+    make_tree(src / "t", random.Random(3))
+    with open(src / "sparse", "wb") as f:
+        f.truncate(5 << 30)
+    (src / "ids").write_text("x")
+    os.chown(src / "ids", 100_000, 70_000)
+    img = tmp_path / "fs.img"
+    subprocess.run(["mkfs.ext4", "-q", "-F", *options, "-d", str(src), str(img), "48M"], check=True)
+    if options != ["-I", "128"]:
+        for field, value in (("mtime_extra", 0x1234567B), ("ctime_extra", 0x00000002), ("atime_extra", 0xFFFFFFFC)):
+            subprocess.run(["debugfs", "-w", "-R", f"sif /ids {field} {value:#x}", str(img)], check=True,
+                           capture_output=True)
+    with open(img, "rb") as f:
+        fs = ExtFilesystem(f)
+        todo, seen = [fs.root()], 0
+        while todo:
+            directory = todo.pop()
+            fast = list(fs.children(directory))
+            slow = [(n.filename, n.inum, n.filetype) for n in fs.node(directory).iterdir()
+                    if n.filename not in (".", "..")]
+            assert [(e.name, e.ino, e.type) for e in fast] == slow
+            for e in fast:
+                node = fs.node(e)
+                assert fs._attrs(node) == _InodeFilesystem._attrs(fs, node), e.name
+                assert e.attrs == fs._attrs(node)
+                seen += 1
+                if e.is_dir:
+                    todo.append(e)
+        ids = next(e for e in fs.children(fs.root()) if e.name == "ids")
+        assert (ids.uid, ids.gid) == (100_000, 70_000)
+        assert next(e for e in fs.children(fs.root()) if e.name == "sparse").size == 5 << 30
+        if options != ["-I", "128"]:
+            assert ids.mtime_ns % 10**9 == 0x1234567B >> 2 and ids.mtime_ns // 10**9 >= 1 << 32
+    assert seen > 1000

@@ -9,8 +9,11 @@ Node keys (vfs.Tree turns them into inode numbers):
     ("fnode", point, disk, volume, ino)  a guest file or directory; `ino` is the
                                          filesystem's inode, so hard links share one
 Entries seen by a lookup or a listing are remembered, so getattr and open
-need not walk the filesystem again. A directory's names are cached (a few
-hundred directories) so that lookups in a big directory do not list it again.
+need not walk the filesystem again. A listing gives names, inode numbers and
+types; an entry's other attributes are parsed when first asked (getattr,
+lookup) and kept with the remembered entry. A directory's names are cached
+(a few hundred directories) so that lookups in a big directory do not list it
+again.
 """
 
 import collections
@@ -25,6 +28,11 @@ from ..store.schema import PointRecord
 
 DIR_CACHE = 256
 DISK_CACHE = 16
+# lookups that must read the inode of an entry of one directory, after which
+# its entries are taken to be stat'ed one by one (ls -l, cp -a, du: each stats
+# a readdir batch, some 200 names, before reading on), so its listings read
+# their inodes too; a few files opened there do not make it so
+STAT_STORM = 32
 
 
 class GuestFileError(RpofsError):
@@ -40,6 +48,7 @@ class GuestFiles:
         # valid with that filesystem (and its lock), even if the disk's cache entry went
         self._entries: dict[tuple, tuple[Entry, Filesystem]] = {}
         self._dirs: collections.OrderedDict[tuple, dict[str, Entry]] = collections.OrderedDict()
+        self._stat_lookups: dict[tuple, int] = {}  # directory key -> lookups that read an inode
 
     def disk(self, point: PointRecord, target: str) -> DiskFiles:
         key = (point.point, target)
@@ -79,6 +88,24 @@ class GuestFiles:
 
     def entry(self, key: tuple) -> Entry:
         return self._known(key)[0]
+
+    def looked_up(self, directory: tuple, child: tuple) -> None:
+        """A lookup of `child` in `directory`, before its inode is read."""
+        entry = self.remembered(child)
+        if entry is not None and not entry.known:
+            with self._lock:
+                self._stat_lookups[directory] = self._stat_lookups.get(directory, 0) + 1
+
+    def stats_wanted(self, directory: tuple) -> bool:
+        """Whether the directory's entries get stat'ed one by one (STAT_STORM);
+        takes no lock."""
+        return self._stat_lookups.get(directory, 0) >= STAT_STORM
+
+    def remembered(self, key: tuple) -> Entry | None:
+        """The remembered entry, or None; takes no lock (a dict read is atomic),
+        for callers that must never wait."""
+        known = self._entries.get(key)
+        return known[0] if known else None
 
     def _known(self, key: tuple) -> tuple[Entry, Filesystem]:
         with self._lock:

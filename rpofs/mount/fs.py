@@ -20,6 +20,8 @@ from .vfs import Attr, NoSuchEntry, NotADirectory, NotASymlink, Tree
 
 log = logging.getLogger(__name__)
 
+READDIR_ATTRS = 256  # entries per READDIRPLUS, inodes read, where entries get stat'ed
+
 _ERRNO = ((NoSuchEntry, errno.ENOENT), (NotADirectory, errno.ENOTDIR), (NotASymlink, errno.EINVAL),
           (ChunkError, errno.EIO))
 
@@ -72,7 +74,10 @@ class Operations(pyfuse3.Operations):
         e.st_uid = self._uid if a.uid is None else a.uid
         e.st_gid = self._gid if a.gid is None else a.gid
         e.st_size = a.size
-        e.st_blksize = 1 << 20
+        # glibc sizes readdir's getdents buffer by a directory's st_blksize: 32 KiB
+        # batches (some 200 entries a READDIRPLUS) let a stat-per-entry tool's
+        # lookups be seen early, so the rest of the listing comes whole (see readdir)
+        e.st_blksize = 4096 if a.is_dir else 1 << 20
         e.st_blocks = 0 if a.is_dir else -(-(a.size if a.stored is None else a.stored) // 512)
         e.st_mtime_ns = a.mtime_ns
         e.st_atime_ns = a.mtime_ns if a.atime_ns is None else a.atime_ns
@@ -100,6 +105,16 @@ class Operations(pyfuse3.Operations):
                 raise NotADirectory(str(inode))
             return self._new_handle([inode, None])  # the listing is read on the first readdir
 
+    # pyfuse3 answers only READDIRPLUS (no plain readdir, READDIRPLUS_AUTO off),
+    # and the kernel applies each entry's attributes to the inode it may already
+    # hold (fuse_direntplus_link -> fuse_change_attributes). Its "no attributes"
+    # entry, node id 0, pyfuse3 cannot send (st_ino is both node id and d_ino).
+    # So a guest entry whose inode was not read yet goes as a placeholder: inode
+    # number, type bits, size 0, timeouts 0, LOOKUPed before anything trusts it.
+    # Safe because "known?" is asked as the reply is built: an unknown inode was
+    # never answered whole, so the kernel holds no true size to overwrite; and a
+    # LOOKUP answered after this READDIRPLUS was sent raised the inode's
+    # attr_version past it, so the kernel ignores the placeholder's attributes.
     async def readdir(self, fh, start_id, token):
         with _errors(f"readdir {fh}"):
             handle = self._handles[fh]
@@ -108,7 +123,18 @@ class Operations(pyfuse3.Operations):
                 # many small readdir calls. Offsets are positions + 1, stable
                 # because new points are appended.
                 handle[1] = await self._meta_call(self.tree.readdir, handle[0])
-            for i, (name, attr) in enumerate(handle[1][start_id:], start_id + 1):
+            listing, end = handle[1], None
+            if self.tree.wants_attrs(handle[0]):
+                # its entries get stat'ed one by one (ls -l): a LOOKUP round trip
+                # costs several inode reads, so read the next ones and send them
+                # whole (and no more: a shorter reply just brings another READDIR)
+                end = start_id + READDIR_ATTRS
+                todo = [a.ino for _, a in listing[start_id:end] if not a.known]
+                if todo:
+                    await self._meta_call(self.tree.read_attrs, todo)
+            for i, (name, attr) in enumerate(listing[start_id:end], start_id + 1):
+                if not attr.known:
+                    attr = self.tree.known_attr(attr.ino) or attr  # read since the listing?
                 if not pyfuse3.readdir_reply(token, os.fsencode(name), self._entry(attr), i):
                     return
 

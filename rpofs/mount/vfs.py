@@ -62,6 +62,8 @@ class Attr:
     atime_ns: int | None = None  # None: mtime
     ctime_ns: int | None = None
     stored: int | None = None   # bytes it takes in storage (st_blocks); None: its size
+    known: bool = True          # False: a guest entry listed before its inode was read:
+                                # only ino and the type bits of mode are right, ttl is 0
 
     @property
     def is_dir(self) -> bool:
@@ -205,9 +207,7 @@ class Tree:
             stored = point.stats.get("disk_bytes", {}).get(node[2])  # so du shows what is stored
             return Attr(ino, _FILE, size, when, IMMUTABLE_TTL, stored=stored)
         if kind == "fnode":
-            e = self.guest.entry(node)
-            return Attr(ino, e.mode, e.size, e.mtime_ns, IMMUTABLE_TTL, e.uid, e.gid, e.nlink, e.atime_ns,
-                        e.ctime_ns)
+            return _guest_attr(ino, self.guest.entry(node))  # parses the inode the first time
         return Attr(ino, _FILE, len(self._small_file(node)), when, IMMUTABLE_TTL)
 
     def lookup(self, parent: int, name: str) -> Attr:
@@ -236,6 +236,8 @@ class Tree:
         if kind in ("point", "files", "fdisk", "fnode"):
             for child_name, child in self._children(node, name):
                 if child_name == name:
+                    if kind == "fnode":
+                        self.guest.looked_up(node, child)  # before getattr reads its inode
                     return self.getattr(self._inode(child))
             raise NoSuchEntry(name)
         raise NotADirectory(name)
@@ -257,8 +259,34 @@ class Tree:
         if kind == "at":
             return []
         if kind in ("point", "files", "fdisk", "fnode"):
-            return [(name, self.getattr(self._inode(child))) for name, child in self._children(node)]
+            return [(name, self._listed(child)) for name, child in self._children(node)]
         raise NotADirectory(str(ino))
+
+    def known_attr(self, ino: int) -> Attr | None:
+        """A guest entry's full attributes if already read, else None: never
+        reads the disk and takes no lock (dict reads are atomic), so the FUSE
+        adapter may ask on its event loop."""
+        node = self._node.get(ino)
+        entry = self.guest.remembered(node) if node and node[0] == "fnode" else None
+        return _guest_attr(ino, entry) if entry is not None and entry.known else None
+
+    def wants_attrs(self, ino: int) -> bool:
+        """Whether a guest directory's entries get stat'ed (ls -l, cp -a, du),
+        so its listing should read their inodes too. Takes no lock."""
+        node = self._node.get(ino)
+        return bool(node) and node[0] == "fnode" and self.guest.stats_wanted(node)
+
+    def read_attrs(self, inos: list[int]) -> None:
+        """Read the inodes of listed guest entries, so that known_attr has them.
+        One that cannot be read is left for its own lookup to report."""
+        for ino in inos:
+            node = self._node.get(ino)
+            entry = self.guest.remembered(node) if node and node[0] == "fnode" else None
+            if entry is not None and not entry.known:
+                try:
+                    entry.attrs
+                except RpofsError:
+                    pass
 
     def readlink(self, ino: int) -> str:
         node = self._node_of(ino)
@@ -305,6 +333,17 @@ class Tree:
         wanted = listing if name is None else ({name: listing[name]} if name in listing else {})
         return [(n, self.guest.remember(fs, point, node[2], node[3], e)[0]) for n, e in wanted.items()]
 
+    def _listed(self, child: tuple) -> Attr:
+        """A child's attributes for a listing: a guest entry whose inode was
+        not read yet gets only its type (a listing reads the directory alone)."""
+        ino = self._inode(child)
+        entry = self.guest.remembered(child) if child[0] == "fnode" else None
+        if entry is None:
+            return self.getattr(ino)
+        if entry.known:
+            return _guest_attr(ino, entry)
+        return Attr(ino, entry.type, 0, 0, 0.0, 0, 0, 1, known=False)
+
     def _as_of(self, uuid: str, text: str) -> str:
         try:
             bound = parse_as_of(text)
@@ -325,6 +364,10 @@ class Tree:
         if node[0] == "json":
             return point_json(name, point)
         return self.repo.read_chunk(bytes.fromhex(point.domain_xml))
+
+
+def _guest_attr(ino: int, e) -> Attr:
+    return Attr(ino, e.mode, e.size, e.mtime_ns, IMMUTABLE_TTL, e.uid, e.gid, e.nlink, e.atime_ns, e.ctime_ns)
 
 
 def safe_name(name: str, uuid: str) -> str:
