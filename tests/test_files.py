@@ -3,6 +3,7 @@ host, laid on a VM's disks in GPT and MBR partitions and on a whole disk,
 backed up; every file compared byte for byte through <point>/files/ and
 through `rpofs cp`; a log that changes one file and deletes another."""
 
+import json
 import os
 import random
 import shutil
@@ -183,6 +184,12 @@ def test_every_filesystem_through_the_mount_and_cp(lab):
                 assert a.st_ino == b.st_ino and a.st_nlink == 2
             if fs != "ntfs":
                 assert len(os.listdir(files / disk / volume / "many")) == 300
+        # point.json says what files/ shows; the point was taken without freezing
+        shown = json.loads((mnt / vm.name / "latest" / "point.json").read_text())["files"]
+        assert {(d, v["volume"]) for d, x in shown.items() for v in x["volumes"] if v["shown"]} == \
+            {(d, v) for d, v, _ in LAYOUT}
+        assert shown["vdb"]["volumes"][0]["note"].startswith("XFS log not replayed")
+        assert all(not x["notes"] for x in shown.values())
     point = points_json(repo, vm.name)[-1]
     for disk, volume, fs in LAYOUT:
         dest = work / f"cp-{disk}-{volume}"
@@ -273,6 +280,9 @@ def test_damage_fails_only_what_it_touches(tmp_path):
             (files / "vda" / "1" / "two.bin").read_bytes()
         assert e.value.errno == errno.EIO
         assert os.listdir(files / "vdb") == []
+        shown = json.loads((mnt / "m" / "latest" / "point.json").read_text())["files"]
+        assert shown["vdb"]["volumes"] == [] and len(shown["vdb"]["notes"]) == 1
+        assert [v["volume"] for v in shown["vda"]["volumes"]] == ["1"] and not shown["vda"]["notes"]
         with open(mnt / "m" / "latest" / "vdb.raw", "rb") as f:  # (it shares the bad chunk: dedup)
             assert f.read(CHUNK_SIZE) == bytes(bad_table[:CHUNK_SIZE])
 

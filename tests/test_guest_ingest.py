@@ -5,6 +5,7 @@ the guest's files hold exactly a prefix of the sequence, the same on both
 disks, and the point's time falls where that prefix says it should."""
 
 import datetime
+import json
 import shutil
 import signal
 import subprocess
@@ -105,4 +106,7 @@ def test_crash_consistent_points_show_the_journal(tmp_path):
             with open(raw, "rb") as f:  # the same filesystem read without replay
                 as_it_lies = ExtFS(f).get("/seq.log").open().read().decode()
             behind += as_it_lies != shown
+            if as_it_lies != shown:  # point.json says the journal was replayed
+                files = json.loads((mnt / name / p["name"] / "point.json").read_text())["files"]
+                assert files["vda"]["volumes"][0]["note"].startswith("ext journal replayed"), files
     assert behind >= 1, "no point needed its journal replayed: the test proved nothing"

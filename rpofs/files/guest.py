@@ -57,11 +57,29 @@ class GuestFiles:
             if files is None:
                 reader = DiskReader(self.repo, point, target)
                 files = self._disks[key] = DiskFiles(reader.read, reader.size,
-                                                     f"point {point.point} ({point.vm_name}) disk {target}")
+                                                     f"point {point.point} ({point.vm_name}) disk {target}",
+                                                     point.consistency != "filesystems-frozen")
                 while len(self._disks) > DISK_CACHE:
                     self._disks.popitem(last=False)
             self._disks.move_to_end(key)
             return files
+
+    def notes(self, point: PointRecord) -> dict:
+        """Per disk, what files/ shows of it and why (for point.json): each
+        volume found, whether its files are shown, and the note on it (an ext
+        journal replayed, an XFS log not, why it cannot be read)."""
+        out = {}
+        for d in point.disks:
+            files = self.disk(point, d.target)
+            try:
+                shown = files.volumes()
+            except Exception as e:  # the disk's own data cannot be read
+                out[d.target] = {"notes": [f"cannot read the disk's layout: {e}"], "volumes": []}
+                continue
+            volumes = [{"volume": v.name, "shown": True, "note": v.note} for v in shown]
+            volumes += [{"volume": v.name, "shown": False, "note": v.note} for v in files.skipped]
+            out[d.target] = {"notes": list(files.notes), "volumes": volumes}
+        return out
 
     def volume(self, point: PointRecord, target: str, name: str) -> Volume | None:
         return next((v for v in self.disk(point, target).volumes() if v.name == name), None)

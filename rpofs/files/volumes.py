@@ -21,7 +21,7 @@ from dissect.util.stream import AlignedStream
 from dissect.volume.disk import Disk
 from dissect.volume.exceptions import DiskError
 
-from .filesystems import Filesystem, FsError, open_filesystem
+from .filesystems import Filesystem, FsError, XfsFilesystem, open_filesystem
 from .journal import JournalError, ReplayedDevice
 from .lvm import LvmError, logical_volumes, probe
 
@@ -56,10 +56,12 @@ class DiskFiles:
     """The volumes of one disk at one point, and their filesystems, opened on
     first use. Thread-safe."""
 
-    def __init__(self, read, size: int, where: str):
+    def __init__(self, read, size: int, where: str, crash_consistent: bool = False):
         self._disk = ReadStream(read, size)
         self._read = read
         self.where = where
+        self.crash_consistent = crash_consistent  # taken without freezing: journals may hold the newest changes
+        self.notes: list[str] = []  # what could not be read of the disk's layout (volumes have their own)
         self._lock = threading.Lock()
         self._volumes: list[Volume] | None = None
         self.skipped: list[Volume] = []  # found but left out: each note says why
@@ -86,14 +88,11 @@ class DiskFiles:
             self._disk.seek(0)  # dissect reads the table from where the stream stands
             disk = Disk(self._disk)
         except LvmError as e:
-            log.warning("%s: the whole disk: LVM physical volume cannot be read: %s", self.where, e)
-            return []
+            return self._problem(f"the whole disk: LVM physical volume cannot be read: {e}")
         except (DiskError, FsError) as e:
-            log.warning("%s: no partition table or filesystem found: %s", self.where, e)
-            return []
+            return self._problem(f"no partition table or filesystem found: {e}")
         except Exception as e:  # a damaged table: the disk itself stays readable
-            log.warning("%s: partition table cannot be read: %s", self.where, e)
-            return []
+            return self._problem(f"partition table cannot be read: {e}")
         volumes, pvs = [], []
         for p in disk.partitions:
             if p.size <= 0 or _is_container(p):
@@ -102,10 +101,10 @@ class DiskFiles:
             try:
                 pv = probe(self._read, p.offset, length, f"partition {p.number}")
             except LvmError as e:  # a damaged label: no files there, nor a filesystem to show
-                log.warning("%s: partition %s: LVM physical volume cannot be read: %s", self.where, p.number, e)
+                self._problem(f"partition {p.number}: LVM physical volume cannot be read: {e}")
                 continue
             except Exception as e:
-                log.warning("%s: partition %s cannot be read: %s", self.where, p.number, e)
+                self._problem(f"partition {p.number} cannot be read: {e}")
                 continue
             if pv is not None:
                 pvs.append(pv)
@@ -113,12 +112,17 @@ class DiskFiles:
                 volumes.append(Volume(str(p.number), p.offset, length))
         return volumes + self._logical(self._lvm(pvs)) if pvs else volumes
 
+    def _problem(self, note: str) -> list:
+        """Logged once and kept for point.json; no volumes from there."""
+        log.warning("%s: %s", self.where, note)
+        self.notes.append(note)
+        return []
+
     def _lvm(self, pvs):
         try:
             return logical_volumes(pvs, self._read, self.where)
         except Exception as e:  # whatever damaged metadata does: the partitions still show
-            log.warning("%s: LVM metadata cannot be read: %s", self.where, e)
-            return []
+            return self._problem(f"LVM metadata cannot be read: {e}")
 
     @staticmethod
     def _logical(lvs) -> list[Volume]:
@@ -156,6 +160,10 @@ class DiskFiles:
             volume._fs = open_filesystem(stream)
             if volume._fs is None:
                 volume.note = "cannot show files: no filesystem rpofs can read"
+            elif isinstance(volume._fs, XfsFilesystem) and self.crash_consistent:
+                volume.note = ("XFS log not replayed: files shown as the disk holds them, without "
+                               "changes the log alone may hold at this crash-consistent point")
+                log.info("%s volume %s: %s", self.where, volume.name, volume.note)
         except (FsError, JournalError) as e:
             volume.note = f"cannot show files: {e}"
         except Exception as e:  # a read of the volume failed (a damaged chunk, an LV read)

@@ -112,6 +112,7 @@ class Tree:
         self._node: dict[int, tuple] = {ROOT_INO: ("root",)}
         self._mounted_at = int(time.time() * 1e6)
         self._pruned = repo.pruned_count()
+        self._notes: dict[int, dict] = {}  # point -> point.json's "files"
         self.guest = GuestFiles(repo)
 
     # -- the catalog, re-read at most once per refresh period -------------
@@ -288,6 +289,13 @@ class Tree:
                 except RpofsError:
                     pass
 
+    def is_own_link(self, ino: int) -> bool:
+        """latest and at/ links: answered from memory (and the catalog at most
+        once per REFRESH_S), cheap enough to answer without a worker thread —
+        the kernel asks for them on every path through them."""
+        node = self._node.get(ino)
+        return node is not None and node[0] in ("latest", "atlink")
+
     def readlink(self, ino: int) -> str:
         node = self._node_of(ino)
         if node[0] == "latest":
@@ -361,8 +369,14 @@ class Tree:
 
     def _small_file(self, node: tuple) -> bytes:
         name, point = self._point(node[1])
-        if node[0] == "json":
-            return point_json(name, point)
+        if node[0] == "json":  # with what files/ shows of each disk, worked out once
+            with self._lock:
+                notes = self._notes.get(point.point)
+            if notes is None:
+                notes = self.guest.notes(point)
+                with self._lock:
+                    self._notes[point.point] = notes
+            return point_json(name, point, notes)
         return self.repo.read_chunk(bytes.fromhex(point.domain_xml))
 
 
@@ -382,9 +396,10 @@ def safe_name(name: str, uuid: str) -> str:
     return name
 
 
-def point_json(name: str, p: PointRecord) -> bytes:
-    """point.json and `rpofs points --json`: a stable, documented shape."""
-    return (json.dumps({
+def point_json(name: str, p: PointRecord, files: dict | None = None) -> bytes:
+    """point.json and `rpofs points --json`: a stable, documented shape; the
+    mount's adds `files` (what files/ shows of each disk)."""
+    body = {
         "name": name,
         "time": format_time(p.time_us, 6),
         "point": p.point,
@@ -398,7 +413,10 @@ def point_json(name: str, p: PointRecord) -> bytes:
         "reason": p.reason,
         "warnings": list(p.warnings),
         "stats": p.stats,
-    }, indent=2) + "\n").encode()
+    }
+    if files is not None:
+        body["files"] = files
+    return (json.dumps(body, indent=2) + "\n").encode()
 
 
 class _Bytes:
