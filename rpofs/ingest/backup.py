@@ -195,13 +195,12 @@ def _run(repo: Repository, dom: Domain, info: DomainInfo, disks: list[DiskRecord
     return record
 
 
-def _pipeline(writer_call, items):
-    """Store (args, data) items on HASH_THREADS (hash, compress, append), at
-    most IN_FLIGHT waiting, while this thread reads the next ones."""
+def _pipeline(writer_call, reads):
+    """Read on this thread, hash/compress/store on HASH_THREADS, IN_FLIGHT ahead."""
     with concurrent.futures.ThreadPoolExecutor(HASH_THREADS, thread_name_prefix="rpofs-hash") as pool:
         pending = collections.deque()
-        for args, data in items:
-            pending.append(pool.submit(writer_call, *args, data))
+        for args, read in reads:
+            pending.append(pool.submit(writer_call, *args, read()))
             while len(pending) >= IN_FLIGHT:
                 pending.popleft().result()
         while pending:
@@ -212,9 +211,14 @@ def _copy_allocated(export: Export, writer: BackupWriter, disk: int) -> None:
     """A full: every chunk that holds allocated data; the rest stays absent (zeros)."""
     wanted = sorted({c for off, n in export.data_ranges()
                      for c in range(off // CHUNK_SIZE, (off + n - 1) // CHUNK_SIZE + 1)})
-    ranges = [(c * CHUNK_SIZE, min(CHUNK_SIZE, export.size - c * CHUNK_SIZE)) for c in wanted]
-    _pipeline(writer.put_full_chunk,
-              (((disk, offset // CHUNK_SIZE), data) for offset, data in export.read_ranges(ranges)))
+
+    def reads():
+        for c in wanted:
+            start = c * CHUNK_SIZE
+            length = min(CHUNK_SIZE, export.size - start)
+            yield (disk, c), lambda s=start, n=length: export.pread(n, s)
+
+    _pipeline(writer.put_full_chunk, reads())
 
 
 def _copy_dirty(export: Export, writer: BackupWriter, disk: int) -> None:
@@ -232,5 +236,10 @@ def _copy_dirty(export: Export, writer: BackupWriter, disk: int) -> None:
         for i in range(0, len(data), BLOCK_SIZE):
             writer.put_log_block(disk, first + i // BLOCK_SIZE, bytes(data[i:i + BLOCK_SIZE]))
 
-    ranges = [(first * BLOCK_SIZE, min(stop * BLOCK_SIZE, export.size) - first * BLOCK_SIZE) for first, stop in runs]
-    _pipeline(store_run, (((offset // BLOCK_SIZE,), data) for offset, data in export.read_ranges(ranges)))
+    def reads():
+        for first, stop in runs:
+            start = first * BLOCK_SIZE
+            length = min(stop * BLOCK_SIZE, export.size) - start
+            yield (first,), lambda s=start, n=length: export.pread(n, s)
+
+    _pipeline(store_run, reads())

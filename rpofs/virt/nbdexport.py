@@ -1,7 +1,5 @@
 """libnbd, and only here: reading one disk of a running backup job."""
 
-import collections
-
 import nbd
 
 from ..errors import VirtError
@@ -63,29 +61,9 @@ class Export:
         """Ranges changed since the incremental's checkpoint."""
         return [(o, n) for o, n, f in self._extents(self._bitmap) if f & _DIRTY]
 
-    def read_ranges(self, ranges, depth: int = 8):
-        """(offset, data) for each (offset, length) of `ranges`, in order, with
-        up to `depth` reads in flight: QEMU serves them concurrently, and one
-        read at a time would leave the backup waiting on each round trip."""
-        pending = collections.deque()
-        ranges = iter(ranges)
-
-        def issue():
-            for offset, length in ranges:
-                buf = bytearray(length)  # read into in place: handed on without a copy
-                pending.append((offset, length, buf, self._h.aio_pread(nbd.Buffer.from_buffer(buf), offset)))
-                if len(pending) >= depth:
-                    return
-
+    def pread(self, length: int, offset: int) -> bytes:
         try:
-            issue()
-            while pending:
-                offset, length, buf, cookie = pending[0]
-                while not self._h.aio_command_completed(cookie):
-                    self._h.poll(-1)
-                pending.popleft()
-                issue()
-                yield offset, buf
+            return self._h.pread(length, offset)
         except nbd.Error as e:
             raise VirtError(f"NBD read of {self.name} at {offset}+{length}: {e}") from e
 
