@@ -1,8 +1,9 @@
 """Materialize a disk at a recovery point, read by read.
 
 For each 64 KiB block in a read: the newest log change in (full, point] —
-one seek in the as-of index — else the full's chunk, else zeros. Opening is
-O(1) and a read costs the same however many logs precede the point.
+one seek in the as-of index, whose entry says where the block's bytes are —
+else the full's chunk, else zeros. Opening is O(1) and a read costs the same
+however many logs precede the point.
 """
 
 import bisect

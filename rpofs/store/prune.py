@@ -8,11 +8,12 @@ full is every log's base).
 Removing (`prune`) runs under the repository's exclusive lock, so no backup
 is between finding a chunk already stored and committing its reference:
 1. one write transaction drops the points, the index entries no kept point
-   reads any more, and the chunk locations nothing refers to;
-2. pack files with no live chunk are deleted;
-3. packs that are mostly dead are compacted: their live chunks are copied
-   (read and verified) to a new pack, fsync'ed, re-pointed in one
-   transaction, and only then is the old pack deleted.
+   reads any more (and with them their log blocks), and the chunk locations
+   nothing refers to;
+2. pack files with nothing live are deleted;
+3. packs that are mostly dead are compacted: their live chunks and log
+   blocks are copied (read and verified) to a new pack, fsync'ed, re-pointed
+   in one transaction, and only then is the old pack deleted.
 A crash anywhere leaves a consistent catalog and, at worst, pack data that
 nothing refers to, which the next prune removes.
 
@@ -31,10 +32,10 @@ from dataclasses import dataclass, field
 from ..errors import ChunkError
 from . import schema
 from .schema import BLOCK_SIZE, PACK_HEADER, ChunkLocation, PointRecord
+from ..timefmt import US
 
 log = logging.getLogger(__name__)
 
-US = 1_000_000
 COMPACT_BELOW = 0.5   # compact a pack when less than half of it is live
 
 
