@@ -24,16 +24,17 @@ Sub-databases
     full_index  chain (u32) | disk (u16) | chunk no (u32) -> chunk key (32)
                     a full backup's data; an absent chunk is all zeros
     log_index   chain (u32) | disk (u16) | block no (u32) | ~point (u32)
-                    -> where the block's bytes are: pack (u32) | offset (u64)
-                       | stored length (u32) | codec (u8); empty: the block
-                       became all zeros
+                    -> where the block's bytes are: pack (u32) | offset (u48)
+                       | stored length - 1 (u16); empty: the block became all
+                       zeros. No codec: a block stored as long as it is raw is
+                       raw, a shorter one is zstd (see chunks.encode)
                     the as-of index: one entry per block changed by a log point;
                     the newest change of block B at or before point P is the
                     first key >= (chain, disk, B, ~P) if its prefix is (chain,
                     disk, B): one B-tree seek, whatever the number of logs.
-                    A log block's place is in its entry, not in `chunks`: 39
-                    bytes a block instead of some 115 (format 1 kept a key here
-                    and a `chunks` row). Its key is in the pack record header
+                    A log block's place is in its entry, not in `chunks`: 34
+                    bytes a block with LMDB's node header, instead of some 115
+                    (format 1 kept a key here and a `chunks` row). Its key is in the pack record header
                     just before it, and readers verify the bytes against it.
                     Log blocks are not deduplicated (a block rewritten with the
                     same bytes is stored again); full chunks are.
@@ -128,21 +129,24 @@ class ChunkLocation:
         return cls(*_CHUNK_LOC.unpack(b))
 
 
-_LOG_LOC = struct.Struct(">IQIB")
-
-
 def log_value(loc: ChunkLocation | None) -> bytes:
-    """A log_index value: where the block's record is; None: zeros."""
-    return b"" if loc is None else _LOG_LOC.pack(loc.pack, loc.offset, loc.stored_len, loc.codec)
+    """A log_index value: where the block's record is (12 bytes); None: zeros."""
+    if loc is None:
+        return b""
+    assert 0 < loc.stored_len <= BLOCK_SIZE and loc.offset < 1 << 48
+    return loc.pack.to_bytes(4, "big") + loc.offset.to_bytes(6, "big") + (loc.stored_len - 1).to_bytes(2, "big")
 
 
 def read_log_value(value: bytes, raw_len: int) -> ChunkLocation | None:
-    """The block's location (its raw length is the block's: BLOCK_SIZE, or
-    less for a disk's last block); None: zeros."""
+    """The block's location; None: zeros. Its raw length is the block's
+    (BLOCK_SIZE, less for a disk's last block; 0 when only the place is
+    wanted), and its codec follows: stored as long as raw is raw, shorter is
+    zstd (chunks.encode compresses only when that is smaller)."""
     if not value:
         return None
-    pack, offset, stored, codec = _LOG_LOC.unpack(value)
-    return ChunkLocation(pack, offset, stored, raw_len, codec)
+    stored = int.from_bytes(value[10:12], "big") + 1
+    return ChunkLocation(int.from_bytes(value[:4], "big"), int.from_bytes(value[4:10], "big"), stored, raw_len,
+                         CODEC_RAW if stored == raw_len else CODEC_ZSTD)
 
 
 def pack_name(pack: int) -> str:
