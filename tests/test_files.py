@@ -3,6 +3,7 @@ host, laid on a VM's disks in GPT and MBR partitions and on a whole disk,
 backed up; every file compared byte for byte through <point>/files/ and
 through `rpofs cp`; a log that changes one file and deletes another."""
 
+import contextlib
 import json
 import os
 import random
@@ -116,6 +117,19 @@ def qcow2(raw):
     return out
 
 
+@contextlib.contextmanager
+def backed_up(prefix: str, raws: list, repo):
+    """A VM with these raw images as qcow2 disks, and a repository holding one
+    full backup of it; the VM is destroyed afterwards."""
+    vm = TestVM(f"{prefix}-{uuid.uuid4().hex[:8]}", [(qcow2(raw), "qcow2") for raw in raws])
+    try:
+        run_rpofs("init", repo=repo)
+        run_rpofs("backup", vm.name, repo=repo)
+        yield vm
+    finally:
+        vm.destroy()
+
+
 def same_tree(src, got, fs):
     """Every file of src is in got with the same bytes; modes, owners, links
     where the filesystem keeps them."""
@@ -155,15 +169,9 @@ def lab(tmp_path_factory):
     disk_with(work / "vdb.raw", [("xfs", images["xfs"]), ("ntfs", images["ntfs"])], "dos", work)
     whole = work / "vdc.raw"  # a filesystem on the whole disk
     ext4(whole, src, PART["ext4"])
-    vm = TestVM(f"rpofs-files-{uuid.uuid4().hex[:8]}",
-                [(qcow2(work / "vda.raw"), "qcow2"), (qcow2(work / "vdb.raw"), "qcow2"), (qcow2(whole), "qcow2")])
     repo = work / "repo"
-    run_rpofs("init", repo=repo)
-    run_rpofs("backup", vm.name, repo=repo)
-    try:
+    with backed_up("rpofs-files", [work / "vda.raw", work / "vdb.raw", whole], repo) as vm:
         yield vm, repo, work, src, plain
-    finally:
-        vm.destroy()
 
 
 LAYOUT = [("vda", "1", "ext4"), ("vda", "2", "btrfs"), ("vda", "3", "fat"), ("vdb", "1", "xfs"),

@@ -22,15 +22,14 @@ import os
 import random
 import struct
 import subprocess
-import uuid
 
 import pytest
 
 from lvmimage import VolumeGroup, lvm_crc, thin_pool, write_label
 from rpofs.files import lvm
 from rpofs.files.volumes import DiskFiles
-from test_files import _sized, ext4, fat, make_tree, qcow2, same_tree
-from vmlab import TestVM, mounted, points_json, run_rpofs
+from test_files import _sized, backed_up, ext4, fat, make_tree, same_tree
+from vmlab import mounted, points_json, run_rpofs
 
 MiB = 1 << 20
 GPT_LVM = "E6D6D379-F507-44C2-A23C-238F2A3DF928"
@@ -102,15 +101,9 @@ def lab(tmp_path_factory):
     make_tree(plain, random.Random(5), links=False)  # FAT keeps no links or owners
     build_vda(work / "vda.raw", work, src, plain)
     build_vdb(work / "vdb.raw", work, src)
-    vm = TestVM(f"rpofs-lvm-{uuid.uuid4().hex[:8]}",
-                [(qcow2(work / "vda.raw"), "qcow2"), (qcow2(work / "vdb.raw"), "qcow2")])
     repo = work / "repo"
-    run_rpofs("init", repo=repo)
-    run_rpofs("backup", vm.name, repo=repo)
-    try:
+    with backed_up("rpofs-lvm", [work / "vda.raw", work / "vdb.raw"], repo) as vm:
         yield vm, repo, work, src, plain
-    finally:
-        vm.destroy()
 
 
 LAYOUT = [("vda", "1", "ext4", "plain"), ("vda", "vg0-root", "ext4", "src"), ("vda", "vg0-my--fat", "fat", "plain"),
