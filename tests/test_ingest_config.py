@@ -23,7 +23,7 @@ def test_the_example_parses():
     assert cfg.policy("web1", "u") == cfg.defaults
     assert cfg.defaults.retention == Retention(within_s=2 * 86400, hourly=48, daily=30, weekly=8)
     assert db1.retention == Retention(within_s=7 * 86400, hourly=48, daily=30, weekly=8)  # the rest inherited
-    assert cfg.defaults.prune_interval_s == 600
+    assert cfg.defaults.prune_interval_s == 600 and cfg.defaults.defrag_interval_s == 600
     assert cfg.wants("web1", "u") and not cfg.wants("scratch-7", "u")
 
 
@@ -40,6 +40,7 @@ def test_the_example_parses():
     ('[defaults]\nkeep_daily = -1', "defaults.keep_daily", "integer >= 0"),
     ('[defaults]\nkeep_within = "forever"', "defaults.keep_within", "expected a duration"),
     ('[vm.db1]\nkeep = 3', "vm.db1.keep", "unknown key"),
+    ('[vm.db1]\ndefrag_interval = "often"', "vm.db1.defrag_interval", "expected a duration"),
     ("[ingest\n", "", "not valid TOML"),
 ])
 def test_mistakes_name_file_and_key(tmp_path, text, where, what):

@@ -228,15 +228,15 @@ def test_libvirtd_restart_and_vms_that_go_away(lab):
     assert "event=connected" in text and "Traceback" not in text
 
 
-def test_retention_prunes_as_it_goes_and_survives_kill_9(lab):
+def test_retention_and_defrag_run_as_it_goes_and_survive_kill_9(lab):
     vms, log, repo, config, tmp = lab
-    config.write_text(config.read_text() + 'keep_within = "5s"\nprune_interval = "1s"\n')
+    config.write_text(config.read_text() + 'keep_within = "5s"\nprune_interval = "1s"\ndefrag_interval = "1s"\n')
     writer = Writer(vms, log, seed=7)
     writer.start()
     try:
         daemon = start_daemon(repo, config, tmp / "ingest.log")
         time.sleep(9)
-        daemon.kill()  # perhaps in the middle of a prune
+        daemon.kill()  # perhaps in the middle of a prune or a defrag
         daemon.wait()
         daemon = start_daemon(repo, config, tmp / "ingest.log")
         time.sleep(9)
@@ -248,6 +248,7 @@ def test_retention_prunes_as_it_goes_and_survives_kill_9(lab):
     assert writer.error is None, writer.error
     text = (tmp / "ingest.log").read_text()
     assert "event=pruned" in text and "event=prune-failed" not in text and "Traceback" not in text
+    assert "event=defragged" in text and "event=defrag-failed" not in text
     for vm in vms:
         points = points_json(repo, vm.name)
         times = [_seconds(p["time"]) for p in points]

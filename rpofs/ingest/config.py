@@ -41,6 +41,7 @@ class VmPolicy:
     quiesce: Quiesce = Quiesce()
     retention: Retention = Retention()     # keeps everything unless a keep_* key is given
     prune_interval_s: float = 600.0
+    defrag_interval_s: float = 600.0       # how often a VM's newest chain is defragmented (0: never)
 
 
 @dataclass(frozen=True)
@@ -121,6 +122,7 @@ class _Reader:
 
 def _policy(r: _Reader, base: VmPolicy) -> VmPolicy:
     r.check_keys({"full_interval", "log_interval", "disks", "quiesce", "quiesce_timeout", "prune_interval",
+                  "defrag_interval",
                   *_KEEP_COUNTS, "keep_within"})
     disks = base.disks
     if "disks" in r.table:
@@ -154,7 +156,8 @@ def _policy(r: _Reader, base: VmPolicy) -> VmPolicy:
     retention = Retention(**{field: r.integer(key, getattr(base_keep, field), 0) for key, field in _KEEP_COUNTS.items()},
                           within_s=r.duration("keep_within", base_keep.within_s) if "keep_within" in r.table
                           else base_keep.within_s)
-    return VmPolicy(full, log, disks, quiesce, retention, r.duration("prune_interval", base.prune_interval_s))
+    return VmPolicy(full, log, disks, quiesce, retention, r.duration("prune_interval", base.prune_interval_s),
+                    r.duration("defrag_interval", base.defrag_interval_s))
 
 
 _KEEP_COUNTS = {"keep_last": "last", "keep_hourly": "hourly", "keep_daily": "daily", "keep_weekly": "weekly",

@@ -7,7 +7,8 @@ jobs running at once; a VM waits only for a free job slot, never for another
 VM's job. Failures back off per VM. A discovery loop starts tasks for wanted
 VMs that run, and a task ends when its VM stops or vanishes (its points stay).
 The libvirt connection is re-made with backoff when libvirtd restarts.
-A VM with a retention policy is pruned every prune_interval, after a backup.
+A VM with a retention policy is pruned every prune_interval, after a backup,
+and its scattered log blocks are defragmented every defrag_interval.
 On start, each VM's leftovers from a killed predecessor are ended first.
 """
 
@@ -20,6 +21,7 @@ from dataclasses import asdict, dataclass
 import trio
 
 from ..errors import RpofsError, UnknownVM
+from ..store.defrag import defrag
 from ..store.prune import prune
 from ..store.repo import Repository
 from ..store.schema import PointRecord
@@ -150,7 +152,7 @@ class Ingester:
         last, last_full = await trio.to_thread.run_sync(newest_and_full, self.repo, uuid)
         st.newest_point_us = last.time_us if last else 0
         backoff, failed_at, warned = 0.0, 0.0, False
-        pruned_at = float("-inf")
+        pruned_at = defragged_at = float("-inf")
         while True:
             now = time.time()
             due, full_reason = _next_due(now, last, last_full, policy)
@@ -192,6 +194,9 @@ class Ingester:
             if not policy.retention.keeps_everything() and time.monotonic() - pruned_at >= policy.prune_interval_s:
                 pruned_at = time.monotonic()
                 await self._prune(st, policy)
+            if policy.defrag_interval_s and time.monotonic() - defragged_at >= policy.defrag_interval_s:
+                defragged_at = time.monotonic()
+                await self._defrag(st)
 
     async def _prune(self, st: VmStatus, policy) -> None:
         """Between this VM's own backups; other VMs' backups wait for the
@@ -204,6 +209,17 @@ class Ingester:
                 return
         if report.points_removed:
             log.info("event=pruned vm=%s %s", st.name, report.summary().replace("; ", ", "))
+
+    async def _defrag(self, st: VmStatus) -> None:
+        """Like _prune: between this VM's backups, others wait for the lock."""
+        async with self.jobs:
+            try:
+                report = await trio.to_thread.run_sync(defrag, self.repo, st.uuid)
+            except RpofsError as e:
+                log.warning("event=defrag-failed vm=%s error=%r", st.name, str(e))
+                return
+        if report.blocks_moved:
+            log.info("event=defragged vm=%s %s", st.name, report.summary().replace("; ", ", "))
 
     def _record(self, st: VmStatus, point: PointRecord) -> None:
         st.points += 1

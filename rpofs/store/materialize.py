@@ -7,12 +7,13 @@ however many logs precede the point.
 """
 
 import bisect
+import itertools
 import threading
 
 from ..errors import ChunkError, ChunkMissing, PackMissing
 from . import schema
 from .repo import Repository
-from .schema import BLOCK_SIZE, CHUNK_SIZE, ChunkLocation, PointRecord
+from .schema import BLOCK_SIZE, CHUNK_SIZE, CODEC_RAW, PACK_HEADER, ChunkLocation, PointRecord
 
 READ_AHEAD = 8 << 20
 
@@ -36,19 +37,30 @@ class DiskReader:
             return b""
         pieces = self.pieces(offset, end)
         self._read_ahead(offset, end, pieces)
-        out = None  # allocated only when the read spans more than one piece
-        for piece in pieces:
-            pos, stop, loc = piece[0], piece[1], piece[5]
-            if loc is not None:
-                data = self.piece_bytes(piece)
-                if pos == offset and stop == end:
-                    return data  # the whole read from one chunk: no copy
-                if out is None:
-                    out = bytearray(end - offset)
-                out[pos - offset:stop - offset] = data
-            elif out is None:
-                out = bytearray(end - offset)
+        if len(pieces) == 1 and pieces[0][5] is not None:
+            return self.piece_bytes(pieces[0])  # the whole read from one chunk: no copy
+        out = bytearray(end - offset)
+        view = memoryview(out)
+        i = 0
+        while i < len(pieces):
+            run = _run_from(pieces, i)
+            if len(run) > 1:
+                self._read_run(run, view, offset)
+            elif pieces[i][5] is not None:
+                pos, stop = pieces[i][:2]
+                view[pos - offset:stop - offset] = self.piece_bytes(pieces[i])
+            i += max(1, len(run))
         return out
+
+    def _read_run(self, run: list[tuple], view: memoryview, offset: int) -> None:
+        """Whole log blocks stored one after another: one read into place."""
+        try:
+            self.repo.reader.read_run_into([p[5] for p in run], [view[p[0] - offset:p[1] - offset] for p in run])
+        except PackMissing:  # moved after our snapshot: block by block, each finds its new place
+            for p in run:
+                view[p[0] - offset:p[1] - offset] = self.piece_bytes(p)
+        except ChunkError as e:
+            raise type(e)(f"{self._where()}: {e}") from None
 
     def _read_ahead(self, offset: int, end: int, pieces: list[tuple]) -> None:
         """Ask the kernel for the stored bytes of this read's pieces and, when
@@ -157,6 +169,22 @@ class DiskReader:
 
     def _where(self) -> str:
         return f"point {self.point.point} ({self.point.vm_name}) disk {self.target}"
+
+
+def _run_from(pieces: list[tuple], i: int) -> list[tuple]:
+    """The pieces from i on that are whole log blocks stored raw, one right
+    after another in one pack (a defragmented point's runs)."""
+    run = []
+    for piece in itertools.islice(pieces, i, None):
+        pos, stop, base, _, key, loc = piece
+        if key is not None or loc is None or loc.codec != CODEC_RAW or pos != base or stop - pos != loc.raw_len:
+            break
+        if run:
+            prev = run[-1][5]
+            if loc.pack != prev.pack or loc.offset != prev.offset + prev.stored_len + PACK_HEADER.size:
+                break
+        run.append(piece)
+    return run
 
 
 def _what(key: bytes | None) -> str:

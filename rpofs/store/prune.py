@@ -122,8 +122,8 @@ def prune(repo, vm: str, policy: Retention, dry_run: bool = False) -> PruneRepor
                 pruned = schema.read_u32(txn.get(b"pruned", default=schema.u32(0), db=repo.db["meta"]))
                 txn.put(b"pruned", schema.u32(pruned + 1), db=repo.db["meta"])
         if report.points_removed:
-            _delete_dead_packs(repo, live, report)
-            _compact(repo, live, report)
+            delete_dead_packs(repo, live, report)
+            compact(repo, live, report)
         report.bytes_freed = before - repo.stored_bytes()
     return report
 
@@ -211,11 +211,7 @@ def _collect_chunks(repo, txn, report: PruneReport) -> dict[int, int]:
         for hexkey in (record.domain_xml, record.checkpoint_xml):
             if hexkey:
                 referenced.add(bytes.fromhex(hexkey))
-    live: dict[int, int] = {}
-    for value in txn.cursor(db=db["log_index"]).iternext(keys=False):
-        loc = schema.read_log_value(value, 0)
-        if loc is not None:
-            live[loc.pack] = live.get(loc.pack, 0) + PACK_HEADER.size + loc.stored_len
+    live = live_log_bytes(repo, txn)
     dead = []
     cur = txn.cursor(db=db["chunks"])
     for key, value in cur:
@@ -229,6 +225,16 @@ def _collect_chunks(repo, txn, report: PruneReport) -> dict[int, int]:
     return live
 
 
+def live_log_bytes(repo, txn) -> dict[int, int]:
+    """Bytes per pack that log entries point at (records with their headers)."""
+    live: dict[int, int] = {}
+    for value in txn.cursor(db=repo.db["log_index"]).iternext(keys=False):
+        loc = schema.read_log_value(value, 0)
+        if loc is not None:
+            live[loc.pack] = live.get(loc.pack, 0) + PACK_HEADER.size + loc.stored_len
+    return live
+
+
 def _pack_files(repo) -> dict[int, str]:
     out = {}
     for e in os.scandir(repo.chunks_dir):
@@ -237,7 +243,7 @@ def _pack_files(repo) -> dict[int, str]:
     return out
 
 
-def _delete_dead_packs(repo, live: dict[int, int], report: PruneReport) -> None:
+def delete_dead_packs(repo, live: dict[int, int], report: PruneReport) -> None:
     """Step 2: no backup runs (the lock), so a pack with no live chunk is
     garbage: a removed point's, or a killed backup's."""
     for pack, path in _pack_files(repo).items():
@@ -246,7 +252,7 @@ def _delete_dead_packs(repo, live: dict[int, int], report: PruneReport) -> None:
             report.packs_deleted += 1
 
 
-def _compact(repo, live: dict[int, int], report: PruneReport) -> None:
+def compact(repo, live: dict[int, int], report: PruneReport) -> None:
     """Step 3."""
     sparse = {pack: path for pack, path in _pack_files(repo).items()
               if pack in live and live[pack] < COMPACT_BELOW * os.stat(path).st_size}
@@ -276,7 +282,7 @@ def _compact(repo, live: dict[int, int], report: PruneReport) -> None:
                 loc = ChunkLocation.decode(value)
                 if loc.pack in sparse and (done := copy(bytes(key), loc)):
                     chunks[bytes(key)] = done
-            sizes = _disk_sizes(repo, txn)
+            sizes = disk_sizes(repo, txn)
             for lkey, value in txn.cursor(db=repo.db["log_index"]):
                 chain, disk, block, _ = schema.read_log_key(lkey)
                 loc = schema.read_log_value(value, min(BLOCK_SIZE, sizes[chain, disk] - block * BLOCK_SIZE))
@@ -302,7 +308,7 @@ def _compact(repo, live: dict[int, int], report: PruneReport) -> None:
             report.packs_compacted += 1
 
 
-def _disk_sizes(repo, txn) -> dict[tuple[int, int], int]:
+def disk_sizes(repo, txn) -> dict[tuple[int, int], int]:
     """(chain, disk) -> the disk's size, from each chain's full."""
     out = {}
     for _, value in txn.cursor(db=repo.db["points"]):
