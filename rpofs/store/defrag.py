@@ -7,8 +7,8 @@ take 60-100 ms however they are issued, the same 64 MiB in one file 25-37 ms.
 
 Defragmenting copies the log blocks that a chain's newest point reads and that
 lie in short runs (fewer than MIN_RUN blocks whose records follow one another
-in one pack, in disk order) into a new pack, in (disk, block) order, and points their
-log entries at the copies. What every point reads is unchanged, only where it
+in one pack, in disk order) into a new pack, in (disk, block) order, and
+points their log entries at the copies. What every point reads is unchanged, only where it
 lies. Blocks already in long runs stay, so a block is rewritten about once,
 not on every pass; the packs left mostly dead are compacted as prune does.
 
@@ -19,13 +19,12 @@ A reader holding an older snapshot finds a moved block again (PackMissing).
 """
 
 import logging
-import uuid as uuidlib
 from dataclasses import dataclass
 
 from ..errors import ChunkError
 from . import schema
-from .prune import PruneReport, compact, delete_dead_packs, live_log_bytes
-from .schema import BLOCK_SIZE, PACK_HEADER, ChunkLocation, PointRecord
+from .prune import PruneReport, compact, delete_dead_packs, live_log_bytes, points_in
+from .schema import BLOCK_SIZE, PACK_HEADER, ChunkLocation
 
 log = logging.getLogger(__name__)
 
@@ -91,30 +90,15 @@ def _newest_blocks(repo, txn, sizes: list[int], chain: int) -> list[tuple]:
     return out
 
 
-def _chains(repo, txn, vm: str) -> list[int]:
-    """The VM's chains, newest first."""
-    prefix = uuidlib.UUID(vm).bytes
-    cur, points = txn.cursor(db=repo.db["vm_points"]), txn.cursor(db=repo.db["points"])
-    chains = []
-    if cur.set_range(prefix):
-        for key in cur.iternext(values=False):
-            if key[:16] != prefix:
-                break
-            record = PointRecord.decode(points.get(schema.point_key(schema.read_vm_point_key(key)[2])))
-            if record.kind == "full":
-                chains.append(record.point)
-    return chains[::-1]
-
-
 def defrag(repo, vm: str, budget: int = BUDGET) -> DefragReport:
     report = DefragReport()
     with repo.exclusive():
         moves = []  # (log_index key, old location) to copy, chain by chain, newest chain first
         with repo.env.begin() as txn:
-            for chain in _chains(repo, txn, vm):
-                sizes = [d.size for d in PointRecord.decode(txn.get(schema.point_key(chain),
-                                                                    db=repo.db["points"])).disks]
-                scattered = scattered_blocks(_newest_blocks(repo, txn, sizes, chain))
+            fulls = [p for p in points_in(repo, txn, vm) if p.kind == "full"]
+            for full in reversed(fulls):  # the newest chain first: its points are the most read
+                sizes = [d.size for d in full.disks]
+                scattered = scattered_blocks(_newest_blocks(repo, txn, sizes, full.chain))
                 if len(scattered) < min(MIN_SCATTERED, sum(sizes) // BLOCK_SIZE // 16):
                     continue
                 report.chains += 1

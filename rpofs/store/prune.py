@@ -131,7 +131,7 @@ def prune(repo, vm: str, policy: Retention, dry_run: bool = False) -> PruneRepor
 def _drop_points(repo, txn, vm: str, policy: Retention, report: PruneReport) -> dict[int, int]:
     """Step 1. Returns live bytes per pack."""
     db = repo.db
-    points = _points_in(repo, txn, vm)
+    points = points_in(repo, txn, vm)
     keep = choose(points, policy)
     report.points_kept = len(keep)
     report.points_removed = [p for p in points if p.point not in keep]
@@ -153,7 +153,8 @@ def _drop_points(repo, txn, vm: str, policy: Retention, report: PruneReport) -> 
     return _collect_chunks(repo, txn, report)
 
 
-def _points_in(repo, txn, vm: str) -> list[PointRecord]:
+def points_in(repo, txn, vm: str) -> list[PointRecord]:
+    """A VM's points, oldest first, as of `txn`."""
     prefix = uuidlib.UUID(vm).bytes
     cur, records = txn.cursor(db=repo.db["vm_points"]), txn.cursor(db=repo.db["points"])
     out = []
