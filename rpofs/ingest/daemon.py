@@ -218,7 +218,7 @@ class Ingester:
             except RpofsError as e:
                 log.warning("event=defrag-failed vm=%s error=%r", st.name, str(e))
                 return
-        if report.blocks_moved:
+        if report.blocks_moved or report.blocks_filled:
             log.info("event=defragged vm=%s %s", st.name, report.summary().replace("; ", ", "))
 
     def _record(self, st: VmStatus, point: PointRecord) -> None:

@@ -269,3 +269,4 @@ class ChunkReader:
                 os.close(fd)
             self._fds.clear()
             self._cache.clear()
+            self._cache_bytes = 0

@@ -11,6 +11,9 @@ in one pack, in disk order) into a new pack, in (disk, block) order, and
 points their log entries at the copies. What every point reads is unchanged, only where it
 lies. Blocks already in long runs stay, so a block is rewritten about once,
 not on every pass; the packs left mostly dead are compacted as prune does.
+A full chunk that logs changed at least half of would be read and verified
+whole for the few blocks still its own: those are filled — copied into the
+same pack, in order, under log entries at the chain's newest point.
 
 It runs under the repository's exclusive lock, like prune (the packs it
 empties are deleted, and no backup may be between choosing and committing),
@@ -22,9 +25,10 @@ import logging
 from dataclasses import dataclass
 
 from ..errors import ChunkError
+from .chunks import chunk_key, encode
 from . import schema
 from .prune import PruneReport, compact, delete_dead_packs, live_log_bytes, points_in
-from .schema import BLOCK_SIZE, PACK_HEADER, ChunkLocation
+from .schema import BLOCK_SIZE, BLOCKS_PER_CHUNK, PACK_HEADER, ChunkLocation
 
 log = logging.getLogger(__name__)
 
@@ -37,13 +41,15 @@ BUDGET = 256 << 20     # bytes of blocks moved per pass
 class DefragReport:
     chains: int = 0              # chains whose blocks were moved
     blocks_moved: int = 0
+    blocks_filled: int = 0       # unchanged blocks copied out of mostly changed full chunks
     bytes_moved: int = 0
-    scattered_left: int = 0      # scattered blocks not moved (over budget, or damaged)
+    scattered_left: int = 0      # blocks not moved or filled (over budget, or damaged)
     packs_deleted: int = 0
     packs_compacted: int = 0
 
     def summary(self) -> str:
-        return (f"{self.blocks_moved} log blocks ({self.bytes_moved} bytes) moved in {self.chains} chains, "
+        return (f"{self.blocks_moved} log blocks moved and {self.blocks_filled} unchanged blocks filled in "
+                f"({self.bytes_moved} bytes) in {self.chains} chains, "
                 f"{self.scattered_left} scattered blocks left; {self.packs_deleted} pack files deleted, "
                 f"{self.packs_compacted} compacted")
 
@@ -69,11 +75,13 @@ def scattered_blocks(entries: list[tuple]) -> list[tuple]:
     return out
 
 
-def _newest_blocks(repo, txn, sizes: list[int], chain: int) -> list[tuple]:
-    """(disk, block, location, log_index key) of every stored log block the
-    chain's newest point reads, in (disk, block) order. A block's entries come
-    newest first, and every entry of a chain is at or before its newest point."""
-    out, last = [], None
+def _newest_blocks(repo, txn, sizes: list[int], chain: int) -> tuple[list[tuple], set[tuple[int, int]]]:
+    """What the chain's newest point reads from its logs: (disk, block,
+    location, log_index key) of every stored block, in (disk, block) order, and
+    the (disk, block) of every block a log changed (zeros too). A block's
+    entries come newest first, and every entry of a chain is at or before its
+    newest point."""
+    out, changed = [], set()
     cur = txn.cursor(db=repo.db["log_index"])
     prefix = schema.u32(chain)
     if cur.set_range(prefix):
@@ -81,57 +89,99 @@ def _newest_blocks(repo, txn, sizes: list[int], chain: int) -> list[tuple]:
             if key[:4] != prefix:
                 break
             _, disk, block, _ = schema.read_log_key(key)
-            if (disk, block) == last:
+            if (disk, block) in changed:
                 continue
-            last = (disk, block)
+            changed.add((disk, block))
             loc = schema.read_log_value(value, min(BLOCK_SIZE, sizes[disk] - block * BLOCK_SIZE))
             if loc is not None:  # None: zeros, nothing stored to read
                 out.append((disk, block, loc, bytes(key)))
+    return out, changed
+
+
+def _fills(repo, txn, chain: int, sizes: list[int], changed: set[tuple[int, int]]) -> list[tuple]:
+    """(disk, block, chunk key) for the unchanged blocks of the full's chunks
+    that logs changed at least half of: read as they are, such a chunk is read
+    and verified whole for the few blocks still its own."""
+    per_chunk: dict[tuple[int, int], int] = {}
+    for disk, block in changed:
+        chunk = (disk, block // BLOCKS_PER_CHUNK)
+        per_chunk[chunk] = per_chunk.get(chunk, 0) + 1
+    fulls = txn.cursor(db=repo.db["full_index"])
+    out = []
+    for (disk, chunk_no), count in sorted(per_chunk.items()):
+        first = chunk_no * BLOCKS_PER_CHUNK
+        blocks = range(first, min(first + BLOCKS_PER_CHUNK, -(-sizes[disk] // BLOCK_SIZE)))
+        if count * 2 < len(blocks) or count == len(blocks):
+            continue
+        key = fulls.get(schema.full_key(chain, disk, chunk_no))
+        if key is None:  # the full has zeros there: reading them costs nothing
+            continue
+        out.extend((disk, b, bytes(key)) for b in blocks if (disk, b) not in changed)
     return out
 
 
 def defrag(repo, vm: str, budget: int = BUDGET) -> DefragReport:
     report = DefragReport()
     with repo.exclusive():
-        moves = []  # (log_index key, old location) to copy, chain by chain, newest chain first
+        # what goes to the new pack, in disk order: (disk, block, log_index key,
+        # its stored location) to move, or (disk, block, new log_index key,
+        # full chunk key) to fill
+        work = []
         with repo.env.begin() as txn:
-            fulls = [p for p in points_in(repo, txn, vm) if p.kind == "full"]
-            for full in reversed(fulls):  # the newest chain first: its points are the most read
+            points = points_in(repo, txn, vm)
+            for full in reversed([p for p in points if p.kind == "full"]):  # the newest chain first
+                newest = max(p.point for p in points if p.chain == full.chain)
+                if newest == full.point:
+                    continue  # no logs: it reads like a full
                 sizes = [d.size for d in full.disks]
-                scattered = scattered_blocks(_newest_blocks(repo, txn, sizes, full.chain))
-                if len(scattered) < min(MIN_SCATTERED, sum(sizes) // BLOCK_SIZE // 16):
+                stored, changed = _newest_blocks(repo, txn, sizes, full.chain)
+                moves = [(d, b, key, loc) for d, b, loc, key in scattered_blocks(stored)]
+                fills = [(d, b, schema.log_key(full.chain, d, b, newest), chunk)
+                         for d, b, chunk in _fills(repo, txn, full.chain, sizes, changed)]
+                if len(moves) + len(fills) < min(MIN_SCATTERED, sum(sizes) // BLOCK_SIZE // 16):
                     continue
                 report.chains += 1
-                for disk, block, loc, key in scattered:
-                    if budget < loc.raw_len:
+                for item in sorted(moves + fills, key=lambda item: item[:2]):
+                    if budget < BLOCK_SIZE:
                         report.scattered_left += 1
                         continue
-                    budget -= loc.raw_len
-                    moves.append((key, loc))
-        if moves:
-            _move(repo, moves, report)
+                    budget -= BLOCK_SIZE
+                    work.append(item)
+        if work:
+            _write(repo, work, report)
     return report
 
 
-def _move(repo, moves: list[tuple[bytes, ChunkLocation]], report: DefragReport) -> None:
-    """Copy the blocks, in the order given, to one new pack; re-point their
-    entries in one transaction; then drop what that left dead."""
+def _write(repo, work: list[tuple], report: DefragReport) -> None:
+    """Copy the blocks, in the order given, to one new pack; point their
+    entries there in one transaction; then drop what that left dead."""
     writer = repo.begin_pack()
-    placed = {}
+    placed = {}  # log_index key -> its new value
     try:
-        for key, loc in moves:
+        for disk, block, key, source in work:
             try:
-                block_key, stored = repo.reader.verified(None, loc)
-            except ChunkError as e:  # a damaged block stays where it is, and says so when read
-                log.error("log block not moved: %s", e)
+                if isinstance(source, ChunkLocation):  # a stored log block, moved
+                    block_key, stored = repo.reader.verified(None, source)
+                    placed[key] = schema.log_value(writer.append(block_key, source.codec, source.raw_len, stored))
+                    report.blocks_moved += 1
+                    report.bytes_moved += source.raw_len
+                else:  # an unchanged block, copied out of the full's chunk
+                    start = (block % BLOCKS_PER_CHUNK) * BLOCK_SIZE
+                    data = memoryview(repo.read_chunk(source))[start:start + BLOCK_SIZE]
+                    loc = None
+                    if any(data):  # an all-zero block needs no bytes: an empty entry says zeros
+                        codec, stored = encode(data)
+                        loc = writer.append(chunk_key(data), codec, len(data), stored)
+                    placed[key] = schema.log_value(loc)
+                    report.blocks_filled += 1
+                    report.bytes_moved += len(data)
+            except ChunkError as e:  # damage stays where it is, and says so when read
+                log.error("block not moved: %s", e)
                 report.scattered_left += 1
-                continue
-            placed[key] = writer.append(block_key, loc.codec, loc.raw_len, stored)
-            report.bytes_moved += loc.raw_len
         writer.sync()
         with repo.write_txn() as txn:
-            for key, new in placed.items():
-                txn.put(key, schema.log_value(new), db=repo.db["log_index"])
+            for key, value in placed.items():
+                txn.put(key, value, db=repo.db["log_index"])
             live = live_log_bytes(repo, txn)
             for value in txn.cursor(db=repo.db["chunks"]).iternext(keys=False):
                 loc = ChunkLocation.decode(value)
@@ -142,7 +192,6 @@ def _move(repo, moves: list[tuple[bytes, ChunkLocation]], report: DefragReport) 
     writer.close()
     if not placed:
         writer.discard()
-    report.blocks_moved = len(placed)
     gc = PruneReport()
     delete_dead_packs(repo, live, gc)
     compact(repo, live, gc)
