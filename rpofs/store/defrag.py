@@ -25,9 +25,10 @@ import logging
 from dataclasses import dataclass
 
 from ..errors import ChunkError
-from .chunks import chunk_key, encode
 from . import schema
+from .chunks import chunk_key, encode
 from .prune import PruneReport, compact, delete_dead_packs, live_log_bytes, points_in
+from .repo import any_nonzero
 from .schema import BLOCK_SIZE, BLOCKS_PER_CHUNK, PACK_HEADER, ChunkLocation
 
 log = logging.getLogger(__name__)
@@ -169,7 +170,7 @@ def _write(repo, work: list[tuple], report: DefragReport) -> None:
                     start = (block % BLOCKS_PER_CHUNK) * BLOCK_SIZE
                     data = memoryview(repo.read_chunk(source))[start:start + BLOCK_SIZE]
                     loc = None
-                    if any(data):  # an all-zero block needs no bytes: an empty entry says zeros
+                    if any_nonzero(data):  # an all-zero block needs no bytes: an empty entry says zeros
                         codec, stored = encode(data)
                         loc = writer.append(chunk_key(data), codec, len(data), stored)
                     placed[key] = schema.log_value(loc)
