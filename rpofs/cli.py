@@ -80,8 +80,9 @@ def _parser() -> argparse.ArgumentParser:
     df = sub.add_parser("defrag", help="rewrite a VM's scattered log blocks in disk order, so that its "
                         "newest points read like a full",
                         description="Moves the log blocks each chain's newest point reads and that lie "
-                        "scattered (runs under 1 MiB) into one pack file in disk order; what every point "
-                        "holds is unchanged. The ingester does this every defrag_interval.")
+                        "scattered (runs under 1 MiB) into one pack file in disk order, with the unchanged "
+                        "blocks of full chunks that logs changed at least half of; what every point holds "
+                        "is unchanged. The ingester does this every defrag_interval.")
     df.add_argument("vm", nargs="?", help="VM name or UUID (as recorded in the repository)")
     df.add_argument("--all", action="store_true", help="every VM in the repository")
 
