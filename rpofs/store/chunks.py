@@ -210,7 +210,7 @@ class ChunkReader:
             if data is not None:
                 self._cache.move_to_end(ident)
                 return data
-        data = self._load(key, loc)[1]
+        data = self._load(key, loc)[2]
         with self._lock:
             if ident not in self._cache:
                 self._cache[ident] = data
@@ -223,8 +223,8 @@ class ChunkReader:
     def verified(self, key: bytes | None, loc: ChunkLocation) -> tuple[bytes, bytes]:
         """(key, stored bytes) of a chunk whose content was checked: what
         compaction copies."""
-        key, _ = self._load(key, loc)
-        return key, self.stored(loc)
+        key, stored, _ = self._load(key, loc)
+        return key, bytes(stored)
 
     def stored(self, loc: ChunkLocation) -> bytes:
         """The chunk's bytes as stored (compressed or not), unverified."""
@@ -233,8 +233,8 @@ class ChunkReader:
             raise CorruptChunk(f"{pack_name(loc.pack)} at {loc.offset}: pack file is truncated")
         return stored
 
-    def _load(self, key: bytes | None, loc: ChunkLocation) -> tuple[bytes, bytes]:
-        """(key, raw bytes), checked."""
+    def _load(self, key: bytes | None, loc: ChunkLocation) -> tuple[bytes, bytes, bytes]:
+        """(key, stored bytes, raw bytes), checked."""
         where = (f"chunk {key.hex()[:16]}" if key else "log block") + f" in {pack_name(loc.pack)} at {loc.offset}"
         head = PACK_HEADER.size
         if key is None:  # the record header says what the block's key is
@@ -261,7 +261,7 @@ class ChunkReader:
             raise CorruptChunk(f"{where}: unknown codec {loc.codec}")
         if len(data) != loc.raw_len or chunk_key(data) != key:
             raise CorruptChunk(f"{where}: content does not match its key")
-        return key, data
+        return key, stored, data
 
     def close(self) -> None:
         with self._lock:

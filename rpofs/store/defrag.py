@@ -130,8 +130,9 @@ def defrag(repo, vm: str, budget: int = BUDGET) -> DefragReport:
         work = []
         with repo.env.begin() as txn:
             points = points_in(repo, txn, vm)
+            newest_of = {p.chain: p.point for p in points}  # oldest first: the last one wins
             for full in reversed([p for p in points if p.kind == "full"]):  # the newest chain first
-                newest = max(p.point for p in points if p.chain == full.chain)
+                newest = newest_of[full.chain]
                 if newest == full.point:
                     continue  # no logs: it reads like a full
                 sizes = [d.size for d in full.disks]
