@@ -53,7 +53,7 @@ def restore_disk(repo: Repository, source: str, dest: str, force: bool = False) 
     try:
         if not device:
             os.ftruncate(fd, reader.size)  # zeros everywhere, allocated nowhere
-        written = _write_all(reader, fd, zero_fill=device)
+        written = copy_disk(reader, lambda data, offset: _pwrite_all(fd, data, offset), zero_fill=device)
         os.fsync(fd)
     except BaseException:
         os.close(fd)
@@ -66,16 +66,23 @@ def restore_disk(repo: Repository, source: str, dest: str, force: bool = False) 
     return reader.size, written
 
 
-def _write_all(reader: DiskReader, fd: int, zero_fill: bool) -> int:
+def copy_disk(reader: DiskReader, pwrite, zero_fill: bool, progress=None) -> int:
+    """Write the disk through pwrite(data, offset), called from worker
+    threads (a file's pwrite, or an NBD connection's for a qcow2 image);
+    zeros only when zero_fill. progress(bytes) after each piece. Returns the
+    bytes written."""
     def copy(piece) -> int:
         pos, stop, loc = piece[0], piece[1], piece[5]
         if loc is None:
-            if not zero_fill:
-                return 0
-            for at in range(pos, stop, len(_ZEROS)):
-                _pwrite_all(fd, memoryview(_ZEROS)[:min(len(_ZEROS), stop - at)], at)
-            return stop - pos
-        _pwrite_all(fd, reader.piece_bytes(piece), pos)
+            if zero_fill:
+                for at in range(pos, stop, len(_ZEROS)):
+                    pwrite(memoryview(_ZEROS)[:min(len(_ZEROS), stop - at)], at)
+            if progress:
+                progress(stop - pos)
+            return stop - pos if zero_fill else 0
+        pwrite(reader.piece_bytes(piece), pos)
+        if progress:
+            progress(stop - pos)
         return stop - pos
 
     written = 0
