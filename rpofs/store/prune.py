@@ -30,7 +30,7 @@ import uuid as uuidlib
 from dataclasses import dataclass, field
 
 from ..errors import ChunkError
-from . import schema
+from . import holds, schema
 from .schema import BLOCK_SIZE, PACK_HEADER, ChunkLocation, PointRecord
 from ..timefmt import US
 
@@ -58,11 +58,13 @@ def _bucket(unit: str, time_us: int):
             "monthly": (t.year, t.month)}[unit]
 
 
-def choose(points: list[PointRecord], policy: Retention) -> set[int]:
-    """The point numbers to keep; points oldest first."""
+def choose(points: list[PointRecord], policy: Retention, held: set[int] = frozenset()) -> set[int]:
+    """The point numbers to keep; points oldest first. `held`: points
+    something outside the catalog reads (rpofs.store.holds), kept whatever
+    the policy says."""
     if not points or policy.keeps_everything():
         return {p.point for p in points}
-    keep = {points[-1].point}
+    keep = {points[-1].point} | (held & {p.point for p in points})
     if policy.last:
         keep.update(p.point for p in points[-policy.last:])
     if policy.within_s:
@@ -110,7 +112,7 @@ def prune(repo, vm: str, policy: Retention, dry_run: bool = False) -> PruneRepor
     report = PruneReport()
     if dry_run:
         points = repo.points(vm)
-        keep = choose(points, policy)
+        keep = choose(points, policy, holds.held_points(repo.path, vm))
         report.points_removed = [p for p in points if p.point not in keep]
         report.points_kept = len(keep)
         return report
@@ -132,7 +134,7 @@ def _drop_points(repo, txn, vm: str, policy: Retention, report: PruneReport) -> 
     """Step 1. Returns live bytes per pack."""
     db = repo.db
     points = points_in(repo, txn, vm)
-    keep = choose(points, policy)
+    keep = choose(points, policy, holds.held_points(repo.path, vm))
     report.points_kept = len(keep)
     report.points_removed = [p for p in points if p.point not in keep]
     if not report.points_removed:

@@ -67,6 +67,15 @@ class Repository:
         finally:
             os.close(fd)
 
+    @contextlib.contextmanager
+    def shared(self):
+        """The lock as a backup holds it: no prune runs meanwhile."""
+        fd = self._flock(fcntl.LOCK_SH)
+        try:
+            yield
+        finally:
+            os.close(fd)
+
     # -- opening -------------------------------------------------------------
 
     @classmethod

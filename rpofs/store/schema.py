@@ -178,6 +178,11 @@ class PointRecord:
     stats: dict = field(default_factory=dict)
     checkpoint_xml: str = ""  # chunk key (hex) of the checkpoint's libvirt XML, to redefine it
     warnings: tuple[str, ...] = ()  # e.g. why a point meant to be frozen is crash-consistent
+    # What the VM needs to boot besides its disks, read with the point: chunk
+    # keys (hex) by kind, "nvram" (the UEFI variable store, <os><nvram>) and
+    # "tpm" (swtpm's state file). {} : the VM has neither. None: the point
+    # was taken before rpofs captured them (recovered with fresh ones).
+    firmware: dict | None = None
 
     def encode(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True).encode()
