@@ -16,7 +16,7 @@ import os
 from dataclasses import dataclass
 
 from ..errors import RpofsError, UnsupportedDisk, VirtError
-from ..store.repo import BackupWriter, Repository
+from ..store.repo import BackupWriter, Repository, any_nonzero
 from ..store.schema import BLOCK_SIZE, CHUNK_SIZE, DiskRecord, PointRecord
 from ..timefmt import now_us
 from ..virt.client import (CHECKPOINT_PREFIX, AgentUnavailable, CheckpointUnusable, Connection, Domain,
@@ -161,6 +161,7 @@ def _run(repo: Repository, dom: Domain, info: DomainInfo, disks: list[DiskRecord
         # The point's instant: when the freeze began, or else when the disks
         # were captured (backupBegin returned).
         time_us = frozen_at or now_us()
+        boot_state = _read_boot_state(info, warnings)  # with the disks' instant, before the copy
         with repo.begin_writer() as writer:
             for index, disk in enumerate(disks):
                 name, bitmap = exports[disk.target]
@@ -176,11 +177,12 @@ def _run(repo: Repository, dom: Domain, info: DomainInfo, disks: list[DiskRecord
                     export.close()
             xml_key, _ = writer.put_chunk(info.xml.encode())
             checkpoint_key, _ = writer.put_chunk(dom.checkpoint_xml(checkpoint).encode())
+            firmware = {kind: writer.put_chunk(data)[0].hex() for kind, data in boot_state.items()}
             record = writer.commit(
                 vm=info.uuid, vm_name=info.name, time_us=time_us, parent=parent,
                 consistency=consistency, disks=disks, checkpoint=checkpoint,
                 domain_xml=xml_key.hex(), reason=reason, checkpoint_xml=checkpoint_key.hex(),
-                warnings=tuple(warnings))
+                warnings=tuple(warnings), firmware=firmware)
     except BaseException:
         try:
             dom.end_job()
@@ -193,6 +195,26 @@ def _run(repo: Repository, dom: Domain, info: DomainInfo, disks: list[DiskRecord
         if old != checkpoint:
             dom.delete_checkpoint(old)
     return record
+
+
+def _read_boot_state(info: DomainInfo, warnings: list[str]) -> dict[str, bytes]:
+    """The UEFI variable store and the TPM state, read as the disks were
+    captured (small files: a 528 KiB OVMF store, a few KiB of swtpm state).
+    One that cannot be read leaves a warning: the point still holds the
+    disks, and a recovery from it starts with a fresh one."""
+    state = {}
+    for kind, path in sorted((info.firmware or {}).items()):
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            warnings.append(f"the {kind} file {path} cannot be read ({e.strerror}): not captured")
+            continue
+        if any_nonzero(data):
+            state[kind] = data
+        else:
+            warnings.append(f"the {kind} file {path} is empty or all zeros: not captured")
+    return state
 
 
 def _pipeline(writer_call, reads):

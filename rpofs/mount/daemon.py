@@ -171,9 +171,25 @@ def _mount_table() -> dict[str, str]:
     with open("/proc/self/mountinfo") as f:
         for line in f:
             fields = line.split()
-            point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])
-            table[point] = fields[2]
+            table[_unescape(fields[4])] = fields[2]
     return table
+
+
+def _unescape(field: str) -> str:
+    """mountinfo escapes space, tab, newline and backslash as octal."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def mounts_of(repo: str) -> list[str]:
+    """Where this repository is mounted now (its fsname names it)."""
+    found = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            fstype, source = fields[fields.index("-") + 1:][:2]
+            if fstype == "fuse.rpofs" and _unescape(source) == f"rpofs:{repo}":
+                found.append(_unescape(fields[4]))
+    return found
 
 
 def unmount(mountpoint: str) -> None:

@@ -9,6 +9,11 @@
         files/<disk>/<volume>/  the guest's files (rpofs.files.guest)
     /<vm>/at/<any time> -> ../<time>   as-of: the newest point at or before it;
                                  at/ lists nothing
+    /.by-uuid/<vm uuid> -> ../<vm>     a path that names the same VM however
+                                 names clash or VMs are renamed (a recovered
+                                 VM's overlays name their backing file
+                                 through it, with the point's time to the
+                                 microsecond in at/)
 
 Pure and synchronous: no pyfuse3 here, so tests can walk the tree without
 mounting. Thread-safe: the FUSE adapter calls it from worker threads.
@@ -32,6 +37,7 @@ from ..store.schema import PointRecord
 from ..timefmt import US, format_time, parse_as_of, point_names
 
 ROOT_INO = 1
+BY_UUID = ".by-uuid"
 REFRESH_S = 1.0
 VOLATILE_TTL = 1.0      # root, VM dirs, latest, at/ links: they change
 IMMUTABLE_TTL = 3600.0  # a point and its files never change
@@ -192,9 +198,9 @@ class Tree:
         if kind == "vm":
             view = self._view(node[1])
             return Attr(ino, _DIR, 0, view.points[-1].time_us * 1000, VOLATILE_TTL)
-        if kind == "at":
+        if kind in ("at", "byuuid"):
             return Attr(ino, _DIR, 0, self._mounted_at * 1000, VOLATILE_TTL)
-        if kind in ("latest", "atlink"):
+        if kind in ("latest", "atlink", "uuidlink"):
             target = self.readlink(ino)
             return Attr(ino, _LINK, len(target), self._mounted_at * 1000, VOLATILE_TTL)
         _, point = self._point(node[1])
@@ -215,12 +221,17 @@ class Tree:
         node = self._node_of(parent)
         kind = node[0]
         if kind == "root":
+            if name == BY_UUID:
+                return self.getattr(self._inode(("byuuid",)))
             self._refresh()
             with self._lock:
                 view = self._vms.get(name)
             if view is None:
                 raise NoSuchEntry(name)
             return self.getattr(self._inode(("vm", view.uuid)))
+        if kind == "byuuid":
+            self._view(name)  # raises NoSuchEntry for an unknown VM
+            return self.getattr(self._inode(("uuidlink", name)))
         if kind == "vm":
             view = self._view(node[1])
             if name == "at":
@@ -251,7 +262,13 @@ class Tree:
             self._refresh()
             with self._lock:
                 views = sorted(self._vms.items())
-            return [(name, self.getattr(self._inode(("vm", v.uuid)))) for name, v in views]
+            return ([(BY_UUID, self.getattr(self._inode(("byuuid",))))]
+                    + [(name, self.getattr(self._inode(("vm", v.uuid)))) for name, v in views])
+        if kind == "byuuid":
+            self._refresh()
+            with self._lock:
+                uuids = sorted(self._vm_dir)
+            return [(u, self.getattr(self._inode(("uuidlink", u)))) for u in uuids]
         if kind == "vm":
             view = self._view(node[1])
             entries = [("at", ("at", view.uuid)), ("latest", ("latest", view.uuid))]
@@ -294,7 +311,7 @@ class Tree:
         once per REFRESH_S), cheap enough to answer without a worker thread —
         the kernel asks for them on every path through them."""
         node = self._node.get(ino)
-        return node is not None and node[0] in ("latest", "atlink")
+        return node is not None and node[0] in ("latest", "atlink", "uuidlink")
 
     def readlink(self, ino: int) -> str:
         node = self._node_of(ino)
@@ -302,6 +319,10 @@ class Tree:
             return self._view(node[1]).names[-1]
         if node[0] == "atlink":
             return "../" + self._as_of(node[1], node[2])
+        if node[0] == "uuidlink":
+            self._view(node[1])
+            with self._lock:
+                return "../" + self._vm_dir[node[1]]
         if node[0] == "fnode" and self.guest.entry(node).is_link:
             return self.guest.readlink(node)
         raise NotASymlink(str(ino))
@@ -412,6 +433,7 @@ def point_json(name: str, p: PointRecord, files: dict | None = None) -> bytes:
         "checkpoint": p.checkpoint,
         "reason": p.reason,
         "warnings": list(p.warnings),
+        "firmware": sorted(p.firmware) if p.firmware is not None else None,
         "stats": p.stats,
     }
     if files is not None:

@@ -323,7 +323,8 @@ class BackupWriter:
 
     def commit(self, *, vm: str, vm_name: str, time_us: int, parent: PointRecord | None,
                consistency: str, disks: list[DiskRecord], checkpoint: str, domain_xml: str,
-               reason: str = "", checkpoint_xml: str = "", warnings: tuple[str, ...] = ()) -> PointRecord:
+               reason: str = "", checkpoint_xml: str = "", warnings: tuple[str, ...] = (),
+               firmware: dict | None = None) -> PointRecord:
         """Record the point: a log extending `parent`'s chain, or a full when
         parent is None."""
         kind = "log" if parent else "full"
@@ -354,7 +355,7 @@ class BackupWriter:
                 point=no, vm=vm, vm_name=vm_name, kind=kind, time_us=time_us, chain=chain,
                 parent=parent.point if parent else None, consistency=consistency, disks=tuple(disks), checkpoint=checkpoint,
                 domain_xml=domain_xml, reason=reason, stats=dict(self.stats),
-                checkpoint_xml=checkpoint_xml, warnings=tuple(warnings))
+                checkpoint_xml=checkpoint_xml, warnings=tuple(warnings), firmware=firmware)
             txn.put(schema.point_key(no), record.encode(), db=db["points"])
             txn.put(schema.vm_point_key(vm_bytes, time_us, no), b"", db=db["vm_points"])
             txn.put(vm_bytes, _json_dump_name(vm_name), db=db["vms"])

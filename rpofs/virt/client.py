@@ -6,6 +6,7 @@ import logging
 import os
 from dataclasses import dataclass
 from xml.etree import ElementTree as ET
+from xml.sax.saxutils import quoteattr
 
 import libvirt
 
@@ -41,6 +42,26 @@ class DomainInfo:
     running: bool
     disks: tuple[DiskInfo, ...]
     xml: str       # the persistent definition when there is one, else the live one
+    firmware: dict[str, str] = None  # kind ("nvram", "tpm") -> host file holding that boot state
+
+
+SWTPM_STATE = {"2.0": "tpm2/tpm2-00.permall", "1.2": "tpm1.2/tpm-00.permall"}
+SWTPM_DIR = "/var/lib/libvirt/swtpm"
+
+
+def firmware_files(live: ET.Element, uuid: str) -> dict[str, str]:
+    """The files a domain's boot state lives in, from its live XML: the UEFI
+    variable store (<os><nvram>) and swtpm's state file (an emulated TPM's
+    state lives under SWTPM_DIR/<uuid>/, libvirt's layout)."""
+    files = {}
+    nvram = live.find("./os/nvram")
+    if nvram is not None and (nvram.text or "").strip():
+        files["nvram"] = nvram.text.strip()
+    backend = live.find("./devices/tpm/backend[@type='emulator']")
+    if backend is not None:
+        files["tpm"] = os.path.join(SWTPM_DIR, uuid, SWTPM_STATE.get(backend.get("version", "2.0"),
+                                                                      SWTPM_STATE["2.0"]))
+    return files
 
 
 @contextlib.contextmanager
@@ -80,6 +101,28 @@ class Connection:
                     raise VirtError(f"looking up VM {ref!r}: {e.get_error_message()}") from e
         raise UnknownVM(f"no VM named {ref!r} on {self.uri}")
 
+    def all_domains(self) -> list["Domain"]:
+        with _translated(f"listing the VMs on {self.uri}"):
+            return [Domain(d) for d in self._conn.listAllDomains(0)]
+
+    def has_domain(self, name: str) -> bool:
+        try:
+            self._conn.lookupByName(name)
+            return True
+        except libvirt.libvirtError as e:
+            if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                return False
+            raise VirtError(f"looking up VM {name!r}: {e.get_error_message()}") from e
+
+    def define(self, xml: str) -> "Domain":
+        """Define a persistent domain, its XML validated against libvirt's
+        schema first, so a refusal names the element at fault."""
+        try:
+            return Domain(self._conn.defineXMLFlags(xml, libvirt.VIR_DOMAIN_DEFINE_VALIDATE))
+        except libvirt.libvirtError as e:
+            message = " ".join(e.get_error_message().split())
+            raise VirtError(f"libvirt refuses the domain definition: {message}") from e
+
     def close(self) -> None:
         with contextlib.suppress(libvirt.libvirtError):
             self._conn.close()
@@ -106,11 +149,111 @@ class Domain:
                 size = self._dom.blockInfo(target)[0]
                 disks.append(DiskInfo(target, driver.get("type", "raw") if driver is not None else "raw",
                                       path, size))
-        return DomainInfo(self.uuid, self.name, running, tuple(disks), xml)
+        return DomainInfo(self.uuid, self.name, running, tuple(disks), xml, firmware_files(live, self.uuid))
 
     def is_running(self) -> bool:
         with _translated(f"asking whether {self.name} runs"):
             return bool(self._dom.isActive())
+
+    def xml(self, inactive: bool = False) -> str:
+        with _translated(f"reading the definition of {self.name}"):
+            return self._dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE if inactive else 0)
+
+    def disk_sources(self) -> dict[str, str]:
+        """target -> the file or device each disk (device='disk') reads now."""
+        out = {}
+        for disk in ET.fromstring(self.xml()).findall("./devices/disk[@device='disk']"):
+            source = disk.find("source")
+            if source is not None:
+                out[disk.find("target").get("dev")] = source.get("file") or source.get("dev") or ""
+        return out
+
+    # -- life cycle ----------------------------------------------------------
+
+    def start(self) -> None:
+        with _translated(f"starting {self.name}"):
+            self._dom.create()
+
+    def destroy(self) -> None:
+        """Power off at once; nothing if it is not running."""
+        try:
+            self._dom.destroy()
+        except libvirt.libvirtError as e:
+            if e.get_error_code() != libvirt.VIR_ERR_OPERATION_INVALID:
+                raise VirtError(f"stopping {self.name}: {e.get_error_message()}") from e
+
+    def undefine(self) -> None:
+        """Remove the definition with its checkpoints' metadata and its UEFI
+        variable store (libvirt refuses to undefine a domain that has either
+        unless told)."""
+        flags = (libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA | libvirt.VIR_DOMAIN_UNDEFINE_NVRAM
+                 | libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA)
+        try:
+            self._dom.undefineFlags(flags)
+        except libvirt.libvirtError as e:
+            if e.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+                raise VirtError(f"undefining {self.name}: {e.get_error_message()}") from e
+
+    def forget_checkpoints(self) -> list[str]:
+        """Drop the metadata of every checkpoint (their bitmaps live in the
+        images being replaced); the names dropped."""
+        with _translated(f"listing checkpoints of {self.name}"):
+            cps = self._dom.listAllCheckpoints(0)
+        names = []
+        for cp in reversed(cps):
+            with _translated(f"dropping checkpoint {cp.getName()} of {self.name}"):
+                cp.delete(libvirt.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY)
+            names.append(cp.getName())
+        return names
+
+    # -- copying a running VM's disks (block copy, then pivot) ----------------
+
+    def block_copy(self, target: str, dest: str, fmt: str) -> None:
+        """Start copying disk `target` with its whole backing chain into a
+        new image `dest` (libvirt creates it) while the guest runs; guest
+        writes go to both from then on. A transient job: allowed on a
+        persistent domain, and ended with the process if QEMU stops."""
+        xml = (f"<disk type='file'><driver type='{fmt}'/>"
+               f"<source file={quoteattr(dest)}/></disk>")
+        with _translated(f"starting to copy disk {target} of {self.name}"):
+            self._dom.blockCopy(target, xml, {}, libvirt.VIR_DOMAIN_BLOCK_COPY_TRANSIENT_JOB)
+
+    def block_job(self, target: str) -> tuple[int, int] | None:
+        """(done, total) bytes of the disk's block job, or None without one."""
+        with _translated(f"reading the block job of {self.name} disk {target}"):
+            info = self._dom.blockJobInfo(target, 0)
+        return (info["cur"], info["end"]) if info else None
+
+    def block_job_ready(self, target: str) -> bool:
+        """Whether the copy may pivot: every byte copied and mirrored since."""
+        with _translated(f"reading the block job of {self.name} disk {target}"):
+            info = self._dom.blockJobInfo(target, 0)
+            if not info or info["end"] == 0 or info["cur"] != info["end"]:
+                return False
+            root = ET.fromstring(self._dom.XMLDesc(0))
+        for disk in root.findall("./devices/disk"):
+            if disk.find("target").get("dev") == target:
+                mirror = disk.find("mirror")
+                return mirror is not None and mirror.get("ready") == "yes"
+        return False
+
+    def pivot(self, target: str) -> None:
+        """Switch the disk to its copy (libvirt updates the persistent
+        definition too)."""
+        with _translated(f"switching disk {target} of {self.name} to its copy"):
+            self._dom.blockJobAbort(target, libvirt.VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT)
+
+    def cancel_block_job(self, target: str) -> bool:
+        """End the disk's block job without switching; whether there was one."""
+        try:
+            if not self._dom.blockJobInfo(target, 0):
+                return False
+            self._dom.blockJobAbort(target, 0)
+            return True
+        except libvirt.libvirtError as e:
+            if e.get_error_code() in (libvirt.VIR_ERR_OPERATION_INVALID, libvirt.VIR_ERR_NO_DOMAIN):
+                return False
+            raise VirtError(f"ending the block job of {self.name} disk {target}: {e.get_error_message()}") from e
 
     # -- the guest agent ---------------------------------------------------
 
