@@ -76,16 +76,17 @@ def test_tree_names_as_of_and_new_points(tmp_path):
 
 def test_corrupt_chunk_gives_eio_for_its_range_only(tmp_path):
     repo, disk, points = fill(tmp_path / "r", random.Random(2))
-    # flip one stored byte of the full's second chunk
+    # flip one stored byte of the full's second chunk, in its second 64 KiB piece
     with repo.env.begin() as txn:
         key = txn.get(schema.full_key(points[0].chain, 0, 1), db=repo.db["full_index"])
         loc = ChunkLocation.decode(txn.get(key, db=repo.db["chunks"]))
     repo.close()
     pack = tmp_path / "r" / "chunks" / f"pack-{loc.pack:08d}"
+    at = loc.offset + schema.piece_table_len(loc.raw_len) + 64 * 1024 + 1000  # random data: raw pieces
     with open(pack, "r+b") as f:
-        f.seek(loc.offset + 1000)
+        f.seek(at)
         b = f.read(1)
-        f.seek(loc.offset + 1000)
+        f.seek(at)
         f.write(bytes([b[0] ^ 0xFF]))
     with mounted(tmp_path / "r", tmp_path / "mnt") as mnt:
         path = mnt / "m" / "latest" / "vda.raw"
@@ -96,10 +97,12 @@ def test_corrupt_chunk_gives_eio_for_its_range_only(tmp_path):
             with pytest.raises(OSError) as e:
                 os.pread(fd, 4096, CHUNK_SIZE + 64 * 1024)
             assert e.value.errno == errno.EIO
+            # the same chunk's other pieces still read
+            assert os.pread(fd, 4096, CHUNK_SIZE + 128 * 1024) == bytes(disk[CHUNK_SIZE + 128 * 1024:][:4096])
         finally:
             os.close(fd)
     log = (tmp_path / "r" / "mount.log").read_text()
-    assert "does not match its key" in log and "disk vda" in log
+    assert "piece 1: content does not match its hash" in log and "disk vda" in log
 
 
 def test_kill_9_of_the_mount_then_umount_and_mount_again(tmp_path):

@@ -168,8 +168,8 @@ def _write(repo, work: list[tuple], report: DefragReport) -> None:
                     report.blocks_moved += 1
                     report.bytes_moved += source.raw_len
                 else:  # an unchanged block, copied out of the full's chunk
-                    start = (block % BLOCKS_PER_CHUNK) * BLOCK_SIZE
-                    data = memoryview(repo.read_chunk(source))[start:start + BLOCK_SIZE]
+                    start = (block % BLOCKS_PER_CHUNK) * BLOCK_SIZE  # of a pieced chunk, its one piece is read
+                    data = repo.read_chunk_range(source, start, start + BLOCK_SIZE)
                     loc = None
                     if any_nonzero(data):  # an all-zero block needs no bytes: an empty entry says zeros
                         codec, stored = encode(data)

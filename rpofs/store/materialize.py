@@ -9,6 +9,7 @@ however many logs precede the point.
 import bisect
 import itertools
 import threading
+from typing import NamedTuple
 
 from ..errors import ChunkError, ChunkMissing, PackMissing
 from . import schema
@@ -16,6 +17,20 @@ from .repo import Repository
 from .schema import BLOCK_SIZE, CHUNK_SIZE, CODEC_RAW, PACK_HEADER, ChunkLocation, PointRecord
 
 READ_AHEAD = 8 << 20
+
+
+class Extent(NamedTuple):
+    """A run of a read that one stored chunk or log block serves, or zeros."""
+    pos: int                    # disk offset of the run's first byte
+    stop: int                   # disk offset just past its last
+    base: int                   # disk offset of the chunk's (or block's) first byte
+    span: int                   # CHUNK_SIZE or BLOCK_SIZE: what the chunk covers, less at the disk's end
+    key: bytes | None           # the full chunk's key; None for a log block (its key is in its record)
+    loc: ChunkLocation | None   # where it is stored; None: zeros
+
+    def wanted(self) -> tuple[bytes | None, ChunkLocation, int, int]:
+        """(key, location, start, stop) within the chunk: what ChunkReader.prefetch takes."""
+        return self.key, self.loc, self.pos - self.base, self.stop - self.base
 
 
 class DiskReader:
@@ -35,38 +50,41 @@ class DiskReader:
         end = min(offset + length, self.size)
         if offset >= end:
             return b""
-        pieces = self.pieces(offset, end)
-        self._read_ahead(offset, end, pieces)
-        if len(pieces) == 1 and pieces[0][5] is not None:
-            return self.piece_bytes(pieces[0])  # the whole read from one chunk: no copy
+        extents = self.extents(offset, end)
+        self._read_ahead(offset, end, extents)
+        if len(extents) == 1 and extents[0].loc is not None:
+            return self.extent_bytes(extents[0])  # the whole read from one chunk: no copy
         out = bytearray(end - offset)
         view = memoryview(out)
         i = 0
-        while i < len(pieces):
-            run = _run_from(pieces, i)
+        while i < len(extents):
+            run = _run_from(extents, i)
             if len(run) > 1:
                 self._read_run(run, view, offset)
-            elif pieces[i][5] is not None:
-                pos, stop = pieces[i][:2]
-                view[pos - offset:stop - offset] = self.piece_bytes(pieces[i])
+            elif extents[i].loc is not None:
+                e = extents[i]
+                view[e.pos - offset:e.stop - offset] = self.extent_bytes(e)
             i += max(1, len(run))
         return out
 
-    def _read_run(self, run: list[tuple], view: memoryview, offset: int) -> None:
+    def _read_run(self, run: list[Extent], view: memoryview, offset: int) -> None:
         """Whole log blocks stored one after another: one read into place."""
         try:
-            self.repo.reader.read_run_into([p[5] for p in run], [view[p[0] - offset:p[1] - offset] for p in run])
+            self.repo.reader.read_run_into([e.loc for e in run], [view[e.pos - offset:e.stop - offset] for e in run])
         except PackMissing:  # moved after our snapshot: block by block, each finds its new place
-            for p in run:
-                view[p[0] - offset:p[1] - offset] = self.piece_bytes(p)
+            for e in run:
+                view[e.pos - offset:e.stop - offset] = self.extent_bytes(e)
         except ChunkError as e:
             raise type(e)(f"{self._where()}: {e}") from None
 
-    def _read_ahead(self, offset: int, end: int, pieces: list[tuple]) -> None:
-        """Ask the kernel for the stored bytes of this read's pieces and, when
+    def _read_ahead(self, offset: int, end: int, extents: list[Extent]) -> None:
+        """Ask the kernel for the stored bytes of this read's extents and, when
         reads go forward, of the next READ_AHEAD bytes, all at once: a point
         behind many logs draws each 64 KiB block from another place, and cold
-        blocks read one after another would wait on the disk one at a time."""
+        blocks read one after another would wait on the disk one at a time.
+        Only the bytes each extent needs are asked for: of a pieced full
+        chunk, the pieces the read touches (or its table, until known), so
+        a 4 KiB read does not pull 1 MiB off the disk."""
         ahead = None
         with self._ahead_lock:
             # forward: right after the last read, or inside the window asked for
@@ -78,14 +96,14 @@ class DiskReader:
                     ahead = (start, stop)
                     self._ahead_from, self._ahead_to = offset, stop
             self._last_end = end
-        wanted = [(key, loc) for _, _, _, _, key, loc in pieces if loc is not None]
+        wanted = [e.wanted() for e in extents if e.loc is not None]
         if ahead:
-            wanted += [(key, loc) for _, _, _, _, key, loc in self.pieces(*ahead) if loc is not None]
+            wanted += [e.wanted() for e in self.extents(*ahead) if e.loc is not None]
         self.repo.reader.prefetch(wanted)
 
-    def pieces(self, offset: int, end: int) -> list[tuple]:
-        """(pos, stop, base, span, key, location) for each run of [offset, end)
-        served by one chunk (location None: zeros), all from one snapshot."""
+    def extents(self, offset: int, end: int) -> list[Extent]:
+        """The runs of [offset, end) each served by one chunk or log block (or
+        zeros), in order, all from one snapshot."""
         db = self.repo.db
         chain, disk = self.point.chain, self.disk
         out = []
@@ -120,9 +138,11 @@ class DiskReader:
                         if raw is None:
                             raise ChunkMissing(f"{self._where()}: chunk {key.hex()[:16]} is not in the catalog")
                         loc = ChunkLocation.decode(raw)
-                out.append((pos, stop, base, span, key, loc))
+                out.append(Extent(pos, stop, base, span, key, loc))
                 pos = stop
         return out
+
+    pieces = extents  # the name before format 3 (whose chunks have pieces of their own), for callers not moved yet
 
     def _changes(self, logs, first: int, last: int) -> dict[int, bytes]:
         """block -> chunk key of its newest change at or before the point, for
@@ -143,25 +163,25 @@ class DiskReader:
             found = logs.set_range(schema.log_key(chain, disk, block + 1, point))
         return out
 
-    def piece_bytes(self, piece: tuple) -> memoryview:
-        """The bytes of a piece that has a chunk (or a log block), verified."""
+    def extent_bytes(self, extent: Extent):
+        """The bytes of an extent that has a chunk (or a log block), verified:
+        of a pieced full chunk only the pieces it covers are read."""
         try:
-            data = self._chunk(piece)
+            return self._bytes(extent)
         except PackMissing:  # prune moved it after our snapshot: look again
-            fresh = self.pieces(piece[0], piece[1])
-            if len(fresh) != 1 or fresh[0][5] is None or fresh[0][5] == piece[5]:
+            fresh = self.extents(extent.pos, extent.stop)
+            if len(fresh) != 1 or fresh[0].loc is None or fresh[0].loc == extent.loc:
                 raise
-            piece = fresh[0]
-            data = self._chunk(piece)
-        pos, stop, base, span, key, _ = piece
-        if len(data) != min(span, self.size - base):
-            raise ChunkError(f"{self._where()}: {_what(key)} does not fit its place")
-        return memoryview(data)[pos - base:stop - base]
+            return self._bytes(fresh[0])
 
-    def _chunk(self, piece: tuple) -> bytes:
-        key, loc = piece[4], piece[5]
+    piece_bytes = extent_bytes  # the name before format 3
+
+    def _bytes(self, extent: Extent):
+        pos, stop, base, span, key, loc = extent
+        if loc.raw_len != min(span, self.size - base):
+            raise ChunkError(f"{self._where()}: {_what(key)} does not fit its place")
         try:
-            return self.repo.reader.read(key, loc)
+            return self.repo.reader.read_range(key, loc, pos - base, stop - base)
         except PackMissing:
             raise
         except ChunkError as e:
@@ -171,19 +191,19 @@ class DiskReader:
         return f"point {self.point.point} ({self.point.vm_name}) disk {self.target}"
 
 
-def _run_from(pieces: list[tuple], i: int) -> list[tuple]:
-    """The pieces from i on that are whole log blocks stored raw, one right
+def _run_from(extents: list[Extent], i: int) -> list[Extent]:
+    """The extents from i on that are whole log blocks stored raw, one right
     after another in one pack (a defragmented point's runs)."""
     run = []
-    for piece in itertools.islice(pieces, i, None):
-        pos, stop, base, _, key, loc = piece
-        if key is not None or loc is None or loc.codec != CODEC_RAW or pos != base or stop - pos != loc.raw_len:
+    for e in itertools.islice(extents, i, None):
+        loc = e.loc
+        if e.key is not None or loc is None or loc.codec != CODEC_RAW or e.pos != e.base or e.stop - e.pos != loc.raw_len:
             break
         if run:
-            prev = run[-1][5]
+            prev = run[-1].loc
             if loc.pack != prev.pack or loc.offset != prev.offset + prev.stored_len + PACK_HEADER.size:
                 break
-        run.append(piece)
+        run.append(e)
     return run
 
 

@@ -18,8 +18,8 @@ import lmdb
 
 from ..errors import BadTime, ChunkMissing, NoRepository, PackMissing, RpofsError, UnknownFormat, UnknownVM
 from . import schema
-from .chunks import ChunkReader, PackWriter, chunk_key, encode
-from .schema import FORMAT, ChunkLocation, DiskRecord, PointRecord
+from .chunks import ChunkReader, PackWriter, chunk_key, encode, encode_pieces, piece_hashes, pieces_key
+from .schema import CODEC_PIECES, FORMAT, READS_FORMATS, ChunkLocation, DiskRecord, PointRecord
 from ..timefmt import parse_as_of
 
 DEFAULT_REPO = "/var/lib/rpofs"
@@ -104,11 +104,18 @@ class Repository:
         with env.begin() as txn:
             meta = env.open_db(b"meta", txn=txn, create=False)
             found = txn.get(b"format", db=meta)
-        if found != str(FORMAT).encode():
+        if found not in [str(f).encode() for f in READS_FORMATS]:
             env.close()
             shown = found.decode(errors="replace") if found else "none"
-            raise UnknownFormat(f"repository {path} has format {shown}; this rpofs reads format {FORMAT} only")
+            known = " and ".join(map(str, READS_FORMATS))
+            raise UnknownFormat(f"repository {path} has format {shown}; this rpofs reads formats {known} "
+                                f"(and writes {FORMAT})")
         return cls(path, env)
+
+    def format(self) -> int:
+        """The repository's format: 2 until the first pieced full chunk is committed."""
+        with self.env.begin(db=self.db["meta"]) as txn:
+            return int(txn.get(b"format"))
 
     @staticmethod
     def _open_env(catalog: str, create: bool) -> lmdb.Environment:
@@ -213,7 +220,7 @@ class Repository:
             raise ChunkMissing(f"chunk {key.hex()[:16]} is not in the catalog")
         return ChunkLocation.decode(raw)
 
-    def read_chunk(self, key: bytes, loc: ChunkLocation | None = None) -> bytes:
+    def read_chunk(self, key: bytes, loc: ChunkLocation | None = None):
         """A chunk's bytes, verified; `loc` as a reader's transaction saw it.
         A pack gone since (compacted by prune) sends us to the chunk's new place."""
         loc = loc or self.locate(key)
@@ -224,6 +231,18 @@ class Repository:
             if now == loc:
                 raise
             return self.reader.read(key, now)
+
+    def read_chunk_range(self, key: bytes, start: int, stop: int):
+        """Bytes [start, stop) of a chunk (stop clipped to its length),
+        verified: of a pieced full chunk only the pieces they lie in are read."""
+        loc = self.locate(key)
+        try:
+            return self.reader.read_range(key, loc, start, min(stop, loc.raw_len))
+        except PackMissing:
+            now = self.locate(key)
+            if now == loc:
+                raise
+            return self.reader.read_range(key, now, start, min(stop, now.raw_len))
 
     # -- writing ---------------------------------------------------------------
 
@@ -271,9 +290,18 @@ class BackupWriter:
             self.abort()
 
     def put_chunk(self, data) -> tuple[bytes, int]:
-        """Store data unless already stored: its key and stored size. data
-        must not be all zeros."""
-        key = chunk_key(data)
+        """Store data whole unless already stored (the points' XML): its key
+        and stored size. data must not be all zeros."""
+        return self._put(chunk_key(data), len(data), lambda: encode(data))
+
+    def put_pieced_chunk(self, data) -> tuple[bytes, int]:
+        """Store a full chunk pieced (schema: CODEC_PIECES) unless already
+        stored: its key and stored size. Hashing comes first and is all a
+        chunk stored before costs; compressing only for a new one."""
+        hashes = piece_hashes(data)
+        return self._put(pieces_key(hashes), len(data), lambda: (CODEC_PIECES, encode_pieces(data, hashes)))
+
+    def _put(self, key: bytes, raw_len: int, encoded) -> tuple[bytes, int]:
         with self._lock:
             if key in self._new:
                 return key, self._new[key].stored_len
@@ -281,8 +309,8 @@ class BackupWriter:
             found = txn.get(key)
             if found is not None:
                 return key, ChunkLocation.decode(found).stored_len
-        codec, stored = encode(data)
-        loc = self.pack.append(key, codec, len(data), stored)
+        codec, stored = encoded()
+        loc = self.pack.append(key, codec, raw_len, stored)
         with self._lock:
             self._new.setdefault(key, loc)
             self.stats["stored_bytes"] += len(stored)
@@ -300,7 +328,7 @@ class BackupWriter:
 
     def put_full_chunk(self, disk: int, chunk_no: int, data) -> None:
         if self._count(disk, data):  # absent from the full index means zeros
-            key, stored = self.put_chunk(data)
+            key, stored = self.put_pieced_chunk(data)
             with self._lock:
                 self._disk_bytes[disk] += stored
                 self._full.append((disk, chunk_no, key))
@@ -364,9 +392,16 @@ class BackupWriter:
 
     def _put_chunks(self, txn) -> None:
         cur = txn.cursor(db=self.repo.db["chunks"])
+        pieced = False
         for key, loc in self._new.items():
             # overwrite=False: another session may have stored the same chunk first
             cur.put(key, loc.encode(), overwrite=False)
+            pieced = pieced or loc.codec == CODEC_PIECES
+        meta = self.repo.db["meta"]
+        if pieced and txn.get(b"format", db=meta) != str(FORMAT).encode():
+            # a format-2 repository with its first pieced record: an rpofs that
+            # reads format 2 only must refuse it from this commit on
+            txn.put(b"format", str(FORMAT).encode(), db=meta)
 
     def _finish(self) -> None:
         self._done = True

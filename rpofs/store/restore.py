@@ -14,7 +14,7 @@ import os
 import stat
 
 from ..errors import RpofsError
-from .materialize import DiskReader
+from .materialize import DiskReader, Extent
 from .repo import Repository
 
 WINDOW = 64 << 20      # located together, read in parallel
@@ -69,18 +69,18 @@ def restore_disk(repo: Repository, source: str, dest: str, force: bool = False) 
 def copy_disk(reader: DiskReader, pwrite, zero_fill: bool, progress=None) -> int:
     """Write the disk through pwrite(data, offset), called from worker
     threads (a file's pwrite, or an NBD connection's for a qcow2 image);
-    zeros only when zero_fill. progress(bytes) after each piece. Returns the
+    zeros only when zero_fill. progress(bytes) after each extent. Returns the
     bytes written."""
-    def copy(piece) -> int:
-        pos, stop, loc = piece[0], piece[1], piece[5]
-        if loc is None:
+    def copy(extent: Extent) -> int:
+        pos, stop = extent.pos, extent.stop
+        if extent.loc is None:
             if zero_fill:
                 for at in range(pos, stop, len(_ZEROS)):
                     pwrite(memoryview(_ZEROS)[:min(len(_ZEROS), stop - at)], at)
             if progress:
                 progress(stop - pos)
             return stop - pos if zero_fill else 0
-        pwrite(reader.piece_bytes(piece), pos)
+        pwrite(reader.extent_bytes(extent), pos)
         if progress:
             progress(stop - pos)
         return stop - pos
@@ -88,9 +88,9 @@ def copy_disk(reader: DiskReader, pwrite, zero_fill: bool, progress=None) -> int
     written = 0
     with concurrent.futures.ThreadPoolExecutor(THREADS) as pool:
         for start in range(0, reader.size, WINDOW):
-            pieces = reader.pieces(start, min(start + WINDOW, reader.size))
-            reader.repo.reader.prefetch([(p[4], p[5]) for p in pieces if p[5] is not None])
-            written += sum(pool.map(copy, pieces))
+            extents = reader.extents(start, min(start + WINDOW, reader.size))
+            reader.repo.reader.prefetch([e.wanted() for e in extents if e.loc is not None])
+            written += sum(pool.map(copy, extents))
     return written
 
 

@@ -1,4 +1,4 @@
-"""The repository's format, version 2. This module is the spec: every LMDB
+"""The repository's format, version 3. This module is the spec: every LMDB
 sub-database, its key and value layout, and the invariants. Nothing else builds
 keys by hand.
 
@@ -16,7 +16,8 @@ Granularity
     of a disk are short when the disk size is not a multiple of them.
 
 Sub-databases
-    meta        b"format" -> b"1"; b"next_point", b"next_pack" -> u32
+    meta        b"format" -> b"3" (text); b"next_point", b"next_pack",
+                b"pruned" -> u32
     vms         vm uuid (16 bytes) -> JSON {"name": last known name}
     points      point no (u32) -> JSON point record (see PointRecord)
     vm_points   vm uuid (16) | time_us (u64) | point no (u32) -> b""
@@ -40,15 +41,57 @@ Sub-databases
                     same bytes is stored again); full chunks are.
     chunks      chunk key (32) -> pack (u32) | offset (u64) | stored length (u32)
                               | raw length (u32) | codec (u8)
-                    full chunks and the points' XML: what is deduplicated
+                    full chunks and the points' XML: what is deduplicated.
+                    The codec tells the record kind: CODEC_RAW / CODEC_ZSTD
+                    a whole chunk, CODEC_PIECES a pieced full chunk (below)
 
 A chain is numbered by its full point's number; disk numbers are positions in
 the full's disk list, which every log of the chain shares. Point numbers grow
 with commit order; within a VM they grow with time, so ~point orders a chain's
 log entries newest first.
 
-A chunk key is the blake3-256 of the chunk's raw bytes; readers verify it.
-All-zero data is never stored.
+Pack records (REPO/chunks/pack-*): PACK_HEADER (key, codec, raw length, stored
+length) then the stored bytes; the catalog points at the stored bytes.
+    whole (CODEC_RAW, CODEC_ZSTD)
+                the chunk's bytes, zstd-compressed when that is shorter. Key:
+                blake3-256 of the raw bytes. Log blocks, the points' XML, and
+                the full chunks of format 2.
+    pieced (CODEC_PIECES)   a full chunk of format 3
+                cut into PIECE_SIZE (64 KiB) pieces, the last one short when
+                the chunk is; stored: the piece table, then the pieces in order.
+                The table has one PIECE_ENTRY per piece (their number follows
+                from the raw length): blake3-256 of the piece's raw bytes |
+                stored length - 1 (u16) | codec (u8: CODEC_RAW, or CODEC_ZSTD
+                when that is shorter), 35 bytes, 560 for a 1 MiB chunk. A
+                piece's place is the table's length plus the stored lengths of
+                the pieces before it.
+                Key: blake3 in key-derivation mode with the context
+                PIECES_KEY_CONTEXT over the pieces' hashes concatenated. The
+                context keeps it apart from every whole record's key: a plain
+                blake3 of the hashes is the key of whatever chunk consists of
+                those 512 bytes, and dedup by key would hand out its bytes.
+                Equal content gives equal keys, so full chunks stay
+                deduplicated, but a chunk stored whole (format 2) and pieced
+                (format 3) have different keys: a full taken after the upgrade
+                stores its chunks again, once.
+                Why: a random 4 KiB read through the mount read, decompressed
+                and hashed a whole 1 MiB chunk; now it reads the table (cached
+                once read) and the one piece it touches, each verified (the
+                table against the key, the piece against its entry), while a
+                whole-chunk read is still one read of the record.
+
+Every read verifies what it returns against the key. All-zero data is never
+stored.
+
+Format history
+    1   log blocks had a chunk key in log_index and a `chunks` row each.
+        Refused.
+    2   log_index entries hold their block's place (12 bytes); full chunks
+        are whole records. Read and written: the first commit that stores a
+        pieced record sets meta/format to 3 in the same LMDB transaction, so
+        an rpofs that reads format 2 only refuses the repository instead of
+        failing its reads; its whole full chunks stay readable forever.
+    3   full chunks are stored pieced (CODEC_PIECES).
 
 Commit order: pack data fsync'ed first, then one LMDB write transaction adds
 the chunk locations, the index entries and the point. A crash leaves at most
@@ -59,7 +102,8 @@ import json
 import struct
 from dataclasses import asdict, dataclass, field
 
-FORMAT = 2
+FORMAT = 3                 # what init and a pieced record write
+READS_FORMATS = (2, 3)     # what Repository.open accepts
 CHUNK_SIZE = 1 << 20
 BLOCK_SIZE = 1 << 16
 BLOCKS_PER_CHUNK = CHUNK_SIZE // BLOCK_SIZE
@@ -68,6 +112,11 @@ DATABASES = ("meta", "vms", "points", "vm_points", "full_index", "log_index", "c
 
 CODEC_RAW = 0
 CODEC_ZSTD = 1
+CODEC_PIECES = 2   # a pieced full chunk: piece table, then the pieces (see above)
+
+PIECE_SIZE = BLOCK_SIZE
+PIECE_ENTRY = struct.Struct(">32sHB")  # blake3 of the raw piece, stored length - 1, codec
+PIECES_KEY_CONTEXT = "rpofs full chunk pieces v1"
 
 _U32 = struct.Struct(">I")
 _VM_POINT = struct.Struct(">16sQI")
@@ -147,6 +196,16 @@ def read_log_value(value: bytes, raw_len: int) -> ChunkLocation | None:
     stored = int.from_bytes(value[10:12], "big") + 1
     return ChunkLocation(int.from_bytes(value[:4], "big"), int.from_bytes(value[4:10], "big"), stored, raw_len,
                          CODEC_RAW if stored == raw_len else CODEC_ZSTD)
+
+
+def piece_count(raw_len: int) -> int:
+    """Pieces of a pieced chunk of raw_len bytes."""
+    return -(-raw_len // PIECE_SIZE)
+
+
+def piece_table_len(raw_len: int) -> int:
+    """Bytes of a pieced chunk's table: it starts the record's stored bytes."""
+    return piece_count(raw_len) * PIECE_ENTRY.size
 
 
 def pack_name(pack: int) -> str:
