@@ -7,6 +7,7 @@ What the workload guarantees (see tools/mkguest): the log holds 1..L, the
 database 1..M, with L == M or L == M + 1 (the log line is fsynced before the
 row is inserted), and both hold the same t for the same n."""
 
+import base64
 import contextlib
 import functools
 import json
@@ -103,9 +104,7 @@ class Guest:
 
     def agent(self, command: str, arguments: dict | None = None, timeout: int = 5):
         """One guest agent command; its "return" value."""
-        msg = {"execute": command} | ({"arguments": arguments} if arguments else {})
-        reply = libvirt_qemu.qemuAgentCommand(self.dom, json.dumps(msg), timeout, 0)
-        return json.loads(reply)["return"]
+        return agent(self.dom, command, arguments, timeout)
 
     def wait_agent(self, timeout: float) -> float:
         """Seconds until the agent answers guest-ping; AssertionError after `timeout`."""
@@ -214,3 +213,63 @@ def read_db(image_path) -> list[tuple[int, float]]:
             return db.execute("SELECT n, t FROM seq ORDER BY n").fetchall()
         finally:
             db.close()
+
+
+# -- the guest agent of any domain (a recovered copy of the guest too) --------
+
+def agent(dom, command: str, arguments: dict | None = None, timeout: int = 5):
+    """One guest agent command to libvirt domain `dom`; its "return" value."""
+    msg = {"execute": command} | ({"arguments": arguments} if arguments else {})
+    return json.loads(libvirt_qemu.qemuAgentCommand(dom, json.dumps(msg), timeout, 0))["return"]
+
+
+def wait_agent(dom, timeout: float) -> float:
+    """Seconds until dom's agent answers guest-ping."""
+    start = time.monotonic()
+    while True:
+        try:
+            agent(dom, "guest-ping", timeout=2)
+            return time.monotonic() - start
+        except libvirt.libvirtError as e:
+            if time.monotonic() - start > timeout:
+                raise AssertionError(f"no guest agent in {dom.name()} after {timeout} s ({e})") from None
+        time.sleep(0.1)
+
+
+def guest_read(dom, path: str) -> bytes:
+    """A file of the guest, whole (small files: one read of up to 8 MiB)."""
+    handle = agent(dom, "guest-file-open", {"path": path, "mode": "r"})
+    try:
+        reply = agent(dom, "guest-file-read", {"handle": handle, "count": 8 << 20})
+    finally:
+        agent(dom, "guest-file-close", {"handle": handle})
+    return base64.b64decode(reply["buf-b64"])
+
+
+def guest_write(dom, path: str, data: bytes) -> None:
+    """Write a file in the guest and make it durable (the guest's sync)."""
+    handle = agent(dom, "guest-file-open", {"path": path, "mode": "w"})
+    try:
+        agent(dom, "guest-file-write", {"handle": handle, "buf-b64": base64.b64encode(data).decode()})
+        agent(dom, "guest-file-flush", {"handle": handle})
+    finally:
+        agent(dom, "guest-file-close", {"handle": handle})
+    guest_run(dom, "/bin/busybox", "sync")
+
+
+def guest_run(dom, path: str, *args: str, timeout: float = 30) -> str:
+    """Run a program in the guest; its stdout (AssertionError if it fails)."""
+    pid = agent(dom, "guest-exec", {"path": path, "arg": list(args), "capture-output": True})["pid"]
+    deadline = time.monotonic() + timeout
+    while True:
+        status = agent(dom, "guest-exec-status", {"pid": pid})
+        if status["exited"]:
+            break
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{path} {args} still running in {dom.name()} after {timeout} s")
+        time.sleep(0.1)
+    out = base64.b64decode(status.get("out-data", "")).decode()
+    if status.get("exitcode") != 0:
+        err = base64.b64decode(status.get("err-data", "")).decode()
+        raise AssertionError(f"{path} {args} in {dom.name()} exited {status.get('exitcode')}: {err}")
+    return out

@@ -47,9 +47,10 @@ class NewDisk:
 class Recovery:
     """What to make of the captured definition."""
     name: str
+    uuid: str                       # the domain's UUID (a new one for a copy)
     disks: tuple[NewDisk, ...]
     workdir: str                    # where consoles and logs of the copy go
-    new_identity: bool = True       # False for --replace: the same domain, its UUID and MACs
+    new_identity: bool = True       # False for --replace: the same domain, its MACs
     network: bool = True            # False: drop every interface
     nvram: str = ""                 # the variable store's new path ("" : leave <nvram> as it is)
     marker: dict = field(default_factory=dict)  # attributes of the rpofs:recovery element; {}: none
@@ -70,9 +71,8 @@ def prepare(captured: str, rec: Recovery) -> Prepared:
         raise BadDomainXml(f"the point's domain XML has <{root.tag}> at its top, not <domain>")
     notes = []
     _set_text(root, "name", rec.name)
+    _set_text(root, "uuid", rec.uuid)
     if rec.new_identity:
-        for el in root.findall("uuid"):
-            root.remove(el)
         for iface in root.findall("./devices/interface"):
             for mac in iface.findall("mac"):
                 iface.remove(mac)
@@ -83,7 +83,8 @@ def prepare(captured: str, rec: Recovery) -> Prepared:
     if not rec.network:
         for iface in devices.findall("interface"):
             devices.remove(iface)
-    _consoles(devices, rec.workdir)
+    if rec.new_identity:
+        _consoles(devices, rec.workdir, rec.name)
     for graphics in devices.findall("graphics"):
         if graphics.get("autoport") == "no" or graphics.get("port") not in (None, "-1"):
             for attr in ("port", "tlsPort", "websocket"):
@@ -125,19 +126,18 @@ def _disks(devices: ET.Element, rec: Recovery, notes: list[str]) -> None:
                            f"(its <devices> name other disks)")
 
 
-def _consoles(devices: ET.Element, workdir: str) -> None:
-    """File-backed chardevs (serial, console, channel, parallel) and their
-    <log> files: into workdir, named after the device."""
-    for i, dev in enumerate(devices):
+def _consoles(devices: ET.Element, workdir: str, name: str) -> None:
+    """A copy's file-backed chardevs (serial, console, channel, parallel)
+    and their <log> files: into workdir as <name>-<file name>."""
+    for dev in devices:
         if dev.tag not in ("serial", "console", "channel", "parallel"):
             continue
-        if dev.get("type") == "file":
-            src = dev.find("source")
-            if src is not None and src.get("path"):
-                src.set("path", os.path.join(workdir, f"{dev.tag}{i}-{os.path.basename(src.get('path'))}"))
+        src = dev.find("source")
+        if dev.get("type") == "file" and src is not None and src.get("path"):
+            src.set("path", os.path.join(workdir, f"{name}-{os.path.basename(src.get('path'))}"))
         log = dev.find("log")
         if log is not None and log.get("file"):
-            log.set("file", os.path.join(workdir, f"{dev.tag}{i}-{os.path.basename(log.get('file'))}"))
+            log.set("file", os.path.join(workdir, f"{name}-{os.path.basename(log.get('file'))}"))
 
 
 def _boot_files(root: ET.Element, rec: Recovery, notes: list[str]) -> None:
@@ -199,5 +199,44 @@ def _set_text(root: ET.Element, tag: str, text: str) -> None:
     el = root.find(tag)
     if el is None:
         el = ET.Element(tag)
-        root.insert(0, el)
+        root.insert(1 if tag == "uuid" else 0, el)
     el.text = text
+
+
+def has_tpm(xml: str) -> bool:
+    return ET.fromstring(xml).find("./devices/tpm/backend[@type='emulator']") is not None
+
+
+def tpm_version(xml: str) -> str:
+    backend = ET.fromstring(xml).find("./devices/tpm/backend[@type='emulator']")
+    return backend.get("version", "2.0") if backend is not None else "2.0"
+
+
+def relocate(xml: str, old_dir: str, new_dir: str) -> tuple[str, list[tuple[str, str]]]:
+    """A moved VM's definition for its next boot: every file it names under
+    old_dir (the run's own directory: consoles, logs, the variable store)
+    moved to new_dir, and rpofs's marker removed. Returns the XML and the
+    (old, new) paths, so the caller copies the files that must carry over."""
+    root = ET.fromstring(xml)
+    moved = []
+    old_dir = old_dir.rstrip("/") + "/"
+
+    def move(path: str) -> str:
+        if not path.startswith(old_dir):
+            return path
+        new = os.path.join(new_dir, os.path.basename(path))
+        moved.append((path, new))
+        return new
+
+    for el in root.iter():
+        for attr in ("path", "file"):
+            if el.tag in ("source", "log") and el.get(attr):
+                el.set(attr, move(el.get(attr)))
+    nvram = root.find("./os/nvram")
+    if nvram is not None and nvram.text:
+        nvram.text = move(nvram.text.strip())
+    metadata = root.find("metadata")
+    if metadata is not None:
+        for el in metadata.findall(MARKER_TAG):
+            metadata.remove(el)
+    return ET.tostring(root, encoding="unicode"), moved

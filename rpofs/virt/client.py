@@ -208,15 +208,25 @@ class Domain:
 
     # -- copying a running VM's disks (block copy, then pivot) ----------------
 
-    def block_copy(self, target: str, dest: str, fmt: str) -> None:
-        """Start copying disk `target` with its whole backing chain into a
-        new image `dest` (libvirt creates it) while the guest runs; guest
-        writes go to both from then on. A transient job: allowed on a
-        persistent domain, and ended with the process if QEMU stops."""
-        xml = (f"<disk type='file'><driver type='{fmt}'/>"
-               f"<source file={quoteattr(dest)}/></disk>")
+    def block_copy(self, target: str, dest: str, shallow: bool = False) -> None:
+        """Start copying disk `target` into the qcow2 image `dest` while the
+        guest runs; guest writes go to both from then on. shallow: `dest`
+        exists, its backing chain already holds what the disk's backing
+        chain holds, and only the top image is copied; else libvirt creates
+        `dest` and copies the whole chain. A transient job: allowed on a
+        persistent domain, and gone with QEMU."""
+        xml = f"<disk type='file'><driver type='qcow2'/><source file={quoteattr(dest)}/></disk>"
+        flags = libvirt.VIR_DOMAIN_BLOCK_COPY_TRANSIENT_JOB
+        if shallow:
+            flags |= libvirt.VIR_DOMAIN_BLOCK_COPY_SHALLOW | libvirt.VIR_DOMAIN_BLOCK_COPY_REUSE_EXT
         with _translated(f"starting to copy disk {target} of {self.name}"):
-            self._dom.blockCopy(target, xml, {}, libvirt.VIR_DOMAIN_BLOCK_COPY_TRANSIENT_JOB)
+            self._dom.blockCopy(target, xml, {}, flags)
+
+    def block_commit_active(self, target: str) -> None:
+        """Start merging the disk's top image into its backing image while
+        the guest runs (pivot() then switches to the backing image alone)."""
+        with _translated(f"starting to merge disk {target} of {self.name}"):
+            self._dom.blockCommit(target, None, None, 0, libvirt.VIR_DOMAIN_BLOCK_COMMIT_ACTIVE)
 
     def block_job(self, target: str) -> tuple[int, int] | None:
         """(done, total) bytes of the disk's block job, or None without one."""
@@ -238,8 +248,8 @@ class Domain:
         return False
 
     def pivot(self, target: str) -> None:
-        """Switch the disk to its copy (libvirt updates the persistent
-        definition too)."""
+        """Switch the disk to its copy, or after a commit to the image merged
+        into (libvirt updates the persistent definition too)."""
         with _translated(f"switching disk {target} of {self.name} to its copy"):
             self._dom.blockJobAbort(target, libvirt.VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT)
 

@@ -1,0 +1,444 @@
+"""`rpofs run`: a VM booted from a recovery point in seconds, then moved to
+local storage while it runs, or stopped and removed.
+
+A point's disks already are files in the mount, materialized read by read.
+`run` makes each disk a qcow2 overlay whose backing file is the point's
+`<disk>.raw`, defines a new domain from the point's captured XML (new name,
+UUID and MACs; domainxml.py) and starts it: the guest boots at once, reads
+what it touches from the repository and writes only to its overlays; the
+point itself is never written.
+
+The backing path is `<mount>/.by-uuid/<vm uuid>/at/<point time to the µs>/
+<disk>.raw`: it names the same point for as long as the point exists, even
+when a neighbour in the same second changes the point's directory name or
+another VM takes the same name. The point is held (rpofs.store.holds) so
+prune keeps it while the VM depends on it.
+
+The mount must exist before QEMU starts: libvirt gives each QEMU a mount
+namespace of its own, copied from the host's when the VM starts, and on a
+host whose `/` is not a shared mount (containers) a FUSE mount made later
+never reaches it. `run` uses a mount of the repository that exists, or
+starts one at REPO/run/mnt. Unmounting it on the host afterwards does not
+hurt a running VM: its namespace keeps its own reference, and the mount
+daemon serves until the last such VM is gone.
+
+`run --move` copies every disk with its whole backing chain into a
+standalone qcow2 image while the guest runs (libvirt block copy; guest
+writes go to both sides meanwhile) and pivots the VM onto it, disk by disk.
+An interrupted move leaves the VM on its overlays (or some disks already
+moved): run it again and it carries on with the disks not yet moved. A
+moved VM is an ordinary VM: its run record, hold and overlays go.
+
+Everything `run` makes is listed in REPO/run/<uuid>/run.json, written
+before it is made, so `run --stop` (or a failed `run`) removes exactly that
+and nothing else.
+"""
+
+import contextlib
+import dataclasses
+import fcntl
+import json
+import logging
+import os
+import shutil
+import subprocess
+import time
+import uuid as uuidlib
+from dataclasses import dataclass, field
+
+from ..errors import RpofsError, UnknownVM, VirtError
+from ..progress import Progress
+from ..store import holds
+from ..store.materialize import DiskReader
+from ..store.repo import Repository
+from ..store.schema import PointRecord
+from ..timefmt import format_time, now_us
+from ..virt.client import Connection, Domain
+from . import domainxml
+from . import images
+from .boot import default_name, place_boot_state
+
+log = logging.getLogger(__name__)
+
+RUN_DIR = "run"
+MOUNT_DIR = "mnt"
+POLL_S = 0.2
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    name: str = ""              # "": the VM's name and the point's time, made unique
+    dir: str = ""               # where the overlays go; "": REPO/run/<uuid>/
+    start: bool = True
+    network: bool = True
+
+
+@dataclass
+class RunRecord:
+    """What one `rpofs run` made, in REPO/run/<uuid>/run.json."""
+    name: str
+    uuid: str                   # the new domain's
+    vm: str                     # the point's VM (uuid) and name
+    vm_name: str
+    point: int
+    time_us: int
+    workdir: str
+    mountpoint: str
+    mount_started: bool         # run started that mount (REPO/run/mnt)
+    created_us: int
+    made: list[str] = field(default_factory=list)     # files run created: overlays, nvram, TPM state
+    moving: list[str] = field(default_factory=list)   # images a --move is writing (for a re-run)
+    defined: bool = False
+
+    def save(self) -> None:
+        path = os.path.join(self.workdir, "run.json")
+        with open(path + ".tmp", "w") as f:
+            json.dump(dataclasses.asdict(self), f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(path + ".tmp", path)
+
+    @classmethod
+    def load(cls, path: str) -> "RunRecord":
+        with open(path) as f:
+            return cls(**json.load(f))
+
+    @property
+    def holder(self) -> str:
+        return f"run-{self.uuid}"
+
+
+@contextlib.contextmanager
+def _run_lock(repo: Repository):
+    """One run/move/stop at a time per repository: they share the mount and
+    pick names that must stay unique."""
+    folder = os.path.join(repo.path, RUN_DIR)
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    fd = os.open(os.path.join(folder, ".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def records(repo: Repository) -> list[RunRecord]:
+    folder = os.path.join(repo.path, RUN_DIR)
+    out = []
+    with contextlib.suppress(FileNotFoundError):
+        for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+            path = os.path.join(entry.path, "run.json")
+            if entry.is_dir() and os.path.exists(path):
+                try:
+                    out.append(RunRecord.load(path))
+                except (OSError, ValueError, TypeError) as e:
+                    log.warning("cannot read %s: %s", path, e)
+    return out
+
+
+def find(repo: Repository, name: str) -> RunRecord:
+    for rec in records(repo):
+        if name in (rec.name, rec.uuid):
+            return rec
+    raise UnknownVM(f"no VM named {name!r} was started by rpofs run from {repo.path} "
+                    f"(rpofs run --list shows them)")
+
+
+# -- run ----------------------------------------------------------------------
+
+def run(repo: Repository, conn: Connection, vm: str, when: str, opts: RunOptions) -> RunRecord:
+    point = repo.point_at(vm, when)
+    captured = repo.read_chunk(bytes.fromhex(point.domain_xml)).decode()
+    with _run_lock(repo):
+        taken = {r.name for r in records(repo)}
+        if opts.name:
+            if opts.name in taken or conn.has_domain(opts.name):
+                raise RpofsError(f"a VM named {opts.name!r} exists already: choose another --name")
+            name = opts.name
+        else:
+            name = default_name(point, lambda n: n in taken or conn.has_domain(n))
+        new_uuid = str(uuidlib.uuid4())
+        workdir = os.path.join(repo.path, RUN_DIR, new_uuid)
+        disk_dir = os.path.abspath(opts.dir) if opts.dir else workdir
+        if opts.dir and not os.path.isdir(disk_dir):
+            raise RpofsError(f"--dir {opts.dir}: no such directory")
+        overlays = {d.target: os.path.join(disk_dir, f"{name}-{d.target}.qcow2") for d in point.disks}
+        for path in overlays.values():
+            if os.path.lexists(path):
+                raise RpofsError(f"{path} exists already: remove it or choose another --name or --dir")
+        mountpoint, started = _ensure_mount(repo)
+        os.makedirs(workdir, mode=0o700)
+        rec = RunRecord(name=name, uuid=new_uuid, vm=point.vm, vm_name=point.vm_name, point=point.point,
+                        time_us=point.time_us, workdir=workdir, mountpoint=mountpoint, mount_started=started,
+                        created_us=now_us())
+        rec.save()
+        try:
+            _make(repo, conn, rec, point, captured, overlays, opts)
+        except BaseException:
+            _remove(repo, conn, rec)
+            raise
+        return rec
+
+
+def backing_path(mountpoint: str, point: PointRecord, target: str) -> str:
+    """The point's disk through the mount, by a path that keeps naming it."""
+    return os.path.join(mountpoint, ".by-uuid", point.vm, "at", format_time(point.time_us, 6), f"{target}.raw")
+
+
+def _make(repo: Repository, conn: Connection, rec: RunRecord, point: PointRecord, captured: str,
+          overlays: dict[str, str], opts: RunOptions) -> None:
+    holds.put(repo, holds.Hold(rec.holder, point.vm, point.point, f"VM {rec.name} runs on it"))
+    for d in point.disks:
+        backing = backing_path(rec.mountpoint, point, d.target)
+        if not os.path.exists(backing):
+            raise RpofsError(f"the mount at {rec.mountpoint} does not show {backing}")
+        rec.made.append(overlays[d.target])
+        rec.save()
+        images.create(overlays[d.target], "qcow2", backing=backing)
+    boot = place_boot_state(repo, point, captured, rec.workdir, rec.name)
+    rec.made += boot.files
+    rec.save()
+    prepared = domainxml.prepare(captured, domainxml.Recovery(
+        name=rec.name, uuid=rec.uuid,
+        disks=tuple(domainxml.NewDisk(t, p, "qcow2") for t, p in overlays.items()),
+        workdir=rec.workdir, network=opts.network, nvram=boot.nvram,
+        marker={"kind": "run", "vm": point.vm, "point": point.point,
+                "time": format_time(point.time_us, 6), "repository": repo.path}))
+    for note in list(prepared.notes) + boot.notes:
+        log.warning("%s: %s", rec.name, note)
+    dom = conn.define(prepared.xml)
+    rec.defined = True
+    rec.save()
+    tpm = boot.place_tpm(dom.uuid)
+    if tpm:
+        rec.made.append(tpm)
+        rec.save()
+    if opts.start:
+        dom.start()
+
+
+def _ensure_mount(repo: Repository) -> tuple[str, bool]:
+    """A mount of the repository that QEMU will see: one that exists, or a
+    new one at REPO/run/mnt. (mountpoint, whether it was started here)."""
+    from ..mount.daemon import MountOptions, mount_background, mounts_of
+    found = mounts_of(repo.path)
+    if found:
+        return found[0], False
+    mountpoint = os.path.join(repo.path, RUN_DIR, MOUNT_DIR)
+    os.makedirs(mountpoint, mode=0o700, exist_ok=True)
+    mount_background(MountOptions(repo=repo.path, mountpoint=mountpoint, allow_other=not _qemu_is_root()))
+    return mountpoint, True
+
+
+def _qemu_is_root() -> bool:
+    """Whether libvirt runs QEMU as root (qemu.conf's user); a mount without
+    allow_other is readable by its owner only, root included."""
+    try:
+        with open("/etc/libvirt/qemu.conf") as f:
+            for line in f:
+                key, _, value = line.partition("=")
+                if key.strip() == "user":
+                    return value.strip().strip('"') in ("root", "+0")
+    except OSError:
+        pass
+    return False
+
+
+# -- stop -----------------------------------------------------------------------
+
+def stop(repo: Repository, conn: Connection, name: str) -> RunRecord:
+    with _run_lock(repo):
+        rec = find(repo, name)
+        _remove(repo, conn, rec)
+        return rec
+
+
+def _remove(repo: Repository, conn: Connection, rec: RunRecord) -> None:
+    """Undo what the record lists: the domain (only if it is the one run
+    made: same UUID), the files run created, the hold, the record, and the
+    mount run started once no other run VM needs it."""
+    if rec.defined:
+        dom = _domain(conn, rec)
+        if dom is not None:
+            dom.destroy()
+            dom.undefine()
+    for path in reversed(rec.made):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+    holds.drop(repo.path, rec.holder)
+    shutil.rmtree(rec.workdir, ignore_errors=True)
+    _release_mount(repo, rec)
+
+
+def _release_mount(repo: Repository, rec: RunRecord) -> None:
+    if not rec.mount_started or any(r.mount_started for r in records(repo) if r.uuid != rec.uuid):
+        return
+    from ..mount.daemon import mounts_of, unmount
+    if rec.mountpoint in mounts_of(repo.path):
+        try:
+            unmount(rec.mountpoint)
+        except RpofsError as e:
+            log.warning("leaving %s mounted: %s", rec.mountpoint, e)
+
+
+def _domain(conn: Connection, rec: RunRecord) -> Domain | None:
+    try:
+        return conn.domain(rec.uuid)
+    except UnknownVM:
+        return None
+
+
+# -- move ----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _DiskMove:
+    target: str
+    final: str      # DIR/<name>-<disk>.qcow2: the point's data, then the guest's merged in
+    top: str        # DIR/<name>-<disk>.top.qcow2: over final, the mirror of the overlay
+    step: str       # "write" (still on its overlay), "merge" (on top), "done" (on final)
+
+
+def move(repo: Repository, conn: Connection, name: str, dest_dir: str) -> RunRecord:
+    """Make each disk a standalone qcow2 image in DIR while the VM runs:
+
+    1. the point's disk written into DIR/<name>-<disk>.qcow2 straight from
+       the repository (only its data: zeros stay unallocated; the point is
+       immutable, so the guest need not wait);
+    2. a block copy of the overlay alone onto a new image over it (shallow:
+       the guest's writes since `run`, and those made meanwhile), then a
+       pivot onto it;
+    3. an active commit of that image into the first, then a pivot: the VM
+       runs on DIR/<name>-<disk>.qcow2 alone.
+
+    Why not a full block copy of the chain: the mount's raw files cannot
+    report holes (FUSE lseek is not in pyfuse3), so QEMU would read every
+    byte of the disk through the mount and write it all, zeros included — a
+    1 TiB disk with 10 GiB of data would take 1 TiB in DIR.
+
+    Each step leaves the VM on a complete chain; an interrupted move is run
+    again and carries on from the step each disk is at."""
+    dest_dir = os.path.abspath(dest_dir)
+    if not os.path.isdir(dest_dir):
+        raise RpofsError(f"--dir {dest_dir}: no such directory")
+    with _run_lock(repo):
+        rec = find(repo, name)
+        dom = _domain(conn, rec)
+        if dom is None:
+            raise RpofsError(f"{rec.name} is gone from libvirt: rpofs run --stop {rec.name} cleans up after it")
+        if not dom.is_running():
+            raise RpofsError(f"{rec.name} is not running: a move copies a running VM's disks "
+                             f"(virsh start {rec.name} first)")
+        point = repo.point_at(rec.vm, format_time(rec.time_us, 6))
+        if point.point != rec.point:
+            raise RpofsError(f"the point {rec.name} runs on is gone from the repository")
+        plan = _plan_move(dom, rec, dest_dir)
+        rec.moving = sorted(set(rec.moving) | {p for d in plan for p in (d.final, d.top)})
+        rec.save()
+        _write_bases(repo, point, dom, rec, [d for d in plan if d.step == "write"])
+        for d in plan:
+            if d.step == "write":
+                _block_job(dom, rec, d.target, lambda: dom.block_copy(d.target, d.top, shallow=True), "copy")
+            if d.step in ("write", "merge"):
+                _block_job(dom, rec, d.target, lambda: dom.block_commit_active(d.target), "merge")
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(d.top)
+            log.info("%s: disk %s now on %s", rec.name, d.target, d.final)
+        _finish_move(repo, conn, dom, rec, dest_dir)
+        return rec
+
+
+def _plan_move(dom: Domain, rec: RunRecord, dest_dir: str) -> list[_DiskMove]:
+    overlays = {p for p in rec.made if p.endswith(".qcow2")}
+    plan = []
+    for target, source in sorted(dom.disk_sources().items()):
+        final = os.path.join(dest_dir, f"{rec.name}-{target}.qcow2")
+        top = os.path.join(dest_dir, f"{rec.name}-{target}.top.qcow2")
+        if source == final:
+            step = "done"
+        elif source == top:
+            step = "merge"
+        elif source in overlays:
+            step = "write"
+            for path in (final, top):
+                if os.path.lexists(path) and path not in rec.moving:
+                    raise RpofsError(f"{path} exists already: remove it or choose another --dir")
+        else:
+            raise RpofsError(f"disk {target} of {rec.name} is on {source}, which is neither its overlay nor "
+                             f"in {dest_dir}: was it moved elsewhere? (rpofs run --move NAME --dir DIR)")
+        plan.append(_DiskMove(target, final, top, step))
+    return plan
+
+
+def _write_bases(repo: Repository, point: PointRecord, dom: Domain, rec: RunRecord,
+                 todo: list[_DiskMove]) -> None:
+    for d in todo:  # an earlier, interrupted move's job and images
+        dom.cancel_block_job(d.target)
+        for path in (d.final, d.top):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+    readers = [DiskReader(repo, point, d.target) for d in todo]
+    with Progress(f"moving {rec.name}: writing the point's disks", sum(r.size for r in readers)) as progress:
+        for d, reader in zip(todo, readers):
+            images.write_disk(reader, d.final, "qcow2", progress.add)
+            images.create(d.top, "qcow2", backing=d.final, backing_fmt="qcow2")
+
+
+def _block_job(dom: Domain, rec: RunRecord, target: str, begin, what: str) -> None:
+    """Run one block job (a copy or a merge) to readiness and pivot; the
+    job is ended without switching if anything fails."""
+    begin()
+    try:
+        with Progress(f"moving {rec.name}: {what} of {target}", 0) as progress:
+            while not dom.block_job_ready(target):
+                job = dom.block_job(target)
+                if job is None:
+                    raise VirtError(f"the {what} of {rec.name} disk {target} ended before it was "
+                                    f"complete (see libvirtd's log); run the move again")
+                progress.set(*job)
+                time.sleep(POLL_S)
+        dom.pivot(target)
+    except BaseException:
+        with contextlib.suppress(RpofsError):
+            dom.cancel_block_job(target)
+        raise
+
+
+def _finish_move(repo: Repository, conn: Connection, dom: Domain, rec: RunRecord, dest_dir: str) -> None:
+    """The VM no longer reads its overlays: redefine it for its next boot
+    without rpofs's marker and with its console files and variable store
+    beside its disks, then remove the overlays, the hold and the record."""
+    xml, moved = domainxml.relocate(dom.xml(inactive=True), rec.workdir, dest_dir)
+    for old, new in moved:
+        if os.path.exists(old) and old.endswith("_VARS.fd"):  # the variable store carries over
+            shutil.copy2(old, new)
+    conn.define(xml)
+    still = set(dom.disk_sources().values())
+    for path in rec.made:
+        if path.endswith(".qcow2") and path not in still:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+    holds.drop(repo.path, rec.holder)
+    shutil.rmtree(rec.workdir, ignore_errors=True)
+    _release_mount(repo, rec)
+
+
+# -- list ------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RunState:
+    record: RunRecord
+    state: str          # "running", "shut off", "gone"
+    on_overlays: bool
+
+
+def listing(repo: Repository, conn: Connection) -> list[RunState]:
+    out = []
+    for rec in records(repo):
+        dom = _domain(conn, rec)
+        if dom is None:
+            out.append(RunState(rec, "gone", False))
+            continue
+        state = "running" if dom.is_running() else "shut off"
+        overlays = {p for p in rec.made if p.endswith(".qcow2")}
+        out.append(RunState(rec, state, bool(overlays & set(dom.disk_sources().values()))))
+    return out
