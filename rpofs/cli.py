@@ -360,7 +360,9 @@ def cmd_run(repo_path: str, args) -> None:
         else:
             vm, when = split_vm_time(args.source)
             opts = instant.RunOptions(args.name, args.dir, not args.no_start, not args.no_network)
-            rec = instant.run(repo, conn, vm, when, opts)
+            rec, notes = instant.run(repo, conn, vm, when, opts)
+            for note in notes:
+                print(f"rpofs: note: {note}", file=sys.stderr)
             print(rec.name)
     finally:
         conn.close()

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 import trio
 
 from ..errors import RpofsError, UnknownVM
+from ..recover.domainxml import marker_of
 from ..store.defrag import defrag
 from ..store.prune import prune
 from ..store.repo import Repository
@@ -53,6 +54,14 @@ class VmStatus:
     failures: int = 0
     bytes_ingested: int = 0
     newest_point_us: int = 0
+
+
+def _runs_on_a_point(dom) -> bool:
+    """A VM `rpofs run` booted from a point reads its disks from the
+    repository until it is moved: backing it up would copy the repository
+    into itself. It is backed up once moved (its first point a full)."""
+    marker = marker_of(dom.xml())
+    return bool(marker) and marker.get("kind") == "run"
 
 
 class Ingester:
@@ -118,6 +127,9 @@ class Ingester:
                     doms = await self._call(conn.running_domains)
                 for dom in doms:
                     if dom.uuid not in self._tasks and self.cfg.wants(dom.name, dom.uuid):
+                        if await self._call(_runs_on_a_point, dom):
+                            self._vm_status(dom.uuid, dom.name).state = "runs on a recovery point"
+                            continue
                         self._tasks.add(dom.uuid)
                         nursery.start_soon(self._vm_task, dom.uuid, dom.name)
             except RpofsError as e:

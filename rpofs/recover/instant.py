@@ -146,7 +146,9 @@ def find(repo: Repository, name: str) -> RunRecord:
 
 # -- run ----------------------------------------------------------------------
 
-def run(repo: Repository, conn: Connection, vm: str, when: str, opts: RunOptions) -> RunRecord:
+def run(repo: Repository, conn: Connection, vm: str, when: str, opts: RunOptions) -> tuple[RunRecord, list[str]]:
+    """Boot a new VM from the point; its record and notes for the user
+    (disks left out, a fresh variable store)."""
     point = repo.point_at(vm, when)
     captured = repo.read_chunk(bytes.fromhex(point.domain_xml)).decode()
     with _run_lock(repo):
@@ -173,11 +175,11 @@ def run(repo: Repository, conn: Connection, vm: str, when: str, opts: RunOptions
                         created_us=now_us())
         rec.save()
         try:
-            _make(repo, conn, rec, point, captured, overlays, opts)
+            notes = _make(repo, conn, rec, point, captured, overlays, opts)
         except BaseException:
             _remove(repo, conn, rec)
             raise
-        return rec
+        return rec, notes
 
 
 def backing_path(mountpoint: str, point: PointRecord, target: str) -> str:
@@ -186,7 +188,7 @@ def backing_path(mountpoint: str, point: PointRecord, target: str) -> str:
 
 
 def _make(repo: Repository, conn: Connection, rec: RunRecord, point: PointRecord, captured: str,
-          overlays: dict[str, str], opts: RunOptions) -> None:
+          overlays: dict[str, str], opts: RunOptions) -> list[str]:
     holds.put(repo, holds.Hold(rec.holder, point.vm, point.point, f"VM {rec.name} runs on it"))
     for d in point.disks:
         backing = backing_path(rec.mountpoint, point, d.target)
@@ -204,8 +206,6 @@ def _make(repo: Repository, conn: Connection, rec: RunRecord, point: PointRecord
         workdir=rec.workdir, network=opts.network, nvram=boot.nvram,
         marker={"kind": "run", "vm": point.vm, "point": point.point,
                 "time": format_time(point.time_us, 6), "repository": repo.path}))
-    for note in list(prepared.notes) + boot.notes:
-        log.warning("%s: %s", rec.name, note)
     dom = conn.define(prepared.xml)
     rec.defined = True
     rec.save()
@@ -215,6 +215,7 @@ def _make(repo: Repository, conn: Connection, rec: RunRecord, point: PointRecord
         rec.save()
     if opts.start:
         dom.start()
+    return list(prepared.notes) + boot.notes
 
 
 def _ensure_mount(repo: Repository) -> tuple[str, bool]:
