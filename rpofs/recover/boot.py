@@ -70,8 +70,11 @@ def place_boot_state(repo: Repository, point: PointRecord, captured_xml: str, wo
 
 
 def _write_durably(path: str, data: bytes) -> None:
+    """Owner-only (0600, as libvirt keeps them): a variable store and a TPM
+    state can hold secrets."""
     tmp = path + ".part"
-    with open(tmp, "wb") as f:
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    with open(fd, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())

@@ -183,11 +183,12 @@ class Domain:
                 raise VirtError(f"stopping {self.name}: {e.get_error_message()}") from e
 
     def undefine(self) -> None:
-        """Remove the definition with its checkpoints' metadata and its UEFI
-        variable store (libvirt refuses to undefine a domain that has either
-        unless told)."""
+        """Remove the definition with its checkpoints' metadata, its UEFI
+        variable store and its TPM state (libvirt refuses to undefine a
+        domain with checkpoints or a variable store unless told)."""
         flags = (libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA | libvirt.VIR_DOMAIN_UNDEFINE_NVRAM
-                 | libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA)
+                 | libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
+                 | libvirt.VIR_DOMAIN_UNDEFINE_TPM)
         try:
             self._dom.undefineFlags(flags)
         except libvirt.libvirtError as e:
