@@ -87,7 +87,7 @@ class RunRecord:
     mount_started: bool         # run started that mount (REPO/run/mnt)
     created_us: int
     made: list[str] = field(default_factory=list)     # files run created: overlays, nvram, TPM state
-    moving: list[str] = field(default_factory=list)   # images a --move is writing (for a re-run)
+    moving: list[str] = field(default_factory=list)   # images a --move writes (a re-run or --stop finds them)
     defined: bool = False
 
     def save(self) -> None:
@@ -263,7 +263,7 @@ def _remove(repo: Repository, conn: Connection, rec: RunRecord) -> None:
         if dom is not None:
             dom.destroy()
             dom.undefine()
-    for path in reversed(rec.made):
+    for path in reversed(rec.made + rec.moving):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
     holds.drop(repo.path, rec.holder)
@@ -386,7 +386,9 @@ def _write_bases(repo: Repository, point: PointRecord, dom: Domain, rec: RunReco
 
 def _block_job(dom: Domain, rec: RunRecord, target: str, begin, what: str) -> None:
     """Run one block job (a copy or a merge) to readiness and pivot; the
-    job is ended without switching if anything fails."""
+    job is ended without switching if anything fails. A job an interrupted
+    move left running is ended first."""
+    dom.cancel_block_job(target)
     begin()
     try:
         with Progress(f"moving {rec.name}: {what} of {target}", 0) as progress:
