@@ -51,7 +51,7 @@ def write_disk(reader: DiskReader, path: str, fmt: str, progress=None) -> int:
 def data_bytes(reader: DiskReader) -> int:
     """How many bytes of the disk hold data at the point (from the index
     alone: what writing it out costs in room)."""
-    return sum(p[1] - p[0] for p in reader.pieces(0, reader.size) if p[5] is not None)
+    return sum(e.stop - e.pos for e in reader.extents(0, reader.size) if e.loc is not None)
 
 
 def _pwrite_all(fd: int, data, offset: int) -> None:

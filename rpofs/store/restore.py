@@ -15,7 +15,8 @@ import stat
 
 from ..errors import RpofsError
 from .materialize import DiskReader, Extent
-from .repo import Repository
+from .repo import Repository, any_nonzero
+from .schema import BLOCK_SIZE
 
 WINDOW = 64 << 20      # located together, read in parallel
 THREADS = 4
@@ -69,8 +70,11 @@ def restore_disk(repo: Repository, source: str, dest: str, force: bool = False) 
 def copy_disk(reader: DiskReader, pwrite, zero_fill: bool, progress=None) -> int:
     """Write the disk through pwrite(data, offset), called from worker
     threads (a file's pwrite, or an NBD connection's for a qcow2 image);
-    zeros only when zero_fill. progress(bytes) after each extent. Returns the
-    bytes written."""
+    zeros only when zero_fill. Without it, zeros are skipped at BLOCK_SIZE
+    grain inside stored chunks too (a full keeps a 1 MiB chunk whole when
+    any of it is data: a used filesystem's chunks are often part zeros), so
+    a sparse output stays as sparse as the disk. progress(bytes) after each
+    extent. Returns the bytes written."""
     def copy(extent: Extent) -> int:
         pos, stop = extent.pos, extent.stop
         if extent.loc is None:
@@ -80,10 +84,18 @@ def copy_disk(reader: DiskReader, pwrite, zero_fill: bool, progress=None) -> int
             if progress:
                 progress(stop - pos)
             return stop - pos if zero_fill else 0
-        pwrite(reader.extent_bytes(extent), pos)
+        data = reader.extent_bytes(extent)
+        if zero_fill:
+            pwrite(data, pos)
+            written = stop - pos
+        else:
+            written = 0
+            for start, end in _data_runs(data, pos):
+                pwrite(data[start:end], pos + start)
+                written += end - start
         if progress:
             progress(stop - pos)
-        return stop - pos
+        return written
 
     written = 0
     with concurrent.futures.ThreadPoolExecutor(THREADS) as pool:
@@ -92,6 +104,25 @@ def copy_disk(reader: DiskReader, pwrite, zero_fill: bool, progress=None) -> int
             reader.repo.reader.prefetch([e.wanted() for e in extents if e.loc is not None])
             written += sum(pool.map(copy, extents))
     return written
+
+
+def _data_runs(data: memoryview, pos: int):
+    """(start, end) within data of the runs of BLOCK_SIZE-aligned blocks
+    (aligned on the disk: data starts at disk offset pos) that are not all
+    zeros."""
+    run_start = None
+    at = 0
+    while at < len(data):
+        end = min(len(data), at + BLOCK_SIZE - (pos + at) % BLOCK_SIZE)
+        if any_nonzero(data[at:end]):
+            if run_start is None:
+                run_start = at
+        elif run_start is not None:
+            yield run_start, at
+            run_start = None
+        at = end
+    if run_start is not None:
+        yield run_start, len(data)
 
 
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
