@@ -76,6 +76,21 @@ def parse_duration(text: str) -> float:
     return float(m.group(1)) * _UNIT_S[m.group(2)]
 
 
+_HOST = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)$")
+
+
+def check_metrics_address(text: str) -> tuple[str, int]:
+    """(host, port) of "ADDRESS:PORT" ("127.0.0.1:9101", "[::1]:9101",
+    "localhost:9101", ":9101" for every address); ValueError saying what is
+    wrong otherwise."""
+    host, colon, port = text.rpartition(":")
+    if not colon or not port.isdigit() or ("[" not in host and ":" in host) or (host and not _HOST.match(host)):
+        raise ValueError(f"expected ADDRESS:PORT (e.g. 127.0.0.1:9101, [::1]:9101), got {text!r}")
+    if not 1 <= int(port) <= 65535:
+        raise ValueError(f"port {int(port)} is not in 1-65535 in {text!r}")
+    return host.strip("[]"), int(port)
+
+
 class _Reader:
     """Reads values out of one TOML table, naming the key in every error."""
 
@@ -185,8 +200,11 @@ def load(path: str) -> IngestConfig:
     if vms != "running" and not (isinstance(vms, list) and all(isinstance(x, str) and x for x in vms)):
         ingest.fail("vms", f'expected "running" or a list of VM names/UUIDs, got {vms!r}')
     metrics = ingest.string("metrics", "")
-    if metrics and not re.match(r"^[\w.:\[\]-]*:\d+$", metrics):
-        ingest.fail("metrics", f"expected ADDRESS:PORT, got {metrics!r}")
+    if metrics:
+        try:
+            check_metrics_address(metrics)
+        except ValueError as e:
+            ingest.fail("metrics", str(e))
     defaults = _policy(_Reader(path, data.get("defaults", {}), "defaults."), VmPolicy())
     per_vm = {}
     for name, table in data.get("vm", {}).items():

@@ -4,12 +4,18 @@ import logging
 
 import trio
 
+from ..errors import RpofsError
+from .config import check_metrics_address
+
 log = logging.getLogger(__name__)
 
 
 async def serve(address: str, render, task_status=trio.TASK_STATUS_IGNORED) -> None:
-    host, _, port = address.rpartition(":")
-    listeners = await trio.open_tcp_listeners(int(port), host=host.strip("[]") or None)
+    host, port = check_metrics_address(address)
+    try:
+        listeners = await trio.open_tcp_listeners(port, host=host or None)
+    except OSError as e:
+        raise RpofsError(f"metrics: cannot listen on {address}: {e.strerror or e}") from None
     task_status.started()
     log.info("event=metrics-listening address=%s", address)
 
