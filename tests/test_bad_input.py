@@ -11,6 +11,8 @@ import pytest
 
 from vmlab import TestVM, make_qcow2, make_raw, mounted, points_json, run_rpofs, seeded_content
 
+pytestmark = pytest.mark.libvirt
+
 MiB = 1 << 20
 
 

@@ -9,6 +9,8 @@ import pytest
 
 from vmlab import Model, TestVM, make_qcow2, mounted, points_json, run_rpofs, seeded_content
 
+pytestmark = pytest.mark.libvirt
+
 MiB = 1 << 20
 SIZE = 6 * MiB
 

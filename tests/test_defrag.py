@@ -22,6 +22,8 @@ from synth import VM, back_up, write
 from test_prune import check_repository
 from vmlab import mounted, run_rpofs
 
+pytestmark = pytest.mark.fuse
+
 HEAD = PACK_HEADER.size
 
 

@@ -10,6 +10,8 @@ import pytest
 
 from vmlab import Model, TestVM, make_qcow2, mounted, points_json, run_rpofs, seeded_content, wait_for
 
+pytestmark = pytest.mark.libvirt
+
 MiB = 1 << 20
 # sizes not multiples of the 64 KiB block nor of the 1 MiB chunk
 SIZES = (24 * MiB + 1536, 9 * MiB + 512)

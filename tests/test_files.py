@@ -17,6 +17,8 @@ import pytest
 
 from vmlab import TestVM, mounted, points_json, run_rpofs, wait_for
 
+pytestmark = pytest.mark.libvirt
+
 MiB = 1 << 20
 PART = {"ext4": 24 * MiB, "btrfs": 128 * MiB, "fat": 24 * MiB, "xfs": 300 * MiB, "ntfs": 24 * MiB}
 

@@ -7,7 +7,11 @@ import subprocess
 import time
 import uuid
 
+import pytest
+
 from guestlab import MKGUEST, Guest, build_guest, read_db, read_log
+
+pytestmark = pytest.mark.libvirt
 
 ARTIFACTS = ("vmlinuz", "initrd", "log_img", "db_img")
 

@@ -11,8 +11,12 @@ import signal
 import subprocess
 import uuid
 
+import pytest
+
 from guestlab import Guest, build_guest, read_db, read_log
 from vmlab import RPOFS, mounted, point_count, points_json, run_rpofs, wait_for
+
+pytestmark = pytest.mark.libvirt
 
 CLOCK_SLACK_S = 1.0  # guest clock (set from the host at boot) against the host's
 

@@ -19,6 +19,8 @@ import pytest
 from vmlab import (RPOFS, TestVM, WriteLog, make_qcow2, mounted, point_count, points_json, run_rpofs,
                    seeded_content, wait_for)
 
+pytestmark = pytest.mark.libvirt
+
 MiB = 1 << 20
 SIZE = 4 * MiB + 512
 LOG_INTERVAL = 2.0

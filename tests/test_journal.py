@@ -37,6 +37,8 @@ from dissect.util.stream import AlignedStream
 from guestlab import Guest, build_guest, read_log
 from rpofs.files.journal import JournalError, ReplayedDevice
 
+pytestmark = pytest.mark.libvirt
+
 MAGIC = 0xC03B3998
 RECOVER, METADATA_CSUM = 0x4, 0x400
 SB = 1024  # the ext4 superblock's byte offset

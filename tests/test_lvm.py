@@ -31,6 +31,8 @@ from rpofs.files.volumes import DiskFiles
 from test_files import _sized, backed_up, ext4, fat, make_tree, same_tree
 from vmlab import mounted, points_json, run_rpofs
 
+pytestmark = pytest.mark.libvirt
+
 MiB = 1 << 20
 GPT_LVM = "E6D6D379-F507-44C2-A23C-238F2A3DF928"
 

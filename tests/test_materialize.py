@@ -3,6 +3,7 @@ model (a real LMDB in a temporary directory, no libvirt, no FUSE)."""
 
 import random
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -10,6 +11,8 @@ from rpofs.store.materialize import DiskReader
 from rpofs.store.repo import Repository
 from rpofs.store.schema import CHUNK_SIZE
 from synth import VM, back_up, write
+
+pytestmark = pytest.mark.lmdb
 
 op = st.one_of(
     st.tuples(st.just("write"), st.integers(0, 1), st.floats(0, 1), st.integers(1, 200_000),

@@ -28,6 +28,8 @@ from rpofs.timefmt import US
 from synth import VM, back_up, write
 from test_prune import check_repository
 
+pytestmark = pytest.mark.lmdb
+
 
 def mixed_disk(rnd: random.Random, size: int) -> bytearray:
     """Random pieces, zero pieces, compressible pieces, runs that cross piece

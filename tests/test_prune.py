@@ -19,6 +19,8 @@ from rpofs.timefmt import US, point_names
 from synth import VM, back_up, write
 from vmlab import mounted, run_rpofs, wait_for
 
+pytestmark = pytest.mark.fuse
+
 HOUR = 3600 * US
 
 

@@ -23,6 +23,8 @@ import pytest
 from guestlab import Guest, agent, build_guest, guest_read, guest_run, guest_write, read_db, read_log, wait_agent
 from vmlab import URI, mounted, points_json, run_rpofs, wait_for
 
+pytestmark = pytest.mark.libvirt
+
 BEFORE, AFTER = b"before the point\n", b"after the point\n"
 
 

@@ -15,6 +15,8 @@ from rpofs.store.schema import CHUNK_SIZE, DiskRecord
 from test_bad_input import fails
 from vmlab import URI, TestVM, make_qcow2, points_json, run_rpofs, seeded_content
 
+pytestmark = pytest.mark.libvirt
+
 MiB = 1 << 20
 
 

@@ -15,6 +15,8 @@ from rpofs.store import schema
 from rpofs.store.repo import Repository
 from vmlab import URI, points_json, run_rpofs
 
+pytestmark = pytest.mark.libvirt
+
 XML = """<domain type='qemu'><name>{name}</name><memory unit='MiB'>256</memory><vcpu>1</vcpu>
 <os firmware='efi'><type arch='x86_64' machine='q35'>hvm</type></os><features><acpi/></features>
 <devices>

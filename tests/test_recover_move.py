@@ -11,8 +11,11 @@ import time
 import uuid
 
 import libvirt
+import pytest
 
 from vmlab import RPOFS, URI, TestVM, make_qcow2, mounted, points_json, run_rpofs, seeded_content
+
+pytestmark = pytest.mark.libvirt
 
 MiB = 1 << 20
 

@@ -11,6 +11,8 @@ from rpofs.recover.boot import default_name
 from rpofs.recover.domainxml import BadDomainXml, NewDisk, Recovery, prepare
 from rpofs.store.schema import PointRecord
 
+pytestmark = pytest.mark.pure
+
 CAPTURED = """<domain type='kvm'>
   <name>db1</name><uuid>11111111-2222-3333-4444-555555555555</uuid>
   <memory unit='MiB'>512</memory>

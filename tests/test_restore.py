@@ -5,11 +5,15 @@ import os
 import random
 import subprocess
 
+import pytest
+
 from rpofs.store import schema
 from rpofs.store.schema import CHUNK_SIZE, ChunkLocation
 from rpofs.timefmt import point_names
 from test_mount import fill
 from vmlab import run_rpofs
+
+pytestmark = pytest.mark.lmdb
 
 
 def test_every_point_restores_exactly_and_sparse(tmp_path):
