@@ -35,6 +35,8 @@ def _parser() -> argparse.ArgumentParser:
                    "agent for the snapshot; without an answering agent the point is crash-consistent")
     b.add_argument("--connect", default=os.environ.get("LIBVIRT_DEFAULT_URI", "qemu:///system"),
                    metavar="URI", help="libvirt URI (default $LIBVIRT_DEFAULT_URI or qemu:///system)")
+    b.add_argument("--json", action="store_true", help="print the new point as point.json (its name is what "
+                   "scripts keep: it names this point for as long as it exists)")
 
     pts = sub.add_parser("points", help="list a VM's recovery points")
     pts.add_argument("vm", help="VM name or UUID (as recorded in the repository)")
@@ -161,6 +163,7 @@ def cmd_init(repo_path: str, args) -> None:
 
 def cmd_backup(repo_path: str, args) -> None:
     from .ingest.backup import BackupRequest, back_up
+    from .mount.vfs import point_json
     from .ingest.config import DiskChoice, Quiesce
     from .virt.client import Connection
     repo = Repository.open(repo_path)
@@ -171,10 +174,11 @@ def cmd_backup(repo_path: str, args) -> None:
                                                   DiskChoice(tuple(args.disk)), quiesce))
         for warning in point.warnings:
             print(f"rpofs: warning: {warning}", file=sys.stderr)
-        points = repo.points(point.vm)
-        name = point_names([p.time_us for p in points])[[p.point for p in points].index(point.point)]
+        if args.json:
+            print(point_json(point.name, point).decode(), end="")
+            return
         why = f" ({point.reason})" if point.reason else ""
-        print(f"{point.vm_name}: {point.kind} point {name}: {point.stats['logical_bytes']} bytes read, "
+        print(f"{point.vm_name}: {point.kind} point {point.name}: {point.stats['logical_bytes']} bytes read, "
               f"{point.stats['stored_bytes']} stored{why}")
     finally:
         conn.close()
@@ -186,7 +190,7 @@ def cmd_points(repo_path: str, args) -> None:
     repo = Repository.open(repo_path)
     try:
         points = repo.points(repo.find_vm(args.vm)[0])
-        names = point_names([p.time_us for p in points])
+        names = point_names([p.time_us for p in points], [p.name for p in points])
         if args.json:
             print(json.dumps([json.loads(point_json(n, p)) for n, p in zip(names, points)], indent=2))
             return
@@ -287,7 +291,7 @@ def point_names_of(repo, points) -> list[str]:
     if not points:
         return []
     every = repo.points(points[0].vm)
-    names = dict(zip((p.point for p in every), point_names([p.time_us for p in every])))
+    names = dict(zip((p.point for p in every), point_names([p.time_us for p in every], [p.name for p in every])))
     return [names[p.point] for p in points]
 
 

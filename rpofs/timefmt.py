@@ -2,10 +2,18 @@
 
 Times are integers of microseconds since the epoch, UTC. A point's name is its
 time in UTC, "2026-11-24T18:59:30Z", with fractional digits only when another
-point of the same VM falls in the same second (then the fewest digits that tell
-those points apart). A typed time denotes an interval, as precise as it was
-written: "18:59:30Z" means the whole second, so the as-of point of a name is
-that point itself.
+point of the same VM already holds that name: the fewest digits that make it
+new (truncated, never rounded, so a name's interval holds its point's time).
+A name is chosen once, when the point is committed, and stored with it: a
+name once printed names the same point for as long as the point exists,
+whatever points come or go around it. (Points committed before names were
+stored are named as they were then: the fewest digits that tell apart the
+unnamed points of one second; prune and the next point of that second store
+those names, so they do not change either.)
+
+A typed time denotes an interval, as precise as it was written: "18:59:30Z"
+means the whole second. A point's name resolves to that point first
+(`Repository.point_at`, the mount's `at/`), then as of the interval.
 """
 
 import datetime as dt
@@ -29,21 +37,39 @@ def format_time(time_us: int, digits: int = 0) -> str:
     return text + "Z"
 
 
-def point_names(times: list[int]) -> list[str]:
-    """Names for one VM's point times (sorted ascending, distinct)."""
-    names = []
+def point_names(times: list[int], stored: list[str] | None = None) -> list[str]:
+    """Names for one VM's points, times sorted ascending: the stored name
+    where a point has one, else the rule points had before names were
+    stored, applied to the unnamed points of each second."""
+    stored = stored or [""] * len(times)
+    names = list(stored)
     i = 0
     while i < len(times):
         j = i
         while j + 1 < len(times) and times[j + 1] // US == times[i] // US:
             j += 1
-        group = times[i:j + 1]
+        legacy = [k for k in range(i, j + 1) if not stored[k]]
         digits = 0
-        while len({t % US // 10 ** (6 - digits) for t in group}) < len(group):
+        while len({times[k] % US // 10 ** (6 - digits) for k in legacy}) < len(legacy):
             digits += 1
-        names.extend(format_time(t, digits) for t in group)
+        for k in legacy:
+            names[k] = format_time(times[k], digits)
         i = j + 1
     return names
+
+
+def new_point_name(time_us: int, taken: set[str]) -> str:
+    """The name of a point being committed: its time to the second, or
+    with the fewest fractional digits that no other point of the VM's
+    holds. Two points in one microsecond (never seen) get "~2", "~3"."""
+    for digits in range(7):
+        name = format_time(time_us, digits)
+        if name not in taken:
+            return name
+    n = 2
+    while f"{format_time(time_us, 6)[:-1]}~{n}Z" in taken:
+        n += 1
+    return f"{format_time(time_us, 6)[:-1]}~{n}Z"
 
 
 _EPOCH_RE = re.compile(r"^\d{1,12}(\.\d{1,6})?$")

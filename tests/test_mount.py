@@ -1,6 +1,7 @@
 """The mount's tree without FUSE, then a real FUSE mount of a repository
 filled without libvirt: errors become EIO for the damaged range only."""
 
+import dataclasses
 import errno
 import os
 import random
@@ -16,6 +17,8 @@ from rpofs.store.schema import CHUNK_SIZE, ChunkLocation
 from rpofs.timefmt import US
 from synth import VM, back_up, write
 from vmlab import mounted, run_rpofs, wait_for
+
+pytestmark = pytest.mark.fuse
 
 T0 = 1_795_546_770 * US  # 2026-11-24T18:59:30Z
 
@@ -36,20 +39,21 @@ def test_tree_names_as_of_and_new_points(tmp_path):
     tree = Tree(repo, refresh_s=0)
     vm = tree.lookup(ROOT_INO, "m")
     names = [n for n, _ in tree.readdir(vm.ino)]
-    # two points in one second get the fewest digits that tell them apart
-    assert names == ["at", "latest", "2026-11-24T18:59:30Z", "2026-11-24T18:59:40.2Z", "2026-11-24T18:59:40.7Z"]
+    # the second point in a second gets the fewest digits that make its name new
+    assert names == ["at", "latest", "2026-11-24T18:59:30Z", "2026-11-24T18:59:40Z", "2026-11-24T18:59:40.7Z"]
     assert tree.readlink(tree.lookup(vm.ino, "latest").ino) == "2026-11-24T18:59:40.7Z"
     at = tree.lookup(vm.ino, "at")
     assert tree.readdir(at.ino) == []
-    for text, expected in [("2026-11-24T18:59:40.2Z", "2026-11-24T18:59:40.2Z"),
-                           ("2026-11-24T18:59:40Z", "2026-11-24T18:59:40.7Z"),  # the whole second
+    for text, expected in [("2026-11-24T18:59:40.2Z", "2026-11-24T18:59:40Z"),  # as of 40.2xxxxx: log1
+                           ("2026-11-24T18:59:40Z", "2026-11-24T18:59:40Z"),  # a point's name: that point
+                           ("2026-11-24T18:59:40.9Z", "2026-11-24T18:59:40.7Z"),
                            ("2026-11-24T19:59:35+01:00", "2026-11-24T18:59:30Z"),
                            (str(T0 // US + 5), "2026-11-24T18:59:30Z")]:
         assert tree.readlink(tree.lookup(at.ino, text).ino) == "../" + expected, text
     for bad in ("2026-11-24T18:59:29Z", "2026-11-24T18:59:35", "soon"):
         with pytest.raises(NoSuchEntry):
             tree.lookup(at.ino, bad)
-    point = tree.lookup(vm.ino, "2026-11-24T18:59:40.2Z")
+    point = tree.lookup(vm.ino, "2026-11-24T18:59:40Z")
     assert [n for n, _ in tree.readdir(point.ino)] == ["vda.raw", "point.json", "domain.xml", "files"]
     raw = tree.lookup(point.ino, "vda.raw")
     assert raw.size == len(disk)
@@ -62,16 +66,35 @@ def test_tree_names_as_of_and_new_points(tmp_path):
     assert tree.readlink(tree.lookup(vm.ino, "latest").ino) == "2026-11-24T18:59:50Z"
     newest = tree.lookup(tree.lookup(vm.ino, "2026-11-24T18:59:50Z").ino, "vda.raw")
     assert tree.open(newest.ino).read(0, 10) == bytes(disk[:10])
-    # another point in that same second: both names gain the digit that tells them apart
+    # another point in that same second: the name printed before keeps naming its point
     p4 = repo.points(VM)[-1]
     write(disk, dirty := set(), 1, b"\x04")
     back_up(repo, [disk], [dirty], "log", p4, T0 + 20 * US + 500_000)
-    assert [n for n, _ in tree.readdir(vm.ino)][5:] == ["2026-11-24T18:59:50.0Z", "2026-11-24T18:59:50.5Z"]
-    with pytest.raises(NoSuchEntry):
-        tree.lookup(vm.ino, "2026-11-24T18:59:50Z")
+    assert [n for n, _ in tree.readdir(vm.ino)][5:] == ["2026-11-24T18:59:50Z", "2026-11-24T18:59:50.5Z"]
+    assert tree.readlink(tree.lookup(at.ino, "2026-11-24T18:59:50Z").ino) == "../2026-11-24T18:59:50Z"
+    assert repo.point_at("m", "2026-11-24T18:59:50Z").point == p4.point
     p = tree.lookup(tree.lookup(vm.ino, "2026-11-24T18:59:50.5Z").ino, "vda.raw")
     assert tree.open(p.ino).read(0, 3) == bytes(disk[:3])
     repo.close()
+
+
+def test_points_from_before_names_were_stored_keep_their_names(tmp_path):
+    """Unnamed records (an older repository) are named as they were; the
+    next point in their second, or a prune there, stores those names."""
+    repo, disk, (full, log1, log2) = fill(tmp_path / "r", random.Random(1))
+    with repo.write_txn() as txn:
+        for p in repo.points(VM):
+            txn.put(schema.point_key(p.point), dataclasses.replace(p, name="").encode(), db=repo.db["points"])
+    tree = Tree(repo, refresh_s=0)
+    vm = tree.lookup(ROOT_INO, "m")
+    old = ["2026-11-24T18:59:30Z", "2026-11-24T18:59:40.2Z", "2026-11-24T18:59:40.7Z"]
+    assert [n for n, _ in tree.readdir(vm.ino)][2:] == old
+    write(disk, dirty := set(), 0, b"\x05")
+    new = back_up(repo, [disk], [dirty], "log", log2, T0 + 10 * US + 900_000)
+    # the names of that second are stored now; the other second's point keeps its unstored name
+    assert [p.name for p in repo.points(VM)] == [""] + old[1:] + [new.name] and new.name not in old
+    assert [n for n, _ in tree.readdir(vm.ino)][2:] == old + [new.name]
+    assert repo.point_at("m", "2026-11-24T18:59:40.2Z").point == log1.point
 
 
 def test_corrupt_chunk_gives_eio_for_its_range_only(tmp_path):

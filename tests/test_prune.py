@@ -1,6 +1,7 @@
 """Retention: what is kept, and that pruning never changes a byte of a kept
 point (a real LMDB and real pack files; the mount test uses a real FUSE mount)."""
 
+import dataclasses
 import os
 import random
 import threading
@@ -9,13 +10,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from rpofs.store import holds
 from rpofs.store import prune as prune_mod
 from rpofs.store import schema
 from rpofs.store.materialize import DiskReader
 from rpofs.store.prune import Retention, choose, entry_is_live, prune
 from rpofs.store.repo import Repository
 from rpofs.store.schema import BLOCK_SIZE, CHUNK_SIZE, ChunkLocation, DiskRecord, PointRecord
-from rpofs.timefmt import US, point_names
+from rpofs.timefmt import US, format_time, point_names
 from synth import VM, back_up, write
 from vmlab import mounted, run_rpofs, wait_for
 
@@ -278,4 +280,35 @@ def test_prune_refuses_unclear_requests(tmp_path):
     assert dry.returncode == 0 and "would remove 2 points" in dry.stdout
     repo = Repository.open(r)
     assert len(repo.points(VM)) == 4
+    repo.close()
+
+
+def test_prune_renames_no_point(tmp_path):
+    """Names once printed stay: new points of one second keep theirs when a
+    neighbour goes, and so do points from before names were stored."""
+    repo = Repository.init(str(tmp_path / "r"))
+    rnd = random.Random(4)
+    disk = bytearray(rnd.randbytes(CHUNK_SIZE))
+    t = 1_795_000_000 * US
+    full = back_up(repo, [disk], [set()], "full", None, t)
+    a = back_up(repo, [disk], [{0}], "log", full, t + 10 * US + 100_000)
+    b = back_up(repo, [disk], [{1}], "log", a, t + 10 * US + 700_000)
+    c = back_up(repo, [disk], [{2}], "log", b, t + 20 * US + 900_000)
+    assert [a.name, b.name] == [format_time(a.time_us), format_time(b.time_us, 1)]
+    # as if written before names were stored: c's second alone holds unnamed points
+    d = back_up(repo, [disk], [{3}], "log", c, t + 40 * US + 100_000)
+    e = back_up(repo, [disk], [{4}], "log", d, t + 40 * US + 700_000)
+    with repo.write_txn() as txn:
+        for p in (d, e):
+            txn.put(schema.point_key(p.point), dataclasses.replace(p, name="").encode(), db=repo.db["points"])
+    before = {p.point: n for p, n in zip(repo.points(VM), point_names(
+        [p.time_us for p in repo.points(VM)], [p.name for p in repo.points(VM)]))}
+    assert before[d.point] == format_time(d.time_us, 1)  # the rule of before: digits tell them apart
+    holds.put(repo, holds.Hold("test", VM, b.point))  # kept with e (the newest) and the full: a, c, d go
+    prune(repo, VM, Retention(last=1))
+    after = {p.point: n for p, n in zip(repo.points(VM), point_names(
+        [p.time_us for p in repo.points(VM)], [p.name for p in repo.points(VM)]))}
+    assert sorted(after) == [full.point, b.point, e.point]
+    assert all(after[no] == before[no] for no in after)
+    assert repo.point_at("m", b.name).point == b.point
     repo.close()

@@ -2,7 +2,7 @@
 
     /<vm>/                      one per VM: its name, "<name>.<uuid8>" when names clash
     /<vm>/latest -> <time>      the newest point
-    /<vm>/<time>/               one per point (names: rpofs.timefmt.point_names)
+    /<vm>/<time>/               one per point (names fixed at commit: rpofs.timefmt)
         <disk>.raw              the disk at that instant
         point.json              the point record
         domain.xml              the VM definition captured with the point
@@ -89,9 +89,10 @@ class _VmView:
     by_name: dict[str, PointRecord] = field(default_factory=dict)
 
     def extend(self, new: list[PointRecord]) -> int:
-        """Append newer points; the index from which names were (re)made. Only
-        the names of points sharing the first new point's second can change
-        (they may gain a fractional digit)."""
+        """Append newer points; the index from which names were (re)made.
+        Points carry their names (rpofs.timefmt); only unnamed points from
+        before names were stored, sharing the first new point's second,
+        are named again (to the names their records get on that commit)."""
         start = len(self.points)
         self.points.extend(new)
         second = new[0].time_us // US
@@ -100,7 +101,8 @@ class _VmView:
             group -= 1
         for name in self.names[group:start]:
             del self.by_name[name]
-        self.names[group:] = point_names([p.time_us for p in self.points[group:]])
+        tail = self.points[group:]
+        self.names[group:] = point_names([p.time_us for p in tail], [p.name for p in tail])
         self.by_name.update(zip(self.names[group:], self.points[group:]))
         return group
 
@@ -374,11 +376,14 @@ class Tree:
         return Attr(ino, entry.type, 0, 0, 0.0, 0, 0, 1, known=False)
 
     def _as_of(self, uuid: str, text: str) -> str:
+        """A point's name names it; any other time, its newest point at or before."""
+        view = self._view(uuid)
+        if text in view.by_name:
+            return text
         try:
             bound = parse_as_of(text)
         except BadTime:
             raise NoSuchEntry(text) from None
-        view = self._view(uuid)
         best = None
         for name, p in zip(view.names, view.points):
             if p.time_us > bound:

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 from ..errors import ChunkError
 from . import holds, schema
+from .repo import fix_names, second_group
 from .schema import BLOCK_SIZE, PACK_HEADER, ChunkLocation, PointRecord
 from ..timefmt import US
 
@@ -108,7 +109,9 @@ class PruneReport:
                 f"{self.packs_compacted} compacted; {self.bytes_freed} bytes freed")
 
 
-def prune(repo, vm: str, policy: Retention, dry_run: bool = False) -> PruneReport:
+def prune(repo, vm: str, policy: Retention, dry_run: bool = False, progress=None) -> PruneReport:
+    """progress: a rpofs.progress.Progress (set, add), told the bytes the
+    compaction copies, the long part of a prune."""
     report = PruneReport()
     if dry_run:
         points = repo.points(vm)
@@ -125,7 +128,7 @@ def prune(repo, vm: str, policy: Retention, dry_run: bool = False) -> PruneRepor
                 txn.put(b"pruned", schema.u32(pruned + 1), db=repo.db["meta"])
         if report.points_removed:
             delete_dead_packs(repo, live, report)
-            compact(repo, live, report)
+            compact(repo, live, report, progress)
         report.bytes_freed = before - repo.stored_bytes()
     return report
 
@@ -140,6 +143,8 @@ def _drop_points(repo, txn, vm: str, policy: Retention, report: PruneReport) -> 
     if not report.points_removed:
         return {}
     vm_bytes = uuidlib.UUID(vm).bytes
+    for second in {p.time_us // US for p in report.points_removed}:
+        fix_names(db, txn, second_group(db, txn, vm_bytes, second))  # the survivors keep their names
     for p in report.points_removed:
         txn.delete(schema.point_key(p.point), db=db["points"])
         txn.delete(schema.vm_point_key(vm_bytes, p.time_us, p.point), db=db["vm_points"])
@@ -255,12 +260,14 @@ def delete_dead_packs(repo, live: dict[int, int], report: PruneReport) -> None:
             report.packs_deleted += 1
 
 
-def compact(repo, live: dict[int, int], report: PruneReport) -> None:
+def compact(repo, live: dict[int, int], report: PruneReport, progress=None) -> None:
     """Step 3."""
     sparse = {pack: path for pack, path in _pack_files(repo).items()
               if pack in live and live[pack] < COMPACT_BELOW * os.stat(path).st_size}
     if not sparse:
         return
+    if progress is not None:
+        progress.set(0, sum(live[pack] for pack in sparse))
     writer = repo.begin_pack()
     chunks: dict[bytes, ChunkLocation] = {}   # chunk key -> its new place
     blocks: dict[bytes, bytes] = {}           # log_index key -> its new value
@@ -277,6 +284,8 @@ def compact(repo, live: dict[int, int], report: PruneReport) -> None:
             log.error("pack %d not compacted: %s", loc.pack, e)
             broken.add(loc.pack)
             return None
+        if progress is not None:
+            progress.add(PACK_HEADER.size + loc.stored_len)
         return loc.pack, writer.append(key, loc.codec, loc.raw_len, stored)
 
     try:
@@ -321,7 +330,12 @@ def disk_sizes(repo, txn) -> dict[tuple[int, int], int]:
     return out
 
 
-def prune_by_name(repo, vm_ref: str, policy: Retention, dry_run: bool = False) -> tuple[str, PruneReport]:
-    """The VM by name or UUID as recorded in the repository."""
+def prune_by_name(repo, vm_ref: str, policy: Retention, dry_run: bool = False,
+                  progress=None) -> tuple[str, PruneReport]:
+    """The VM by name or UUID as recorded in the repository. progress(name):
+    a Progress for that VM's prune (or None)."""
     uuid, name = repo.find_vm(vm_ref)
-    return name, prune(repo, uuid, policy, dry_run)
+    if progress is None or dry_run:
+        return name, prune(repo, uuid, policy, dry_run)
+    with progress(name) as shown:
+        return name, prune(repo, uuid, policy, dry_run, shown)

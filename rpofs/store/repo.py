@@ -7,6 +7,7 @@ BackupWriter and made visible by one write transaction in commit().
 
 import collections
 import contextlib
+import dataclasses
 import fcntl
 import functools
 import json
@@ -20,7 +21,7 @@ from ..errors import BadTime, ChunkMissing, NoRepository, PackMissing, RpofsErro
 from . import schema
 from .chunks import ChunkReader, PackWriter, chunk_key, encode, encode_pieces, piece_hashes, pieces_key
 from .schema import CODEC_PIECES, FORMAT, READS_FORMATS, ChunkLocation, DiskRecord, PointRecord
-from ..timefmt import parse_as_of
+from ..timefmt import US, new_point_name, parse_as_of, point_names
 
 DEFAULT_REPO = "/var/lib/rpofs"
 MAP_SIZE = 1 << 40  # address space only; the file grows as needed
@@ -147,17 +148,34 @@ class Repository:
         return matches[0]
 
     def point_at(self, ref: str, when: str) -> PointRecord:
-        """The VM's newest point at or before `when` (as in the mount's at/),
-        or its newest for "latest"."""
+        """The point named `when`; else the VM's newest point at or before
+        `when` (as in the mount's at/); its newest for "latest"."""
         uuid, name = self.find_vm(ref)
         newest = self.newest_points(uuid)
         if when == "latest":
             return next(newest)
+        named = self._point_named(uuid, when)
+        if named is not None:
+            return named
         bound = parse_as_of(when)
         for point in newest:
             if point.time_us <= bound:
                 return point
         raise BadTime(f"{name} has no point at or before {when}")
+
+    def _point_named(self, vm: str, name: str) -> PointRecord | None:
+        """The point with this name: names start with their point's time
+        to the second, so only that second's points are read."""
+        try:
+            second = parse_as_of(name[:19] + "Z") // US
+        except BadTime:
+            return None
+        with self.env.begin() as txn:
+            group = second_group(self.db, txn, uuidlib.UUID(vm).bytes, second)
+        for point, effective in zip(group, point_names([p.time_us for p in group], [p.name for p in group])):
+            if effective == name:
+                return point
+        return None
 
     def points(self, vm: str, after: PointRecord | None = None) -> list[PointRecord]:
         """A VM's points, oldest first; only those newer than `after` if given
@@ -383,7 +401,8 @@ class BackupWriter:
                 point=no, vm=vm, vm_name=vm_name, kind=kind, time_us=time_us, chain=chain,
                 parent=parent.point if parent else None, consistency=consistency, disks=tuple(disks), checkpoint=checkpoint,
                 domain_xml=domain_xml, reason=reason, stats=dict(self.stats),
-                checkpoint_xml=checkpoint_xml, warnings=tuple(warnings), firmware=firmware)
+                checkpoint_xml=checkpoint_xml, warnings=tuple(warnings), firmware=firmware,
+                name=name_new_point(db, txn, vm_bytes, time_us))
             txn.put(schema.point_key(no), record.encode(), db=db["points"])
             txn.put(schema.vm_point_key(vm_bytes, time_us, no), b"", db=db["vm_points"])
             txn.put(vm_bytes, _json_dump_name(vm_name), db=db["vms"])
@@ -419,6 +438,36 @@ class BackupWriter:
         if self._lock_fd >= 0:
             os.close(self._lock_fd)
             self._lock_fd = -1
+
+
+def second_group(db: dict, txn, vm_bytes: bytes, second: int) -> list[PointRecord]:
+    """The VM's points whose time falls in this second, oldest first."""
+    cur = txn.cursor(db=db["vm_points"])
+    out = []
+    if cur.set_range(schema.vm_point_key(vm_bytes, second * US, 0)):
+        for key in cur.iternext(values=False):
+            vm, time_us, no = schema.read_vm_point_key(key)
+            if vm != vm_bytes or time_us >= (second + 1) * US:
+                break
+            out.append(PointRecord.decode(txn.get(schema.point_key(no), db=db["points"])))
+    return out
+
+
+def fix_names(db: dict, txn, group: list[PointRecord]) -> list[str]:
+    """Store the names the points of one second have now in those that have
+    none stored (points from before names were stored), so that no later
+    change to the second's points renames them; the group's names."""
+    names = point_names([p.time_us for p in group], [p.name for p in group])
+    for point, name in zip(group, names):
+        if not point.name:
+            txn.put(schema.point_key(point.point), dataclasses.replace(point, name=name).encode(), db=db["points"])
+    return names
+
+
+def name_new_point(db: dict, txn, vm_bytes: bytes, time_us: int) -> str:
+    """A new point's name, unique among the VM's and never to change."""
+    taken = fix_names(db, txn, second_group(db, txn, vm_bytes, time_us // US))
+    return new_point_name(time_us, set(taken))
 
 
 @contextlib.contextmanager

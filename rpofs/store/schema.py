@@ -242,6 +242,10 @@ class PointRecord:
     # "tpm" (swtpm's state file). {} : the VM has neither. None: the point
     # was taken before rpofs captured them (recovered with fresh ones).
     firmware: dict | None = None
+    # The point's name (its directory in the mount), chosen at commit and
+    # never changed: rpofs.timefmt.new_point_name. "" in points committed
+    # before names were stored (rpofs.timefmt.point_names names them).
+    name: str = ""
 
     def encode(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True).encode()
