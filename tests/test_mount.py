@@ -148,7 +148,7 @@ def test_kill_9_of_the_mount_then_umount_and_mount_again(tmp_path):
             assert f.read() == bytes(disk)
 
 
-def test_du_of_a_disk_shows_what_is_stored(tmp_path):
+def test_du_of_a_disk_shows_what_is_stored_and_df_the_repositorys_filesystem(tmp_path):
     repo, disk, (full, log1, log2) = fill(tmp_path / "r", random.Random(4))
     # 2 MiB of random data stored raw, the zero half MiB not at all, plus two small log blocks
     assert 2 * schema.CHUNK_SIZE < log2.stats["disk_bytes"]["vda"] < 2 * schema.CHUNK_SIZE + 3 * 65536
@@ -157,5 +157,8 @@ def test_du_of_a_disk_shows_what_is_stored(tmp_path):
     with mounted(tmp_path / "r", tmp_path / "mnt") as mnt:
         st = os.stat(mnt / "m" / "latest" / "vda.raw")
         assert st.st_size == len(disk) and st.st_blocks * 512 == -(-log2.stats["disk_bytes"]["vda"] // 512) * 512
-        used = os.statvfs(mnt)
-        assert used.f_blocks * used.f_frsize >= 2 * schema.CHUNK_SIZE and used.f_bfree == 0
+        # df: the repository's filesystem as it is (monitoring alarms on "100 % used")
+        shown, real = os.statvfs(mnt), os.statvfs(tmp_path / "r")
+        assert (shown.f_blocks, shown.f_frsize, shown.f_files) == (real.f_blocks, real.f_frsize, real.f_files)
+        assert abs(shown.f_bavail - real.f_bavail) <= real.f_blocks // 100  # others may write meanwhile
+        assert 0 < shown.f_bavail <= shown.f_bfree < shown.f_blocks

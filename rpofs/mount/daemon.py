@@ -46,6 +46,13 @@ def check_mountpoint(path: str) -> None:
         raise MountError(f"mountpoint {path} does not exist or is not a directory")
     if _mounted(path):
         raise MountError(f"mountpoint {path} is busy: something is already mounted there")
+    try:
+        with os.scandir(path) as entries:
+            holds_files = next(entries, None) is not None
+    except OSError as e:
+        raise MountError(f"mountpoint {path} cannot be read: {e.strerror}") from None
+    if holds_files:
+        raise MountError(f"mountpoint {path} is not empty: the mount would hide its files (use an empty directory)")
 
 
 def mount_background(opts: MountOptions) -> None:

@@ -160,13 +160,18 @@ class Operations(pyfuse3.Operations):
         self._handles.pop(fh, None)
 
     async def statfs(self, ctx):
+        """The repository's filesystem as it is (size, free, available to
+        backups): what monitoring should watch. Not "100 % used", which a
+        read-only mount of nothing but used bytes would read as."""
         with _errors("statfs"):
-            used = await self._meta_call(self.tree.stored_bytes)
+            try:
+                fs = await self._meta_call(os.statvfs, self.tree.repo.path)
+            except OSError as e:
+                raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
             s = pyfuse3.StatvfsData()
-            s.f_bsize = s.f_frsize = 4096
-            s.f_blocks = -(-used // 4096)  # what the repository holds; nothing free: read-only
-            s.f_bfree = s.f_bavail = 0
-            s.f_files, s.f_ffree, s.f_favail = self.tree.inode_count(), 0, 0
+            s.f_bsize, s.f_frsize = fs.f_bsize, fs.f_frsize
+            s.f_blocks, s.f_bfree, s.f_bavail = fs.f_blocks, fs.f_bfree, fs.f_bavail
+            s.f_files, s.f_ffree, s.f_favail = fs.f_files, fs.f_ffree, fs.f_favail
             s.f_namemax = 255
             return s
 
