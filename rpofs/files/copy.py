@@ -28,8 +28,9 @@ def parse_source(text: str) -> tuple[str, str, list[str]]:
     return vm, when, parts
 
 
-def copy_out(repo: Repository, source: str, dest: str, recursive: bool = False) -> int:
-    """Copy; the number of files written."""
+def copy_out(repo: Repository, source: str, dest: str, recursive: bool = False, force: bool = False) -> int:
+    """Copy; the number of files written. An existing DEST (or DEST/NAME when
+    DEST is a directory) is refused unless force, as `rpofs restore` does."""
     vm, when, parts = parse_source(source)
     point = repo.point_at(vm, when)
     disk, volume, path = parts[0], parts[1], parts[2:]
@@ -48,11 +49,27 @@ def copy_out(repo: Repository, source: str, dest: str, recursive: bool = False) 
         raise RpofsError(f"{source} is a directory: copy it with -r")
     if os.path.isdir(dest):
         dest = os.path.join(dest, entry.name or volume)
+    parent = os.path.dirname(os.path.abspath(dest))
+    if not os.path.isdir(parent):
+        raise RpofsError(f"{parent}: no such directory")
+    if os.path.lexists(dest) and not force:
+        raise RpofsError(f"{dest} exists (--force to replace it)")
     return _copy(guest, point, key, entry, dest)
+
+
+def _make_room(dest: str, is_dir: bool) -> None:
+    """With --force: what is at dest goes, unless it is a directory a
+    directory is copied into (a symbolic link there is replaced, never followed)."""
+    if os.path.islink(dest) or (os.path.lexists(dest) and not os.path.isdir(dest)):
+        os.unlink(dest)
+    elif os.path.isdir(dest) and not is_dir:
+        raise RpofsError(f"{dest} is a directory: it is not replaced by a file")
 
 
 def _copy(guest: GuestFiles, point: PointRecord, key: tuple, entry: Entry, dest: str) -> int:
     written = 0
+    if os.path.lexists(dest):
+        _make_room(dest, entry.is_dir)
     if entry.is_link:
         os.symlink(guest.readlink(key), dest)
         _own(dest, entry)

@@ -21,7 +21,7 @@ import threading
 
 from ..errors import RpofsError
 from .filesystems import Entry, Filesystem
-from .volumes import DiskFiles, Volume
+from .volumes import DiskFiles, Volume, one_line
 from ..store.materialize import DiskReader
 from ..store.repo import Repository
 from ..store.schema import PointRecord
@@ -74,7 +74,7 @@ class GuestFiles:
             try:
                 shown = files.volumes()
             except Exception as e:  # the disk's own data cannot be read
-                out[d.target] = {"notes": [f"cannot read the disk's layout: {e}"], "volumes": []}
+                out[d.target] = {"notes": [one_line(f"cannot read the disk's layout: {e}")], "volumes": []}
                 continue
             volumes = [{"volume": v.name, "shown": True, "note": v.note} for v in shown]
             volumes += [{"volume": v.name, "shown": False, "note": v.note} for v in files.skipped]

@@ -30,6 +30,20 @@ log = logging.getLogger(__name__)
 WHOLE_DISK = "0"
 
 
+def one_line(text: str) -> str:
+    """A note as one line: dissect's multi-line messages ("...scheme:\n- a\n- a\n- b")
+    joined, each line once ("...scheme: a; b")."""
+    parts = []
+    for line in str(text).splitlines():
+        line = line.strip().lstrip("-* ").strip().rstrip(".")
+        if line and line not in parts:
+            parts.append(line)
+    out = parts[0] if parts else ""
+    for part in parts[1:]:
+        out += (" " if out.endswith(":") else "; ") + part
+    return out
+
+
 class ReadStream(AlignedStream):
     """Anything with read(offset, length) and a size, as the stream dissect reads."""
 
@@ -114,6 +128,7 @@ class DiskFiles:
 
     def _problem(self, note: str) -> list:
         """Logged once and kept for point.json; no volumes from there."""
+        note = one_line(note)
         log.warning("%s: %s", self.where, note)
         self.notes.append(note)
         return []
@@ -126,7 +141,7 @@ class DiskFiles:
 
     @staticmethod
     def _logical(lvs) -> list[Volume]:
-        return [Volume(lv.name, lv.offset, lv.size, lv.note, lv.read) for lv in lvs]
+        return [Volume(lv.name, lv.offset, lv.size, one_line(lv.note), lv.read) for lv in lvs]
 
     def filesystem(self, volume: Volume) -> Filesystem | None:
         """The volume's filesystem, with an ext journal replayed in memory;
@@ -165,9 +180,9 @@ class DiskFiles:
                                "changes the log alone may hold at this crash-consistent point")
                 log.info("%s volume %s: %s", self.where, volume.name, volume.note)
         except (FsError, JournalError) as e:
-            volume.note = f"cannot show files: {e}"
+            volume.note = one_line(f"cannot show files: {e}")
         except Exception as e:  # a read of the volume failed (a damaged chunk, an LV read)
-            volume.note = f"cannot show files: {type(e).__name__}: {e}"
+            volume.note = one_line(f"cannot show files: {type(e).__name__}: {e}")
         if volume.note.startswith("cannot"):
             volume._logged = True
             log.warning("%s volume %s: %s", self.where, volume.name, volume.note)

@@ -121,7 +121,8 @@ def _fills(repo, txn, chain: int, sizes: list[int], changed: set[tuple[int, int]
     return out
 
 
-def defrag(repo, vm: str, budget: int = BUDGET) -> DefragReport:
+def defrag(repo, vm: str, budget: int = BUDGET, progress=None) -> DefragReport:
+    """progress: a rpofs.progress.Progress (set, add), told the bytes moved."""
     report = DefragReport()
     with repo.exclusive():
         # what goes to the new pack, in disk order: (disk, block, log_index key,
@@ -150,17 +151,21 @@ def defrag(repo, vm: str, budget: int = BUDGET) -> DefragReport:
                     budget -= BLOCK_SIZE
                     work.append(item)
         if work:
-            _write(repo, work, report)
+            _write(repo, work, report, progress)
     return report
 
 
-def _write(repo, work: list[tuple], report: DefragReport) -> None:
+def _write(repo, work: list[tuple], report: DefragReport, progress=None) -> None:
     """Copy the blocks, in the order given, to one new pack; point their
     entries there in one transaction; then drop what that left dead."""
     writer = repo.begin_pack()
     placed = {}  # log_index key -> its new value
+    if progress is not None:
+        progress.set(0, len(work) * BLOCK_SIZE)
     try:
         for disk, block, key, source in work:
+            if progress is not None:
+                progress.add(BLOCK_SIZE)
             try:
                 if isinstance(source, ChunkLocation):  # a stored log block, moved
                     block_key, stored = repo.reader.verified(None, source)
@@ -200,7 +205,11 @@ def _write(repo, work: list[tuple], report: DefragReport) -> None:
     report.packs_deleted, report.packs_compacted = gc.packs_deleted, gc.packs_compacted
 
 
-def defrag_by_name(repo, vm_ref: str, budget: int = BUDGET) -> tuple[str, DefragReport]:
-    """The VM by name or UUID as recorded in the repository."""
+def defrag_by_name(repo, vm_ref: str, budget: int = BUDGET, progress=None) -> tuple[str, DefragReport]:
+    """The VM by name or UUID as recorded in the repository. progress(name):
+    a Progress for that VM's defrag (or None)."""
     uuid, name = repo.find_vm(vm_ref)
-    return name, defrag(repo, uuid, budget)
+    if progress is None:
+        return name, defrag(repo, uuid, budget)
+    with progress(name) as shown:
+        return name, defrag(repo, uuid, budget, shown)

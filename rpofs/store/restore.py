@@ -32,9 +32,25 @@ def parse_disk_ref(text: str) -> tuple[str, str, str]:
     return vm, when, disk
 
 
-def restore_disk(repo: Repository, source: str, dest: str, force: bool = False) -> tuple[int, int]:
-    """Write the disk; (its size, bytes written)."""
+def check_destination(dest: str, force: bool) -> None:
+    """A file to be written at dest (or a block device): its directory must
+    exist, and an existing file is replaced only with force. The same rule
+    for `rpofs restore` and `rpofs cp`."""
+    parent = os.path.dirname(os.path.abspath(dest))
+    if not os.path.isdir(parent):
+        raise RpofsError(f"{parent}: no such directory")
+    if os.path.isdir(dest):
+        raise RpofsError(f"{dest} is a directory: name the file to write")
+    if os.path.lexists(dest) and not force and not (os.path.exists(dest) and stat.S_ISBLK(os.stat(dest).st_mode)):
+        raise RpofsError(f"{dest} exists (--force to replace it)")
+
+
+def restore_disk(repo: Repository, source: str, dest: str, force: bool = False, progress=None) -> tuple[int, int]:
+    """Write the disk; (its size, bytes written). progress: a
+    rpofs.progress.Progress (or anything with set and add), told the size and
+    each extent done."""
     vm, when, target = parse_disk_ref(source)
+    check_destination(dest, force)
     point = repo.point_at(vm, when)
     if target not in [d.target for d in point.disks]:
         raise RpofsError(f"the point has no disk {target} (it has {', '.join(d.target for d in point.disks)})")
@@ -47,14 +63,15 @@ def restore_disk(repo: Repository, source: str, dest: str, force: bool = False) 
             raise RpofsError(f"{dest} holds fewer than the disk's {reader.size} bytes")
         out = dest
     else:
-        if os.path.exists(dest) and not force:
-            raise RpofsError(f"{dest} exists (--force to replace it)")
         out = dest + ".part"
         fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
         if not device:
             os.ftruncate(fd, reader.size)  # zeros everywhere, allocated nowhere
-        written = copy_disk(reader, lambda data, offset: _pwrite_all(fd, data, offset), zero_fill=device)
+        if progress is not None:
+            progress.set(0, reader.size)
+        written = copy_disk(reader, lambda data, offset: _pwrite_all(fd, data, offset), zero_fill=device,
+                            progress=progress.add if progress is not None else None)
         os.fsync(fd)
     except BaseException:
         os.close(fd)
