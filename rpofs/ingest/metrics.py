@@ -1,5 +1,11 @@
-"""An optional Prometheus endpoint: GET anything, get the text exposition."""
+"""An optional Prometheus endpoint: GET anything, get the text exposition
+(every metric with # HELP and # TYPE; `render` is pure).
 
+A running job's progress (bytes read of those it will read) is shown while
+it runs, as far as the backup reports it to the daemon."""
+
+import functools
+import importlib.metadata
 import logging
 
 import trio
@@ -28,12 +34,70 @@ async def serve(address: str, render, task_status=trio.TASK_STATUS_IGNORED) -> N
                     if not data:
                         return
                     request += data
-                body = render().encode()
+                body = (await trio.to_thread.run_sync(render)).encode()  # it stats the repository
                 await stream.send_all(b"HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\n"
                                       b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
         except trio.BrokenResourceError:
             pass  # the scraper went away
+        except Exception:  # noqa: BLE001 — a failed scrape must not end the daemon
+            log.exception("event=metrics-failed")
         finally:
             await stream.aclose()
 
     await trio.serve_listeners(answer, listeners)
+
+
+# name -> (type, help); the order they are shown in
+METRICS = {
+    "rpofs_build_info": ("gauge", "rpofs's version, as a label; always 1"),
+    "rpofs_repository_bytes": ("gauge", "bytes the repository takes on disk (catalog and pack files, allocated)"),
+    "rpofs_rpo_age_seconds": ("gauge", "age of the VM's newest point: the recovery point objective achieved now"),
+    "rpofs_last_success_timestamp_seconds": ("gauge", "when the VM's last backup by this daemon committed (Unix time)"),
+    "rpofs_last_job_duration_seconds": ("gauge", "how long the VM's last successful backup job took"),
+    "rpofs_points_total": ("counter", "points this daemon took of the VM"),
+    "rpofs_ingested_bytes_total": ("counter", "bytes this daemon stored for the VM (after dedup and compression)"),
+    "rpofs_failures_total": ("counter", "failed backups of the VM"),
+    "rpofs_job_bytes_done": ("gauge", "the running backup job's bytes read so far (only while one runs)"),
+    "rpofs_job_bytes_total": ("gauge", "the bytes the running backup job will read (only while one runs)"),
+}
+
+
+@functools.lru_cache(maxsize=1)
+def version() -> str:
+    try:
+        return importlib.metadata.version("rpofs")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _label(value: str) -> str:
+    """A label value as the text format escapes it."""
+    return value.replace("\\", "\\\\").replace("\"", "\\\"").replace("\n", "\\n")
+
+
+def render(vms, repository_bytes: int | None, now_us: float) -> str:
+    """The exposition. vms: the daemon's per-VM status (rpofs.ingest.daemon.VmStatus)."""
+    samples: dict[str, list[str]] = {name: [] for name in METRICS}
+    samples["rpofs_build_info"].append(f'rpofs_build_info{{version="{_label(version())}"}} 1')
+    if repository_bytes is not None:
+        samples["rpofs_repository_bytes"].append(f"rpofs_repository_bytes {repository_bytes}")
+    for s in vms:
+        label = f'{{vm="{_label(s.name)}",uuid="{_label(s.uuid)}"}}'
+        if s.newest_point_us:
+            samples["rpofs_rpo_age_seconds"].append(
+                f"rpofs_rpo_age_seconds{label} {(now_us - s.newest_point_us) / 1e6:.3f}")
+        if s.last_success_us:
+            samples["rpofs_last_success_timestamp_seconds"].append(
+                f"rpofs_last_success_timestamp_seconds{label} {s.last_success_us / 1e6:.3f}")
+            samples["rpofs_last_job_duration_seconds"].append(
+                f"rpofs_last_job_duration_seconds{label} {s.last_job_s:.3f}")
+        samples["rpofs_points_total"].append(f"rpofs_points_total{label} {s.points}")
+        samples["rpofs_ingested_bytes_total"].append(f"rpofs_ingested_bytes_total{label} {s.bytes_ingested}")
+        samples["rpofs_failures_total"].append(f"rpofs_failures_total{label} {s.failures}")
+        if s.state == "backing up" and getattr(s, "job_bytes_total", 0):
+            samples["rpofs_job_bytes_done"].append(f"rpofs_job_bytes_done{label} {s.job_bytes_done}")
+            samples["rpofs_job_bytes_total"].append(f"rpofs_job_bytes_total{label} {s.job_bytes_total}")
+    lines = []
+    for name, (kind, text) in METRICS.items():
+        lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}", *samples[name]]
+    return "\n".join(lines) + "\n"

@@ -10,6 +10,7 @@ from ..timefmt import US, format_time
 from .daemon import STATUS_FILE
 
 STALE_S = 10.0  # the ingester rewrites its status every second
+OVERDUE_S = 5.0  # a next run this far past its time (and not running) is overdue
 
 
 def _ingester(repo: Repository) -> dict:
@@ -29,6 +30,19 @@ def _ingester(repo: Repository) -> dict:
 
 def _time(us: int | None) -> str | None:
     return format_time(us, 3) if us else None
+
+
+def next_run_state(next_run_us: int | None, state: str, now_us: float) -> str | None:
+    """"scheduled" (its time is to come), "due" (now, or its job runs),
+    "overdue" (past its time by more than OVERDUE_S and not running: waiting
+    for a job slot, a busy repository, a stuck daemon); None unscheduled."""
+    if not next_run_us:
+        return None
+    if next_run_us > now_us:
+        return "scheduled"
+    if state == "backing up" or now_us - next_run_us <= OVERDUE_S * US:
+        return "due"
+    return "overdue"
 
 
 def gather(repo: Repository) -> dict:
@@ -55,11 +69,24 @@ def gather(repo: Repository) -> dict:
             "consistency": newest.consistency if newest else None,
             "state": d.get("state", "not scheduled"),
             "next_run": _time(d.get("next_run_us")),
+            "next_run_state": next_run_state(d.get("next_run_us"), d.get("state", ""), now_us),
             "last_job_seconds": d.get("last_job_s"),
             "last_error": d.get("last_error") or None,
             "last_error_at": _time(d.get("last_error_us")),
         })
     return {"ingester": {"running": ingester["running"], "pid": ingester.get("pid")}, "vms": vms}
+
+
+def _next_text(v: dict) -> str:
+    """Never a next run in the past: due, or overdue since its time."""
+    state = v.get("next_run_state")
+    if state == "scheduled":
+        return f", next {v['next_run']}"
+    if state == "due":
+        return "" if v["state"] == "backing up" else ", due now"
+    if state == "overdue":
+        return f", overdue since {v['next_run']}"
+    return ""
 
 
 def render(report: dict) -> str:
@@ -69,6 +96,6 @@ def render(report: dict) -> str:
         rpo = f"{v['rpo_seconds']:.1f}s" if v["rpo_seconds"] is not None else "-"
         lines.append(f"{v['name']}: rpo {rpo}, {v['points']} points, last full {v['last_full'] or '-'}, "
                      f"last log {v['last_log'] or '-'}, {v['state']}"
-                     + (f", next {v['next_run']}" if v["next_run"] else "")
+                     + _next_text(v)
                      + (f", last error at {v['last_error_at']}: {v['last_error']}" if v["last_error"] else ""))
     return "\n".join(lines)
