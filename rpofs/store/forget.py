@@ -1,0 +1,72 @@
+"""`rpofs forget VM`: a decommissioned VM's every point, and the data only
+it used, removed from the repository.
+
+Built on prune's machinery (rpofs.store.prune), which already removes whole
+chains: under the repository's exclusive lock, one write transaction drops
+the VM's points, its chains' full and log index entries, its `vms` row and
+the chunk locations nothing refers to any more (chunks it shared with
+other VMs stay); then the packs left dead are deleted and those left mostly
+dead compacted. `meta/pruned` is bumped, so a running mount drops the VM
+within its refresh period, and `rpofs points` and `rpofs status` no longer
+know it. A point that a VM booted by `rpofs run` reads (a hold,
+rpofs.store.holds) makes forget refuse, naming that VM.
+"""
+
+import uuid as uuidlib
+
+from ..errors import RpofsError
+from . import holds, schema
+from .prune import PruneReport, _collect_chunks, _delete_prefix, compact, delete_dead_packs, points_in
+
+
+def _refuse_held(repo, vm: str, name: str, points) -> None:
+    numbers = {p.point for p in points}
+    for hold in holds.every(repo.path):
+        if hold.vm == vm and hold.point in numbers:
+            raise RpofsError(f"cannot forget {name}: VM {hold.holder} runs on one of its points "
+                             f"(rpofs run --move {hold.holder}, or --stop {hold.holder}, first)")
+
+
+def forget(repo, vm: str, name: str = "", dry_run: bool = False, progress=None) -> PruneReport:
+    """Remove every point of the VM (uuid); the report lists them.
+    progress: as prune's, told the bytes compaction copies."""
+    report = PruneReport()
+    name = name or vm
+    if dry_run:
+        with repo.env.begin() as txn:
+            report.points_removed = points_in(repo, txn, vm)
+        _refuse_held(repo, vm, name, report.points_removed)
+        return report
+    db = repo.db
+    vm_bytes = uuidlib.UUID(vm).bytes
+    with repo.exclusive():  # no backup between finding a chunk stored and committing it; holds are stable
+        before = repo.stored_bytes()
+        with repo.write_txn() as txn:
+            points = points_in(repo, txn, vm)
+            _refuse_held(repo, vm, name, points)
+            report.points_removed = points
+            for p in points:
+                txn.delete(schema.point_key(p.point), db=db["points"])
+                txn.delete(schema.vm_point_key(vm_bytes, p.time_us, p.point), db=db["vm_points"])
+            for chain in sorted({p.chain for p in points}):  # chains are the VM's own
+                prefix = schema.u32(chain)
+                _delete_prefix(txn.cursor(db=db["full_index"]), prefix)
+                report.log_entries_dropped += _delete_prefix(txn.cursor(db=db["log_index"]), prefix)
+            txn.delete(vm_bytes, db=db["vms"])
+            pruned = schema.read_u32(txn.get(b"pruned", default=schema.u32(0), db=db["meta"]))
+            txn.put(b"pruned", schema.u32(pruned + 1), db=db["meta"])  # a running mount reads its lists again
+            live = _collect_chunks(repo, txn, report)
+        delete_dead_packs(repo, live, report)
+        compact(repo, live, report, progress)
+        report.bytes_freed = before - repo.stored_bytes()
+    return report
+
+
+def forget_by_name(repo, vm_ref: str, dry_run: bool = False, progress=None) -> tuple[str, PruneReport]:
+    """The VM by name or UUID as recorded in the repository. progress(name):
+    a Progress for it (or None)."""
+    uuid, name = repo.find_vm(vm_ref)
+    if progress is None or dry_run:
+        return name, forget(repo, uuid, name, dry_run)
+    with progress(name) as shown:
+        return name, forget(repo, uuid, name, dry_run, shown)
