@@ -32,11 +32,15 @@ def _parser() -> argparse.ArgumentParser:
                    help="back up only this disk (repeatable; default: every disk)")
     b.add_argument("--quiesce", nargs="*", metavar="MOUNTPOINT", default=None,
                    help="freeze the guest's filesystems (all, or these mountpoints) through the guest "
-                   "agent for the snapshot; without an answering agent the point is crash-consistent")
+                   "agent for the snapshot; a mountpoint the guest does not have fails the backup; "
+                   "without an answering agent, or when not every filesystem froze, the point is "
+                   "crash-consistent and a warning says why")
     b.add_argument("--connect", default=os.environ.get("LIBVIRT_DEFAULT_URI", "qemu:///system"),
                    metavar="URI", help="libvirt URI (default $LIBVIRT_DEFAULT_URI or qemu:///system)")
     b.add_argument("--json", action="store_true", help="print the new point as point.json (its name is what "
                    "scripts keep: it names this point for as long as it exists)")
+    b.add_argument("--wait", type=float, default=30.0, metavar="SECONDS",
+                   help="how long to wait while another backup of the VM runs (default 30)")
 
     pts = sub.add_parser("points", help="list a VM's recovery points")
     pts.add_argument("vm", help="VM name or UUID (as recorded in the repository)")
@@ -163,17 +167,28 @@ def cmd_init(repo_path: str, args) -> None:
 
 def cmd_backup(repo_path: str, args) -> None:
     from .ingest.backup import BackupRequest, back_up
-    from .mount.vfs import point_json
     from .ingest.config import DiskChoice, Quiesce
+    from .mount.vfs import point_json
+    from .progress import Progress
     from .virt.client import Connection
     repo = Repository.open(repo_path)
     conn = Connection(args.connect)
     try:
-        quiesce = Quiesce(True, tuple(args.quiesce)) if args.quiesce is not None else Quiesce()
-        point = back_up(repo, conn, BackupRequest(args.vm, "asked for a full backup" if args.full else "",
-                                                  DiskChoice(tuple(args.disk)), quiesce))
+        # mountpoints named here must exist in the guest: a typo fails the
+        # backup rather than recording a point that is not what was asked
+        quiesce = Quiesce(True, tuple(args.quiesce), strict=True) if args.quiesce is not None else Quiesce()
+        request = BackupRequest(args.vm, "asked for a full backup" if args.full else "",
+                                DiskChoice(tuple(args.disk)), quiesce, lock_wait_s=args.wait)
+        with Progress(f"backup of {args.vm}", 0) as progress:
+            point = back_up(repo, conn, request, progress)
         for warning in point.warnings:
             print(f"rpofs: warning: {warning}", file=sys.stderr)
+        if args.disk:
+            every = [d.target for d in conn.domain(point.vm).info().disks]
+            if len(point.disks) < len(every):
+                print(f"rpofs: warning: this point holds only {', '.join(d.target for d in point.disks)} "
+                      f"of {', '.join(every)}; the next backup without --disk covers every disk and so "
+                      f"starts a new chain with a full", file=sys.stderr)
         if args.json:
             print(point_json(point.name, point).decode(), end="")
             return

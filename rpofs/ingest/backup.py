@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from ..errors import RpofsError, UnsupportedDisk, VirtError
 from ..store.repo import BackupWriter, Repository, any_nonzero
 from ..store.schema import BLOCK_SIZE, CHUNK_SIZE, DiskRecord, PointRecord
+from ..store.vmlock import vm_lock
 from ..timefmt import now_us
 from ..virt.client import (CHECKPOINT_PREFIX, AgentUnavailable, CheckpointUnusable, Connection, Domain,
                            DomainInfo)
@@ -46,23 +47,29 @@ class BackupRequest:
     full_reason: str = ""                # non-empty: take a full, for this reason
     disks: DiskChoice = DiskChoice()     # which disks the VM's chains cover
     quiesce: Quiesce = Quiesce()
+    lock_wait_s: float = 30.0            # how long to wait for another job on the VM
 
 
-def back_up(repo: Repository, conn: Connection, req: BackupRequest) -> PointRecord:
+def back_up(repo: Repository, conn: Connection, req: BackupRequest, progress=None) -> PointRecord:
+    """One point of the VM, under its lock (rpofs.store.vmlock): a log when
+    a compatible full exists, else a full and why. progress: an object with
+    set(done, total) and add(n), told the bytes read (rpofs.progress)."""
     dom = conn.domain(req.vm)
-    info = dom.info()
-    if not info.running:
-        raise VmNotRunning(f"VM {info.name} is not running: rpofs backs up running VMs through libvirt's backup API")
-    disks = _chosen_disks(dom, info, req.disks)
-    last = next(repo.newest_points(info.uuid), None)
-    reason = req.full_reason or _why_not_log(repo, dom, disks, last)
-    if not reason:
-        try:
-            return _run(repo, dom, info, disks, last, "", req.quiesce)
-        except CheckpointUnusable as e:
-            reason = f"the chain's checkpoint cannot be used ({e})"
-    log.info("%s: full backup: %s", info.name, reason)
-    return _run(repo, dom, info, disks, None, reason, req.quiesce)
+    with vm_lock(repo.path, dom.uuid, dom.name, "backup", req.lock_wait_s):
+        info = dom.info()
+        if not info.running:
+            raise VmNotRunning(f"VM {info.name} is not running: rpofs backs up running VMs through libvirt's "
+                               f"backup API")
+        disks = _chosen_disks(dom, info, req.disks)
+        last = next(repo.newest_points(info.uuid), None)
+        reason = req.full_reason or _why_not_log(repo, dom, disks, last)
+        if not reason:
+            try:
+                return _run(repo, dom, info, disks, last, "", req.quiesce, progress)
+            except CheckpointUnusable as e:
+                reason = f"the chain's checkpoint cannot be used ({e})"
+        log.info("%s: full backup: %s", info.name, reason)
+        return _run(repo, dom, info, disks, None, reason, req.quiesce, progress)
 
 
 def _chosen_disks(dom: Domain, info: DomainInfo, choice: DiskChoice) -> list[DiskRecord]:
@@ -92,7 +99,7 @@ def _why_not_log(repo: Repository, dom: Domain, disks: list[DiskRecord], last: P
     had = [(d.target, d.size) for d in last.disks]
     now = [(d.target, d.size) for d in disks]
     if had != now:
-        return f"disks changed since the last point: {had} -> {now}"
+        return f"disks changed since the last point: {_describe(last.disks)} -> {_describe(disks)}"
     if last.checkpoint in dom.checkpoints():
         return ""
     # Lost metadata (VM redefined, moved, transient) with the bitmaps maybe
@@ -107,10 +114,29 @@ def _why_not_log(repo: Repository, dom: Domain, disks: list[DiskRecord], last: P
     return ""
 
 
-def end_leftovers(repo: Repository, dom: Domain) -> list[str]:
+def _describe(disks) -> str:
+    """"vda 32 MiB, vdb 1 GiB": disks as a person reads them."""
+    return ", ".join(f"{d.target} {_size(d.size)}" for d in disks) or "none"
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB" or n % 1024:
+            return f"{n} {unit}"
+        n //= 1024
+    return ""
+
+
+def end_leftovers(repo: Repository, dom: Domain, lock_wait_s: float = 60.0) -> list[str]:
     """After a crash of the process that backed this VM up: end its backup job
     and delete checkpoints that no committed point owns (their bitmaps fold
-    into their parents'). Only for the one process that owns the VM's backups."""
+    into their parents'). Under the VM's lock: a backup running meanwhile
+    (`rpofs backup` by hand) owns its new checkpoint, not a leftover."""
+    with vm_lock(repo.path, dom.uuid, dom.name, "leftover check", lock_wait_s):
+        return _end_leftovers(repo, dom)
+
+
+def _end_leftovers(repo: Repository, dom: Domain) -> list[str]:
     done = []
     try:
         if dom.thaw():  # frozen by a predecessor killed between freeze and thaw
@@ -133,56 +159,30 @@ def end_leftovers(repo: Repository, dom: Domain) -> list[str]:
 
 
 def _run(repo: Repository, dom: Domain, info: DomainInfo, disks: list[DiskRecord],
-         parent: PointRecord | None, reason: str, quiesce: Quiesce) -> PointRecord:
+         parent: PointRecord | None, reason: str, quiesce: Quiesce, progress) -> PointRecord:
+    """Snapshot (frozen if asked), copy, commit; the job ended and a failed
+    point's checkpoint deleted on every path."""
     for d in (SOCKET_DIR, SCRATCH_DIR):
         os.makedirs(d, mode=0o700, exist_ok=True)
     socket = os.path.join(SOCKET_DIR, f"{info.uuid}.sock")
     checkpoint = f"{CHECKPOINT_PREFIX}{now_us()}"
-    consistency, warnings = "crash-consistent", []
-    frozen_at = None
-    if quiesce.enabled:
-        try:
-            asked = now_us()  # writers that start after this wait for the thaw
-            dom.freeze(quiesce.mountpoints, quiesce.timeout_s)
-            frozen_at = asked
-        except AgentUnavailable as e:
-            warnings.append(f"{e}: the point is crash-consistent")
-    try:
-        # If this fails, libvirt started nothing (and a job it refused may be
-        # another process's: never end that one).
-        exports = dom.begin_pull_backup(
-            [d.target for d in disks], [d.target for d in info.disks], socket, SCRATCH_DIR,
-            checkpoint, parent.checkpoint if parent else None)
-    finally:
-        if frozen_at:  # the snapshot is taken: the guest need not wait for the copy
-            dom.thaw()
-            consistency = "filesystems-frozen"
+    warnings = []
+    exports, frozen_at = _snapshot(dom, info, disks, parent, quiesce, socket, checkpoint, warnings)
     try:
         # The point's instant: when the freeze began, or else when the disks
         # were captured (backupBegin returned).
         time_us = frozen_at or now_us()
         boot_state = _read_boot_state(info, warnings)  # with the disks' instant, before the copy
         with repo.begin_writer() as writer:
-            for index, disk in enumerate(disks):
-                name, bitmap = exports[disk.target]
-                export = Export(socket, name, bitmap if parent else None)
-                try:
-                    if export.size != disk.size:
-                        raise RpofsError(f"disk {disk.target} changed size during the backup")
-                    if parent:
-                        _copy_dirty(export, writer, index)
-                    else:
-                        _copy_allocated(export, writer, index)
-                finally:
-                    export.close()
+            _copy_disks(writer, socket, exports, disks, parent, progress)
             xml_key, _ = writer.put_chunk(info.xml.encode())
             checkpoint_key, _ = writer.put_chunk(dom.checkpoint_xml(checkpoint).encode())
             firmware = {kind: writer.put_chunk(data)[0].hex() for kind, data in boot_state.items()}
             record = writer.commit(
                 vm=info.uuid, vm_name=info.name, time_us=time_us, parent=parent,
-                consistency=consistency, disks=disks, checkpoint=checkpoint,
-                domain_xml=xml_key.hex(), reason=reason, checkpoint_xml=checkpoint_key.hex(),
-                warnings=tuple(warnings), firmware=firmware)
+                consistency="filesystems-frozen" if frozen_at else "crash-consistent", disks=disks,
+                checkpoint=checkpoint, domain_xml=xml_key.hex(), reason=reason,
+                checkpoint_xml=checkpoint_key.hex(), warnings=tuple(warnings), firmware=firmware)
     except BaseException:
         try:
             dom.end_job()
@@ -195,6 +195,82 @@ def _run(repo: Repository, dom: Domain, info: DomainInfo, disks: list[DiskRecord
         if old != checkpoint:
             dom.delete_checkpoint(old)
     return record
+
+
+def _snapshot(dom: Domain, info: DomainInfo, disks: list[DiskRecord], parent: PointRecord | None,
+              quiesce: Quiesce, socket: str, checkpoint: str, warnings: list[str]):
+    """Start the pull backup job (the disks are captured when it starts),
+    with the guest's filesystems frozen around it when asked. (exports,
+    the instant the freeze began or None when the point is not
+    filesystems-frozen)."""
+    frozen_at, froze_some = _freeze(dom, info, quiesce, warnings) if quiesce.enabled else (None, False)
+    try:
+        # If this fails, libvirt started nothing (and a job it refused may be
+        # another process's: never end that one).
+        exports = dom.begin_pull_backup(
+            [d.target for d in disks], [d.target for d in info.disks], socket, SCRATCH_DIR,
+            checkpoint, parent.checkpoint if parent else None)
+    finally:
+        if froze_some:  # the snapshot is taken: the guest need not wait for the copy
+            dom.thaw()
+    return exports, frozen_at
+
+
+def _freeze(dom: Domain, info: DomainInfo, quiesce: Quiesce, warnings: list[str]) -> tuple[int | None, bool]:
+    """Freeze what was asked: (the instant the freeze began if every
+    requested filesystem froze, else None with a warning naming what did
+    not — the point is then crash-consistent; whether anything may be
+    frozen, to thaw). A mountpoint the guest does not have is refused when
+    asked on the command line (quiesce.strict): nothing is backed up."""
+    wanted = quiesce.mountpoints
+    try:
+        if wanted:
+            present = set(dom.guest_mountpoints())
+            missing = [m for m in wanted if m not in present]
+            if missing and quiesce.strict:
+                raise RpofsError(f"{info.name} has no filesystem mounted at {', '.join(missing)} "
+                                 f"(it has {', '.join(sorted(present)) or 'none'}): nothing was backed up")
+            wanted = tuple(m for m in wanted if m in present)
+            if missing:
+                warnings.append(f"not frozen: {', '.join(missing)} (no such mountpoint in the guest): "
+                                f"the point is crash-consistent")
+            if not wanted:
+                return None, False
+        asked = now_us()  # writers that start after this wait for the thaw
+        froze = dom.freeze(wanted, quiesce.timeout_s)
+    except AgentUnavailable as e:
+        warnings.append(f"{e}: the point is crash-consistent")
+        return None, False
+    if froze < max(len(wanted), 1):
+        warnings.append(f"the guest agent froze {froze} of {len(wanted) or 'its'} filesystems"
+                        f"{' (' + ', '.join(wanted) + ')' if wanted else ''}: the point is crash-consistent")
+        return None, True
+    complete = len(wanted) == len(quiesce.mountpoints)
+    return (asked if complete else None), True
+
+
+def _copy_disks(writer: BackupWriter, socket: str, exports: dict, disks: list[DiskRecord],
+                parent: PointRecord | None, progress) -> None:
+    """Every chosen disk through its NBD export: a log copies the blocks
+    the checkpoint's bitmap marks, a full every chunk that holds data."""
+    opened = []
+    try:
+        for disk in disks:
+            name, bitmap = exports[disk.target]
+            opened.append(Export(socket, name, bitmap if parent else None))
+            if opened[-1].size != disk.size:
+                raise RpofsError(f"disk {disk.target} changed size during the backup")
+        plans = [_dirty_runs(e) if parent else _allocated_chunks(e) for e in opened]
+        if progress is not None:
+            progress.set(0, sum(length for plan in plans for _, length in plan))
+        for index, (export, plan) in enumerate(zip(opened, plans)):
+            if parent:
+                _copy_dirty(export, writer, index, plan, progress)
+            else:
+                _copy_allocated(export, writer, index, plan, progress)
+    finally:
+        for export in opened:
+            export.close()
 
 
 def _read_boot_state(info: DomainInfo, warnings: list[str]) -> dict[str, bytes]:
@@ -229,39 +305,51 @@ def _pipeline(writer_call, reads):
             pending.popleft().result()
 
 
-def _copy_allocated(export: Export, writer: BackupWriter, disk: int) -> None:
-    """A full: every chunk that holds allocated data; the rest stays absent (zeros)."""
+def _allocated_chunks(export: Export) -> list[tuple[int, int]]:
+    """(offset, length) of every chunk that holds allocated data; the rest
+    stays absent from the full (zeros)."""
     wanted = sorted({c for off, n in export.data_ranges()
                      for c in range(off // CHUNK_SIZE, (off + n - 1) // CHUNK_SIZE + 1)})
-
-    def reads():
-        for c in wanted:
-            start = c * CHUNK_SIZE
-            length = min(CHUNK_SIZE, export.size - start)
-            yield (disk, c), lambda s=start, n=length: export.pread(n, s)
-
-    _pipeline(writer.put_full_chunk, reads())
+    return [(c * CHUNK_SIZE, min(CHUNK_SIZE, export.size - c * CHUNK_SIZE)) for c in wanted]
 
 
-def _copy_dirty(export: Export, writer: BackupWriter, disk: int) -> None:
-    """A log: every block the checkpoint's bitmap marks changed."""
+def _dirty_runs(export: Export) -> list[tuple[int, int]]:
+    """(offset, length) of the runs of changed blocks, up to READ_SPAN each."""
     blocks = sorted({b for off, n in export.dirty_ranges()
                      for b in range(off // BLOCK_SIZE, (off + n - 1) // BLOCK_SIZE + 1)})
-    runs = []  # consecutive blocks read in one request, up to READ_SPAN
+    runs = []  # consecutive blocks read in one request
     for b in blocks:
         if runs and runs[-1][1] == b and (b - runs[-1][0]) * BLOCK_SIZE < READ_SPAN:
             runs[-1][1] = b + 1
         else:
             runs.append([b, b + 1])
+    return [(first * BLOCK_SIZE, min(stop * BLOCK_SIZE, export.size) - first * BLOCK_SIZE) for first, stop in runs]
 
+
+def _copy_allocated(export: Export, writer: BackupWriter, disk: int, chunks, progress) -> None:
+    """A full: every chunk that holds allocated data."""
+    def store(chunk_no, data):
+        writer.put_full_chunk(disk, chunk_no, data)
+        if progress is not None:
+            progress.add(len(data))
+
+    def reads():
+        for start, length in chunks:
+            yield (start // CHUNK_SIZE,), lambda s=start, n=length: export.pread(n, s)
+
+    _pipeline(store, reads())
+
+
+def _copy_dirty(export: Export, writer: BackupWriter, disk: int, runs, progress) -> None:
+    """A log: every block the checkpoint's bitmap marks changed."""
     def store_run(first, data):
         for i in range(0, len(data), BLOCK_SIZE):
             writer.put_log_block(disk, first + i // BLOCK_SIZE, bytes(data[i:i + BLOCK_SIZE]))
+        if progress is not None:
+            progress.add(len(data))
 
     def reads():
-        for first, stop in runs:
-            start = first * BLOCK_SIZE
-            length = min(stop * BLOCK_SIZE, export.size) - start
-            yield (first,), lambda s=start, n=length: export.pread(n, s)
+        for start, length in runs:
+            yield (start // BLOCK_SIZE,), lambda s=start, n=length: export.pread(n, s)
 
     _pipeline(store_run, reads())

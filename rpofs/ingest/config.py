@@ -31,6 +31,8 @@ class Quiesce:
     enabled: bool = False
     mountpoints: tuple[str, ...] = ()   # empty: every filesystem
     timeout_s: float = 10.0
+    strict: bool = False                # a mountpoint the guest lacks fails the backup (the command
+                                        # line); else the point is crash-consistent, with a warning
 
 
 @dataclass(frozen=True)

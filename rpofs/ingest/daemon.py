@@ -30,12 +30,14 @@ from ..timefmt import US
 from ..virt.client import Connection
 from .. import sdnotify
 from . import metrics
+from ..store.vmlock import VmBusy
 from .backup import BackupRequest, VmNotRunning, back_up, end_leftovers
 from .config import IngestConfig
 
 log = logging.getLogger("rpofs.ingest")
 
 DISCOVER_S = 2.0
+LOCK_WAIT_S = 2.0   # a VM's backup by hand is waited for this long, then this round is skipped
 STATUS_FILE = "ingest-status.json"
 MAX_BACKOFF_S = 60.0
 
@@ -54,6 +56,24 @@ class VmStatus:
     failures: int = 0
     bytes_ingested: int = 0
     newest_point_us: int = 0
+    job_bytes_done: int = 0      # the running backup's progress (bytes read of those it will read)
+    job_bytes_total: int = 0
+
+
+class _JobProgress:
+    """What back_up reports of a running job, kept in the VM's status
+    (status --json, metrics)."""
+
+    def __init__(self, st: VmStatus):
+        self._st = st
+
+    def set(self, done: int, total: int | None = None) -> None:
+        self._st.job_bytes_done = done
+        if total is not None:
+            self._st.job_bytes_total = total
+
+    def add(self, n: int) -> None:
+        self._st.job_bytes_done += n  # one writer at a time per VM; a torn read only shows a stale figure
 
 
 def _runs_on_a_point(dom) -> bool:
@@ -176,9 +196,14 @@ class Ingester:
                 st.state = "backing up"
                 started = time.monotonic()
                 conn = await self._connection()
-                request = BackupRequest(uuid, full_reason, policy.disks, policy.quiesce)
+                request = BackupRequest(uuid, full_reason, policy.disks, policy.quiesce, lock_wait_s=LOCK_WAIT_S)
+                st.job_bytes_done = st.job_bytes_total = 0
                 try:
-                    point = await trio.to_thread.run_sync(back_up, self.repo, conn, request)
+                    point = await trio.to_thread.run_sync(back_up, self.repo, conn, request, _JobProgress(st))
+                except VmBusy as e:  # a backup by hand: it made the point this one was for
+                    log.info("event=backup-skipped vm=%s why=%r", name, str(e))
+                    last, last_full = await trio.to_thread.run_sync(newest_and_full, self.repo, uuid)
+                    continue
                 except (VmNotRunning, UnknownVM) as e:
                     st.state = "gone" if isinstance(e, UnknownVM) else "not running"
                     log.info("event=stop-scheduling vm=%s why=%r", name, str(e))

@@ -281,6 +281,14 @@ class Domain:
         with _translated(f"thawing the filesystems of {self.name}"):
             return self._dom.fsThaw(None, 0)
 
+    def guest_mountpoints(self) -> list[str]:
+        """The guest's mounted filesystems (the agent's guest-get-fsinfo)."""
+        try:
+            return [mp for mp, _name, _fstype, _targets in self._dom.fsInfo(0)]
+        except libvirt.libvirtError as e:
+            raise AgentUnavailable(f"cannot ask {self.name}'s agent for its filesystems: "
+                                   f"{e.get_error_message()}") from e
+
     def disks_of_mountpoint(self, mountpoint: str) -> list[str]:
         """The disk targets holding a guest mountpoint (the agent's guest-get-fsinfo)."""
         try:
