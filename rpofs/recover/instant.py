@@ -190,6 +190,8 @@ def backing_path(mountpoint: str, point: PointRecord, target: str) -> str:
 def _make(repo: Repository, conn: Connection, rec: RunRecord, point: PointRecord, captured: str,
           overlays: dict[str, str], opts: RunOptions) -> list[str]:
     holds.put(repo, holds.Hold(rec.holder, point.vm, point.point, f"VM {rec.name} runs on it"))
+    if not repo.has_point(point.point):  # pruned between finding it and holding it
+        raise RpofsError(f"the point {point.name or point.point} of {point.vm_name} was just pruned")
     for d in point.disks:
         backing = backing_path(rec.mountpoint, point, d.target)
         if not os.path.exists(backing):

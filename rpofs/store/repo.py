@@ -207,6 +207,10 @@ class Repository:
                 yield PointRecord.decode(points.get(schema.point_key(no)))
                 found = cur.prev()
 
+    def has_point(self, point: int) -> bool:
+        with self.env.begin(db=self.db["points"]) as txn:
+            return txn.get(schema.point_key(point)) is not None
+
     def point_count(self, vm: str) -> int:
         prefix = uuidlib.UUID(vm).bytes
         with self.env.begin() as txn:
