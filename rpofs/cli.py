@@ -1,5 +1,6 @@
 """The command line. Parses arguments into plain values, calls the library,
-and turns an RpofsError into one line on stderr and exit status 1."""
+and turns an RpofsError into one line on stderr and exit status 1 (usage
+errors exit 2, as argparse does; no command at all prints the help)."""
 
 import argparse
 import json
@@ -12,6 +13,7 @@ from .store.repo import Repository, default_repo_path
 from .timefmt import point_names
 
 EXIT_ERROR = 1
+EXIT_USAGE = 2  # argparse's own
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -68,6 +70,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("source", metavar="SOURCE")
     c.add_argument("dest", metavar="DEST")
     c.add_argument("-r", "--recursive", action="store_true", help="copy a directory and what it holds")
+    c.add_argument("--force", action="store_true",
+                   help="replace DEST (or DEST/NAME) if it exists; without it an existing one is refused")
 
     pr = sub.add_parser("prune", help="remove the points a retention policy does not keep, and their data",
                         description="Keeps the points any --keep-* option selects, the VM's newest point, and "
@@ -82,6 +86,14 @@ def _parser() -> argparse.ArgumentParser:
         pr.add_argument(f"--keep-{unit}", type=int, default=0, metavar="N",
                         help=f"the newest point of each of the last N {period}s that have one")
     pr.add_argument("--dry-run", action="store_true", help="list what would be removed; change nothing")
+
+    fg = sub.add_parser("forget", help="remove every point of a VM (one decommissioned) and the data only it used",
+                        description="Removes all of the VM's points, its chains' index entries and the data no "
+                        "other VM uses, under the repository's exclusive lock; the VM leaves rpofs points, the "
+                        "mount and rpofs status. Refused while a VM started by rpofs run reads one of its points. "
+                        "A VM still backed up (the ingester) comes back with a new full.")
+    fg.add_argument("vm", help="VM name or UUID (as recorded in the repository)")
+    fg.add_argument("--dry-run", action="store_true", help="list what would be removed; change nothing")
 
     df = sub.add_parser("defrag", help="rewrite a VM's scattered log blocks in disk order, so that its "
                         "newest points read like a full",
@@ -142,12 +154,18 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    if not (sys.argv[1:] if argv is None else argv):
+        parser.print_help()
+        return EXIT_USAGE
+    args = parser.parse_args(argv)
     daemon = args.command in ("mount", "ingest")
     logging.basicConfig(level=logging.INFO if args.verbose or daemon else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     repo_path = os.path.abspath(args.repo or default_repo_path())
     try:
+        if args.command != "umount" and os.path.exists(repo_path) and not os.path.isdir(repo_path):
+            raise RpofsError(f"{repo_path} is a file, not a repository directory")
         return COMMANDS[args.command](repo_path, args) or 0
     except RpofsError as e:
         print(f"rpofs: {e}", file=sys.stderr)
@@ -240,7 +258,11 @@ def cmd_ingest(repo_path: str, args) -> None:
     cfg = config.load(args.config or config.DEFAULT_CONFIG)
     if args.repo or not cfg.repository:
         cfg = dataclasses.replace(cfg, repository=repo_path)
-    if args.metrics:
+    if args.metrics is not None:
+        try:
+            config.check_metrics_address(args.metrics)
+        except ValueError as e:
+            raise config.ConfigError(f"--metrics: {e}") from None
         cfg = dataclasses.replace(cfg, metrics=args.metrics)
     Repository.open(cfg.repository).close()  # refuse a bad repository before starting anything
 
@@ -259,6 +281,7 @@ def cmd_ingest(repo_path: str, args) -> None:
 
 def cmd_prune(repo_path: str, args) -> None:
     from .ingest.config import parse_duration
+    from .progress import Progress
     from .store.prune import Retention, prune_by_name
     if bool(args.vm) == args.all:
         raise RpofsError("prune: name one VM or give --all")
@@ -276,7 +299,8 @@ def cmd_prune(repo_path: str, args) -> None:
     repo = Repository.open(repo_path)
     try:
         for ref in [uuid for uuid, _ in repo.vms()] if args.all else [args.vm]:
-            name, report = prune_by_name(repo, ref, policy, args.dry_run)
+            name, report = prune_by_name(repo, ref, policy, args.dry_run,
+                                         progress=lambda name: Progress(f"prune {name}: compacting", 0))
             if args.dry_run:
                 gone = point_names_of(repo, report.points_removed)
                 print(f"{name}: would remove {len(gone)} points, keep {report.points_kept}")
@@ -288,14 +312,34 @@ def cmd_prune(repo_path: str, args) -> None:
         repo.close()
 
 
+def cmd_forget(repo_path: str, args) -> None:
+    from .progress import Progress
+    from .store.forget import forget_by_name
+    repo = Repository.open(repo_path)
+    try:
+        if args.dry_run:
+            name, report = forget_by_name(repo, args.vm, dry_run=True)
+            gone = point_names_of(repo, report.points_removed)
+            print(f"{name}: would remove all {len(gone)} points and the data only they use")
+            for n in gone:
+                print(f"  {n}")
+            return
+        name, report = forget_by_name(repo, args.vm, progress=lambda name: Progress(f"forget {name}: compacting", 0))
+        print(f"{name}: forgotten; {report.summary()}")
+    finally:
+        repo.close()
+
+
 def cmd_defrag(repo_path: str, args) -> None:
+    from .progress import Progress
     from .store.defrag import defrag_by_name
     if bool(args.vm) == args.all:
         raise RpofsError("defrag: name one VM or give --all")
     repo = Repository.open(repo_path)
     try:
         for ref in [uuid for uuid, _ in repo.vms()] if args.all else [args.vm]:
-            name, report = defrag_by_name(repo, ref, budget=1 << 62)  # run by hand: all of it at once
+            name, report = defrag_by_name(repo, ref, budget=1 << 62,  # run by hand: all of it at once
+                                          progress=lambda name: Progress(f"defrag {name}", 0))
             print(f"{name}: {report.summary()}")
     finally:
         repo.close()
@@ -326,10 +370,12 @@ def cmd_restore(repo_path: str, args) -> None:
             raise RpofsError(f"restore: --{flag} goes with --vm")
     if not args.dest:
         raise RpofsError("restore: give DEST (or --vm to restore the whole VM)")
-    from .store.restore import restore_disk
+    from .progress import Progress
+    from .store.restore import parse_disk_ref, restore_disk
     repo = Repository.open(repo_path)
     try:
-        size, written = restore_disk(repo, args.source, args.dest, args.force)
+        with Progress(f"restore {parse_disk_ref(args.source)[2]}", 0) as progress:
+            size, written = restore_disk(repo, args.source, args.dest, args.force, progress)
     finally:
         repo.close()
     print(f"{args.dest}: {size} bytes, {written} written")
@@ -416,14 +462,14 @@ def cmd_cp(repo_path: str, args) -> None:
     from .files.copy import copy_out
     repo = Repository.open(repo_path)
     try:
-        copy_out(repo, args.source, args.dest, args.recursive)
+        copy_out(repo, args.source, args.dest, args.recursive, args.force)
     finally:
         repo.close()
 
 
 COMMANDS = {"init": cmd_init, "backup": cmd_backup, "points": cmd_points, "mount": cmd_mount,
             "umount": cmd_umount, "ingest": cmd_ingest, "status": cmd_status, "prune": cmd_prune,
-            "defrag": cmd_defrag, "restore": cmd_restore, "cp": cmd_cp, "run": cmd_run}
+            "defrag": cmd_defrag, "forget": cmd_forget, "restore": cmd_restore, "cp": cmd_cp, "run": cmd_run}
 
 if __name__ == "__main__":
     sys.exit(main())

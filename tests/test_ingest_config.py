@@ -9,6 +9,7 @@ import pytest
 from rpofs.ingest.config import ConfigError, load
 from rpofs.store.prune import Retention
 
+pytestmark = pytest.mark.pure
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -33,6 +34,9 @@ def test_the_example_parses():
     ('[ingest]\nmax_jobs = 0', "ingest.max_jobs", "integer >= 1"),
     ('[ingest]\nvms = "all"', "ingest.vms", '"running" or a list'),
     ('[ingest]\nmetrics = "nowhere"', "ingest.metrics", "ADDRESS:PORT"),
+    ('[ingest]\nmetrics = "127.0.0.1:99999"', "ingest.metrics", "port 99999 is not in 1-65535"),
+    ('[ingest]\nmetrics = "127.0.0.1:0"', "ingest.metrics", "port 0 is not in 1-65535"),
+    ('[ingest]\nmetrics = "::1:9101"', "ingest.metrics", "ADDRESS:PORT"),
     ('[ingest]\nrepo = "/x"', "ingest.repo", "unknown key"),
     ('[vm.db1]\nquiesce = "yes"', "vm.db1.quiesce", '"none", "all" or a list'),
     ('[vm.db1]\ndisks = { mountpoint = "relative" }', "vm.db1.disks", "mountpoint"),
@@ -57,6 +61,26 @@ def test_cli_refuses_a_bad_config_in_one_line(tmp_path):
     r = subprocess.run([os.path.join(ROOT, ".venv", "bin", "rpofs"), "--repo", str(tmp_path / "r"), "ingest",
                         "--config", str(path)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and "defaults.log_interval" in r.stderr
+
+
+@pytest.mark.parametrize("value, what", [("nonsense", "expected ADDRESS:PORT"),
+                                         ("127.0.0.1:99999", "port 99999 is not in 1-65535")])
+def test_cli_refuses_a_bad_metrics_address_in_one_line(tmp_path, value, what):
+    """Before anything starts: no repository, no libvirt connection, no listener."""
+    path = tmp_path / "rpofs.toml"
+    path.write_text("[ingest]\n")
+    r = subprocess.run([os.path.join(ROOT, ".venv", "bin", "rpofs"), "--repo", str(tmp_path / "r"), "ingest",
+                        "--config", str(path), "--metrics", value], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith("rpofs: --metrics: ") and what in r.stderr
+
+
+def test_metrics_addresses_that_are_right():
+    from rpofs.ingest.config import check_metrics_address
+    assert check_metrics_address("127.0.0.1:9101") == ("127.0.0.1", 9101)
+    assert check_metrics_address("[::1]:9101") == ("::1", 9101)
+    assert check_metrics_address("localhost:65535") == ("localhost", 65535)
+    assert check_metrics_address(":9101") == ("", 9101)
 
 
 def test_systemd_units_verify():
