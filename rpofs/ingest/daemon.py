@@ -56,6 +56,7 @@ class VmStatus:
     failures: int = 0
     bytes_ingested: int = 0
     newest_point_us: int = 0
+    last_success_us: int = 0     # when its last backup committed (wall clock)
     job_bytes_done: int = 0      # the running backup's progress (bytes read of those it will read)
     job_bytes_total: int = 0
 
@@ -262,6 +263,7 @@ class Ingester:
         st.points += 1
         st.bytes_ingested += point.stats.get("stored_bytes", 0)
         st.newest_point_us = point.time_us
+        st.last_success_us = int(time.time() * US)
         log.info("event=point vm=%s kind=%s point=%d job_s=%.3f read=%d stored=%d consistency=%s%s",
                  st.name, point.kind, point.point, st.last_job_s, point.stats.get("logical_bytes", 0),
                  point.stats.get("stored_bytes", 0), point.consistency,
@@ -279,17 +281,12 @@ class Ingester:
             await trio.sleep(1.0)
 
     def _metrics_text(self) -> str:
-        now_us = time.time() * US
-        lines = ["# TYPE rpofs_rpo_age_seconds gauge", "# TYPE rpofs_points_total counter",
-                 "# TYPE rpofs_ingested_bytes_total counter", "# TYPE rpofs_failures_total counter"]
-        for s in self.status.values():
-            label = f'{{vm="{s.name}",uuid="{s.uuid}"}}'
-            if s.newest_point_us:
-                lines.append(f"rpofs_rpo_age_seconds{label} {(now_us - s.newest_point_us) / US:.3f}")
-            lines += [f"rpofs_points_total{label} {s.points}",
-                      f"rpofs_ingested_bytes_total{label} {s.bytes_ingested}",
-                      f"rpofs_failures_total{label} {s.failures}"]
-        return "\n".join(lines) + "\n"
+        """On a worker thread (the repository's size is a directory scan)."""
+        try:
+            size = self.repo.stored_bytes()
+        except OSError:  # a pack deleted while it was counted (prune): left out of this scrape
+            size = None
+        return metrics.render(list(self.status.values()), size, time.time() * US)
 
 
 def newest_and_full(repo: Repository, uuid: str) -> tuple[PointRecord | None, PointRecord | None]:
