@@ -105,3 +105,12 @@ def test_schedule_logs_on_the_interval_and_a_new_chain_when_the_full_is_old():
     log = point("log", 1097.0)
     due, reason = _next_due(1098.0, log, full, policy)                    # the full is 100 s old by then
     assert due == 1100.0 and "full interval elapsed" in reason
+
+
+def test_defrag_interval_zero_means_never_and_other_intervals_refuse_zero(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('[defaults]\ndefrag_interval = "0s"\n')
+    assert load(str(path)).defaults.defrag_interval_s == 0
+    path.write_text('[defaults]\nlog_interval = "0s"\n')
+    with pytest.raises(ConfigError, match="log_interval"):
+        load(str(path))

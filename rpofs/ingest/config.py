@@ -66,6 +66,7 @@ class IngestConfig:
         return not self.vms or name in self.vms or uuid in self.vms
 
 
+_ZERO = re.compile(r"^\s*0+(\.0*)?\s*(ms|s|m|h|d|w)?\s*$")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
 _UNIT_S = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400, None: 1}
 
@@ -125,16 +126,21 @@ class _Reader:
             self.fail(key, f"expected an integer >= {low}, got {v!r}")
         return v
 
-    def duration(self, key, default) -> float:
+    def duration(self, key, default, zero_means: str = "") -> float:
+        """A positive duration; 0 too when zero_means says what it means
+        (e.g. "never")."""
         v = self.table.get(key)
         if v is None:
             return default
+        if zero_means and (v == 0 or (isinstance(v, str) and _ZERO.match(v))):
+            return 0.0
         if isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0:
             return float(v)
         try:
             return parse_duration(v if isinstance(v, str) else "")
         except ValueError:
-            self.fail(key, f"expected a duration like 500ms, 5s, 10m, 24h, 7d, got {v!r}")
+            also = f", or 0s ({zero_means})" if zero_means else ""
+            self.fail(key, f"expected a duration like 500ms, 5s, 10m, 24h, 7d{also}, got {v!r}")
 
 
 def _policy(r: _Reader, base: VmPolicy) -> VmPolicy:
@@ -174,7 +180,7 @@ def _policy(r: _Reader, base: VmPolicy) -> VmPolicy:
                           within_s=r.duration("keep_within", base_keep.within_s) if "keep_within" in r.table
                           else base_keep.within_s)
     return VmPolicy(full, log, disks, quiesce, retention, r.duration("prune_interval", base.prune_interval_s),
-                    r.duration("defrag_interval", base.defrag_interval_s))
+                    r.duration("defrag_interval", base.defrag_interval_s, zero_means="never"))
 
 
 _KEEP_COUNTS = {"keep_last": "last", "keep_hourly": "hourly", "keep_daily": "daily", "keep_weekly": "weekly",
