@@ -71,6 +71,8 @@ def gather(repo: Repository) -> dict:
             "next_run": _time(d.get("next_run_us")),
             "next_run_state": next_run_state(d.get("next_run_us"), d.get("state", ""), now_us),
             "last_job_seconds": d.get("last_job_s"),
+            "job": ({"bytes_done": d.get("job_bytes_done", 0), "bytes_total": d.get("job_bytes_total", 0)}
+                    if d.get("state") == "backing up" else None),
             "last_error": d.get("last_error") or None,
             "last_error_at": _time(d.get("last_error_us")),
         })
