@@ -128,15 +128,16 @@ def test_readers_of_old_places_find_moved_blocks(tmp_path, monkeypatch):
     repo = Repository.init(str(tmp_path / "r"))
     disk, points, truth = chain_of_scattered_logs(repo, random.Random(5))
     newest = DiskReader(repo, points[-1], "vda")
-    before = newest.pieces(0, len(disk))  # places as a reader saw them before defrag
+    before = newest.extents(0, len(disk))  # places as a reader saw them before defrag
     assert defrag(repo, VM).packs_deleted > 0
-    gone = [p for p in before if p[5] and not os.path.exists(os.path.join(repo.chunks_dir, schema.pack_name(p[5].pack)))]
+    gone = [e for e in before
+            if e.loc and not os.path.exists(os.path.join(repo.chunks_dir, schema.pack_name(e.loc.pack)))]
     assert gone
     repo.reader.close()   # no descriptor still open on a deleted pack
     repo.reader._cache_limit = 0
     for old in before:   # a read planned before the move finds the data at its new place
-        if old[5]:
-            assert bytes(newest.piece_bytes(old)) == bytes(disk[old[0]:old[1]])
+        if old.loc:
+            assert bytes(newest.extent_bytes(old)) == bytes(disk[old.pos:old.stop])
     repo.close()
 
 
@@ -273,13 +274,13 @@ def test_mostly_changed_chunks_are_filled_so_the_newest_point_skips_the_full(tmp
         truth[points[-1].point] = bytes(disk)
     report = defrag(repo, VM)
     assert report.blocks_filled == 6
-    pieces = DiskReader(repo, points[-1], "vda").pieces(0, len(disk))
-    chunk_of = {p[0] // CHUNK_SIZE: [] for p in pieces}
-    for p in pieces:
-        chunk_of[p[0] // CHUNK_SIZE].append(p)
-    assert all(p[4] is None for p in chunk_of[0])         # chunk 0 now read from logs only ...
-    assert [p[5] for p in chunk_of[0]].count(None) == 1   # ... its zero block from no stored bytes
-    assert any(p[4] is not None for p in chunk_of[1])     # chunk 1 (3 of 16 changed) still uses the full
+    extents = DiskReader(repo, points[-1], "vda").extents(0, len(disk))
+    chunk_of = {e.pos // CHUNK_SIZE: [] for e in extents}
+    for e in extents:
+        chunk_of[e.pos // CHUNK_SIZE].append(e)
+    assert all(e.key is None for e in chunk_of[0])         # chunk 0 now read from logs only ...
+    assert [e.loc for e in chunk_of[0]].count(None) == 1   # ... its zero block from no stored bytes
+    assert any(e.key is not None for e in chunk_of[1])     # chunk 1 (3 of 16 changed) still uses the full
     for p in points:
         assert DiskReader(repo, p, "vda").read(0, len(disk)) == truth[p.point]
     check_repository(repo)

@@ -160,15 +160,15 @@ def test_compaction_moves_live_data_and_readers_of_old_places_find_it(tmp_path, 
     repo = Repository.init(str(tmp_path / "r"))
     disk, points = three_logs(repo, random.Random(6))
     newest = DiskReader(repo, points[3], "vda")
-    before = newest.pieces(0, len(disk))  # places as a reader saw them before the prune
+    before = newest.extents(0, len(disk))  # places as a reader saw them before the prune
     report = prune(repo, VM, Retention(last=1))
     assert report.packs_compacted >= 1
-    after = newest.pieces(0, len(disk))
-    moved = [(old, new) for old, new in zip(before, after) if old[5] != new[5]]
+    after = newest.extents(0, len(disk))
+    moved = [(old, new) for old, new in zip(before, after) if old.loc != new.loc]
     assert moved and all(old[:5] == new[:5] for old, new in moved)
     repo.reader._cache_limit = 0
     for old, new in moved:  # a read planned before the move finds the data at its new place
-        assert bytes(newest.piece_bytes(old)) == bytes(disk[old[0]:old[1]])
+        assert bytes(newest.extent_bytes(old)) == bytes(disk[old.pos:old.stop])
     assert DiskReader(repo, points[3], "vda").read(0, len(disk)) == bytes(disk)
     check_repository(repo)
     repo.close()

@@ -142,8 +142,6 @@ class DiskReader:
                 pos = stop
         return out
 
-    pieces = extents  # the name before format 3 (whose chunks have pieces of their own), for callers not moved yet
-
     def _changes(self, logs, first: int, last: int) -> dict[int, bytes]:
         """block -> chunk key of its newest change at or before the point, for
         the blocks first..last that have one. Blocks no log touched cost
@@ -174,7 +172,6 @@ class DiskReader:
                 raise
             return self._bytes(fresh[0])
 
-    piece_bytes = extent_bytes  # the name before format 3
 
     def _bytes(self, extent: Extent):
         pos, stop, base, span, key, loc = extent
