@@ -53,6 +53,11 @@ def test_tree_names_as_of_and_new_points(tmp_path):
     for bad in ("2026-11-24T18:59:29Z", "2026-11-24T18:59:35", "soon"):
         with pytest.raises(NoSuchEntry):
             tree.lookup(at.ino, bad)
+    by_uuid = tree.lookup(ROOT_INO, ".by-uuid")  # a path to the VM that no name clash changes
+    assert [n for n, _ in tree.readdir(by_uuid.ino)] == [VM]
+    assert tree.readlink(tree.lookup(by_uuid.ino, VM).ino) == "../m"
+    with pytest.raises(NoSuchEntry):
+        tree.lookup(by_uuid.ino, "00000000-0000-0000-0000-000000000000")
     point = tree.lookup(vm.ino, "2026-11-24T18:59:40Z")
     assert [n for n, _ in tree.readdir(point.ino)] == ["vda.raw", "point.json", "domain.xml", "files"]
     raw = tree.lookup(point.ino, "vda.raw")
