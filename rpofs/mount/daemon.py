@@ -59,6 +59,33 @@ def mount_background(opts: MountOptions) -> None:
     """Start the mount daemon; return when the mount is ready."""
     check_mountpoint(opts.mountpoint)
     Repository.open(opts.repo).close()  # a clear error here beats one in the log
+    start_mount(opts).wait()
+
+
+class StartingMount:
+    """A mount daemon started and not yet known to be ready: its starter can
+    do other work meanwhile (`rpofs run` prepares its VM), then wait()."""
+
+    def __init__(self, read_fd: int, log_path: str):
+        self._read_fd = read_fd
+        self._log_path = log_path
+
+    def wait(self) -> None:
+        """Return once the mount serves; MountError with the daemon's own
+        error if it failed."""
+        if self._read_fd < 0:
+            return
+        with os.fdopen(self._read_fd) as ready:
+            self._read_fd = -1
+            answer = ready.read().strip()
+        if answer != "ready":
+            raise MountError(answer.removeprefix("error: ") or f"the mount daemon died; see {self._log_path}")
+
+
+def start_mount(opts: MountOptions) -> StartingMount:
+    """Start `rpofs mount --foreground` as a detached child; it opens the
+    repository itself (nothing of LMDB crosses a fork, and this process may
+    hold the repository open: LMDB must not be opened twice in one process)."""
     read_fd, write_fd = os.pipe()
     log_path = opts.log_file or os.path.join(opts.repo, "mount.log")
     cmd = [sys.executable, "-m", "rpofs.cli", "--repo", opts.repo, "mount", opts.mountpoint,
@@ -68,15 +95,14 @@ def mount_background(opts: MountOptions) -> None:
     try:
         log_out = open(log_path, "ab")
     except OSError as e:
+        os.close(read_fd)
+        os.close(write_fd)
         raise MountError(f"cannot write the mount log {log_path}: {e.strerror}") from None
     with log_out:
         subprocess.Popen(cmd, pass_fds=(write_fd,), stdin=subprocess.DEVNULL, stdout=log_out,
                          stderr=log_out, start_new_session=True, close_fds=True)
     os.close(write_fd)
-    with os.fdopen(read_fd) as ready:
-        answer = ready.read().strip()
-    if answer != "ready":
-        raise MountError(answer.removeprefix("error: ") or f"the mount daemon died; see {log_path}")
+    return StartingMount(read_fd, log_path)
 
 
 def mount_foreground(opts: MountOptions, ready_fd: int | None = None) -> None:

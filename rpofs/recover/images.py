@@ -11,11 +11,15 @@ from ..store.restore import copy_disk
 from ..virt.nbdexport import ImageWriter
 
 
-def create(path: str, fmt: str, size: int = 0, backing: str = "", backing_fmt: str = "raw") -> None:
-    """A new empty image (sparse), or a qcow2 overlay over `backing`."""
+def create(path: str, fmt: str, size: int = 0, backing: str = "", backing_fmt: str = "raw",
+           check_backing: bool = True) -> None:
+    """A new empty image (sparse), or a qcow2 overlay over `backing` (its
+    size the backing file's, or `size` without opening it when not
+    check_backing)."""
     cmd = ["qemu-img", "create", "-q", "-f", fmt]
     if backing:
-        cmd += ["-F", backing_fmt, "-b", backing, path]
+        cmd += ["-F", backing_fmt, "-b", backing]
+        cmd += [path] if check_backing else ["-u", path, str(size)]
     else:
         cmd += [path, str(size)]
     result = subprocess.run(cmd, capture_output=True, text=True)

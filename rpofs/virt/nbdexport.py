@@ -1,6 +1,13 @@
 """libnbd, and only here: reading one disk of a running backup job, and
 writing a restored disk into a qcow2 image."""
 
+import os
+import shutil
+import subprocess
+import queue
+import tempfile
+import time
+
 import nbd
 
 from ..errors import VirtError
@@ -77,30 +84,93 @@ class Export:
 
 class ImageWriter:
     """Writes into a disk image of any format QEMU knows (qcow2 above all)
-    through qemu-nbd, which libnbd starts with systemd socket activation for
-    this connection alone: no socket path to pick, and the server ends with
-    the handle. pwrite is safe from several threads (libnbd serializes)."""
+    through one qemu-nbd on a private unix socket, with one NBD connection
+    per writing thread: pwrite from up to `connections` threads at once.
 
-    def __init__(self, path: str, fmt: str):
+    Measured here writing 1 GiB of 1 MiB pieces into a new qcow2: one
+    connection (libnbd serializes a handle's requests) 390-475 MB/s with
+    the host page cache, 4 connections with cache=none (O_DIRECT) 760-790,
+    8 about 870; a raw file written directly 670-1,020. A filesystem that
+    refuses O_DIRECT (tmpfs) gets the page cache. close() flushes every
+    connection (QEMU writes its metadata and syncs) before the image
+    counts as written."""
+
+    def __init__(self, path: str, fmt: str, connections: int = 4):
         self.path = path
+        self._dir = tempfile.mkdtemp(prefix="rpofs-nbd-")
+        self._socket = os.path.join(self._dir, "sock")
+        self._server = None
+        self._handles: list = []
+        self._idle: queue.Queue = queue.Queue()   # connections not writing now
         try:
-            self._h = nbd.NBD()
-            self._h.connect_systemd_socket_activation(
-                ["qemu-nbd", "--format", fmt, "--cache=writeback", "--discard=unmap", path])
+            for cache in ("none", "writeback"):
+                if self._serve(fmt, cache, connections):
+                    break
+            else:
+                raise VirtError(f"cannot open {path} through qemu-nbd: {self._error}")
+            for _ in range(connections):
+                h = nbd.NBD()
+                h.connect_unix(self._socket)
+                self._handles.append(h)
+                self._idle.put(h)
         except nbd.Error as e:
+            self._stop()
             raise VirtError(f"cannot open {path} through qemu-nbd: {e}") from e
+        except BaseException:
+            self._stop()
+            raise
+
+    def _serve(self, fmt: str, cache: str, connections: int) -> bool:
+        """Start qemu-nbd; False (and self._error) if it exits at once."""
+        self._server = subprocess.Popen(
+            ["qemu-nbd", "--format", fmt, f"--cache={cache}", "--discard=unmap", "--shared", str(connections),
+             "--socket", self._socket, self.path],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 30
+        while not os.path.exists(self._socket):
+            if self._server.poll() is not None:
+                self._error = self._server.stderr.read().strip()
+                self._server = None
+                return False
+            if time.monotonic() > deadline:
+                raise VirtError(f"qemu-nbd did not start serving {self.path} in 30 s")
+            time.sleep(0.005)
+        return True
 
     def pwrite(self, data, offset: int) -> None:
+        """From any thread; one request per idle connection at a time."""
+        h = self._idle.get()
         try:
-            self._h.pwrite(data, offset)
+            h.pwrite(data, offset)
         except nbd.Error as e:
             raise VirtError(f"writing {self.path} at {offset}: {e}") from e
+        finally:
+            self._idle.put(h)
 
     def close(self, flush: bool = True) -> None:
         """Flush (qemu-nbd makes the image durable) and disconnect."""
         try:
             if flush:
-                self._h.flush()
-            self._h.shutdown()
+                for h in self._handles:
+                    h.flush()
         except nbd.Error as e:
             raise VirtError(f"finishing {self.path}: {e}") from e
+        finally:
+            self._stop()
+
+    def _stop(self) -> None:
+        for h in self._handles:
+            try:
+                h.shutdown()
+            except nbd.Error:
+                pass
+        self._handles = []
+        if self._server is not None:
+            try:
+                self._server.wait(timeout=30)  # it exits once its last client has gone
+            except subprocess.TimeoutExpired:
+                self._server.kill()
+                self._server.wait()
+            self._server.stderr.close()
+            self._server = None
+        shutil.rmtree(self._dir, ignore_errors=True)
