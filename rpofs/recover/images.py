@@ -7,7 +7,7 @@ import subprocess
 
 from ..errors import RpofsError
 from ..store.materialize import DiskReader
-from ..store.restore import copy_disk
+from ..store.restore import copy_disk, pwrite_all
 from ..virt.nbdexport import ImageWriter
 
 
@@ -36,7 +36,7 @@ def write_disk(reader: DiskReader, path: str, fmt: str, progress=None) -> int:
     if fmt == "raw":
         fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
         try:
-            written = copy_disk(reader, lambda data, offset: _pwrite_all(fd, data, offset), False, progress)
+            written = copy_disk(reader, lambda data, offset: pwrite_all(fd, data, offset), False, progress)
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -56,10 +56,3 @@ def data_bytes(reader: DiskReader) -> int:
     """How many bytes of the disk hold data at the point (from the index
     alone: what writing it out costs in room)."""
     return sum(e.stop - e.pos for e in reader.extents(0, reader.size) if e.loc is not None)
-
-
-def _pwrite_all(fd: int, data, offset: int) -> None:
-    data = memoryview(data)
-    while data:
-        n = os.pwrite(fd, data, offset)
-        data, offset = data[n:], offset + n

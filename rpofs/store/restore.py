@@ -70,7 +70,7 @@ def restore_disk(repo: Repository, source: str, dest: str, force: bool = False, 
             os.ftruncate(fd, reader.size)  # zeros everywhere, allocated nowhere
         if progress is not None:
             progress.set(0, reader.size)
-        written = copy_disk(reader, lambda data, offset: _pwrite_all(fd, data, offset), zero_fill=device,
+        written = copy_disk(reader, lambda data, offset: pwrite_all(fd, data, offset), zero_fill=device,
                             progress=progress.add if progress is not None else None)
         os.fsync(fd)
     except BaseException:
@@ -142,7 +142,9 @@ def _data_runs(data: memoryview, pos: int):
         yield run_start, len(data)
 
 
-def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+def pwrite_all(fd: int, data, offset: int) -> None:
+    """All of data at offset (pwrite may write less)."""
+    data = memoryview(data)
     while data:
         n = os.pwrite(fd, data, offset)
         data, offset = data[n:], offset + n
