@@ -85,9 +85,15 @@ def restore_vm(repo: Repository, conn: Connection, vm: str, when: str, opts: VmR
         for path in paths.values():
             if os.path.lexists(path):
                 raise RpofsError(f"{path} exists already: remove it or choose another --name or --dir")
+    workdir = os.path.dirname(next(iter(paths.values())))
+    nvram_path = os.path.join(workdir, f"{name}_VARS.fd")  # beside the disks
+    # the definition first: what is wrong with it is found before any writing
+    prepared = domainxml.prepare(captured, domainxml.Recovery(
+        name=name, uuid=dom_uuid, new_identity=not opts.replace,
+        disks=tuple(domainxml.NewDisk(t, p, opts.format) for t, p in paths.items()),
+        workdir=workdir, nvram=nvram_path if domainxml.uses_nvram(captured) else ""))
     readers = {d.target: DiskReader(repo, point, d.target) for d in point.disks}
     _check_room(readers, paths)
-    workdir = os.path.dirname(next(iter(paths.values())))
     written, made = 0, []
     try:
         with Progress(f"restoring {name}", sum(r.size for r in readers.values())) as progress:
@@ -95,13 +101,8 @@ def restore_vm(repo: Repository, conn: Connection, vm: str, when: str, opts: VmR
                 part = paths[target] + ".part"
                 made.append(part)
                 written += images.write_disk(reader, part, opts.format, progress.add)
-        nvram_path = os.path.join(workdir, f"{name}_VARS.fd")  # beside the disks
         boot = place_boot_state(repo, point, captured, workdir, name, nvram_path=nvram_path + ".part")
         made += boot.files
-        prepared = domainxml.prepare(captured, domainxml.Recovery(
-            name=name, uuid=dom_uuid, new_identity=not opts.replace,
-            disks=tuple(domainxml.NewDisk(t, p, opts.format) for t, p in paths.items()),
-            workdir=workdir, nvram=nvram_path if boot.nvram else ""))
         finals = {part: part[:-len(".part")] for part in made}
         dom = _switch(conn, prepared.xml, finals, replace=opts.replace)
     except BaseException:
