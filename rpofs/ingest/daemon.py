@@ -175,17 +175,13 @@ class Ingester:
             self._tasks.discard(uuid)
 
     async def _vm_loop(self, uuid, name, st: VmStatus, policy) -> None:
-        conn = await self._connection()
-        try:
-            dom = await self._call(conn.domain, uuid)
-            for what in await trio.to_thread.run_sync(end_leftovers, self.repo, dom):
-                log.warning("event=leftover vm=%s action=%r", name, what)
-        except RpofsError as e:
-            log.warning("event=leftover-check-failed vm=%s error=%r", name, str(e))
+        """Back the VM up on schedule until it stops; after each point, the
+        upkeep that is due (prune, defrag)."""
+        await self._end_leftovers(uuid, name)
         last, last_full = await trio.to_thread.run_sync(newest_and_full, self.repo, uuid)
         st.newest_point_us = last.time_us if last else 0
         backoff, failed_at, warned = 0.0, 0.0, False
-        pruned_at = defragged_at = float("-inf")
+        upkeep = {"prune": float("-inf"), "defrag": float("-inf")}  # when each last ran (monotonic)
         while True:
             now = time.time()
             due, full_reason = _next_due(now, last, last_full, policy)
@@ -193,35 +189,20 @@ class Ingester:
                 due = max(due, failed_at + backoff)
             st.next_run_us, st.state = int(due * US), "waiting" if not backoff else "failing"
             await trio.sleep(max(0.0, due - now))
-            async with self.jobs:
-                st.state = "backing up"
-                started = time.monotonic()
-                conn = await self._connection()
-                request = BackupRequest(uuid, full_reason, policy.disks, policy.quiesce, lock_wait_s=LOCK_WAIT_S)
-                st.job_bytes_done = st.job_bytes_total = 0
-                try:
-                    point = await trio.to_thread.run_sync(back_up, self.repo, conn, request, _JobProgress(st))
-                except VmBusy as e:  # a backup by hand: it made the point this one was for
-                    log.info("event=backup-skipped vm=%s why=%r", name, str(e))
-                    last, last_full = await trio.to_thread.run_sync(newest_and_full, self.repo, uuid)
-                    continue
-                except (VmNotRunning, UnknownVM) as e:
-                    st.state = "gone" if isinstance(e, UnknownVM) else "not running"
-                    log.info("event=stop-scheduling vm=%s why=%r", name, str(e))
-                    return
-                except Exception as e:  # noqa: BLE001 — one VM's failure must not end the daemon
-                    backoff = min(max(policy.log_interval_s, 1.0) * 2 ** min(st.failures, 6), MAX_BACKOFF_S)
-                    failed_at = time.time()
-                    st.failures += 1
-                    st.last_error, st.last_error_us = str(e), int(failed_at * US)
-                    if isinstance(e, RpofsError):
-                        log.warning("event=backup-failed vm=%s retry_s=%g error=%r", name, backoff, str(e))
-                    else:
-                        log.exception("event=backup-failed vm=%s retry_s=%g", name, backoff)
-                    continue
+            try:
+                point = await self._job(uuid, st, policy, full_reason)
+            except VmBusy as e:  # a backup by hand: it made the point this one was for
+                log.info("event=backup-skipped vm=%s why=%r", name, str(e))
+                last, last_full = await trio.to_thread.run_sync(newest_and_full, self.repo, uuid)
+                continue
+            except (VmNotRunning, UnknownVM) as e:
+                st.state = "gone" if isinstance(e, UnknownVM) else "not running"
+                log.info("event=stop-scheduling vm=%s why=%r", name, str(e))
+                return
+            except Exception as e:  # noqa: BLE001 — one VM's failure must not end the daemon
+                backoff, failed_at = self._failed(st, policy, e), time.time()
+                continue
             backoff = 0.0
-            st.last_job_s = time.monotonic() - started
-            self._record(st, point)
             last = point
             if point.kind == "full":
                 last_full = point
@@ -229,12 +210,52 @@ class Ingester:
                 if not warned:  # a missing agent is said once, not every few seconds
                     log.warning("event=crash-consistent vm=%s why=%r", name, w)
                     warned = True
-            if not policy.retention.keeps_everything() and time.monotonic() - pruned_at >= policy.prune_interval_s:
-                pruned_at = time.monotonic()
-                await self._prune(st, policy)
-            if policy.defrag_interval_s and time.monotonic() - defragged_at >= policy.defrag_interval_s:
-                defragged_at = time.monotonic()
-                await self._defrag(st)
+            await self._upkeep(st, policy, upkeep)
+
+    async def _end_leftovers(self, uuid: str, name: str) -> None:
+        """What a killed predecessor left of this VM's backups (its job, its
+        checkpoint), ended before the first backup."""
+        conn = await self._connection()
+        try:
+            dom = await self._call(conn.domain, uuid)
+            for what in await trio.to_thread.run_sync(end_leftovers, self.repo, dom):
+                log.warning("event=leftover vm=%s action=%r", name, what)
+        except RpofsError as e:
+            log.warning("event=leftover-check-failed vm=%s error=%r", name, str(e))
+
+    async def _job(self, uuid: str, st: VmStatus, policy, full_reason: str) -> PointRecord:
+        """One backup in a job slot, its progress kept in st."""
+        async with self.jobs:
+            st.state = "backing up"
+            started = time.monotonic()
+            conn = await self._connection()
+            request = BackupRequest(uuid, full_reason, policy.disks, policy.quiesce, lock_wait_s=LOCK_WAIT_S)
+            st.job_bytes_done = st.job_bytes_total = 0
+            point = await trio.to_thread.run_sync(back_up, self.repo, conn, request, _JobProgress(st))
+        st.last_job_s = time.monotonic() - started
+        self._record(st, point)
+        return point
+
+    def _failed(self, st: VmStatus, policy, e: Exception) -> float:
+        """Count and log a failed backup; the backoff before the next try."""
+        backoff = min(max(policy.log_interval_s, 1.0) * 2 ** min(st.failures, 6), MAX_BACKOFF_S)
+        st.failures += 1
+        st.last_error, st.last_error_us = str(e), int(time.time() * US)
+        if isinstance(e, RpofsError):
+            log.warning("event=backup-failed vm=%s retry_s=%g error=%r", st.name, backoff, str(e))
+        else:
+            log.exception("event=backup-failed vm=%s retry_s=%g", st.name, backoff)
+        return backoff
+
+    async def _upkeep(self, st: VmStatus, policy, ran: dict) -> None:
+        """Prune every prune_interval (with a retention policy), defrag every
+        defrag_interval (unless 0), between this VM's own backups."""
+        if not policy.retention.keeps_everything() and time.monotonic() - ran["prune"] >= policy.prune_interval_s:
+            ran["prune"] = time.monotonic()
+            await self._prune(st, policy)
+        if policy.defrag_interval_s and time.monotonic() - ran["defrag"] >= policy.defrag_interval_s:
+            ran["defrag"] = time.monotonic()
+            await self._defrag(st)
 
     async def _prune(self, st: VmStatus, policy) -> None:
         """Between this VM's own backups; other VMs' backups wait for the
