@@ -300,7 +300,9 @@ def _remove(repo: Repository, conn: Connection, rec: RunRecord) -> None:
 
 
 def _release_mount(repo: Repository, rec: RunRecord) -> None:
-    if not rec.mount_started or any(r.mount_started for r in records(repo) if r.uuid != rec.uuid):
+    """Unmount the mount run started, once no other run VM uses it (a VM
+    started later may have found it mounted and used it too)."""
+    if not rec.mount_started or any(r.mountpoint == rec.mountpoint for r in records(repo) if r.uuid != rec.uuid):
         return
     from ..mount.daemon import mounts_of, unmount
     if rec.mountpoint in mounts_of(repo.path):
