@@ -355,8 +355,9 @@ def point_names_of(repo, points) -> list[str]:
 
 
 def split_vm_time(text: str) -> tuple[str, str]:
-    """VM@TIME -> (vm, time); TIME is 'latest' or as in the mount's at/."""
-    vm, at, when = text.rpartition("@")
+    """VM@TIME -> (vm, time); TIME is 'latest' or as in the mount's at/.
+    Split at the first "@", as cp's and restore's VM@TIME:... are."""
+    vm, at, when = text.partition("@")
     if not (vm and at and when):
         raise RpofsError(f"cannot read {text!r}: expected VM@TIME, e.g. db1@2026-11-30T09:41:07Z or db1@latest")
     return vm, when

@@ -81,7 +81,7 @@ def test_run_boots_the_point_then_moves_off_the_mount_under_load(lab):
     g, p, repo, conn, tmp = lab["guest"], lab["point"], lab["repo"], lab["conn"], lab["tmp"]
     log_at, db_at = at_point(lab)
     name = f"rpofs-rc-copy-{uuid.uuid4().hex[:6]}"
-    with mounted(repo, tmp / "mnt") as mnt:
+    with mounted(repo, tmp / "mnt"):  # run uses the mount that is there
         out = run_rpofs("run", f"{g.name}@{p['name']}", "--name", name, "--no-network", repo=repo)
         assert out.stdout.strip() == name
         copy = conn.lookupByName(name)
@@ -132,7 +132,7 @@ def test_run_boots_the_point_then_moves_off_the_mount_under_load(lab):
 
 
 def test_run_stop_removes_what_run_made_and_nothing_else(lab):
-    g, p, repo, conn = lab["guest"], lab["point"], lab["repo"], lab["conn"]
+    g, repo, conn = lab["guest"], lab["repo"], lab["conn"]
     name = run_rpofs("run", f"{g.name}@latest", "--no-start", repo=repo).stdout.strip()
     hhmm = time.strftime("%H%M", time.gmtime(_epoch(points_json(repo, g.name)[-1]["time"])))
     assert name.startswith(f"{g.name}-{hhmm}")

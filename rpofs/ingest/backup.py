@@ -264,10 +264,7 @@ def _copy_disks(writer: BackupWriter, socket: str, exports: dict, disks: list[Di
         if progress is not None:
             progress.set(0, sum(length for plan in plans for _, length in plan))
         for index, (export, plan) in enumerate(zip(opened, plans)):
-            if parent:
-                _copy_dirty(export, writer, index, plan, progress)
-            else:
-                _copy_allocated(export, writer, index, plan, progress)
+            _pipeline(export, plan, _log_store(writer, index) if parent else _full_store(writer, index), progress)
     finally:
         for export in opened:
             export.close()
@@ -293,12 +290,18 @@ def _read_boot_state(info: DomainInfo, warnings: list[str]) -> dict[str, bytes]:
     return state
 
 
-def _pipeline(writer_call, reads):
-    """Read on this thread, hash/compress/store on HASH_THREADS, IN_FLIGHT ahead."""
+def _pipeline(export: Export, ranges: list[tuple[int, int]], store, progress) -> None:
+    """Read each (offset, length) on this thread; store(offset, data) —
+    hashing, compressing, writing — on HASH_THREADS, IN_FLIGHT reads ahead."""
+    def stored(offset, data):
+        store(offset, data)
+        if progress is not None:
+            progress.add(len(data))
+
     with concurrent.futures.ThreadPoolExecutor(HASH_THREADS, thread_name_prefix="rpofs-hash") as pool:
         pending = collections.deque()
-        for args, read in reads:
-            pending.append(pool.submit(writer_call, *args, read()))
+        for offset, length in ranges:
+            pending.append(pool.submit(stored, offset, export.pread(length, offset)))
             while len(pending) >= IN_FLIGHT:
                 pending.popleft().result()
         while pending:
@@ -326,30 +329,15 @@ def _dirty_runs(export: Export) -> list[tuple[int, int]]:
     return [(first * BLOCK_SIZE, min(stop * BLOCK_SIZE, export.size) - first * BLOCK_SIZE) for first, stop in runs]
 
 
-def _copy_allocated(export: Export, writer: BackupWriter, disk: int, chunks, progress) -> None:
-    """A full: every chunk that holds allocated data."""
-    def store(chunk_no, data):
-        writer.put_full_chunk(disk, chunk_no, data)
-        if progress is not None:
-            progress.add(len(data))
-
-    def reads():
-        for start, length in chunks:
-            yield (start // CHUNK_SIZE,), lambda s=start, n=length: export.pread(n, s)
-
-    _pipeline(store, reads())
+def _full_store(writer: BackupWriter, disk: int):
+    """A full: each chunk read is stored under its number."""
+    return lambda offset, data: writer.put_full_chunk(disk, offset // CHUNK_SIZE, data)
 
 
-def _copy_dirty(export: Export, writer: BackupWriter, disk: int, runs, progress) -> None:
-    """A log: every block the checkpoint's bitmap marks changed."""
-    def store_run(first, data):
+def _log_store(writer: BackupWriter, disk: int):
+    """A log: each run of changed blocks read is stored block by block."""
+    def store(offset, data):
+        first = offset // BLOCK_SIZE
         for i in range(0, len(data), BLOCK_SIZE):
             writer.put_log_block(disk, first + i // BLOCK_SIZE, bytes(data[i:i + BLOCK_SIZE]))
-        if progress is not None:
-            progress.add(len(data))
-
-    def reads():
-        for start, length in runs:
-            yield (start // BLOCK_SIZE,), lambda s=start, n=length: export.pread(n, s)
-
-    _pipeline(store_run, reads())
+    return store

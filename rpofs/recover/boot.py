@@ -4,7 +4,7 @@ boot state captured with the point (UEFI variable store, TPM state)."""
 import os
 from dataclasses import dataclass, field
 
-from ..errors import RpofsError
+from .. import durable
 from ..store.repo import Repository
 from ..store.schema import PointRecord
 from ..timefmt import format_time
@@ -39,7 +39,7 @@ class BootFiles:
             return ""
         path = os.path.join(SWTPM_DIR, domain_uuid, SWTPM_STATE.get(self.tpm_version, SWTPM_STATE["2.0"]))
         os.makedirs(os.path.dirname(path), mode=0o711, exist_ok=True)
-        _write_durably(path, self.tpm_state)
+        durable.write_file(path, self.tpm_state)
         return path
 
 
@@ -54,7 +54,7 @@ def place_boot_state(repo: Repository, point: PointRecord, captured_xml: str, wo
     if domainxml.uses_nvram(captured_xml):
         boot.nvram = nvram_path or os.path.join(workdir, f"{name}_VARS.fd")
         if firmware and "nvram" in firmware:
-            _write_durably(boot.nvram, repo.read_chunk(bytes.fromhex(firmware["nvram"])))
+            durable.write_file(boot.nvram, repo.read_chunk(bytes.fromhex(firmware["nvram"])))
             boot.files.append(boot.nvram)
         else:
             boot.notes.append("the point holds no UEFI variable store (taken before rpofs captured it, "
@@ -68,14 +68,3 @@ def place_boot_state(repo: Repository, point: PointRecord, captured_xml: str, wo
                               "the VM starts with a new TPM")
     return boot
 
-
-def _write_durably(path: str, data: bytes) -> None:
-    """Owner-only (0600, as libvirt keeps them): a variable store and a TPM
-    state can hold secrets."""
-    tmp = path + ".part"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    with open(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

@@ -180,11 +180,6 @@ def marker_of(xml: str) -> dict | None:
     return dict(el.attrib) if el is not None else None
 
 
-def uuid_of(xml: str) -> str:
-    el = ET.fromstring(xml).find("uuid")
-    return el.text.strip() if el is not None and el.text else ""
-
-
 def uses_nvram(xml: str) -> bool:
     """Whether the definition boots UEFI with a variable store."""
     os_el = ET.fromstring(xml).find("os")

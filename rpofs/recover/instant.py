@@ -41,11 +41,11 @@ import json
 import logging
 import os
 import shutil
-import subprocess
 import time
 import uuid as uuidlib
 from dataclasses import dataclass, field
 
+from .. import durable
 from ..errors import RpofsError, UnknownVM, VirtError
 from ..progress import Progress
 from ..store import holds
@@ -91,12 +91,8 @@ class RunRecord:
     defined: bool = False
 
     def save(self) -> None:
-        path = os.path.join(self.workdir, "run.json")
-        with open(path + ".tmp", "w") as f:
-            json.dump(dataclasses.asdict(self), f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(path + ".tmp", path)
+        durable.write_file(os.path.join(self.workdir, "run.json"),
+                           json.dumps(dataclasses.asdict(self), indent=2).encode())
 
     @classmethod
     def load(cls, path: str) -> "RunRecord":

@@ -27,6 +27,7 @@ import stat
 import uuid as uuidlib
 from dataclasses import dataclass
 
+from .. import durable
 from ..errors import RpofsError
 from ..progress import Progress
 from ..store.materialize import DiskReader
@@ -72,7 +73,7 @@ def restore_vm(repo: Repository, conn: Connection, vm: str, when: str, opts: VmR
     if opts.replace:
         name, dom_uuid = point.vm_name, point.vm
         current = _replaceable(conn, point, opts.force)
-        paths = _replace_paths(point, current, captured, opts)
+        paths = _replace_paths(point, current, opts)
     else:
         if opts.name and conn.has_domain(opts.name):
             raise RpofsError(f"a VM named {opts.name!r} exists already: choose another --name")
@@ -133,7 +134,7 @@ def _replaceable(conn: Connection, point: PointRecord, force: bool):
     return dom
 
 
-def _replace_paths(point: PointRecord, current, captured: str, opts: VmRestoreOptions) -> dict[str, str]:
+def _replace_paths(point: PointRecord, current, opts: VmRestoreOptions) -> dict[str, str]:
     if opts.dir:
         folder = os.path.abspath(opts.dir)
         if not os.path.isdir(folder):
@@ -188,7 +189,8 @@ def _switch(conn: Connection, xml: str, finals: dict[str, str], replace: bool):
         for part, final in finals.items():
             os.replace(part, final)
             placed.append(final)
-        _sync_dirs(finals.values())
+        for folder in {os.path.dirname(p) for p in finals.values()}:
+            durable.sync_dir(folder)
         dom = conn.define(xml)
     except BaseException:
         for final in placed:  # back to .part, which the caller deletes
@@ -203,11 +205,3 @@ def _switch(conn: Connection, xml: str, finals: dict[str, str], replace: bool):
             os.unlink(final + ".rpofs-old")
     return dom
 
-
-def _sync_dirs(paths) -> None:
-    for folder in {os.path.dirname(p) for p in paths}:
-        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)

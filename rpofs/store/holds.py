@@ -20,6 +20,7 @@ import os
 import re
 from dataclasses import dataclass
 
+from .. import durable
 from ..errors import RpofsError
 
 HOLDS_DIR = "holds"
@@ -44,14 +45,8 @@ def put(repo, hold: Hold) -> None:
     """Record the hold (durably) under the repository's shared lock."""
     path = _path(repo.path, hold.holder)
     os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-    tmp = path + ".tmp"
     with repo.shared():
-        with open(tmp, "w") as f:
-            json.dump({"vm": hold.vm, "point": hold.point, "why": hold.why}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _sync_dir(os.path.dirname(path))
+        durable.write_file(path, json.dumps({"vm": hold.vm, "point": hold.point, "why": hold.why}).encode())
 
 
 def drop(repo_path: str, holder: str) -> None:
@@ -84,10 +79,3 @@ def every(repo_path: str) -> list[Hold]:
 def held_points(repo_path: str, vm: str) -> set[int]:
     return {h.point for h in every(repo_path) if h.vm == vm}
 
-
-def _sync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

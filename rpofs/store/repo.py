@@ -61,21 +61,20 @@ class Repository:
         return fd
 
     @contextlib.contextmanager
-    def exclusive(self):
-        fd = self._flock(fcntl.LOCK_EX)
+    def _locked(self, mode: int):
+        fd = self._flock(mode)
         try:
             yield
         finally:
             os.close(fd)
 
-    @contextlib.contextmanager
+    def exclusive(self):
+        """The lock as prune holds it: no backup stores meanwhile."""
+        return self._locked(fcntl.LOCK_EX)
+
     def shared(self):
         """The lock as a backup holds it: no prune runs meanwhile."""
-        fd = self._flock(fcntl.LOCK_SH)
-        try:
-            yield
-        finally:
-            os.close(fd)
+        return self._locked(fcntl.LOCK_SH)
 
     # -- opening -------------------------------------------------------------
 

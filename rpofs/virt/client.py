@@ -101,10 +101,6 @@ class Connection:
                     raise VirtError(f"looking up VM {ref!r}: {e.get_error_message()}") from e
         raise UnknownVM(f"no VM named {ref!r} on {self.uri}")
 
-    def all_domains(self) -> list["Domain"]:
-        with _translated(f"listing the VMs on {self.uri}"):
-            return [Domain(d) for d in self._conn.listAllDomains(0)]
-
     def has_domain(self, name: str) -> bool:
         try:
             self._conn.lookupByName(name)
