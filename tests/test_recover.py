@@ -93,8 +93,8 @@ def test_run_boots_the_point_then_moves_off_the_mount_under_load(lab):
         lines = copy_log(copy)
         assert lines[:len(log_at)] == log_at
         assert len(lines) >= len(log_at)
-        rows = int(guest_run(copy, "/usr/bin/sqlite3", "/data/db/seq.db",
-                             f"SELECT count(*) FROM seq WHERE n <= {len(db_at)}"))
+        rows = int(guest_run(copy, "/usr/bin/sqlite3", "-cmd", ".timeout 10000", "/data/db/seq.db",
+                             f"SELECT count(*) FROM seq WHERE n <= {len(db_at)}"))  # the workload writes meanwhile
         assert rows == len(db_at)
         listed = json.loads(run_rpofs("run", "--list", "--json", repo=repo).stdout)
         mine = [r for r in listed if r["name"] == name]
@@ -114,7 +114,11 @@ def test_run_boots_the_point_then_moves_off_the_mount_under_load(lab):
         assert sources == [str(moved_dir / f"{name}-vda.qcow2"), str(moved_dir / f"{name}-vdb.qcow2")]
         assert sorted(os.listdir(moved_dir)) == sorted(os.path.basename(s) for s in sources)
     assert name not in [r["name"] for r in json.loads(run_rpofs("run", "--list", "--json", repo=repo).stdout)]
-    wait_for(lambda: len(copy_log(copy)) >= before_move + 5, timeout=60, what="the copy's workload after the move")
+    try:
+        wait_for(lambda: len(copy_log(copy)) >= before_move + 5, timeout=60, what="the copy's workload after the move")
+    except AssertionError as e:
+        raise AssertionError(f"{e} ({before_move} lines before it, {len(copy_log(copy))} now)\n"
+                             f"{live_console(name)}") from None
     # frozen, its filesystems are clean on disk and hold what it wrote; then off like a power cut
     written = copy_log(copy)
     agent(copy, "guest-fsfreeze-freeze", timeout=30)
@@ -148,6 +152,22 @@ def test_run_stop_removes_what_run_made_and_nothing_else(lab):
     assert not _is_mounted(run_dir / "mnt")
     assert sorted(os.listdir(run_dir)) == [".lock", "mnt"]
     assert g.dom.isActive()  # the original runs on
+
+
+def live_console(name: str, lines: int = 30) -> str:
+    """The tail of a running VM's console log, read through QEMU's open
+    descriptor (a moved copy's log file was in the run's directory, removed
+    when the move ended)."""
+    try:
+        with open(f"/run/libvirt/qemu/{name}.pid") as f:
+            pid = int(f.read())
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            if "console.log" in os.readlink(f"/proc/{pid}/fd/{fd}"):
+                with open(f"/proc/{pid}/fd/{fd}", errors="replace") as f:
+                    return "--- console (tail) ---\n" + "\n".join(f.read().splitlines()[-lines:])
+    except OSError as e:
+        return f"(no console: {e})"
+    return "(no console log open in QEMU)"
 
 
 def _is_mounted(path) -> bool:
