@@ -105,8 +105,8 @@ def test_few_pack_files_open_however_many_points(tmp_path, monkeypatch):
     threads read from packs being closed."""
     import threading
 
-    from rpofs.store import chunks
-    monkeypatch.setattr(chunks, "OPEN_PACKS", 2)
+    from rpofs.store import packs
+    monkeypatch.setattr(packs, "OPEN_PACKS", 2)
     repo = Repository.init(str(tmp_path / "r"))
     rnd = random.Random(3)
     disk = bytearray(rnd.randbytes(CHUNK_SIZE))
@@ -130,5 +130,5 @@ def test_few_pack_files_open_however_many_points(tmp_path, monkeypatch):
         t.start()
     for t in threads:
         t.join()
-    assert errors == [] and len(repo.reader._fds) <= 2
+    assert errors == [] and len(repo.packs._fds) <= 2
     repo.close()

@@ -12,9 +12,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from rpofs.errors import CorruptChunk, UnknownFormat
-from rpofs.store import chunks as chunks_mod
 from rpofs.store import defrag as defrag_mod
-from rpofs.store import prune as prune_mod
+from rpofs.store import gc as gc_mod
 from rpofs.store import repo as repo_mod
 from rpofs.store import schema
 from rpofs.store.chunks import PieceTable, chunk_key, piece_hashes, pieces_key
@@ -259,7 +258,7 @@ def test_compaction_copies_pieced_and_whole_records_byte_exact(tmp_path, monkeyp
     """Two fulls (a format-2 one and a format-3 one) sharing most blocks, a
     prune of the first: its pack, mostly dead, is compacted, and the kept
     points read the same."""
-    monkeypatch.setattr(prune_mod, "COMPACT_BELOW", 0.9)
+    monkeypatch.setattr(gc_mod, "COMPACT_BELOW", 0.9)
     rnd = random.Random(8)
     path = str(tmp_path / "r")
     disk = mixed_disk(rnd, 4 * CHUNK_SIZE)
@@ -285,7 +284,7 @@ def test_compaction_copies_pieced_and_whole_records_byte_exact(tmp_path, monkeyp
 
 
 def test_compaction_moves_pieced_records_and_keeps_them_pieced(tmp_path, monkeypatch):
-    monkeypatch.setattr(prune_mod, "COMPACT_BELOW", 0.99)
+    monkeypatch.setattr(gc_mod, "COMPACT_BELOW", 0.99)
     rnd = random.Random(9)
     repo = Repository.init(str(tmp_path / "r"))
     disk = mixed_disk(rnd, 3 * CHUNK_SIZE)
@@ -332,7 +331,7 @@ def test_a_small_read_asks_the_kernel_for_its_piece_not_the_chunk(tmp_path, monk
     disk = bytearray(rnd.randbytes(4 * CHUNK_SIZE))
     point = back_up(repo, [disk], [set()], "full", None, US)
     advised = []
-    monkeypatch.setattr(chunks_mod.os, "posix_fadvise", lambda fd, off, n, how: advised.append(n))
+    monkeypatch.setattr(repo.packs, "advise", lambda pack, off, n: advised.append(n))
     reader = DiskReader(repo, point, "vda")
     reader.read(CHUNK_SIZE - 2048, 4096)  # two chunks, tables unknown: the tables only
     assert advised and max(advised) <= 2 * 16 * PIECE_ENTRY.size

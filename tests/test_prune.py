@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from rpofs.store import holds
-from rpofs.store import prune as prune_mod
+from rpofs.store import gc as gc_mod
 from rpofs.store import schema
 from rpofs.store.materialize import DiskReader
 from rpofs.store.prune import Retention, choose, entry_is_live, prune
@@ -156,7 +156,7 @@ def test_prune_frees_space_and_compacts(tmp_path):
 
 
 def test_compaction_moves_live_data_and_readers_of_old_places_find_it(tmp_path, monkeypatch):
-    monkeypatch.setattr(prune_mod, "COMPACT_BELOW", 0.9)
+    monkeypatch.setattr(gc_mod, "COMPACT_BELOW", 0.9)
     repo = Repository.init(str(tmp_path / "r"))
     disk, points = three_logs(repo, random.Random(6))
     newest = DiskReader(repo, points[3], "vda")
@@ -175,7 +175,7 @@ def test_compaction_moves_live_data_and_readers_of_old_places_find_it(tmp_path, 
 
 
 def test_compaction_leaves_a_damaged_pack_in_place(tmp_path, monkeypatch):
-    monkeypatch.setattr(prune_mod, "COMPACT_BELOW", 0.9)
+    monkeypatch.setattr(gc_mod, "COMPACT_BELOW", 0.9)
     repo = Repository.init(str(tmp_path / "r"))
     disk, points = three_logs(repo, random.Random(7))
     loc = log_block_location(repo, points[1], 3)  # block 3 changed by log 1 only: still read by log 3

@@ -12,18 +12,17 @@ of) lets the next read of the same bytes skip decoding them again.
 """
 
 import collections
-import os
 import threading
 from typing import NamedTuple
 
 import blake3
 import zstandard
 
-from ..errors import CorruptChunk, PackMissing, RpofsError
+from ..errors import CorruptChunk, PackMissing
+from .packs import PackStore
 from .schema import (CODEC_PIECES, CODEC_RAW, CODEC_ZSTD, PACK_HEADER, PIECE_ENTRY, PIECE_SIZE,
                      PIECES_KEY_CONTEXT, ChunkLocation, pack_name, piece_count, piece_table_len)
 
-OPEN_PACKS = 256
 ZSTD_LEVEL = 1  # ~1 GB/s per core; higher levels cost more than they save on disk data
 TABLES = 16384  # piece tables kept decoded: ~1.3 KB each, 21 MB for 16 GiB of full chunks
 _local = threading.local()
@@ -150,103 +149,46 @@ def encode(data) -> tuple[int, bytes]:
 
 
 class PackWriter:
-    """Appends chunk records to one pack file. Thread-safe."""
+    """Appends chunk records to one new pack. Thread-safe."""
 
-    def __init__(self, chunks_dir: str, pack: int):
+    def __init__(self, packs: PackStore, pack: int):
         self.pack = pack
-        self.path = os.path.join(chunks_dir, pack_name(pack))
-        self._dir = chunks_dir
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        self._offset = 0
+        self._file = packs.create(pack)
         self._lock = threading.Lock()
         self.bytes_written = 0
 
     def append(self, key: bytes, codec: int, raw_len: int, stored: bytes) -> ChunkLocation:
         header = PACK_HEADER.pack(key, codec, raw_len, len(stored))
         with self._lock:
-            offset = self._offset + len(header)
-            total = len(header) + len(stored)
-            try:
-                done = os.writev(self._fd, [header, stored])
-                rest = memoryview(header + stored)[done:] if done < total else b""
-                while rest:  # a short write: the next one raises the reason (e.g. ENOSPC)
-                    rest = rest[os.write(self._fd, rest):]
-            except OSError as e:
-                raise RpofsError(f"writing {self.path}: {e.strerror}") from None
-            self._offset = offset + len(stored)
+            offset = self._file.append([header, stored]) + len(header)
             self.bytes_written += len(header) + len(stored)
         return ChunkLocation(self.pack, offset, len(stored), raw_len, codec)
 
     def sync(self) -> None:
         """Make the pack durable; the catalog may refer to it afterwards."""
-        os.fsync(self._fd)
-        dfd = os.open(self._dir, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        self._file.sync()
 
     def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        self._file.close()
 
     def discard(self) -> None:
         """Remove the pack: nothing refers to it (the backup was not committed)."""
-        self.close()
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
+        self._file.discard()
 
 
 class ChunkReader:
-    """Reads and verifies chunks. Thread-safe; keeps pack files open."""
+    """Reads and verifies chunks. Thread-safe."""
 
-    def __init__(self, chunks_dir: str, cache_bytes: int = 64 << 20):
-        self._dir = chunks_dir
-        # pack -> [fd, readers now]; least recently used first
-        self._fds: collections.OrderedDict[int, list[int]] = collections.OrderedDict()
+    def __init__(self, packs: PackStore, cache_bytes: int = 64 << 20):
+        self.packs = packs
         self._lock = threading.Lock()
         self._cache: collections.OrderedDict[bytes, bytes] = collections.OrderedDict()
         self._cache_bytes = 0
         self._cache_limit = cache_bytes
         self._tables: collections.OrderedDict[bytes, PieceTable] = collections.OrderedDict()
 
-    def _acquire(self, pack: int) -> list[int]:
-        """A pack's [fd, readers now]. At most OPEN_PACKS stay open (a
-        repository holds a pack per backup, far more than a process may open);
-        a descriptor in use by another thread is closed only when that thread
-        releases it."""
-        with self._lock:
-            entry = self._fds.get(pack)
-            if entry is None:
-                path = os.path.join(self._dir, pack_name(pack))
-                try:
-                    entry = self._fds[pack] = [os.open(path, os.O_RDONLY), 0]
-                except FileNotFoundError:
-                    raise PackMissing(f"pack file {path} is missing") from None
-            self._fds.move_to_end(pack)
-            entry[1] += 1
-            while len(self._fds) > OPEN_PACKS:
-                old = self._fds.popitem(last=False)[1]
-                old[1] -= 1  # its own reference: closed below or by its last reader
-                if old[1] < 0:
-                    os.close(old[0])
-        return entry
-
-    def _release(self, entry: list[int]) -> None:
-        with self._lock:
-            entry[1] -= 1
-            if entry[1] < 0:  # evicted while in use
-                os.close(entry[0])
-
     def _pread(self, pack: int, length: int, offset: int) -> bytes:
-        entry = self._acquire(pack)
-        try:
-            return os.pread(entry[0], length, offset)
-        finally:
-            self._release(entry)
+        return self.packs.read(pack, offset, length)
 
     def prefetch(self, chunks: list[tuple[bytes | None, ChunkLocation, int, int]]) -> None:
         """Start reading what a read is about to need, all at once: (key,
@@ -286,13 +228,9 @@ class ChunkReader:
                 merged.append([pack, start, end])
         for pack, start, end in merged:
             try:
-                entry = self._acquire(pack)
+                self.packs.advise(pack, start, end - start)
             except PackMissing:
                 continue  # the read itself will say so, or find the chunk's new place
-            try:
-                os.posix_fadvise(entry[0], start, end - start, os.POSIX_FADV_WILLNEED)
-            finally:
-                self._release(entry)
 
     def read_run_into(self, locs: list[ChunkLocation], views: list[memoryview]) -> None:
         """Log blocks stored raw one right after another in one pack, read by
@@ -303,11 +241,7 @@ class ChunkReader:
         heads = [bytearray(head) for _ in locs]
         first = locs[0]
         where = f"log blocks in {pack_name(first.pack)} from {first.offset}"
-        entry = self._acquire(first.pack)
-        try:
-            got = os.preadv(entry[0], [b for pair in zip(heads, views) for b in pair], first.offset - head)
-        finally:
-            self._release(entry)
+        got = self.packs.read_into(first.pack, first.offset - head, [b for pair in zip(heads, views) for b in pair])
         if got != sum(head + loc.stored_len for loc in locs):
             raise CorruptChunk(f"{where}: pack file is truncated")
         for header, loc, view in zip(heads, locs, views):
@@ -451,10 +385,8 @@ class ChunkReader:
         return key, stored, data
 
     def close(self) -> None:
+        self.packs.close()
         with self._lock:
-            for fd, _ in self._fds.values():
-                os.close(fd)
-            self._fds.clear()
             self._cache.clear()
             self._cache_bytes = 0
             self._tables.clear()

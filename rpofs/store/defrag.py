@@ -25,11 +25,10 @@ import logging
 from dataclasses import dataclass
 
 from ..errors import ChunkError
-from . import schema
+from . import gc, refs, schema
 from .chunks import chunk_key, encode
-from .prune import PruneReport, compact, delete_dead_packs, live_log_bytes, points_in
-from .repo import any_nonzero
-from .schema import BLOCK_SIZE, BLOCKS_PER_CHUNK, PACK_HEADER, ChunkLocation
+from .repo import any_nonzero, points_in
+from .schema import BLOCK_SIZE, BLOCKS_PER_CHUNK, ChunkLocation
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +64,7 @@ def scattered_blocks(entries: list[tuple]) -> list[tuple]:
     for entry in entries:
         if run:
             loc = run[-1][2]
-            follows = entry[2].pack == loc.pack and entry[2].offset == loc.offset + loc.stored_len + PACK_HEADER.size
+            follows = entry[2].pack == loc.pack and entry[2].offset == loc.offset + refs.record_len(loc)
             if not follows:
                 if len(run) < MIN_RUN:
                     out.extend(run)
@@ -189,20 +188,15 @@ def _write(repo, work: list[tuple], report: DefragReport, progress=None) -> None
         with repo.write_txn() as txn:
             for key, value in placed.items():
                 txn.put(key, value, db=repo.db["log_index"])
-            live = live_log_bytes(repo, txn)
-            for value in txn.cursor(db=repo.db["chunks"]).iternext(keys=False):
-                loc = ChunkLocation.decode(value)
-                live[loc.pack] = live.get(loc.pack, 0) + PACK_HEADER.size + loc.stored_len
+            live = refs.bytes_in_use(repo, txn)
     except BaseException:
         writer.discard()
         raise
     writer.close()
     if not placed:
         writer.discard()
-    gc = PruneReport()
-    delete_dead_packs(repo, live, gc)
-    compact(repo, live, gc)
-    report.packs_deleted, report.packs_compacted = gc.packs_deleted, gc.packs_compacted
+    report.packs_deleted = gc.delete_dead_packs(repo, live)
+    report.packs_compacted = gc.compact(repo, live)
 
 
 def defrag_by_name(repo, vm_ref: str, budget: int = BUDGET, progress=None) -> tuple[str, DefragReport]:

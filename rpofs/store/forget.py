@@ -1,8 +1,7 @@
 """`rpofs forget VM`: a decommissioned VM's every point, and the data only
 it used, removed from the repository.
 
-Built on prune's machinery (rpofs.store.prune), which already removes whole
-chains: under the repository's exclusive lock, one write transaction drops
+Like prune, which removes whole chains the same way: under the repository's exclusive lock, one write transaction drops
 the VM's points, its chains' full and log index entries, its `vms` row and
 the chunk locations nothing refers to any more (chunks it shared with
 other VMs stay); then the packs left dead are deleted and those left mostly
@@ -15,8 +14,9 @@ rpofs.store.holds) makes forget refuse, naming that VM.
 import uuid as uuidlib
 
 from ..errors import RpofsError
-from . import holds, schema
-from .prune import PruneReport, _collect_chunks, _delete_prefix, compact, delete_dead_packs, points_in
+from . import gc, holds, refs, schema
+from .prune import PruneReport, delete_prefix
+from .repo import points_in
 
 
 def _refuse_held(repo, vm: str, name: str, points) -> None:
@@ -50,14 +50,15 @@ def forget(repo, vm: str, name: str = "", dry_run: bool = False, progress=None) 
                 txn.delete(schema.vm_point_key(vm_bytes, p.time_us, p.point), db=db["vm_points"])
             for chain in sorted({p.chain for p in points}):  # chains are the VM's own
                 prefix = schema.u32(chain)
-                _delete_prefix(txn.cursor(db=db["full_index"]), prefix)
-                report.log_entries_dropped += _delete_prefix(txn.cursor(db=db["log_index"]), prefix)
+                delete_prefix(txn.cursor(db=db["full_index"]), prefix)
+                report.log_entries_dropped += delete_prefix(txn.cursor(db=db["log_index"]), prefix)
             txn.delete(vm_bytes, db=db["vms"])
             pruned = schema.read_u32(txn.get(b"pruned", default=schema.u32(0), db=db["meta"]))
             txn.put(b"pruned", schema.u32(pruned + 1), db=db["meta"])  # a running mount reads its lists again
-            live = _collect_chunks(repo, txn, report)
-        delete_dead_packs(repo, live, report)
-        compact(repo, live, report, progress)
+            report.chunks_freed = gc.drop_unused_chunks(repo, txn)
+            live = refs.bytes_in_use(repo, txn)
+        report.packs_deleted = gc.delete_dead_packs(repo, live)
+        report.packs_compacted = gc.compact(repo, live, progress)
         report.bytes_freed = before - repo.stored_bytes()
     return report
 

@@ -14,7 +14,8 @@ from typing import NamedTuple
 from ..errors import ChunkError, ChunkMissing, PackMissing
 from . import schema
 from .repo import Repository
-from .schema import BLOCK_SIZE, CHUNK_SIZE, CODEC_RAW, PACK_HEADER, ChunkLocation, PointRecord
+from .refs import record_len
+from .schema import BLOCK_SIZE, CHUNK_SIZE, CODEC_RAW, ChunkLocation, PointRecord
 
 READ_AHEAD = 8 << 20
 
@@ -198,7 +199,7 @@ def _run_from(extents: list[Extent], i: int) -> list[Extent]:
             break
         if run:
             prev = run[-1].loc
-            if loc.pack != prev.pack or loc.offset != prev.offset + prev.stored_len + PACK_HEADER.size:
+            if loc.pack != prev.pack or loc.offset != prev.offset + record_len(prev):
                 break
         run.append(e)
     return run

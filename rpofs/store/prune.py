@@ -6,16 +6,10 @@ extends it), and a chain keeps its full while any of its points stays (the
 full is every log's base).
 
 Removing (`prune`) runs under the repository's exclusive lock, so no backup
-is between finding a chunk already stored and committing its reference:
-1. one write transaction drops the points, the index entries no kept point
-   reads any more (and with them their log blocks), and the chunk locations
-   nothing refers to;
-2. pack files with nothing live are deleted;
-3. packs that are mostly dead are compacted: their live chunks and log
-   blocks are copied (read and verified) to a new pack, fsync'ed, re-pointed
-   in one transaction, and only then is the old pack deleted.
-A crash anywhere leaves a consistent catalog and, at worst, pack data that
-nothing refers to, which the next prune removes.
+is between finding a chunk already stored and committing its reference: one
+write transaction drops the points and the index entries no kept point reads
+any more (and with them their log blocks), then garbage collection
+(rpofs.store.gc) frees what nothing refers to any more.
 
 A log entry (block B changed at point P) serves every point from P until the
 next change of B; it is kept while a kept point falls in that span, so a
@@ -24,20 +18,13 @@ removed log point's changes live on when a later kept point still reads them.
 
 import bisect
 import datetime
-import logging
-import os
 import uuid as uuidlib
 from dataclasses import dataclass, field
 
-from ..errors import ChunkError
-from . import holds, schema
-from .repo import fix_names, second_group
-from .schema import BLOCK_SIZE, PACK_HEADER, ChunkLocation, PointRecord
+from . import gc, holds, refs, schema
+from .repo import fix_names, points_in, second_group
+from .schema import PointRecord
 from ..timefmt import US
-
-log = logging.getLogger(__name__)
-
-COMPACT_BELOW = 0.5   # compact a pack when less than half of it is live
 
 
 @dataclass(frozen=True)
@@ -127,8 +114,8 @@ def prune(repo, vm: str, policy: Retention, dry_run: bool = False, progress=None
                 pruned = schema.read_u32(txn.get(b"pruned", default=schema.u32(0), db=repo.db["meta"]))
                 txn.put(b"pruned", schema.u32(pruned + 1), db=repo.db["meta"])
         if report.points_removed:
-            delete_dead_packs(repo, live, report)
-            compact(repo, live, report, progress)
+            report.packs_deleted = gc.delete_dead_packs(repo, live)
+            report.packs_compacted = gc.compact(repo, live, progress)
         report.bytes_freed = before - repo.stored_bytes()
     return report
 
@@ -153,27 +140,15 @@ def _drop_points(repo, txn, vm: str, policy: Retention, report: PruneReport) -> 
         kept = sorted(p.point for p in points if p.chain == chain and p.point in keep)
         prefix = schema.u32(chain)
         if not kept:  # the whole chain goes
-            _delete_prefix(txn.cursor(db=db["full_index"]), prefix)
-            report.log_entries_dropped += _delete_prefix(txn.cursor(db=db["log_index"]), prefix)
+            delete_prefix(txn.cursor(db=db["full_index"]), prefix)
+            report.log_entries_dropped += delete_prefix(txn.cursor(db=db["log_index"]), prefix)
         else:
             report.log_entries_dropped += _drop_dead_entries(txn.cursor(db=db["log_index"]), prefix, kept)
-    return _collect_chunks(repo, txn, report)
+    report.chunks_freed = gc.drop_unused_chunks(repo, txn)
+    return refs.bytes_in_use(repo, txn)
 
 
-def points_in(repo, txn, vm: str) -> list[PointRecord]:
-    """A VM's points, oldest first, as of `txn`."""
-    prefix = uuidlib.UUID(vm).bytes
-    cur, records = txn.cursor(db=repo.db["vm_points"]), txn.cursor(db=repo.db["points"])
-    out = []
-    if cur.set_range(prefix):
-        for key in cur.iternext(values=False):
-            if key[:16] != prefix:
-                break
-            out.append(PointRecord.decode(records.get(schema.point_key(schema.read_vm_point_key(key)[2]))))
-    return out
-
-
-def _delete_prefix(cur, prefix: bytes) -> int:
+def delete_prefix(cur, prefix: bytes) -> int:
     return _delete(cur, list(_keys_from(cur, prefix)))
 
 
@@ -207,127 +182,6 @@ def _delete(cur, keys: list[bytes]) -> int:
         cur.set_key(key)
         cur.delete()
     return len(keys)
-
-
-def _collect_chunks(repo, txn, report: PruneReport) -> dict[int, int]:
-    """Drop chunk locations nothing refers to; live bytes per pack (its
-    referenced chunks and the log blocks that live entries point at)."""
-    db = repo.db
-    referenced = set(txn.cursor(db=db["full_index"]).iternext(keys=False))
-    for _, value in txn.cursor(db=db["points"]):
-        record = PointRecord.decode(value)
-        for hexkey in (record.domain_xml, record.checkpoint_xml):
-            if hexkey:
-                referenced.add(bytes.fromhex(hexkey))
-    live = live_log_bytes(repo, txn)
-    dead = []
-    cur = txn.cursor(db=db["chunks"])
-    for key, value in cur:
-        if key in referenced:
-            loc = ChunkLocation.decode(value)
-            live[loc.pack] = live.get(loc.pack, 0) + PACK_HEADER.size + loc.stored_len
-        else:
-            dead.append(bytes(key))
-    _delete(cur, dead)
-    report.chunks_freed = len(dead)
-    return live
-
-
-def live_log_bytes(repo, txn) -> dict[int, int]:
-    """Bytes per pack that log entries point at (records with their headers)."""
-    live: dict[int, int] = {}
-    for value in txn.cursor(db=repo.db["log_index"]).iternext(keys=False):
-        loc = schema.read_log_value(value, 0)
-        if loc is not None:
-            live[loc.pack] = live.get(loc.pack, 0) + PACK_HEADER.size + loc.stored_len
-    return live
-
-
-def _pack_files(repo) -> dict[int, str]:
-    out = {}
-    for e in os.scandir(repo.chunks_dir):
-        if e.name.startswith("pack-") and e.name[5:].isdigit():
-            out[int(e.name[5:])] = e.path
-    return out
-
-
-def delete_dead_packs(repo, live: dict[int, int], report: PruneReport) -> None:
-    """Step 2: no backup runs (the lock), so a pack with no live chunk is
-    garbage: a removed point's, or a killed backup's."""
-    for pack, path in _pack_files(repo).items():
-        if pack not in live:
-            os.unlink(path)
-            report.packs_deleted += 1
-
-
-def compact(repo, live: dict[int, int], report: PruneReport, progress=None) -> None:
-    """Step 3."""
-    sparse = {pack: path for pack, path in _pack_files(repo).items()
-              if pack in live and live[pack] < COMPACT_BELOW * os.stat(path).st_size}
-    if not sparse:
-        return
-    if progress is not None:
-        progress.set(0, sum(live[pack] for pack in sparse))
-    writer = repo.begin_pack()
-    chunks: dict[bytes, ChunkLocation] = {}   # chunk key -> its new place
-    blocks: dict[bytes, bytes] = {}           # log_index key -> its new value
-    broken: set[int] = set()
-
-    def copy(key, loc):
-        """The record copied to the new pack, checked first: never copy damage
-        silently (a damaged pack keeps everything where it is)."""
-        if loc.pack in broken:
-            return None
-        try:
-            key, stored = repo.reader.verified(key, loc)
-        except ChunkError as e:
-            log.error("pack %d not compacted: %s", loc.pack, e)
-            broken.add(loc.pack)
-            return None
-        if progress is not None:
-            progress.add(PACK_HEADER.size + loc.stored_len)
-        return loc.pack, writer.append(key, loc.codec, loc.raw_len, stored)
-
-    try:
-        with repo.env.begin() as txn:
-            for key, value in txn.cursor(db=repo.db["chunks"]):
-                loc = ChunkLocation.decode(value)
-                if loc.pack in sparse and (done := copy(bytes(key), loc)):
-                    chunks[bytes(key)] = done
-            sizes = disk_sizes(repo, txn)
-            for lkey, value in txn.cursor(db=repo.db["log_index"]):
-                chain, disk, block, _ = schema.read_log_key(lkey)
-                loc = schema.read_log_value(value, min(BLOCK_SIZE, sizes[chain, disk] - block * BLOCK_SIZE))
-                if loc is not None and loc.pack in sparse and (done := copy(None, loc)):
-                    blocks[bytes(lkey)] = done
-        writer.sync()
-        with repo.write_txn() as txn:
-            for key, (old_pack, new) in chunks.items():
-                if old_pack not in broken:
-                    txn.put(key, new.encode(), db=repo.db["chunks"])
-            for lkey, (old_pack, new) in blocks.items():
-                if old_pack not in broken:
-                    txn.put(lkey, schema.log_value(new), db=repo.db["log_index"])
-    except BaseException:
-        writer.discard()
-        raise
-    writer.close()
-    if not chunks and not blocks:
-        writer.discard()
-    for pack, path in sparse.items():
-        if pack not in broken:
-            os.unlink(path)  # a mount reading it through an older snapshot finds the data again
-            report.packs_compacted += 1
-
-
-def disk_sizes(repo, txn) -> dict[tuple[int, int], int]:
-    """(chain, disk) -> the disk's size, from each chain's full."""
-    out = {}
-    for _, value in txn.cursor(db=repo.db["points"]):
-        record = PointRecord.decode(value)
-        if record.kind == "full":
-            out.update({(record.chain, i): d.size for i, d in enumerate(record.disks)})
-    return out
 
 
 def prune_by_name(repo, vm_ref: str, policy: Retention, dry_run: bool = False,

@@ -19,6 +19,7 @@ import lmdb
 
 from ..errors import BadTime, ChunkMissing, NoRepository, PackMissing, RpofsError, UnknownFormat, UnknownVM
 from . import schema
+from .packs import LocalPacks, PackStore
 from .chunks import ChunkReader, PackWriter, chunk_key, encode, encode_pieces, piece_hashes, pieces_key
 from .schema import CODEC_PIECES, FORMAT, READS_FORMATS, ChunkLocation, DiskRecord, PointRecord
 from ..timefmt import US, new_point_name, parse_as_of, point_names
@@ -37,7 +38,8 @@ class Repository:
         self.env = env
         self.db = {name: env.open_db(name.encode()) for name in schema.DATABASES}
         self.chunks_dir = os.path.join(path, "chunks")
-        self.reader = ChunkReader(self.chunks_dir)
+        self.packs: PackStore = LocalPacks(self.chunks_dir)
+        self.reader = ChunkReader(self.packs)
         self._write_lock = threading.Lock()
 
     @contextlib.contextmanager
@@ -224,9 +226,8 @@ class Repository:
 
     def stored_bytes(self) -> int:
         """Bytes the repository takes on disk (allocated: sparse files count what they use)."""
-        paths = [os.path.join(self.path, "catalog", "data.mdb")]
-        paths += [e.path for e in os.scandir(self.chunks_dir)]
-        return sum(os.stat(p).st_blocks * 512 for p in paths)
+        catalog = os.stat(os.path.join(self.path, "catalog", "data.mdb")).st_blocks * 512
+        return catalog + sum(self.packs.usage(pack) for pack in self.packs.list())
 
     def pruned_count(self) -> int:
         """How many prunes removed points: a running mount re-reads its lists when it changes."""
@@ -271,7 +272,7 @@ class Repository:
         with self.write_txn() as txn:
             pack = schema.read_u32(txn.get(b"next_pack", db=self.db["meta"]))
             txn.put(b"next_pack", schema.u32(pack + 1), db=self.db["meta"])
-        return PackWriter(self.chunks_dir, pack)
+        return PackWriter(self.packs, pack)
 
     def begin_writer(self) -> "BackupWriter":
         lock = self._flock(fcntl.LOCK_SH)
@@ -441,6 +442,19 @@ class BackupWriter:
         if self._lock_fd >= 0:
             os.close(self._lock_fd)
             self._lock_fd = -1
+
+
+def points_in(repo: Repository, txn, vm: str) -> list[PointRecord]:
+    """A VM's points, oldest first, as of `txn`."""
+    prefix = uuidlib.UUID(vm).bytes
+    cur, records = txn.cursor(db=repo.db["vm_points"]), txn.cursor(db=repo.db["points"])
+    out = []
+    if cur.set_range(prefix):
+        for key in cur.iternext(values=False):
+            if key[:16] != prefix:
+                break
+            out.append(PointRecord.decode(records.get(schema.point_key(schema.read_vm_point_key(key)[2]))))
+    return out
 
 
 def second_group(db: dict, txn, vm_bytes: bytes, second: int) -> list[PointRecord]:

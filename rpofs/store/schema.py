@@ -152,6 +152,11 @@ def full_key(chain: int, disk: int, chunk: int) -> bytes:
     return _FULL_KEY.pack(chain, disk, chunk)
 
 
+def read_full_key(key: bytes) -> tuple[int, int, int]:
+    """(chain, disk, chunk no) of a full_index key."""
+    return _FULL_KEY.unpack(key)
+
+
 def log_key(chain: int, disk: int, block: int, point: int) -> bytes:
     return _LOG_KEY.pack(chain, disk, block, 0xFFFFFFFF - point)
 

@@ -1,0 +1,109 @@
+"""Garbage collection: the pack data nothing refers to any more, freed.
+
+Prune, forget and defrag leave garbage behind (a removed point's chunks, a
+moved block's old copy); a killed backup leaves a pack nothing refers to.
+What counts as referenced is rpofs.store.refs's to say; this module frees the
+rest, in crash-safe steps, always under the repository's exclusive lock (no
+backup may be between finding a chunk stored and committing its reference):
+
+1. inside the caller's write transaction, `drop_unused_chunks` removes the
+   `chunks` rows nothing names, and `refs.bytes_in_use` says what is left
+   in use per pack;
+2. after that commit, `delete_dead_packs` deletes the packs nothing is in;
+3. `compact` copies what is in use out of packs that are mostly garbage
+   (each record read and verified first), fsyncs the copy, re-points the
+   catalog in one transaction, and only then deletes the old packs.
+A crash anywhere leaves a consistent catalog and, at worst, pack data that
+nothing refers to, which the next collection frees.
+"""
+
+import logging
+
+from ..errors import ChunkError
+from . import refs, schema
+from .schema import ChunkLocation
+
+log = logging.getLogger(__name__)
+
+COMPACT_BELOW = 0.5   # compact a pack when less than half of it is in use
+
+
+def drop_unused_chunks(repo, txn) -> int:
+    """Step 1: delete the `chunks` rows nothing names; returns how many."""
+    cur = txn.cursor(db=repo.db["chunks"])
+    dead = refs.unused_chunks(repo, txn)
+    for key in dead:
+        cur.set_key(key)
+        cur.delete()
+    return len(dead)
+
+
+def delete_dead_packs(repo, live: dict[int, int]) -> int:
+    """Step 2: no backup runs (the lock), so a pack with nothing in use is
+    garbage: a removed point's, or a killed backup's. Returns how many."""
+    dead = [pack for pack in repo.packs.list() if pack not in live]
+    for pack in dead:
+        repo.packs.delete(pack)
+    return len(dead)
+
+
+def compact(repo, live: dict[int, int], progress=None) -> int:
+    """Step 3; returns how many packs were compacted. progress: a
+    rpofs.progress.Progress, told the bytes copied."""
+    sparse = {pack for pack in repo.packs.list()
+              if pack in live and live[pack] < COMPACT_BELOW * repo.packs.size(pack)}
+    if not sparse:
+        return 0
+    if progress is not None:
+        progress.set(0, sum(live[pack] for pack in sparse))
+    writer = repo.begin_pack()
+    chunks: dict[bytes, tuple[int, ChunkLocation]] = {}   # chunk key -> (old pack, new place)
+    blocks: dict[bytes, tuple[int, ChunkLocation]] = {}   # log_index key -> (old pack, new place)
+    broken: set[int] = set()
+
+    def copy(key, loc):
+        """The record copied to the new pack, checked first: never copy damage
+        silently (a damaged pack keeps everything where it is)."""
+        if loc.pack in broken:
+            return None
+        try:
+            key, stored = repo.reader.verified(key, loc)
+        except ChunkError as e:
+            log.error("pack %d not compacted: %s", loc.pack, e)
+            broken.add(loc.pack)
+            return None
+        if progress is not None:
+            progress.add(refs.record_len(loc))
+        return loc.pack, writer.append(key, loc.codec, loc.raw_len, stored)
+
+    try:
+        with repo.env.begin() as txn:
+            for key, value in txn.cursor(db=repo.db["chunks"]):
+                loc = ChunkLocation.decode(value)
+                if loc.pack in sparse and (done := copy(bytes(key), loc)):
+                    chunks[bytes(key)] = done
+            sizes = refs.disk_sizes(repo, txn)
+            for lkey, value in txn.cursor(db=repo.db["log_index"]):
+                chain, disk, block, _ = schema.read_log_key(lkey)
+                loc = schema.read_log_value(value, refs.block_len(sizes, chain, disk, block))
+                if loc is not None and loc.pack in sparse and (done := copy(None, loc)):
+                    blocks[bytes(lkey)] = done
+        writer.sync()
+        with repo.write_txn() as txn:
+            for key, (old_pack, new) in chunks.items():
+                if old_pack not in broken:
+                    txn.put(key, new.encode(), db=repo.db["chunks"])
+            for lkey, (old_pack, new) in blocks.items():
+                if old_pack not in broken:
+                    txn.put(lkey, schema.log_value(new), db=repo.db["log_index"])
+    except BaseException:
+        writer.discard()
+        raise
+    writer.close()
+    if not chunks and not blocks:
+        writer.discard()
+    done = 0
+    for pack in sorted(sparse - broken):
+        repo.packs.delete(pack)  # a mount reading it through an older snapshot finds the data again
+        done += 1
+    return done

@@ -1,0 +1,128 @@
+"""Every reference from the catalog into the packs, in one place.
+
+Two levels (rpofs.store.schema):
+  * users of chunks — a `full_index` entry (a full's chunk of a disk) and the
+    chunk keys a point record names (its domain XML, its checkpoint XML, its
+    boot state) refer to a row of `chunks` by key;
+  * places in packs — a row of `chunks` and a stored `log_index` entry (a log
+    block) each refer to one pack record.
+
+Prune collects the `chunks` rows no user names and the packs no place is in;
+defrag and compaction count the bytes still in use per pack; verify checks
+that every user finds its row, that every place holds the record it expects,
+and that no record is left that nothing refers to. All of them ask this
+module, so a new kind of reference (an application's shipped log, a write
+journal) is added here once and every one of them knows it.
+"""
+
+from typing import Iterator, NamedTuple
+
+from . import schema
+from .schema import BLOCK_SIZE, PACK_HEADER, ChunkLocation, PointRecord
+
+
+class Ref(NamedTuple):
+    """One reference to stored bytes, with who makes it. `key` is the chunk
+    key (None for a log block: its key is in its record header); `loc` is
+    where the record is (None: the key has no row in `chunks`)."""
+    kind: str          # "full" | "log" | a point's own ("domain_xml", "checkpoint_xml", "firmware/nvram", ...)
+    chain: int         # the chain the referring entry or point belongs to
+    disk: int          # full and log: the disk's number in the chain; -1 for a point's own
+    index: int         # full: chunk no; log: block no; -1 for a point's own
+    point: int         # log: the point that changed the block; full: the chain; a point's own: that point
+    key: bytes | None
+    loc: ChunkLocation | None
+
+
+def point_chunks(record: PointRecord) -> dict[str, bytes]:
+    """The chunk keys a point record names, by what they hold."""
+    out = {}
+    if record.domain_xml:
+        out["domain_xml"] = bytes.fromhex(record.domain_xml)
+    if record.checkpoint_xml:
+        out["checkpoint_xml"] = bytes.fromhex(record.checkpoint_xml)
+    for kind, hexkey in sorted((record.firmware or {}).items()):
+        out[f"firmware/{kind}"] = bytes.fromhex(hexkey)
+    return out
+
+
+def used_chunk_keys(repo, txn) -> set[bytes]:
+    """Every chunk key some full or point names."""
+    used = {bytes(k) for k in txn.cursor(db=repo.db["full_index"]).iternext(keys=False)}
+    for _, value in txn.cursor(db=repo.db["points"]):
+        used.update(point_chunks(PointRecord.decode(value)).values())
+    return used
+
+
+def unused_chunks(repo, txn) -> list[bytes]:
+    """Keys of `chunks` rows nothing names any more: garbage to collect."""
+    used = used_chunk_keys(repo, txn)
+    return [bytes(k) for k in txn.cursor(db=repo.db["chunks"]).iternext(values=False) if k not in used]
+
+
+def record_len(loc: ChunkLocation) -> int:
+    """Bytes of a pack record: its header and stored bytes."""
+    return PACK_HEADER.size + loc.stored_len
+
+
+def bytes_in_use(repo, txn) -> dict[int, int]:
+    """Bytes per pack that a `chunks` row or a log entry refers to (with the
+    records' headers). A pack absent from it holds nothing in use."""
+    live: dict[int, int] = {}
+    for value in txn.cursor(db=repo.db["chunks"]).iternext(keys=False):
+        loc = ChunkLocation.decode(value)
+        live[loc.pack] = live.get(loc.pack, 0) + record_len(loc)
+    for value in txn.cursor(db=repo.db["log_index"]).iternext(keys=False):
+        loc = schema.read_log_value(value, 0)
+        if loc is not None:
+            live[loc.pack] = live.get(loc.pack, 0) + record_len(loc)
+    return live
+
+
+def disk_sizes(repo, txn) -> dict[tuple[int, int], int]:
+    """(chain, disk) -> the disk's size, from each chain's full."""
+    out = {}
+    for _, value in txn.cursor(db=repo.db["points"]):
+        record = PointRecord.decode(value)
+        if record.kind == "full":
+            out.update({(record.chain, i): d.size for i, d in enumerate(record.disks)})
+    return out
+
+
+def block_len(sizes: dict[tuple[int, int], int], chain: int, disk: int, block: int) -> int:
+    """Raw length of a log block (the disk's last one may be short); 0 when
+    the chain's full is not there to say."""
+    size = sizes.get((chain, disk))
+    return 0 if size is None else min(BLOCK_SIZE, size - block * BLOCK_SIZE)
+
+
+def log_refs(repo, txn, sizes: dict[tuple[int, int], int]) -> Iterator[Ref]:
+    """Every stored log block (entries meaning "became zeros" refer to nothing)."""
+    for key, value in txn.cursor(db=repo.db["log_index"]):
+        chain, disk, block, point = schema.read_log_key(key)
+        loc = schema.read_log_value(value, block_len(sizes, chain, disk, block))
+        if loc is not None:
+            yield Ref("log", chain, disk, block, point, None, loc)
+
+
+def chunk_refs(repo, txn) -> Iterator[Ref]:
+    """Every use of a chunk: the fulls' chunks, then the points' own."""
+    rows = txn.cursor(db=repo.db["chunks"])
+
+    def where(key: bytes) -> ChunkLocation | None:
+        found = rows.get(key)
+        return ChunkLocation.decode(found) if found is not None else None
+
+    for key, value in txn.cursor(db=repo.db["full_index"]):
+        chain, disk, chunk = schema.read_full_key(key)
+        yield Ref("full", chain, disk, chunk, chain, bytes(value), where(value))
+    for _, value in txn.cursor(db=repo.db["points"]):
+        record = PointRecord.decode(value)
+        for kind, key in point_chunks(record).items():
+            yield Ref(kind, record.chain, -1, -1, record.point, key, where(key))
+
+
+def references(repo, txn) -> Iterator[Ref]:
+    """Every reference the catalog makes to pack data."""
+    yield from chunk_refs(repo, txn)
+    yield from log_refs(repo, txn, disk_sizes(repo, txn))
