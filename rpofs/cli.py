@@ -95,6 +95,13 @@ def _parser() -> argparse.ArgumentParser:
     fg.add_argument("vm", help="VM name or UUID (as recorded in the repository)")
     fg.add_argument("--dry-run", action="store_true", help="list what would be removed; change nothing")
 
+    ug = sub.add_parser("upgrade", help="convert a repository of an earlier format (2 or 3) to this rpofs's, in place",
+                        description="Re-pieces the full chunks earlier formats stored whole, then sets the new "
+                        "format in one transaction, under the repository's exclusive lock. Killed at any moment, "
+                        "the repository is the old format intact or the new one complete; run it again to "
+                        "finish. Needs free space for the converted chunks (checked first).")
+    ug.add_argument("--json", action="store_true", help="print the report as JSON")
+
     df = sub.add_parser("defrag", help="rewrite a VM's scattered log blocks in disk order, so that its "
                         "newest points read like a full",
                         description="Moves the log blocks each chain's newest point reads and that lie "
@@ -312,6 +319,21 @@ def cmd_prune(repo_path: str, args) -> None:
         repo.close()
 
 
+def cmd_upgrade(repo_path: str, args) -> None:
+    import dataclasses
+
+    from .progress import Progress
+    from .store.upgrade import upgrade
+    with Progress("upgrade", 0) as progress:
+        report = upgrade(repo_path, progress)
+    if args.json:
+        print(json.dumps(dataclasses.asdict(report)))
+    else:
+        print(f"{repo_path}: {report.summary()}")
+    if report.chunks_damaged:
+        return EXIT_ERROR
+
+
 def cmd_forget(repo_path: str, args) -> None:
     from .progress import Progress
     from .store.forget import forget_by_name
@@ -470,7 +492,7 @@ def cmd_cp(repo_path: str, args) -> None:
 
 COMMANDS = {"init": cmd_init, "backup": cmd_backup, "points": cmd_points, "mount": cmd_mount,
             "umount": cmd_umount, "ingest": cmd_ingest, "status": cmd_status, "prune": cmd_prune,
-            "defrag": cmd_defrag, "forget": cmd_forget, "restore": cmd_restore, "cp": cmd_cp, "run": cmd_run}
+            "defrag": cmd_defrag, "forget": cmd_forget, "upgrade": cmd_upgrade, "restore": cmd_restore, "cp": cmd_cp, "run": cmd_run}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -14,6 +14,10 @@ class UnknownFormat(RpofsError):
     pass
 
 
+class NeedsUpgrade(UnknownFormat):
+    """A repository of an earlier format: `rpofs upgrade` converts it."""
+
+
 class UnknownVM(RpofsError):
     pass
 

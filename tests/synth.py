@@ -30,3 +30,15 @@ def back_up(repo, disks, dirty, kind, parent, time_us):
 def write(disk: bytearray, dirty: set, off: int, data: bytes) -> None:
     disk[off:off + len(data)] = data
     dirty.update(range(off // BLOCK_SIZE, (off + len(data) - 1) // BLOCK_SIZE + 1))
+
+
+def format_2_full(path, disk, monkeypatch, time_us=1_000_000):
+    """A repository as format 2 wrote it, with one full of `disk`: full
+    chunks as whole records. Returns (the repository, open, and the point)."""
+    from rpofs.store import repo as repo_mod
+    with monkeypatch.context() as m:
+        m.setattr(repo_mod, "FORMAT", 2)
+        m.setattr(repo_mod.BackupWriter, "put_pieced_chunk", repo_mod.BackupWriter.put_chunk)
+        repo = repo_mod.Repository.init(path)
+        point = back_up(repo, [disk], [set()], "full", None, time_us)
+    return repo, point

@@ -1,30 +1,27 @@
 """Pieced full chunks (format 3): the record, reads of any range, damage
-confined to the piece (or table) it hits, dedup, format-2 repositories read
-and upgraded, compaction and defrag over pieced records (a real LMDB and
+confined to the piece (or table) it hits, dedup, compaction and defrag over pieced records (a real LMDB and
 real pack files, no libvirt, no FUSE)."""
 
 import os
 import random
 
-import lmdb
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rpofs.errors import CorruptChunk, UnknownFormat
+from rpofs.errors import CorruptChunk
 from rpofs.store import defrag as defrag_mod
 from rpofs.store import gc as gc_mod
-from rpofs.store import repo as repo_mod
 from rpofs.store import schema
 from rpofs.store.chunks import PieceTable, chunk_key, piece_hashes, pieces_key
 from rpofs.store.defrag import defrag
 from rpofs.store.materialize import DiskReader
 from rpofs.store.prune import Retention, prune
-from rpofs.store.repo import BackupWriter, Repository
+from rpofs.store.repo import Repository
 from rpofs.store.schema import (BLOCK_SIZE, CHUNK_SIZE, CODEC_PIECES, CODEC_RAW, CODEC_ZSTD, PIECE_ENTRY,
                                 PIECE_SIZE, ChunkLocation, piece_table_len)
 from rpofs.timefmt import US
-from synth import VM, back_up, write
+from synth import VM, back_up, format_2_full, write
 from test_prune import check_repository
 
 pytestmark = pytest.mark.lmdb
@@ -93,7 +90,7 @@ def test_pieced_record_round_trip(tmp_path):
     key, loc = full_location(repo, point, 0)
     assert table_of(repo, key, loc).piece(1).stop - table_of(repo, key, loc).piece(1).start < 100  # zeros: tiny
     assert point.stats["stored_bytes"] < size  # compressible and zero pieces shrank
-    assert repo.format() == schema.FORMAT == 3
+    assert repo.format() == schema.FORMAT == 4
     repo.close()
 
 
@@ -198,62 +195,6 @@ def test_pieced_keys_are_apart_from_whole_keys():
     assert pieces_key(hashes) != chunk_key(b"".join(hashes))
 
 
-def format_2_full(repo_path, rnd, disk, monkeypatch):
-    """A repository as format 2 wrote it: full chunks as whole records."""
-    with monkeypatch.context() as m:
-        m.setattr(repo_mod, "FORMAT", 2)
-        m.setattr(BackupWriter, "put_pieced_chunk", BackupWriter.put_chunk)  # format 2's full chunk record
-        repo = Repository.init(repo_path)
-        point = back_up(repo, [disk], [set()], "full", None, US)
-    return repo, point
-
-
-def test_a_format_2_repository_reads_and_becomes_3_with_its_first_pieced_chunk(tmp_path, monkeypatch):
-    rnd = random.Random(7)
-    path = str(tmp_path / "r")
-    disk = mixed_disk(rnd, 3 * CHUNK_SIZE + 5000)
-    repo, old_full = format_2_full(path, rnd, disk, monkeypatch)
-    key, loc = full_location(repo, old_full, 0)
-    assert loc.codec in (CODEC_RAW, CODEC_ZSTD) and key == chunk_key(bytes(disk[:CHUNK_SIZE]))
-    repo.close()
-
-    repo = Repository.open(path)
-    assert repo.format() == 2
-    truth = {old_full.point: bytes(disk)}
-    write(disk, dirty := set(), 100, rnd.randbytes(3 * BLOCK_SIZE))
-    log = back_up(repo, [disk], [dirty], "log", old_full, 2 * US)  # log blocks: records as before
-    truth[log.point] = bytes(disk)
-    assert repo.format() == 2
-    new_full = back_up(repo, [disk], [set()], "full", None, 3 * US)
-    truth[new_full.point] = bytes(disk)
-    assert repo.format() == 3
-    # the same content under a new key: stored again, once
-    stored = {bytes(disk[c:c + CHUNK_SIZE]) for c in range(0, len(disk), CHUNK_SIZE)} - {bytes(CHUNK_SIZE), bytes(5000)}
-    assert new_full.stats["new_chunks"] == len(stored) and full_location(repo, new_full, 1)[1].codec == CODEC_PIECES
-    assert full_location(repo, new_full, 1)[0] != full_location(repo, old_full, 1)[0]
-    for point in (old_full, log, new_full):
-        reader = DiskReader(repo, point, "vda")
-        assert bytes(reader.read(0, len(disk))) == truth[point.point]
-        cold(repo)
-        assert bytes(reader.read(CHUNK_SIZE + 12345, 4096)) == truth[point.point][CHUNK_SIZE + 12345:][:4096]
-    repo.close()
-    repo = Repository.open(path)
-    assert repo.format() == 3
-    repo.close()
-
-
-def test_formats_other_than_2_and_3_are_refused(tmp_path):
-    path = str(tmp_path / "r")
-    Repository.init(path).close()
-    for found in (b"1", b"4"):
-        env = lmdb.open(os.path.join(path, "catalog"), max_dbs=8)
-        with env.begin(write=True) as txn:
-            txn.put(b"format", found, db=env.open_db(b"meta", txn=txn))
-        env.close()
-        with pytest.raises(UnknownFormat, match=f"has format {found.decode()}; this rpofs reads formats 2 and 3"):
-            Repository.open(path)
-
-
 def test_compaction_copies_pieced_and_whole_records_byte_exact(tmp_path, monkeypatch):
     """Two fulls (a format-2 one and a format-3 one) sharing most blocks, a
     prune of the first: its pack, mostly dead, is compacted, and the kept
@@ -262,7 +203,7 @@ def test_compaction_copies_pieced_and_whole_records_byte_exact(tmp_path, monkeyp
     rnd = random.Random(8)
     path = str(tmp_path / "r")
     disk = mixed_disk(rnd, 4 * CHUNK_SIZE)
-    repo, p1 = format_2_full(path, rnd, disk, monkeypatch)
+    repo, p1 = format_2_full(path, disk, monkeypatch)
     p2 = back_up(repo, [disk], [set()], "full", None, 2 * US)
     write(disk, d := set(), CHUNK_SIZE, rnd.randbytes(CHUNK_SIZE))
     p3 = back_up(repo, [disk], [set()], "full", None, 3 * US)

@@ -17,11 +17,12 @@ import uuid as uuidlib
 
 import lmdb
 
-from ..errors import BadTime, ChunkMissing, NoRepository, PackMissing, RpofsError, UnknownFormat, UnknownVM
+from ..errors import (BadTime, ChunkMissing, NeedsUpgrade, NoRepository, PackMissing, RpofsError, UnknownFormat,
+                      UnknownVM)
 from . import schema
 from .packs import LocalPacks, PackStore
 from .chunks import ChunkReader, PackWriter, chunk_key, encode, encode_pieces, piece_hashes, pieces_key
-from .schema import CODEC_PIECES, FORMAT, READS_FORMATS, ChunkLocation, DiskRecord, PointRecord
+from .schema import CODEC_PIECES, FORMAT, UPGRADES_FROM, ChunkLocation, DiskRecord, PointRecord
 from ..timefmt import US, new_point_name, parse_as_of, point_names
 
 DEFAULT_REPO = "/var/lib/rpofs"
@@ -98,7 +99,9 @@ class Repository:
         return cls(path, env)
 
     @classmethod
-    def open(cls, path: str) -> "Repository":
+    def open(cls, path: str, upgrading: bool = False) -> "Repository":
+        """upgrading: also a repository of a format `rpofs upgrade` converts
+        (rpofs.store.upgrade); every other caller gets NeedsUpgrade for one."""
         catalog = os.path.join(path, "catalog")
         if not os.path.isfile(os.path.join(catalog, "data.mdb")):
             raise NoRepository(f"no rpofs repository at {path} (create one with: rpofs --repo {path} init)")
@@ -106,16 +109,17 @@ class Repository:
         with env.begin() as txn:
             meta = env.open_db(b"meta", txn=txn, create=False)
             found = txn.get(b"format", db=meta)
-        if found not in [str(f).encode() for f in READS_FORMATS]:
+        old = [str(f).encode() for f in UPGRADES_FROM]
+        if found != str(FORMAT).encode() and not (upgrading and found in old):
             env.close()
             shown = found.decode(errors="replace") if found else "none"
-            known = " and ".join(map(str, READS_FORMATS))
-            raise UnknownFormat(f"repository {path} has format {shown}; this rpofs reads formats {known} "
-                                f"(and writes {FORMAT})")
+            if found in old:
+                raise NeedsUpgrade(f"repository {path} has format {shown}; convert it to format {FORMAT} with: "
+                                   f"rpofs --repo {path} upgrade")
+            raise UnknownFormat(f"repository {path} has format {shown}; this rpofs reads format {FORMAT}")
         return cls(path, env)
 
     def format(self) -> int:
-        """The repository's format: 2 until the first pieced full chunk is committed."""
         with self.env.begin(db=self.db["meta"]) as txn:
             return int(txn.get(b"format"))
 
@@ -415,16 +419,9 @@ class BackupWriter:
 
     def _put_chunks(self, txn) -> None:
         cur = txn.cursor(db=self.repo.db["chunks"])
-        pieced = False
         for key, loc in self._new.items():
             # overwrite=False: another session may have stored the same chunk first
             cur.put(key, loc.encode(), overwrite=False)
-            pieced = pieced or loc.codec == CODEC_PIECES
-        meta = self.repo.db["meta"]
-        if pieced and txn.get(b"format", db=meta) != str(FORMAT).encode():
-            # a format-2 repository with its first pieced record: an rpofs that
-            # reads format 2 only must refuse it from this commit on
-            txn.put(b"format", str(FORMAT).encode(), db=meta)
 
     def _finish(self) -> None:
         self._done = True

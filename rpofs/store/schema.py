@@ -1,4 +1,4 @@
-"""The repository's format, version 3. This module is the spec: every LMDB
+"""The repository's format, version 4. This module is the spec: every LMDB
 sub-database, its key and value layout, and the invariants. Nothing else builds
 keys by hand.
 
@@ -16,7 +16,7 @@ Granularity
     of a disk are short when the disk size is not a multiple of them.
 
 Sub-databases
-    meta        b"format" -> b"3" (text); b"next_point", b"next_pack",
+    meta        b"format" -> b"4" (text); b"next_point", b"next_pack",
                 b"pruned" -> u32
     vms         vm uuid (16 bytes) -> JSON {"name": last known name}
     points      point no (u32) -> JSON point record (see PointRecord)
@@ -87,11 +87,15 @@ Format history
     1   log blocks had a chunk key in log_index and a `chunks` row each.
         Refused.
     2   log_index entries hold their block's place (12 bytes); full chunks
-        are whole records. Read and written: the first commit that stores a
-        pieced record sets meta/format to 3 in the same LMDB transaction, so
-        an rpofs that reads format 2 only refuses the repository instead of
-        failing its reads; its whole full chunks stay readable forever.
-    3   full chunks are stored pieced (CODEC_PIECES).
+        are whole records.
+    3   new full chunks are stored pieced (CODEC_PIECES); a format-2
+        repository became 3 with its first pieced commit, keeping its whole
+        full chunks.
+    4   every full chunk is pieced: `full_index` names CODEC_PIECES records
+        only (whole records hold log blocks, the points' XML and boot state).
+        Formats 2 and 3 are refused by every command but `rpofs upgrade`
+        (rpofs.store.upgrade), which re-pieces their whole full chunks and
+        sets the format in one transaction.
 
 Commit order: pack data fsync'ed first, then one LMDB write transaction adds
 the chunk locations, the index entries and the point. A crash leaves at most
@@ -102,8 +106,8 @@ import json
 import struct
 from dataclasses import asdict, dataclass, field
 
-FORMAT = 3                 # what init and a pieced record write
-READS_FORMATS = (2, 3)     # what Repository.open accepts
+FORMAT = 4                 # what init writes and Repository.open accepts
+UPGRADES_FROM = (2, 3)     # what `rpofs upgrade` converts to FORMAT
 CHUNK_SIZE = 1 << 20
 BLOCK_SIZE = 1 << 16
 BLOCKS_PER_CHUNK = CHUNK_SIZE // BLOCK_SIZE
