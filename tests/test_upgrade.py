@@ -13,7 +13,6 @@ import lmdb
 import pytest
 
 from rpofs.errors import CorruptChunk, NeedsUpgrade, UnknownFormat
-from rpofs.store import repo as repo_mod
 from rpofs.store import schema
 from rpofs.store.materialize import DiskReader
 from rpofs.store.repo import Repository
