@@ -165,6 +165,11 @@ def log_key(chain: int, disk: int, block: int, point: int) -> bytes:
     return _LOG_KEY.pack(chain, disk, block, 0xFFFFFFFF - point)
 
 
+def log_block_prefix(chain: int, disk: int, block: int) -> bytes:
+    """What every log_index key of one block starts with: its entries, newest first."""
+    return _LOG_KEY.pack(chain, disk, block, 0)[:10]
+
+
 def read_log_key(key: bytes) -> tuple[int, int, int, int]:
     """(chain, disk, block, point) of a log_index key."""
     chain, disk, block, inverted = _LOG_KEY.unpack(key)

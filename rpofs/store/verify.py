@@ -1,0 +1,562 @@
+"""`rpofs verify`: proof, before the day it is needed, that every byte a
+recovery point reads is there and intact — and, when it is not, which VMs,
+points, disks and byte ranges read EIO because of it.
+
+What is checked (every reference comes from rpofs.store.refs):
+  * relations: every point record has its `vm_points` entry and `vms` row
+    and the other way round; a log's chain is a full of the same VM, its
+    parent an earlier point of that chain, its disks the full's; every index
+    entry belongs to a chain with a full and lies inside that disk; the
+    counters in `meta` are ahead of every point and pack;
+  * references: every chunk a full or a point names has its `chunks` row;
+    every place (a `chunks` row, a stored log block) is the start of a pack
+    record whose header says what the catalog says (key, codec, lengths);
+  * with read_data, every record of every pack read and checked against its
+    key (the content's blake3, each piece of a pieced record) — each pack
+    read front to back by one of WORKERS threads, so the packs stream at the
+    disk's rate — and every record nothing refers to counted as garbage.
+Garbage (pack data the catalog does not refer to: a killed backup's pack, a
+killed prune's copy) is reported and freed by the next prune; it is not
+damage, and a backup running meanwhile may show as garbage too.
+
+Verify takes no lock: backups, prune and defrag go on. What it reads is one
+catalog snapshot; a problem found is confirmed against a fresh snapshot at
+the end, so a record that prune or defrag moved meanwhile is checked where it
+is now instead of being reported.
+
+Results of the last run are kept in REPO/verify.json (per VM: when, whether
+damaged, how many points) for `rpofs status` and the metrics.
+"""
+
+import concurrent.futures
+import json
+import logging
+import os
+import threading
+import time
+import uuid as uuidlib
+from dataclasses import asdict, dataclass, field
+
+from .. import durable
+from ..errors import ChunkError, PackMissing
+from ..timefmt import point_names
+from . import refs, schema
+from .refs import Ref
+from .schema import BLOCK_SIZE, BLOCKS_PER_CHUNK, CHUNK_SIZE, PACK_HEADER, PIECE_SIZE, ChunkLocation, PointRecord
+
+log = logging.getLogger(__name__)
+
+WORKERS = 4          # packs read at once: enough to keep a disk's queue busy while threads hash
+RESULTS = "verify.json"
+
+
+@dataclass
+class Affected:
+    """What reads EIO because of one problem: a disk's byte ranges at one
+    point ([start, stop), merged), or a point's own data (ranges empty)."""
+    vm: str
+    vm_name: str
+    point: int
+    name: str
+    what: str            # a disk's target ("vda"), or "domain_xml", "checkpoint_xml", "firmware/nvram", "point"
+    ranges: list = field(default_factory=list)
+
+
+@dataclass
+class Problem:
+    kind: str            # "relation" | "missing-chunk" | "missing-pack" | "truncated" | "header" | "corrupt"
+    message: str
+    pack: int | None = None
+    offset: int | None = None
+    affects: list = field(default_factory=list)
+
+
+@dataclass
+class Garbage:
+    packs: int = 0       # packs nothing refers to
+    records: int = 0     # read_data: records nothing refers to (in packs that are in use too)
+    bytes: int = 0
+
+
+@dataclass
+class VerifyReport:
+    time_us: int
+    read_data: bool
+    vms: list                   # uuids checked
+    points: int = 0
+    references: int = 0
+    records_read: int = 0
+    bytes_read: int = 0
+    seconds: float = 0.0
+    problems: list = field(default_factory=list)
+    garbage: Garbage = field(default_factory=Garbage)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def to_json(self) -> dict:
+        out = asdict(self)
+        out["ok"] = self.ok
+        return out
+
+    def damaged_vms(self) -> dict[str, set[int]]:
+        """uuid -> the points that read EIO somewhere."""
+        out: dict[str, set[int]] = {}
+        for problem in self.problems:
+            for a in problem.affects:
+                out.setdefault(a.vm, set()).add(a.point)
+        return out
+
+
+class _Catalog:
+    """What one snapshot says about points, read once."""
+
+    def __init__(self, repo, txn):
+        self.points: dict[int, PointRecord] = {}
+        self.bad_records: list[tuple[int, str]] = []   # (point no, why its record cannot be read)
+        for key, value in txn.cursor(db=repo.db["points"]):
+            try:
+                record = PointRecord.decode(value)
+            except (ValueError, TypeError, KeyError) as e:
+                self.bad_records.append((schema.read_u32(key), str(e)))
+                continue
+            self.points[record.point] = record
+        self.chain_points: dict[int, list[PointRecord]] = {}
+        by_vm: dict[str, list[PointRecord]] = {}
+        for record in sorted(self.points.values(), key=lambda p: (p.time_us, p.point)):
+            self.chain_points.setdefault(record.chain, []).append(record)
+            by_vm.setdefault(record.vm, []).append(record)
+        self.names: dict[int, str] = {}
+        for records in by_vm.values():
+            for record, name in zip(records, point_names([p.time_us for p in records], [p.name for p in records])):
+                self.names[record.point] = name
+        self.fulls = {no: p for no, p in self.points.items() if p.kind == "full" and p.chain == no}
+        self.sizes = refs.disk_sizes(repo, txn)
+
+    def affected(self, record: PointRecord, what: str, ranges=()) -> Affected:
+        return Affected(record.vm, record.vm_name, record.point, self.names.get(record.point, ""), what,
+                        [list(r) for r in ranges])
+
+
+def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[list[int]] = []
+    for start, stop in sorted(ranges):
+        if out and out[-1][1] >= start:
+            out[-1][1] = max(out[-1][1], stop)
+        else:
+            out.append([start, stop])
+    return [tuple(r) for r in out]
+
+
+def _changes(repo, txn, chain: int, disk: int, block: int) -> list[int]:
+    """The points that changed a block, oldest first."""
+    prefix = schema.log_block_prefix(chain, disk, block)
+    cur = txn.cursor(db=repo.db["log_index"])
+    out = []
+    if cur.set_range(prefix):
+        for key in cur.iternext(values=False):
+            if key[:len(prefix)] != prefix:
+                break
+            out.append(schema.read_log_key(key)[3])
+    return sorted(out)
+
+
+def affects(repo, txn, cat: _Catalog, ref: Ref, pieces: frozenset | None = None) -> list[Affected]:
+    """Who reads the bytes `ref` refers to: the points and disk ranges.
+    pieces: of a full chunk, only those pieces are damaged (a piece is a
+    block: PIECE_SIZE == BLOCK_SIZE)."""
+    if ref.kind not in ("full", "log"):
+        record = cat.points.get(ref.point)
+        return [cat.affected(record, ref.kind)] if record else []
+    full = cat.fulls.get(ref.chain)
+    if full is None or ref.disk >= len(full.disks):
+        return []
+    target, size = full.disks[ref.disk].target, full.disks[ref.disk].size
+    nblocks = -(-size // BLOCK_SIZE)
+    out = []
+    if ref.kind == "full":
+        first = ref.index * BLOCKS_PER_CHUNK
+        changes = {b: _changes(repo, txn, ref.chain, ref.disk, b)
+                   for b in range(first, min(first + BLOCKS_PER_CHUNK, nblocks))
+                   if pieces is None or b - first in pieces}
+        for record in cat.chain_points.get(ref.chain, []):
+            ranges = [(b * BLOCK_SIZE, min((b + 1) * BLOCK_SIZE, size)) for b, points in changes.items()
+                      if not any(p <= record.point for p in points)]
+            if ranges:
+                out.append(cat.affected(record, target, _merge(ranges)))
+        return out
+    later = [p for p in _changes(repo, txn, ref.chain, ref.disk, ref.index) if p > ref.point]
+    until = later[0] if later else None
+    span = [(ref.index * BLOCK_SIZE, min((ref.index + 1) * BLOCK_SIZE, size))]
+    for record in cat.chain_points.get(ref.chain, []):
+        if ref.point <= record.point and (until is None or record.point < until):
+            out.append(cat.affected(record, target, span))
+    return out
+
+
+def _relations(repo, txn, cat: _Catalog, vms: set[str] | None) -> list[Problem]:
+    """The catalog's own invariants (schema.py)."""
+    problems = []
+
+    def bad(message, *records):
+        problems.append(Problem("relation", message, affects=[cat.affected(r, "point") for r in records if r]))
+
+    def wanted(vm: str) -> bool:
+        return vms is None or vm in vms
+
+    for no, why in cat.bad_records:
+        bad(f"point record {no} cannot be read: {why}")
+    listed = set()
+    for key in txn.cursor(db=repo.db["vm_points"]).iternext(values=False):
+        vm_bytes, time_us, no = schema.read_vm_point_key(key)
+        vm = str(uuidlib.UUID(bytes=vm_bytes))
+        listed.add(no)
+        record = cat.points.get(no)
+        if record is None:
+            if wanted(vm):
+                bad(f"VM {vm} lists point {no}, which has no record")
+        elif (record.vm, record.time_us) != (vm, time_us):
+            bad(f"point {no} is listed under VM {vm} at {time_us}, its record says {record.vm} at "
+                f"{record.time_us}", record)
+    vm_rows = {str(uuidlib.UUID(bytes=bytes(k))) for k in txn.cursor(db=repo.db["vms"]).iternext(values=False)}
+    meta = repo.db["meta"]
+    next_point = schema.read_u32(txn.get(b"next_point", db=meta))
+    for no, record in sorted(cat.points.items()):
+        if not wanted(record.vm):
+            continue
+        if no not in listed:
+            bad(f"point {no} ({record.vm_name}) is not listed under its VM", record)
+        if record.vm not in vm_rows:
+            bad(f"VM {record.vm} ({record.vm_name}) of point {no} has no row in vms", record)
+        if no >= next_point:
+            bad(f"point {no} is not below meta next_point {next_point}", record)
+        if record.kind == "full":
+            if record.chain != no or record.parent is not None:
+                bad(f"full point {no} names chain {record.chain} and parent {record.parent}", record)
+            continue
+        full = cat.fulls.get(record.chain)
+        parent = cat.points.get(record.parent) if record.parent is not None else None
+        if full is None or full.vm != record.vm:
+            bad(f"log point {no} ({record.vm_name}) extends chain {record.chain}, which has no full of its VM", record)
+        elif tuple((d.target, d.size) for d in record.disks) != tuple((d.target, d.size) for d in full.disks):
+            bad(f"log point {no} ({record.vm_name}) has other disks than its chain's full {full.point}", record)
+        if parent is None or parent.chain != record.chain or parent.point >= no or parent.time_us > record.time_us:
+            bad(f"log point {no} ({record.vm_name}) names parent {record.parent}, "
+                f"which is not an earlier point of chain {record.chain}", record)
+    chains_of = {chain: full.vm for chain, full in cat.fulls.items()}
+    for name, read_key, unit in (("full_index", schema.read_full_key, CHUNK_SIZE),
+                                 ("log_index", schema.read_log_key, BLOCK_SIZE)):
+        seen_bad = set()
+        for key in txn.cursor(db=repo.db[name]).iternext(values=False):
+            chain, disk, index = read_key(key)[:3]
+            if chain in chains_of and not wanted(chains_of[chain]):
+                continue
+            if vms is not None and chain not in chains_of:
+                continue  # whose it is cannot be told: the repository-wide run reports it
+            size = cat.sizes.get((chain, disk))
+            if size is None or index * unit >= size:
+                if (chain, disk) not in seen_bad:
+                    seen_bad.add((chain, disk))
+                    bad(f"{name} has entries of chain {chain} disk {disk} that no full point's disk holds",
+                        cat.fulls.get(chain))
+    return problems
+
+
+def _check_header(repo, ref: Ref, header: bytes, size: int) -> str:
+    """What is wrong with the record a reference points at ("" nothing),
+    judged by its header and the pack's size."""
+    loc = ref.loc
+    if len(header) < PACK_HEADER.size or loc.offset + loc.stored_len > size:
+        return "truncated"
+    key, codec, raw_len, stored_len = PACK_HEADER.unpack(header)
+    if (codec, raw_len, stored_len) != (loc.codec, loc.raw_len, loc.stored_len) or \
+            (ref.key is not None and key != ref.key):
+        return "header"
+    return ""
+
+
+_WHY = {"truncated": "the pack file ends before the record", "header": "the record's header does not say what "
+        "the catalog does (key, codec or lengths)", "missing-pack": "the pack file is missing"}
+
+
+@dataclass
+class _Record:
+    """A record as the walk through its pack found it."""
+    key: bytes
+    loc: ChunkLocation
+    kind: str = ""               # "" intact, "corrupt", "truncated"
+    error: str = ""
+    pieces: frozenset | None = None   # a pieced record's damaged pieces; None: all of it
+
+
+def _check_record(repo, key: bytes, loc: ChunkLocation) -> _Record:
+    """Read and check one record; of a damaged pieced record, find which
+    pieces fail (each is read on its own: only those read EIO)."""
+    record = _Record(key, loc)
+    try:
+        repo.reader.verified(key, loc)
+        return record
+    except ChunkError as e:
+        record.kind, record.error = "corrupt", str(e)
+    if loc.codec == schema.CODEC_PIECES:
+        bad = set()
+        for i in range(schema.piece_count(loc.raw_len)):
+            try:
+                repo.reader.read_range(key, loc, i * PIECE_SIZE, min((i + 1) * PIECE_SIZE, loc.raw_len))
+            except ChunkError:
+                bad.add(i)
+        if bad and len(bad) < schema.piece_count(loc.raw_len):
+            record.pieces = frozenset(bad)
+    return record
+
+
+def _scan(repo, pack: int, progress, report: VerifyReport, lock: threading.Lock) -> dict[int, _Record] | None:
+    """Every record of a pack, read front to back and checked against the
+    key in its header; None when the pack is gone. Reading stops where a
+    header makes no sense (the rest of the pack cannot be parsed)."""
+    try:
+        size = repo.packs.size(pack)
+    except PackMissing:
+        return None
+    out: dict[int, _Record] = {}
+    pos = 0
+    while pos + PACK_HEADER.size <= size:
+        key, codec, raw_len, stored_len = PACK_HEADER.unpack(repo.packs.read(pack, pos, PACK_HEADER.size))
+        loc = ChunkLocation(pack, pos + PACK_HEADER.size, stored_len, raw_len, codec)
+        if codec not in (schema.CODEC_RAW, schema.CODEC_ZSTD, schema.CODEC_PIECES) or raw_len == 0 or \
+                raw_len > CHUNK_SIZE or stored_len == 0:
+            out[loc.offset] = _Record(key, loc, "corrupt", f"unreadable record header at {pos}: the rest of "
+                                      f"the pack ({size - pos} bytes) cannot be parsed")
+            break
+        if loc.offset + stored_len > size:
+            out[loc.offset] = _Record(key, loc, "truncated", _WHY["truncated"])
+            break
+        out[loc.offset] = _check_record(repo, key, loc)
+        pos = loc.offset + stored_len
+        with lock:
+            report.records_read += 1
+            report.bytes_read += refs.record_len(loc)
+        if progress is not None:
+            progress.add(refs.record_len(loc))
+    return out
+
+
+def _locate(repo, txn, ref: Ref) -> Ref | None:
+    """The same reference as a later snapshot has it (None: it is gone)."""
+    if ref.kind == "log":
+        found = txn.get(schema.log_key(ref.chain, ref.disk, ref.index, ref.point), db=repo.db["log_index"])
+        if found is None:
+            return None
+        loc = schema.read_log_value(found, ref.loc.raw_len)
+        return ref._replace(loc=loc) if loc is not None else None
+    if ref.kind == "full":
+        found = txn.get(schema.full_key(ref.chain, ref.disk, ref.index), db=repo.db["full_index"])
+        if found is None:
+            return None
+        ref = ref._replace(key=bytes(found))
+    elif txn.get(schema.point_key(ref.point), db=repo.db["points"]) is None:
+        return None
+    row = txn.get(ref.key, db=repo.db["chunks"])
+    return ref._replace(loc=ChunkLocation.decode(row) if row is not None else None)
+
+
+def _still_wrong(repo, ref: Ref, read_data: bool) -> _Record | None:
+    """Checks one reference's record where it is: None when it is fine."""
+    if ref.loc is None:
+        return _Record(ref.key, ref.loc, "missing-chunk", f"chunk {ref.key.hex()[:16]} has no row in chunks")
+    try:
+        size = repo.packs.size(ref.loc.pack)
+    except PackMissing:
+        return _Record(ref.key, ref.loc, "missing-pack", _WHY["missing-pack"])
+    header = repo.packs.read(ref.loc.pack, ref.loc.offset - PACK_HEADER.size, PACK_HEADER.size)
+    if problem := _check_header(repo, ref, header, size):
+        return _Record(ref.key, ref.loc, problem, _WHY[problem])
+    if not read_data:
+        return None
+    record = _check_record(repo, ref.key or PACK_HEADER.unpack(header)[0], ref.loc)
+    return record if record.kind else None
+
+
+def verify(repo, vm: str | None = None, read_data: bool = False, progress=None) -> VerifyReport:
+    """Verify the repository, or the data one VM (uuid) reads. progress: a
+    rpofs.progress.Progress, told the pack bytes read (read_data)."""
+    started = time.monotonic()
+    vms = {vm} if vm else None
+    report = VerifyReport(time_us=time.time_ns() // 1000, read_data=read_data, vms=[])
+    found: list[tuple] = []   # (kind, reference, detail, damaged pieces or None)
+    with repo.env.begin() as txn:
+        cat = _Catalog(repo, txn)
+        report.vms = sorted({p.vm for p in cat.points.values() if vms is None or p.vm in vms})
+        report.points = sum(1 for p in cat.points.values() if vms is None or p.vm in vms)
+        report.problems.extend(_relations(repo, txn, cat, vms))
+        chain_vm = {chain: full.vm for chain, full in cat.fulls.items()}
+        wanted = [r for r in refs.references(repo, txn) if vms is None or chain_vm.get(r.chain) in vms]
+        next_pack = schema.read_u32(txn.get(b"next_pack", db=repo.db["meta"]))
+        in_use = refs.bytes_in_use(repo, txn)
+    report.references = len(wanted)
+    by_place: dict[tuple[int, int], list[Ref]] = {}
+    for ref in wanted:
+        if ref.loc is None:
+            found.append(("missing-chunk", ref, f"chunk {ref.key.hex()[:16]} has no row in chunks", None))
+        else:
+            by_place.setdefault((ref.loc.pack, ref.loc.offset), []).append(ref)
+    packs = sorted({pack for pack, _ in by_place})
+    on_disk = repo.packs.list()
+    if vms is None:  # a pack nothing refers to (and no backup newer than the snapshot writes): garbage
+        for pack in on_disk:
+            if pack not in in_use and pack < next_pack:
+                report.garbage.packs += 1
+                report.garbage.bytes += repo.packs.size(pack)
+    if read_data:
+        scan_packs = [p for p in on_disk if (vms is None and p < next_pack and p in in_use) or p in packs]
+        found.extend(_check_data(repo, scan_packs, set(on_disk), by_place, report, progress))
+    else:
+        found.extend(_check_headers(repo, set(on_disk), by_place))
+    _confirm(repo, found, read_data, report)
+    report.seconds = round(time.monotonic() - started, 3)
+    return report
+
+
+def _check_headers(repo, on_disk: set[int], by_place) -> list[tuple]:
+    found = []
+    sizes: dict[int, int] = {}
+    for (pack, offset), users in sorted(by_place.items()):
+        if pack not in on_disk:
+            found.extend(("missing-pack", ref, _WHY["missing-pack"], None) for ref in users)
+            continue
+        if pack not in sizes:
+            sizes[pack] = repo.packs.size(pack)
+        header = repo.packs.read(pack, offset - PACK_HEADER.size, PACK_HEADER.size)
+        for ref in users:
+            if problem := _check_header(repo, ref, header, sizes[pack]):
+                found.append((problem, ref, _WHY[problem], None))
+    return found
+
+
+def _check_data(repo, packs: list[int], on_disk: set[int], by_place, report: VerifyReport,
+                progress) -> list[tuple]:
+    """Read every record of `packs` on WORKERS threads; match the references."""
+    if progress is not None:
+        progress.set(0, sum(repo.packs.size(p) for p in packs if p in on_disk))
+    lock = threading.Lock()
+    with concurrent.futures.ThreadPoolExecutor(WORKERS) as pool:
+        scans = dict(zip(packs, pool.map(lambda p: _scan(repo, p, progress, report, lock), packs)))
+    found = []
+    referenced: set[tuple[int, int]] = set()
+    for (pack, offset), users in sorted(by_place.items()):
+        referenced.add((pack, offset))
+        records = scans.get(pack)
+        if pack not in on_disk or (pack in scans and records is None):
+            found.extend(("missing-pack", ref, _WHY["missing-pack"], None) for ref in users)
+            continue
+        record = records.get(offset)
+        for ref in users:
+            if record is None:  # the walk lost its way before it (a header that lies): checked where it is
+                if problem := _still_wrong(repo, ref, True):
+                    found.append((problem.kind, ref, problem.error, problem.pieces))
+            elif (record.loc.codec, record.loc.raw_len, record.loc.stored_len) != \
+                    (ref.loc.codec, ref.loc.raw_len, ref.loc.stored_len) or (ref.key not in (None, record.key)):
+                found.append(("header", ref, _WHY["header"], None))
+            elif record.kind:
+                found.append((record.kind, ref, record.error, record.pieces))
+    for pack, records in scans.items():
+        for offset, record in (records or {}).items():
+            if (pack, offset) not in referenced:
+                report.garbage.records += 1
+                report.garbage.bytes += refs.record_len(record.loc)
+    return found
+
+
+def _confirm(repo, found: list[tuple], read_data: bool, report: VerifyReport) -> None:
+    """Each problem checked again against a fresh snapshot (prune or defrag
+    may have moved the record meanwhile), then grouped by the damaged place
+    with everything that reads it."""
+    if not found:
+        return
+    groups: dict[tuple, Problem] = {}
+    with repo.env.begin() as txn:
+        cat = _Catalog(repo, txn)
+        for kind, ref, detail, pieces in found:
+            now = _locate(repo, txn, ref)
+            if now is None:
+                continue  # no longer referenced: nothing reads it
+            if now != ref:
+                record = _still_wrong(repo, now, read_data)
+                if record is None:
+                    continue
+                ref, kind, detail, pieces = now, record.kind, record.error, record.pieces
+            place = (kind, ref.loc.pack, ref.loc.offset) if ref.loc else (kind, ref.key)
+            problem = groups.get(place)
+            if problem is None:
+                if ref.loc is None:
+                    message = f"chunk {ref.key.hex()[:16]} is not in the catalog's chunks"
+                else:
+                    message = f"{schema.pack_name(ref.loc.pack)} at {ref.loc.offset}: {detail}"
+                problem = groups[place] = Problem(kind, message, ref.loc.pack if ref.loc else None,
+                                                  ref.loc.offset if ref.loc else None)
+            problem.affects.extend(affects(repo, txn, cat, ref, pieces))
+    for problem in groups.values():
+        merged: dict[tuple, Affected] = {}
+        for a in problem.affects:
+            key = (a.vm, a.point, a.what)
+            if key in merged:
+                merged[key].ranges = [list(r) for r in _merge([tuple(r) for r in merged[key].ranges + a.ranges])]
+            else:
+                merged[key] = a
+        problem.affects = sorted(merged.values(), key=lambda a: (a.vm_name, a.point, a.what))
+        report.problems.append(problem)
+
+
+# -- results kept for rpofs status ------------------------------------------------
+
+def save(repo_path: str, report: VerifyReport) -> None:
+    """Record the run in REPO/verify.json: per VM checked, when and what it found."""
+    results = load(repo_path)
+    damaged = report.damaged_vms()
+    for vm in report.vms:
+        results["vms"][vm] = {"time_us": report.time_us, "read_data": report.read_data,
+                              "ok": vm not in damaged, "points_damaged": len(damaged.get(vm, ()))}
+    if len(report.vms) != 1 or report.garbage.packs:
+        results["repository"] = {"time_us": report.time_us, "read_data": report.read_data, "ok": report.ok,
+                                 "problems": len(report.problems), "garbage_bytes": report.garbage.bytes}
+    durable.write_file(os.path.join(repo_path, RESULTS), json.dumps(results, indent=1).encode())
+
+
+def load(repo_path: str) -> dict:
+    """The kept results ({"vms": {}} when there are none or they are unreadable)."""
+    try:
+        with open(os.path.join(repo_path, RESULTS), "rb") as f:
+            results = json.load(f)
+        if isinstance(results, dict) and isinstance(results.get("vms"), dict):
+            return results
+    except (OSError, ValueError):
+        pass
+    return {"vms": {}}
+
+
+def describe(report: VerifyReport) -> list[str]:
+    """The report as lines a person acts on."""
+    lines = []
+    for problem in report.problems:
+        lines.append(f"DAMAGED: {problem.message}")
+        for a in problem.affects:
+            where = a.what
+            if a.ranges:
+                where += " bytes " + ", ".join(f"{s}-{e - 1}" for s, e in a.ranges)
+            lines.append(f"  {a.vm_name} {a.name or a.point}: {where} read EIO")
+        if not problem.affects:
+            lines.append("  no point reads it")
+    kind = "every stored byte read" if report.read_data else "catalog and record headers"
+    size = f", {report.bytes_read / 1e6:.0f} MB in {report.records_read} records" if report.read_data else ""
+    lines.append(f"{len(report.vms)} VMs, {report.points} points, {report.references} references checked "
+                 f"({kind}{size}) in {report.seconds:.1f} s: "
+                 + ("no damage" if report.ok else f"{len(report.problems)} problems"))
+    if report.garbage.bytes:
+        lines.append(f"garbage: {report.garbage.bytes} bytes nothing refers to ({report.garbage.packs} packs"
+                     f"{f', {report.garbage.records} records' if report.garbage.records else ''}); "
+                     f"the next prune frees it")
+    return lines
+
+
+
