@@ -26,6 +26,7 @@ def test_the_example_parses():
     assert db1.retention == Retention(within_s=7 * 86400, hourly=48, daily=30, weekly=8)  # the rest inherited
     assert cfg.defaults.prune_interval_s == 600 and cfg.defaults.defrag_interval_s == 600
     assert cfg.wants("web1", "u") and not cfg.wants("scratch-7", "u")
+    assert (cfg.verify_interval_s, cfg.verify_read_data_interval_s, cfg.verify_read_mib) == (3600, 7 * 86400, 4096)
 
 
 @pytest.mark.parametrize("text, where, what", [
@@ -45,6 +46,8 @@ def test_the_example_parses():
     ('[defaults]\nkeep_within = "forever"', "defaults.keep_within", "expected a duration"),
     ('[vm.db1]\nkeep = 3', "vm.db1.keep", "unknown key"),
     ('[vm.db1]\ndefrag_interval = "often"', "vm.db1.defrag_interval", "expected a duration"),
+    ('[ingest]\nverify_interval = "daily"', "ingest.verify_interval", "expected a duration"),
+    ('[ingest]\nverify_read_mib = 0', "ingest.verify_read_mib", "integer >= 1"),
     ("[ingest\n", "", "not valid TOML"),
 ])
 def test_mistakes_name_file_and_key(tmp_path, text, where, what):

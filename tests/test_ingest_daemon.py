@@ -287,7 +287,9 @@ def test_libvirtd_restart_and_vms_that_go_away(lab):
 
 def test_retention_and_defrag_run_as_it_goes_and_survive_kill_9(lab):
     vms, log, repo, config, tmp = lab
-    config.write_text(config.read_text() + 'keep_within = "5s"\nprune_interval = "1s"\ndefrag_interval = "1s"\n')
+    config.write_text(config.read_text().replace("[ingest]\n", '[ingest]\nverify_interval = "2s"\n'
+                                                 'verify_read_data_interval = "4s"\nverify_read_mib = 1\n')
+                      + 'keep_within = "5s"\nprune_interval = "1s"\ndefrag_interval = "1s"\n')
     writer = Writer(vms, log, seed=7)
     writer.start()
     try:
@@ -306,6 +308,12 @@ def test_retention_and_defrag_run_as_it_goes_and_survive_kill_9(lab):
     text = (tmp / "ingest.log").read_text()
     assert "event=pruned" in text and "event=prune-failed" not in text and "Traceback" not in text
     assert "event=defragged" in text and "event=defrag-failed" not in text
+    # verify ran on schedule alongside, in slices of at most a pack past 1 MiB, and found nothing
+    # (prune, defrag and kill -9 meanwhile are not damage)
+    assert "event=verified" in text and "read_pass_cursor=" in text
+    assert "event=verify-found-damage" not in text and "event=verify-failed" not in text
+    status = json.loads(run_rpofs("status", "--json", repo=repo).stdout)
+    assert all(v["verify"] and v["verify"]["ok"] for v in status["vms"]), status
     for vm in vms:
         points = points_json(repo, vm.name)
         times = [_seconds(p["time"]) for p in points]

@@ -83,13 +83,26 @@ def test_status_never_shows_a_next_run_in_the_past():
     assert lines["overdue", "failing"].endswith(", failing, overdue since 2026-11-30T10:00:00.000Z")
 
 
+def test_status_shows_each_vms_last_verify():
+    vm = {"name": "db1", "rpo_seconds": 1.0, "points": 2, "last_full": "T0", "last_log": "T1", "state": "waiting",
+          "next_run_state": None, "last_error": None, "verify": None}
+    report = {"ingester": {"running": False, "pid": None}, "vms": [vm]}
+    assert status.render(report).splitlines()[1].endswith(", waiting, never verified")
+    vm["verify"] = {"at": "T2", "read_data": True, "ok": True, "points_damaged": 0}
+    assert status.render(report).splitlines()[1].endswith(", verified T2 (data read): ok")
+    vm["verify"] = {"at": "T3", "read_data": False, "ok": False, "points_damaged": 4}
+    assert status.render(report).splitlines()[1].endswith(", verified T3 (catalog): DAMAGED, 4 points read EIO")
+
+
 def test_metrics_have_help_and_type_and_escape_labels():
     web = VmStatus("u1", 'we"b\\1')
     web.newest_point_us, web.last_success_us, web.last_job_s, web.points = 4 * 10**6, 5 * 10**6, 0.25, 3
     web.state = "backing up"
     web.job_bytes_done, web.job_bytes_total = 10, 40
     idle = VmStatus("u2", "idle")  # nothing taken yet: no age, no last success
-    text = metrics.render([web, idle], 12345, 6 * 10**6)
+    verified = {"vms": {"u1": {"time_us": 3 * 10**6, "read_data": True, "ok": False, "points_damaged": 2}},
+                "repository": {"garbage_bytes": 77}}
+    text = metrics.render([web, idle], 12345, 6 * 10**6, verified)
     lines = text.splitlines()
     for name, (kind, _) in metrics.METRICS.items():
         at = lines.index(f"# TYPE {name} {kind}")
@@ -99,9 +112,11 @@ def test_metrics_have_help_and_type_and_escape_labels():
                    f"rpofs_rpo_age_seconds{label} 2.000", f"rpofs_last_success_timestamp_seconds{label} 5.000",
                    f"rpofs_last_job_duration_seconds{label} 0.250", f"rpofs_points_total{label} 3",
                    f"rpofs_job_bytes_done{label} 10", f"rpofs_job_bytes_total{label} 40",
-                   'rpofs_points_total{vm="idle",uuid="u2"} 0'):
+                   'rpofs_points_total{vm="idle",uuid="u2"} 0', f"rpofs_verify_timestamp_seconds{label} 3.000",
+                   f"rpofs_verify_damaged_points{label} 2", "rpofs_verify_garbage_bytes 77"):
         assert sample in lines, sample
-    assert not any(line.startswith(("rpofs_rpo_age_seconds{vm=\"idle\"", "rpofs_job_bytes_done{vm=\"idle\""))
+    assert not any(line.startswith(("rpofs_rpo_age_seconds{vm=\"idle\"", "rpofs_job_bytes_done{vm=\"idle\"",
+                                    "rpofs_verify_timestamp_seconds{vm=\"idle\""))
                    for line in lines)
     unknown = metrics.render([], None, 0).splitlines()  # the size not known this time: left out
     assert not any(line.startswith("rpofs_repository_bytes ") for line in unknown)

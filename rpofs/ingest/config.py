@@ -56,6 +56,13 @@ class IngestConfig:
     defaults: VmPolicy = VmPolicy()
     per_vm: dict = field(default_factory=dict)   # name or UUID -> VmPolicy
     metrics: str = ""                   # "ADDR:PORT" for Prometheus, "" for none
+    # rpofs verify on schedule (rpofs.store.verify): every verify_interval the
+    # catalog and every record header; while a read-data pass is under way
+    # (one starts every verify_read_data_interval) also the data of the next
+    # verify_read_mib MiB of packs, so one run's I/O stays bounded. 0: never.
+    verify_interval_s: float = 3600.0
+    verify_read_data_interval_s: float = 7 * 86400.0
+    verify_read_mib: int = 4096
 
     def policy(self, name: str, uuid: str) -> VmPolicy:
         return self.per_vm.get(name) or self.per_vm.get(uuid) or self.defaults
@@ -203,7 +210,8 @@ def load(path: str) -> IngestConfig:
         if not isinstance(data.get(key, {}), dict):
             top.fail(key, "expected a table")
     ingest = _Reader(path, data.get("ingest", {}), "ingest.")
-    ingest.check_keys({"uri", "repository", "max_jobs", "vms", "exclude", "metrics"})
+    ingest.check_keys({"uri", "repository", "max_jobs", "vms", "exclude", "metrics", "verify_interval",
+                       "verify_read_data_interval", "verify_read_mib"})
     vms = ingest.table.get("vms", "running")
     if vms != "running" and not (isinstance(vms, list) and all(isinstance(x, str) and x for x in vms)):
         ingest.fail("vms", f'expected "running" or a list of VM names/UUIDs, got {vms!r}')
@@ -225,4 +233,7 @@ def load(path: str) -> IngestConfig:
         max_jobs=ingest.integer("max_jobs", 2, 1),
         vms=() if vms == "running" else tuple(vms),
         exclude=ingest.strings("exclude"),
-        defaults=defaults, per_vm=per_vm, metrics=metrics)
+        defaults=defaults, per_vm=per_vm, metrics=metrics,
+        verify_interval_s=ingest.duration("verify_interval", 3600.0, zero_means="never"),
+        verify_read_data_interval_s=ingest.duration("verify_read_data_interval", 7 * 86400.0, zero_means="never"),
+        verify_read_mib=ingest.integer("verify_read_mib", 4096, 1))

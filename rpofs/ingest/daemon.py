@@ -23,6 +23,7 @@ import trio
 from ..errors import RpofsError, UnknownVM
 from ..recover.domainxml import marker_of
 from ..store.defrag import defrag
+from ..store import verify
 from ..store.prune import prune
 from ..store.repo import Repository
 from ..store.schema import PointRecord
@@ -102,6 +103,7 @@ class Ingester:
             await self._connection()
             nursery.start_soon(self._discover, nursery)
             nursery.start_soon(self._write_status)
+            nursery.start_soon(self._verify_loop)
             if self.cfg.metrics:
                 await nursery.start(metrics.serve, self.cfg.metrics, self._metrics_text)
             log.info("event=started vms=%s max_jobs=%d", ",".join(self.cfg.vms) or "running", self.cfg.max_jobs)
@@ -290,6 +292,51 @@ class Ingester:
                  point.stats.get("stored_bytes", 0), point.consistency,
                  f" reason={point.reason!r}" if point.reason else "")
 
+    # -- verify on schedule ------------------------------------------------------------
+
+    async def _verify_loop(self) -> None:
+        """rpofs verify every verify_interval, on a worker thread, alongside
+        the backups (it takes no lock). While a read-data pass is under way,
+        each run also reads the next verify_read_mib MiB of packs, so a run's
+        I/O is bounded and the backups keep their RPO; a pass starts every
+        verify_read_data_interval. The schedule survives restarts: it is
+        kept with the results (REPO/verify.json)."""
+        cfg = self.cfg
+        if not cfg.verify_interval_s:
+            return
+        while True:
+            results = await trio.to_thread.run_sync(verify.load, self.repo.path)
+            last = results.get("repository", {}).get("time_us", 0) / US
+            wait = last + cfg.verify_interval_s - time.time()
+            if wait > 0:
+                await trio.sleep(wait)
+                continue
+            read_pass = dict(results.get("read_pass") or {"cursor": 0, "started_us": 0})
+            due = cfg.verify_read_data_interval_s and (
+                read_pass["cursor"] or time.time() - read_pass["started_us"] / US >= cfg.verify_read_data_interval_s)
+            try:
+                if due:
+                    if not read_pass["cursor"]:
+                        read_pass = {"cursor": 1, "started_us": int(time.time() * US)}
+                    report, read_pass["cursor"] = await trio.to_thread.run_sync(
+                        verify.verify_slice, self.repo, read_pass["cursor"], cfg.verify_read_mib << 20)
+                    if not read_pass["cursor"]:
+                        read_pass["completed_us"] = int(time.time() * US)
+                else:
+                    report = await trio.to_thread.run_sync(verify.verify, self.repo)
+                await trio.to_thread.run_sync(verify.save, self.repo.path, report, read_pass)
+            except (RpofsError, OSError) as e:
+                log.warning("event=verify-failed error=%r", str(e))
+                await trio.sleep(min(cfg.verify_interval_s, 60.0))
+                continue
+            event = "verified" if report.ok else "verify-found-damage"
+            (log.info if report.ok else log.error)(
+                "event=%s problems=%d points=%d read_bytes=%d garbage_bytes=%d seconds=%.3f%s", event,
+                len(report.problems), report.points, report.bytes_read, report.garbage.bytes, report.seconds,
+                f" read_pass_cursor={read_pass['cursor']}" if due else "")
+            for line in verify.describe(report)[:-1] if not report.ok else ():
+                log.error("event=damage %s", line.strip())
+
     # -- what others see -----------------------------------------------------------
 
     async def _write_status(self) -> None:
@@ -307,7 +354,7 @@ class Ingester:
             size = self.repo.stored_bytes()
         except OSError:  # a pack deleted while it was counted (prune): left out of this scrape
             size = None
-        return metrics.render(list(self.status.values()), size, time.time() * US)
+        return metrics.render(list(self.status.values()), size, time.time() * US, verify.load(self.repo.path))
 
 
 def newest_and_full(repo: Repository, uuid: str) -> tuple[PointRecord | None, PointRecord | None]:

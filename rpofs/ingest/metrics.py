@@ -59,6 +59,9 @@ METRICS = {
     "rpofs_failures_total": ("counter", "failed backups of the VM"),
     "rpofs_job_bytes_done": ("gauge", "the running backup job's bytes read so far (only while one runs)"),
     "rpofs_job_bytes_total": ("gauge", "the bytes the running backup job will read (only while one runs)"),
+    "rpofs_verify_timestamp_seconds": ("gauge", "when rpofs verify last checked the VM's points (Unix time)"),
+    "rpofs_verify_damaged_points": ("gauge", "the VM's points that read EIO somewhere, as the last verify found"),
+    "rpofs_verify_garbage_bytes": ("gauge", "pack bytes nothing refers to, as the last repository-wide verify found"),
 }
 
 
@@ -75,8 +78,10 @@ def _label(value: str) -> str:
     return value.replace("\\", "\\\\").replace("\"", "\\\"").replace("\n", "\\n")
 
 
-def render(vms, repository_bytes: int | None, now_us: float) -> str:
-    """The exposition. vms: the daemon's per-VM status (rpofs.ingest.daemon.VmStatus)."""
+def render(vms, repository_bytes: int | None, now_us: float, verified: dict | None = None) -> str:
+    """The exposition. vms: the daemon's per-VM status (rpofs.ingest.daemon.VmStatus);
+    verified: the kept verify results (rpofs.store.verify.load)."""
+    verified = verified or {"vms": {}}
     samples: dict[str, list[str]] = {name: [] for name in METRICS}
     samples["rpofs_build_info"].append(f'rpofs_build_info{{version="{_label(version())}"}} 1')
     if repository_bytes is not None:
@@ -97,6 +102,15 @@ def render(vms, repository_bytes: int | None, now_us: float) -> str:
         if s.state == "backing up" and getattr(s, "job_bytes_total", 0):
             samples["rpofs_job_bytes_done"].append(f"rpofs_job_bytes_done{label} {s.job_bytes_done}")
             samples["rpofs_job_bytes_total"].append(f"rpofs_job_bytes_total{label} {s.job_bytes_total}")
+        checked = verified["vms"].get(s.uuid)
+        if checked:
+            samples["rpofs_verify_timestamp_seconds"].append(
+                f"rpofs_verify_timestamp_seconds{label} {checked['time_us'] / 1e6:.3f}")
+            samples["rpofs_verify_damaged_points"].append(
+                f"rpofs_verify_damaged_points{label} {checked['points_damaged']}")
+    if "repository" in verified:
+        samples["rpofs_verify_garbage_bytes"].append(
+            f"rpofs_verify_garbage_bytes {verified['repository'].get('garbage_bytes', 0)}")
     lines = []
     for name, (kind, text) in METRICS.items():
         lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}", *samples[name]]

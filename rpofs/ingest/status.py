@@ -5,6 +5,7 @@ import json
 import os
 import time
 
+from ..store import verify
 from ..store.repo import Repository
 from ..timefmt import US, format_time
 from .daemon import STATUS_FILE
@@ -45,9 +46,18 @@ def next_run_state(next_run_us: int | None, state: str, now_us: float) -> str | 
     return "overdue"
 
 
+def _verified(results: dict, uuid: str) -> dict | None:
+    checked = results["vms"].get(uuid)
+    if not checked:
+        return None
+    return {"at": _time(checked["time_us"]), "read_data": checked["read_data"], "ok": checked["ok"],
+            "points_damaged": checked["points_damaged"]}
+
+
 def gather(repo: Repository) -> dict:
     now_us = time.time() * US
     ingester = _ingester(repo)
+    verified = verify.load(repo.path)
     live = ingester["vms"] if ingester["running"] else {}
     vms = []
     for uuid, name in sorted(repo.vms(), key=lambda v: v[1]):
@@ -75,6 +85,7 @@ def gather(repo: Repository) -> dict:
                     if d.get("state") == "backing up" else None),
             "last_error": d.get("last_error") or None,
             "last_error_at": _time(d.get("last_error_us")),
+            "verify": _verified(verified, uuid),
         })
     return {"ingester": {"running": ingester["running"], "pid": ingester.get("pid")}, "vms": vms}
 
@@ -91,6 +102,15 @@ def _next_text(v: dict) -> str:
     return ""
 
 
+def _verify_text(checked: dict | None) -> str:
+    if not checked:
+        return ", never verified"
+    what = "data read" if checked["read_data"] else "catalog"
+    if checked["ok"]:
+        return f", verified {checked['at']} ({what}): ok"
+    return f", verified {checked['at']} ({what}): DAMAGED, {checked['points_damaged']} points read EIO"
+
+
 def render(report: dict) -> str:
     ing = report["ingester"]
     lines = [f"ingester: {'running, pid ' + str(ing['pid']) if ing['running'] else 'not running'}"]
@@ -99,5 +119,6 @@ def render(report: dict) -> str:
         lines.append(f"{v['name']}: rpo {rpo}, {v['points']} points, last full {v['last_full'] or '-'}, "
                      f"last log {v['last_log'] or '-'}, {v['state']}"
                      + _next_text(v)
-                     + (f", last error at {v['last_error_at']}: {v['last_error']}" if v["last_error"] else ""))
+                     + (f", last error at {v['last_error_at']}: {v['last_error']}" if v["last_error"] else "")
+                     + (_verify_text(v["verify"]) if "verify" in v else ""))
     return "\n".join(lines)

@@ -378,9 +378,12 @@ def _still_wrong(repo, ref: Ref, read_data: bool) -> _Record | None:
     return record if record.kind else None
 
 
-def verify(repo, vm: str | None = None, read_data: bool = False, progress=None) -> VerifyReport:
+def verify(repo, vm: str | None = None, read_data: bool = False, progress=None,
+           only_packs: set[int] | None = None) -> VerifyReport:
     """Verify the repository, or the data one VM (uuid) reads. progress: a
-    rpofs.progress.Progress, told the pack bytes read (read_data)."""
+    rpofs.progress.Progress, told the pack bytes read (read_data).
+    only_packs: read the data of these packs only (a slice of a pass, see
+    verify_slice); the references into other packs get their headers checked."""
     started = time.monotonic()
     vms = {vm} if vm else None
     report = VerifyReport(time_us=time.time_ns() // 1000, read_data=read_data, vms=[])
@@ -409,10 +412,14 @@ def verify(repo, vm: str | None = None, read_data: bool = False, progress=None) 
                 report.garbage.packs += 1
                 report.garbage.bytes += repo.packs.size(pack)
     if read_data:
-        scan_packs = [p for p in on_disk if (vms is None and p < next_pack and p in in_use) or p in packs]
-        found.extend(_check_data(repo, scan_packs, set(on_disk), by_place, report, progress))
-    else:
-        found.extend(_check_headers(repo, set(on_disk), by_place))
+        scan_packs = [p for p in on_disk if ((vms is None and p < next_pack and p in in_use) or p in packs)
+                      and (only_packs is None or p in only_packs)]
+        scanned = set(scan_packs)
+        found.extend(_check_data(repo, scan_packs, set(on_disk),
+                                 {place: users for place, users in by_place.items() if place[0] in scanned},
+                                 report, progress))
+        by_place = {place: users for place, users in by_place.items() if place[0] not in scanned}
+    found.extend(_check_headers(repo, set(on_disk), by_place))
     _confirm(repo, found, read_data, report)
     report.seconds = round(time.monotonic() - started, 3)
     return report
@@ -508,11 +515,31 @@ def _confirm(repo, found: list[tuple], read_data: bool, report: VerifyReport) ->
         report.problems.append(problem)
 
 
+def verify_slice(repo, cursor: int, budget: int) -> tuple[VerifyReport, int]:
+    """One bounded step of a read-data pass, as the ingester runs it: the
+    catalog and every header checked, and the data of the packs from number
+    `cursor` on, up to about `budget` bytes (at least one pack). Returns the
+    report and the cursor for the next step, 0 when this step ended the pass."""
+    chosen, total, following = set(), 0, 0
+    for pack in repo.packs.list():
+        if pack < cursor:
+            continue
+        if chosen and total + repo.packs.size(pack) > budget:
+            following = pack
+            break
+        chosen.add(pack)
+        total += repo.packs.size(pack)
+    return verify(repo, read_data=True, only_packs=chosen), following
+
+
 # -- results kept for rpofs status ------------------------------------------------
 
-def save(repo_path: str, report: VerifyReport) -> None:
-    """Record the run in REPO/verify.json: per VM checked, when and what it found."""
+def save(repo_path: str, report: VerifyReport, read_pass: dict | None = None) -> None:
+    """Record the run in REPO/verify.json: per VM checked, when and what it
+    found; read_pass: where the ingester's read-data pass stands."""
     results = load(repo_path)
+    if read_pass is not None:
+        results["read_pass"] = read_pass
     damaged = report.damaged_vms()
     for vm in report.vms:
         results["vms"][vm] = {"time_us": report.time_us, "read_data": report.read_data,
