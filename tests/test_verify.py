@@ -2,6 +2,7 @@
 names exactly the damage — the points and byte ranges it reports are exactly
 those that read EIO — and nothing else."""
 
+import dataclasses
 import json
 import os
 import random
@@ -223,14 +224,17 @@ def test_garbage_is_reported_and_is_not_damage(repo):
 
 def test_a_catalog_whose_relations_are_broken(repo):
     points = every_point(repo)
-    log_point = points[2]
-    with repo.write_txn() as txn:  # a log whose parent is gone
-        txn.delete(schema.point_key(log_point.parent), db=repo.db["points"])
+    log_point, other_chain = points[2], points[-1]
+    with repo.write_txn() as txn:  # a log whose parent is another chain's point; a listed point with no record
+        txn.put(schema.point_key(log_point.point),
+                dataclasses.replace(log_point, parent=other_chain.point).encode(), db=repo.db["points"])
+        txn.delete(schema.point_key(points[1].point), db=repo.db["points"])
     report = verify.verify(repo)
     assert not report.ok
     messages = [p.message for p in report.problems]
-    assert any(f"lists point {log_point.parent}" in m for m in messages)
-    assert any(f"names parent {log_point.parent}" in m for m in messages)
+    assert any(f"lists point {points[1].point}, which has no record" in m for m in messages)
+    assert any(f"names parent {other_chain.point}" in m for m in messages)
+    assert len(messages) == 2, messages
 
 
 def test_prune_meanwhile_is_not_damage(repo, monkeypatch):
@@ -265,3 +269,13 @@ def test_the_command_line(repo):
     assert kept["vms"][VM_A]["ok"] is False and kept["vms"][VM_B]["ok"] is True
     missing = run_rpofs("--repo", path, "verify", "nosuchvm", check=False)
     assert missing.returncode == 1 and missing.stderr.count("\n") == 1
+
+
+def test_after_prune_the_catalog_still_verifies(repo):
+    """Prune leaves logs whose parent it removed (their changes live on): not damage."""
+    report = prune(repo, VM_A, Retention(last=3))  # keeps A's two newest, chain 1's newest log and its full
+    kept = {p.point for p in repo.points(VM_A)}
+    assert any(p.kind == "log" and p.parent not in kept for p in repo.points(VM_A)) and report.points_removed
+    for read_data in (False, True):
+        report = verify.verify(repo, read_data=read_data)
+        assert report.ok, report.problems

@@ -241,7 +241,10 @@ def _relations(repo, txn, cat: _Catalog, vms: set[str] | None) -> list[Problem]:
             bad(f"log point {no} ({record.vm_name}) extends chain {record.chain}, which has no full of its VM", record)
         elif tuple((d.target, d.size) for d in record.disks) != tuple((d.target, d.size) for d in full.disks):
             bad(f"log point {no} ({record.vm_name}) has other disks than its chain's full {full.point}", record)
-        if parent is None or parent.chain != record.chain or parent.point >= no or parent.time_us > record.time_us:
+        # a pruned parent is gone (the log's changes stay with it): its number still lies in the chain
+        pruned_parent = parent is None and record.parent is not None and record.chain <= record.parent < no
+        if not pruned_parent and (parent is None or parent.chain != record.chain or parent.point >= no
+                                  or parent.time_us > record.time_us):
             bad(f"log point {no} ({record.vm_name}) names parent {record.parent}, "
                 f"which is not an earlier point of chain {record.chain}", record)
     chains_of = {chain: full.vm for chain, full in cat.fulls.items()}
