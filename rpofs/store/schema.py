@@ -3,7 +3,19 @@ sub-database, its key and value layout, and the invariants. Nothing else builds
 keys by hand.
 
     REPO/catalog/     LMDB environment (the relation store), sub-databases below
-    REPO/chunks/      append-only pack files, pack-00000001 ...
+    REPO/chunks/      append-only pack files, pack-00000001 ... (rpofs.store.packs
+                      is the only code that touches them)
+    REPO/lock         flock: shared by backups, exclusive for prune, defrag,
+                      forget, upgrade (rpofs.store.repo)
+    REPO/locks/<vm uuid>.lock   one backup of a VM at a time (rpofs.store.vmlock)
+    REPO/holds/*.json points something outside the catalog reads (rpofs.store.holds)
+    REPO/verify.json  the last verify's results (rpofs.store.verify)
+    REPO/run/         what `rpofs run` made (rpofs.recover.instant)
+    REPO/ingest-status.json, REPO/mount.log   the daemons' status and log
+Only the catalog and the packs hold points; the rest is locks and the state
+of the processes that use them.
+
+Every reference from the catalog into the packs is listed by rpofs.store.refs.
 
 Integers in keys are big-endian so that LMDB's byte order is numeric order.
 
