@@ -157,11 +157,10 @@ def defrag(repo, vm: str, budget: int = BUDGET, progress=None) -> DefragReport:
 def _write(repo, work: list[tuple], report: DefragReport, progress=None) -> None:
     """Copy the blocks, in the order given, to one new pack; point their
     entries there in one transaction; then drop what that left dead."""
-    writer = repo.begin_pack()
     placed = {}  # log_index key -> its new value
     if progress is not None:
         progress.set(0, len(work) * BLOCK_SIZE)
-    try:
+    with gc.new_pack(repo) as writer:
         for disk, block, key, source in work:
             if progress is not None:
                 progress.add(BLOCK_SIZE)
@@ -189,12 +188,6 @@ def _write(repo, work: list[tuple], report: DefragReport, progress=None) -> None
             for key, value in placed.items():
                 txn.put(key, value, db=repo.db["log_index"])
             live = refs.bytes_in_use(repo, txn)
-    except BaseException:
-        writer.discard()
-        raise
-    writer.close()
-    if not placed:
-        writer.discard()
     report.packs_deleted = gc.delete_dead_packs(repo, live)
     report.packs_compacted = gc.compact(repo, live)
 

@@ -17,6 +17,7 @@ A crash anywhere leaves a consistent catalog and, at worst, pack data that
 nothing refers to, which the next collection frees.
 """
 
+import contextlib
 import logging
 
 from ..errors import ChunkError
@@ -26,6 +27,23 @@ from .schema import ChunkLocation
 log = logging.getLogger(__name__)
 
 COMPACT_BELOW = 0.5   # compact a pack when less than half of it is in use
+
+
+@contextlib.contextmanager
+def new_pack(repo):
+    """A new pack for records copied out of others (compaction, defrag,
+    upgrade): removed when the work fails or wrote nothing, else closed. The
+    caller syncs it before its transaction refers to it."""
+    writer = repo.begin_pack()
+    try:
+        yield writer
+    except BaseException:
+        writer.discard()
+        raise
+    if writer.bytes_written:
+        writer.close()
+    else:
+        writer.discard()
 
 
 def drop_unused_chunks(repo, txn) -> int:
@@ -56,7 +74,6 @@ def compact(repo, live: dict[int, int], progress=None) -> int:
         return 0
     if progress is not None:
         progress.set(0, sum(live[pack] for pack in sparse))
-    writer = repo.begin_pack()
     chunks: dict[bytes, tuple[int, ChunkLocation]] = {}   # chunk key -> (old pack, new place)
     blocks: dict[bytes, tuple[int, ChunkLocation]] = {}   # log_index key -> (old pack, new place)
     broken: set[int] = set()
@@ -76,7 +93,7 @@ def compact(repo, live: dict[int, int], progress=None) -> int:
             progress.add(refs.record_len(loc))
         return loc.pack, writer.append(key, loc.codec, loc.raw_len, stored)
 
-    try:
+    with new_pack(repo) as writer:
         with repo.env.begin() as txn:
             for key, value in txn.cursor(db=repo.db["chunks"]):
                 loc = ChunkLocation.decode(value)
@@ -96,12 +113,6 @@ def compact(repo, live: dict[int, int], progress=None) -> int:
             for lkey, (old_pack, new) in blocks.items():
                 if old_pack not in broken:
                     txn.put(lkey, schema.log_value(new), db=repo.db["log_index"])
-    except BaseException:
-        writer.discard()
-        raise
-    writer.close()
-    if not chunks and not blocks:
-        writer.discard()
     done = 0
     for pack in sorted(sparse - broken):
         repo.packs.delete(pack)  # a mount reading it through an older snapshot finds the data again

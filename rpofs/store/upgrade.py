@@ -98,7 +98,7 @@ def upgrade(path: str, progress=None) -> UpgradeReport:
             _check_room(repo, whole)
             if progress is not None:
                 progress.set(0, sum(loc.raw_len for loc in whole.values()))
-            new_keys, live = _convert(repo, whole, report, progress)
+            live = _convert(repo, whole, report, progress)
             report.packs_deleted = gc.delete_dead_packs(repo, live)
             report.packs_compacted = gc.compact(repo, live)
         return report
@@ -107,11 +107,10 @@ def upgrade(path: str, progress=None) -> UpgradeReport:
 
 
 def _convert(repo, whole: dict[bytes, ChunkLocation], report: UpgradeReport, progress):
-    """Steps 1 and 2; returns the new keys and the bytes in use per pack."""
-    writer = repo.begin_pack()
+    """Steps 1 and 2; returns the bytes in use per pack."""
     new_keys: dict[bytes, bytes] = {}       # whole key -> pieced key
     placed: dict[bytes, ChunkLocation] = {}  # pieced key -> its record
-    try:
+    with gc.new_pack(repo) as writer:
         with repo.env.begin(db=repo.db["chunks"]) as txn:
             for key, loc in sorted(whole.items(), key=lambda item: (item[1].pack, item[1].offset)):
                 try:
@@ -141,10 +140,4 @@ def _convert(repo, whole: dict[bytes, ChunkLocation], report: UpgradeReport, pro
             gc.drop_unused_chunks(repo, txn)
             txn.put(b"format", str(FORMAT).encode(), db=repo.db["meta"])
             live = refs.bytes_in_use(repo, txn)
-    except BaseException:
-        writer.discard()
-        raise
-    writer.close()
-    if not placed:
-        writer.discard()
-    return new_keys, live
+    return live
