@@ -130,6 +130,8 @@ _CHUNK_LOC = struct.Struct(">IQIIB")
 PACK_HEADER = struct.Struct(">32sBII")  # key, codec, raw length, stored length
 """Each record in a pack file: PACK_HEADER then the stored bytes. The catalog
 points at the stored bytes; the header lets a repair tool rebuild `chunks`."""
+ENCRYPTION_KEY = b"encryption"  # meta: the key record of an encrypted repository
+SEAL_OVERHEAD = 28      # a sealed unit: nonce (12) | AES-256-GCM ciphertext | tag (16)
 
 
 def u32(n: int) -> bytes:
@@ -215,6 +217,20 @@ def piece_count(raw_len: int) -> int:
 def piece_table_len(raw_len: int) -> int:
     """Bytes of a pieced chunk's table: it starts the record's stored bytes."""
     return piece_count(raw_len) * PIECE_ENTRY.size
+
+
+def sealed_units(loc: "ChunkLocation") -> int:
+    """Units a record is sealed in, in an encrypted repository: a whole
+    record one, a pieced one its table and each piece."""
+    return 1 + piece_count(loc.raw_len) if loc.codec == CODEC_PIECES else 1
+
+
+def record_span(loc: "ChunkLocation", overhead: int) -> int:
+    """Bytes a record takes in its pack: its header and stored bytes, each
+    sealed unit `overhead` longer (0: unencrypted, SEAL_OVERHEAD: encrypted).
+    The catalog keeps the plaintext stored length; this is the one place
+    that knows what a record costs on disk (ChunkReader.record_len)."""
+    return PACK_HEADER.size + loc.stored_len + overhead * sealed_units(loc)
 
 
 def pack_name(pack: int) -> str:
