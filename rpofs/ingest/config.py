@@ -56,6 +56,7 @@ class IngestConfig:
     defaults: VmPolicy = VmPolicy()
     per_vm: dict = field(default_factory=dict)   # name or UUID -> VmPolicy
     metrics: str = ""                   # "ADDR:PORT" for Prometheus, "" for none
+    key_file: str = ""                  # an encrypted repository's passphrase: this file's first line
 
     def policy(self, name: str, uuid: str) -> VmPolicy:
         return self.per_vm.get(name) or self.per_vm.get(uuid) or self.defaults
@@ -203,7 +204,7 @@ def load(path: str) -> IngestConfig:
         if not isinstance(data.get(key, {}), dict):
             top.fail(key, "expected a table")
     ingest = _Reader(path, data.get("ingest", {}), "ingest.")
-    ingest.check_keys({"uri", "repository", "max_jobs", "vms", "exclude", "metrics"})
+    ingest.check_keys({"uri", "repository", "max_jobs", "vms", "exclude", "metrics", "key_file"})
     vms = ingest.table.get("vms", "running")
     if vms != "running" and not (isinstance(vms, list) and all(isinstance(x, str) and x for x in vms)):
         ingest.fail("vms", f'expected "running" or a list of VM names/UUIDs, got {vms!r}')
@@ -225,4 +226,4 @@ def load(path: str) -> IngestConfig:
         max_jobs=ingest.integer("max_jobs", 2, 1),
         vms=() if vms == "running" else tuple(vms),
         exclude=ingest.strings("exclude"),
-        defaults=defaults, per_vm=per_vm, metrics=metrics)
+        defaults=defaults, per_vm=per_vm, metrics=metrics, key_file=ingest.string("key_file", ""))
