@@ -3,12 +3,14 @@ and turns an RpofsError into one line on stderr and exit status 1 (usage
 errors exit 2, as argparse does; no command at all prints the help)."""
 
 import argparse
+import getpass
 import json
 import logging
 import os
 import sys
 
 from .errors import RpofsError
+from .store import crypto
 from .store.repo import Repository, default_repo_path
 from .timefmt import point_names
 
@@ -20,10 +22,20 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rpofs", description="Near-zero RPO backups of libvirt VMs, "
                                 "browsable as a filesystem of recovery points.")
     p.add_argument("--repo", default=None, help="repository directory (default $RPOFS_REPO or /var/lib/rpofs)")
+    p.add_argument("--key-file", default=None, metavar="FILE",
+                   help="an encrypted repository's passphrase: the file's first line (default "
+                   "$RPOFS_KEY_FILE, else $RPOFS_PASSPHRASE, else asked on a terminal)")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress on stderr")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    sub.add_parser("init", help="create an empty repository")
+    ini = sub.add_parser("init", help="create an empty repository",
+                         description="With --encrypt, everything stored is encrypted (AES-256-GCM) under a "
+                         "random key that the passphrase unlocks: from --key-file (its first line), else "
+                         "$RPOFS_KEY_FILE, else $RPOFS_PASSPHRASE, else asked twice on a terminal. Without "
+                         "the passphrase the repository cannot be read: keep it safe.")
+    ini.add_argument("--encrypt", action="store_true", help="encrypt the repository")
+    ini.add_argument("--key-file", dest="init_key_file", default=None, metavar="FILE",
+                     help="--encrypt: the passphrase is this file's first line")
 
     b = sub.add_parser("backup", help="take one recovery point of a VM now",
                        description="Full backup when asked (--full) or when no compatible full exists; "
@@ -54,6 +66,7 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--allow-other", action="store_true",
                    help="let other users read, with the kernel checking permissions")
     m.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
+    m.add_argument("--key-fd", type=int, default=None, help=argparse.SUPPRESS)  # the master key, from rpofs mount
 
     u = sub.add_parser("umount", help="unmount a mounted repository")
     u.add_argument("mountpoint")
@@ -196,9 +209,79 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def read_key_file(path: str) -> str:
+    """A passphrase: the file's first line, without its line end."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            line = f.readline()
+    except OSError as e:
+        raise RpofsError(f"cannot read key file {path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise RpofsError(f"key file {path}: its first line is not UTF-8 text") from None
+    text = line.rstrip("\r\n")
+    if not text:
+        raise RpofsError(f"key file {path}: its first line is empty")
+    return text
+
+
+def passphrase_of(repo_path: str, args, config_key_file: str = "") -> str | None:
+    """The passphrase from --key-file, the ingester's key_file, $RPOFS_KEY_FILE,
+    $RPOFS_PASSPHRASE, or asked on a terminal; None: none to be had."""
+    for path in (args.key_file, config_key_file, os.environ.get("RPOFS_KEY_FILE")):
+        if path:
+            return read_key_file(path)
+    if os.environ.get("RPOFS_PASSPHRASE"):
+        return os.environ["RPOFS_PASSPHRASE"]
+    if sys.stdin.isatty():
+        return getpass.getpass(f"passphrase for {repo_path}: ")
+    return None
+
+
+def key_source(repo_path: str, args, config_key_file: str = "") -> crypto.KeySource:
+    """Where an encrypted repository's keys come from: asked (and a prompt
+    shown) only when the repository turns out to be encrypted."""
+    key_fd = getattr(args, "key_fd", None)
+    if key_fd is not None:  # a mount started by rpofs mount or rpofs run: the key itself
+        chunks = []
+        with os.fdopen(key_fd, "rb") as f:
+            while block := f.read(64):
+                chunks.append(block)
+        return crypto.MasterKey(b"".join(chunks))
+    return crypto.Passphrase(lambda: passphrase_of(repo_path, args, config_key_file))
+
+
+def open_repository(repo_path: str, args, **kw) -> Repository:
+    """The repository, with its keys if it is encrypted (kw: as Repository.open)."""
+    return Repository.open(repo_path, keys=key_source(repo_path, args), **kw)
+
+
 def cmd_init(repo_path: str, args) -> None:
-    Repository.init(repo_path).close()
-    print(f"created repository {repo_path}")
+    if not args.encrypt:
+        if args.init_key_file:
+            raise RpofsError("init: --key-file goes with --encrypt")
+        Repository.init(repo_path).close()
+        print(f"created repository {repo_path}")
+        return
+    if os.path.exists(os.path.join(repo_path, "catalog")):
+        raise RpofsError(f"{repo_path} already holds a repository")
+    key_file = args.init_key_file or args.key_file or os.environ.get("RPOFS_KEY_FILE")
+    if key_file:
+        passphrase = read_key_file(key_file)
+    elif os.environ.get("RPOFS_PASSPHRASE"):
+        passphrase = os.environ["RPOFS_PASSPHRASE"]
+    elif sys.stdin.isatty():
+        passphrase = getpass.getpass(f"new passphrase for {repo_path}: ")
+        if not passphrase:
+            raise RpofsError("init: the passphrase is empty: nothing created")
+        if getpass.getpass("the same again: ") != passphrase:
+            raise RpofsError("init: the two passphrases differ: nothing created")
+    else:
+        raise RpofsError("init --encrypt: give the passphrase with --key-file, $RPOFS_KEY_FILE or $RPOFS_PASSPHRASE")
+    repo = Repository.init(repo_path, passphrase)
+    fingerprint = repo.keys.fingerprint
+    repo.close()
+    print(f"created encrypted repository {repo_path} (key fingerprint {fingerprint}); "
+          f"without its passphrase it cannot be read")
 
 
 def cmd_backup(repo_path: str, args) -> None:
@@ -207,7 +290,7 @@ def cmd_backup(repo_path: str, args) -> None:
     from .mount.vfs import point_json
     from .progress import Progress
     from .virt.client import Connection
-    repo = Repository.open(repo_path)
+    repo = open_repository(repo_path, args)
     conn = Connection(args.connect)
     try:
         # mountpoints named here must exist in the guest: a typo fails the
@@ -238,7 +321,7 @@ def cmd_backup(repo_path: str, args) -> None:
 
 def cmd_points(repo_path: str, args) -> None:
     from .mount.vfs import point_json
-    repo = Repository.open(repo_path)
+    repo = open_repository(repo_path, args)
     try:
         points = repo.points(repo.find_vm(args.vm)[0])
         names = point_names([p.time_us for p in points], [p.name for p in points])
@@ -255,10 +338,11 @@ def cmd_points(repo_path: str, args) -> None:
 def cmd_mount(repo_path: str, args) -> None:
     from .mount.daemon import MountOptions, mount_background, mount_foreground
     opts = MountOptions(repo=repo_path, mountpoint=os.path.abspath(args.mountpoint), allow_other=args.allow_other)
+    keys = key_source(repo_path, args)
     if args.foreground:
-        mount_foreground(opts, args.ready_fd)
+        mount_foreground(opts, args.ready_fd, keys)
     else:
-        mount_background(opts)
+        mount_background(opts, keys)
 
 
 def cmd_umount(repo_path: str, args) -> None:
@@ -282,11 +366,12 @@ def cmd_ingest(repo_path: str, args) -> None:
         except ValueError as e:
             raise config.ConfigError(f"--metrics: {e}") from None
         cfg = dataclasses.replace(cfg, metrics=args.metrics)
-    Repository.open(cfg.repository).close()  # refuse a bad repository before starting anything
+    keys = key_source(cfg.repository, args, cfg.key_file)
+    Repository.open(cfg.repository, keys=keys).close()  # refuse a bad repository before starting anything
 
     async def until_signalled():
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(daemon.run, cfg)
+            nursery.start_soon(daemon.run, cfg, keys)
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                 async for signum in signals:
                     logging.getLogger("rpofs.ingest").info(
@@ -314,7 +399,7 @@ def cmd_prune(repo_path: str, args) -> None:
                        args.keep_monthly)
     if policy.keeps_everything():
         raise RpofsError("prune: no --keep-* option given: nothing says what to keep")
-    repo = Repository.open(repo_path)
+    repo = open_repository(repo_path, args)
     try:
         for ref in [uuid for uuid, _ in repo.vms()] if args.all else [args.vm]:
             name, report = prune_by_name(repo, ref, policy, args.dry_run,
@@ -335,7 +420,7 @@ def cmd_verify(repo_path: str, args) -> int:
     from .store import verify
     if args.vm and args.all:
         raise RpofsError("verify: name one VM or give --all, not both")
-    repo = Repository.open(repo_path)
+    repo = open_repository(repo_path, args)
     try:
         vm = repo.find_vm(args.vm)[0] if args.vm else None
         with Progress("verify", 0, enabled=None if args.read_data else False) as progress:
@@ -356,7 +441,7 @@ def cmd_upgrade(repo_path: str, args) -> None:
     from .progress import Progress
     from .store.upgrade import upgrade
     with Progress("upgrade", 0) as progress:
-        report = upgrade(repo_path, progress)
+        report = upgrade(repo_path, progress, key_source(repo_path, args))
     if args.json:
         print(json.dumps(dataclasses.asdict(report)))
     else:
@@ -368,7 +453,7 @@ def cmd_upgrade(repo_path: str, args) -> None:
 def cmd_forget(repo_path: str, args) -> None:
     from .progress import Progress
     from .store.forget import forget_by_name
-    repo = Repository.open(repo_path)
+    repo = open_repository(repo_path, args)
     try:
         if args.dry_run:
             name, report = forget_by_name(repo, args.vm, dry_run=True)
@@ -388,7 +473,7 @@ def cmd_defrag(repo_path: str, args) -> None:
     from .store.defrag import defrag_by_name
     if bool(args.vm) == args.all:
         raise RpofsError("defrag: name one VM or give --all")
-    repo = Repository.open(repo_path)
+    repo = open_repository(repo_path, args)
     try:
         for ref in [uuid for uuid, _ in repo.vms()] if args.all else [args.vm]:
             name, report = defrag_by_name(repo, ref, budget=1 << 62,  # run by hand: all of it at once
@@ -426,7 +511,7 @@ def cmd_restore(repo_path: str, args) -> None:
         raise RpofsError("restore: give DEST (or --vm to restore the whole VM)")
     from .progress import Progress
     from .store.restore import parse_disk_ref, restore_disk
-    repo = Repository.open(repo_path)
+    repo = open_repository(repo_path, args)
     try:
         with Progress(f"restore {parse_disk_ref(args.source)[2]}", 0) as progress:
             size, written = restore_disk(repo, args.source, args.dest, args.force, progress)
@@ -441,7 +526,7 @@ def restore_vm(repo_path: str, args) -> None:
     if args.dest:
         raise RpofsError("restore --vm: no DEST: the disks go into --dir")
     vm, when = split_vm_time(args.source)
-    repo = Repository.open(repo_path)
+    repo = open_repository(repo_path, args)
     conn = Connection(args.connect)
     try:
         done = restore(repo, conn, vm, when, VmRestoreOptions(args.name, args.dir, args.format, args.replace,
@@ -463,7 +548,7 @@ def cmd_run(repo_path: str, args) -> None:
         raise RpofsError("run: give VM@TIME, or --move NAME, --stop NAME or --list")
     if args.source and (args.move or args.stop or args.list):
         raise RpofsError("run: VM@TIME does not go with --move, --stop or --list")
-    repo = Repository.open(repo_path)
+    repo = open_repository(repo_path, args)
     conn = Connection(args.connect)
     try:
         if args.list:
@@ -504,17 +589,24 @@ def _print_runs(states, as_json: bool) -> None:
 
 def cmd_status(repo_path: str, args) -> None:
     from .ingest.status import gather, render
-    repo = Repository.open(repo_path)
+    repo = open_repository(repo_path, args)
     try:
         report = gather(repo)
+        if repo.encrypted:
+            report["encryption"] = {"cipher": "aes-256-gcm", "key_fingerprint": repo.keys.fingerprint}
     finally:
         repo.close()
-    print(json.dumps(report, indent=2) if args.json else render(report))
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return
+    print(render(report))
+    if "encryption" in report:
+        print(f"repository: encrypted, key fingerprint {report['encryption']['key_fingerprint']}")
 
 
 def cmd_cp(repo_path: str, args) -> None:
     from .files.copy import copy_out
-    repo = Repository.open(repo_path)
+    repo = open_repository(repo_path, args)
     try:
         copy_out(repo, args.source, args.dest, args.recursive, args.force)
     finally:

@@ -52,3 +52,11 @@ class CorruptChunk(ChunkError):
 
 class MountError(RpofsError):
     pass
+
+
+class KeyRequired(RpofsError):
+    """An encrypted repository opened without its passphrase or key."""
+
+
+class WrongKey(RpofsError):
+    """The passphrase (or key) is not the repository's."""

@@ -8,7 +8,7 @@ from rpofs.store.schema import BLOCK_SIZE, CHUNK_SIZE, DiskRecord
 VM = str(uuid.UUID(int=7))
 
 
-def back_up(repo, disks, dirty, kind, parent, time_us):
+def back_up(repo, disks, dirty, kind, parent, time_us, vm_name="m", xml=b"<domain><name>m</name></domain>"):
     """Record one point from in-memory disks, as the ingester does from NBD:
     a full reads every chunk, a log reads every block marked dirty."""
     with repo.begin_writer() as w:
@@ -19,9 +19,9 @@ def back_up(repo, disks, dirty, kind, parent, time_us):
             else:
                 for b in sorted(dirty[d]):
                     w.put_log_block(d, b, bytes(data[b * BLOCK_SIZE:(b + 1) * BLOCK_SIZE]))
-        xml, _ = w.put_chunk(b"<domain><name>m</name></domain>")
+        xml, _ = w.put_chunk(xml)
         return w.commit(
-            vm=VM, vm_name="m", time_us=time_us, parent=None if kind == "full" else parent,
+            vm=VM, vm_name=vm_name, time_us=time_us, parent=None if kind == "full" else parent,
             consistency="crash-consistent",
             disks=[DiskRecord(f"vd{chr(97 + i)}", len(x)) for i, x in enumerate(disks)],
             checkpoint="", domain_xml=xml.hex())

@@ -41,9 +41,10 @@ def test_scattered_blocks_are_those_in_short_runs():
     gaps = [(0, 400 + 3 * i, loc(8, HEAD + i * step)) for i in range(MIN_RUN // 2)]
     gaps += [(1, i, loc(8, HEAD + (MIN_RUN // 2 + i) * step)) for i in range(MIN_RUN // 2)]
     entries = long_run + short_run + reversed_order + gaps
-    assert scattered_blocks(entries) == short_run + reversed_order
-    assert scattered_blocks(long_run[:-1]) == long_run[:-1]
-    assert scattered_blocks([]) == []
+    plain = lambda loc: HEAD + loc.stored_len  # noqa: E731 - an unencrypted repository's records
+    assert scattered_blocks(entries, plain) == short_run + reversed_order
+    assert scattered_blocks(long_run[:-1], plain) == long_run[:-1]
+    assert scattered_blocks([], plain) == []
 
 
 def chain_of_scattered_logs(repo, rnd, logs=40, size=3 * CHUNK_SIZE + 5000):
@@ -66,7 +67,7 @@ def chain_of_scattered_logs(repo, rnd, logs=40, size=3 * CHUNK_SIZE + 5000):
 def newest_scattered(repo, point):
     with repo.env.begin() as txn:
         sizes = [d.size for d in point.disks]
-        return scattered_blocks(defrag_mod._newest_blocks(repo, txn, sizes, point.chain)[0])
+        return scattered_blocks(defrag_mod._newest_blocks(repo, txn, sizes, point.chain)[0], repo.reader.record_len)
 
 
 def test_defrag_moves_the_newest_points_blocks_into_disk_order(tmp_path, monkeypatch):

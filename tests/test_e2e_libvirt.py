@@ -138,3 +138,34 @@ def test_failed_backup_leaves_nothing_and_the_next_log_is_right(lab):
         for i, expected in enumerate(model.snapshot()):
             with open(mnt / vm.name / latest["name"] / f"vd{chr(97 + i)}.raw", "rb") as f:
                 assert f.read() == expected
+
+
+def test_encrypted_repository_backs_up_and_mounts_byte_exact(lab, monkeypatch):
+    """The same VM into an encrypted repository (last in this module: a second
+    repository of one VM takes over its checkpoint): `rpofs backup` and the
+    mount with the key from $RPOFS_KEY_FILE, nothing of the VM's name or XML
+    in the repository's files."""
+    vm, model, _, d = lab
+    repo = d / "encrypted"
+    key_file = d / "key"
+    key_file.write_text("e2e passphrase\n")
+    monkeypatch.delenv("RPOFS_PASSPHRASE", raising=False)
+    monkeypatch.setenv("RPOFS_KEY_FILE", str(key_file))
+    run_rpofs("init", "--encrypt", repo=repo)
+    truth = {}
+    assert ": full point " in run_rpofs("backup", vm.name, repo=repo).stdout
+    truth[points_json(repo, vm.name)[-1]["point"]] = model.snapshot()
+    model.write(0, 1 * MiB + 512, 70_000 - 70_000 % 512, 0xE1)
+    assert ": log point " in run_rpofs("backup", vm.name, repo=repo).stdout
+    truth[points_json(repo, vm.name)[-1]["point"]] = model.snapshot()
+    monkeypatch.delenv("RPOFS_KEY_FILE")
+    refused = run_rpofs("points", vm.name, repo=repo, check=False)
+    assert refused.returncode == 1 and "is encrypted: give the passphrase" in refused.stderr
+    monkeypatch.setenv("RPOFS_KEY_FILE", str(key_file))
+    with mounted(repo, d / "mnt-encrypted") as mnt:
+        for p in points_json(repo, vm.name):
+            for i, expected in enumerate(truth[p["point"]]):
+                with open(mnt / vm.name / p["name"] / f"vd{chr(97 + i)}.raw", "rb") as f:
+                    assert f.read() == expected
+    files = [repo / "catalog" / "data.mdb"] + sorted((repo / "chunks").iterdir())
+    assert not any(vm.name.encode() in f.read_bytes() for f in files)

@@ -33,6 +33,7 @@ def test_the_example_parses():
     ('[defaults]\nlog_interval = "soon"', "defaults.log_interval", "expected a duration"),
     ('[defaults]\nlog_interval = "2h"\nfull_interval = "1h"', "defaults.log_interval", "longer than full_interval"),
     ('[ingest]\nmax_jobs = 0', "ingest.max_jobs", "integer >= 1"),
+    ('[ingest]\nkey_file = 7', "ingest.key_file", "expected a non-empty string"),
     ('[ingest]\nvms = "all"', "ingest.vms", '"running" or a list'),
     ('[ingest]\nmetrics = "nowhere"', "ingest.metrics", "ADDRESS:PORT"),
     ('[ingest]\nmetrics = "127.0.0.1:99999"', "ingest.metrics", "port 99999 is not in 1-65535"),
@@ -117,3 +118,11 @@ def test_defrag_interval_zero_means_never_and_other_intervals_refuse_zero(tmp_pa
     path.write_text('[defaults]\nlog_interval = "0s"\n')
     with pytest.raises(ConfigError, match="log_interval"):
         load(str(path))
+
+
+def test_key_file_is_read_for_an_encrypted_repository(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('[ingest]\nkey_file = "/etc/rpofs/key"\n')
+    assert load(str(path)).key_file == "/etc/rpofs/key"
+    path.write_text("[ingest]\n")
+    assert load(str(path)).key_file == ""

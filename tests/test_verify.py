@@ -49,12 +49,17 @@ def change(rnd, disk, dirty, n):
         dirty.update(range(off // BLOCK_SIZE, (off + len(data) - 1) // BLOCK_SIZE + 1))
 
 
-@pytest.fixture
-def repo(tmp_path):
+@pytest.fixture(params=["plain", "encrypted"])
+def repo(tmp_path, request, monkeypatch):
     """Two VMs: A with two chains (logs on both), B a full sharing most of
-    A's first full. Every point's disk is kept as the truth."""
+    A's first full. Every point's disk is kept as the truth. Also encrypted:
+    the same damage is found through the sealing."""
     rnd = random.Random(42)
-    repo = Repository.init(str(tmp_path / "r"))
+    passphrase = None
+    if request.param == "encrypted":
+        passphrase = "verify me"
+        monkeypatch.setenv("RPOFS_PASSPHRASE", passphrase)  # for the command line
+    repo = Repository.init(str(tmp_path / "r"), passphrase)
     repo.truth = {}
     disk = mixed_disk(rnd, 5 * CHUNK_SIZE + 3 * BLOCK_SIZE + 100)
     b_disk = bytearray(disk)
@@ -148,7 +153,7 @@ def test_an_intact_repository_verifies_clean(repo):
 def test_a_flipped_bit_in_a_shared_full_chunk_names_both_vms_and_exactly_the_eio_ranges(repo):
     a_full = every_point(repo)[0]
     loc = full_loc(repo, a_full.chain, 2)  # chunk 2: B's full shares it
-    flip(repo, loc.pack, loc.offset + loc.stored_len - 100)  # inside the last piece
+    flip(repo, loc.pack, loc.offset + repo.reader.sealed_len(loc) - 100)  # inside the last piece
     assert verify.verify(repo).ok  # headers only: the content is not read
     report = verify.verify(repo, read_data=True)
     assert not report.ok and len(report.problems) == 1
@@ -227,7 +232,7 @@ def test_a_catalog_whose_relations_are_broken(repo):
     log_point, other_chain = points[2], points[-1]
     with repo.write_txn() as txn:  # a log whose parent is another chain's point; a listed point with no record
         txn.put(schema.point_key(log_point.point),
-                dataclasses.replace(log_point, parent=other_chain.point).encode(), db=repo.db["points"])
+                repo.encode_point(dataclasses.replace(log_point, parent=other_chain.point)), db=repo.db["points"])
         txn.delete(schema.point_key(points[1].point), db=repo.db["points"])
     report = verify.verify(repo)
     assert not report.ok
@@ -279,3 +284,14 @@ def test_after_prune_the_catalog_still_verifies(repo):
     for read_data in (False, True):
         report = verify.verify(repo, read_data=read_data)
         assert report.ok, report.problems
+
+
+def test_a_damaged_point_record_is_named(repo):
+    """A point record that no longer reads (bad JSON; a sealed value that does not open)."""
+    victim = every_point(repo)[1]
+    with repo.write_txn() as txn:
+        value = bytearray(txn.get(schema.point_key(victim.point), db=repo.db["points"]))
+        value[0] ^= 0x55  # plain: no longer JSON; sealed: the nonce, so it does not open
+        txn.put(schema.point_key(victim.point), bytes(value), db=repo.db["points"])
+    report = verify.verify(repo)
+    assert any(f"point record {victim.point} cannot be read" in p.message for p in report.problems)

@@ -56,7 +56,8 @@ class WriteLog:
 
 def run_rpofs(*args, repo=None, check=True, timeout=300):
     cmd = RPOFS + (["--repo", str(repo)] if repo else []) + [str(a) for a in args]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    # no terminal: rpofs never waits on a passphrase prompt here
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}): {result.stderr}")
     return result

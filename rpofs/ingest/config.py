@@ -63,6 +63,7 @@ class IngestConfig:
     verify_interval_s: float = 3600.0
     verify_read_data_interval_s: float = 7 * 86400.0
     verify_read_mib: int = 4096
+    key_file: str = ""                  # an encrypted repository's passphrase: this file's first line
 
     def policy(self, name: str, uuid: str) -> VmPolicy:
         return self.per_vm.get(name) or self.per_vm.get(uuid) or self.defaults
@@ -210,7 +211,7 @@ def load(path: str) -> IngestConfig:
         if not isinstance(data.get(key, {}), dict):
             top.fail(key, "expected a table")
     ingest = _Reader(path, data.get("ingest", {}), "ingest.")
-    ingest.check_keys({"uri", "repository", "max_jobs", "vms", "exclude", "metrics", "verify_interval",
+    ingest.check_keys({"uri", "repository", "max_jobs", "vms", "exclude", "metrics", "key_file", "verify_interval",
                        "verify_read_data_interval", "verify_read_mib"})
     vms = ingest.table.get("vms", "running")
     if vms != "running" and not (isinstance(vms, list) and all(isinstance(x, str) and x for x in vms)):
@@ -233,7 +234,7 @@ def load(path: str) -> IngestConfig:
         max_jobs=ingest.integer("max_jobs", 2, 1),
         vms=() if vms == "running" else tuple(vms),
         exclude=ingest.strings("exclude"),
-        defaults=defaults, per_vm=per_vm, metrics=metrics,
+        defaults=defaults, per_vm=per_vm, metrics=metrics, key_file=ingest.string("key_file", ""),
         verify_interval_s=ingest.duration("verify_interval", 3600.0, zero_means="never"),
         verify_read_data_interval_s=ingest.duration("verify_read_data_interval", 7 * 86400.0, zero_means="never"),
         verify_read_mib=ingest.integer("verify_read_mib", 4096, 1))

@@ -385,8 +385,9 @@ def _write_atomically(path: str, body: str) -> None:
     os.replace(tmp, path)
 
 
-async def run(cfg: IngestConfig) -> None:
-    repo = Repository.open(cfg.repository)
+async def run(cfg: IngestConfig, keys=None) -> None:
+    """keys: an encrypted repository's, as Repository.open takes them."""
+    repo = Repository.open(cfg.repository, keys=keys)
     try:
         await Ingester(cfg, repo).run()
     finally:

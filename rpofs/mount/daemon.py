@@ -2,7 +2,9 @@
 
 `rpofs mount` starts `rpofs mount --foreground` as a detached child and
 returns once the child says the mount is ready, or prints the child's error.
-The child opens the repository itself: nothing LMDB crosses a fork.
+The child opens the repository itself: nothing LMDB crosses a fork. An
+encrypted repository's master key goes to the child through a pipe it
+inherits (--key-fd), never its arguments or environment.
 """
 
 import errno
@@ -55,11 +57,14 @@ def check_mountpoint(path: str) -> None:
         raise MountError(f"mountpoint {path} is not empty: the mount would hide its files (use an empty directory)")
 
 
-def mount_background(opts: MountOptions) -> None:
-    """Start the mount daemon; return when the mount is ready."""
+def mount_background(opts: MountOptions, keys=None) -> None:
+    """Start the mount daemon; return when the mount is ready. keys: as
+    Repository.open takes them."""
     check_mountpoint(opts.mountpoint)
-    Repository.open(opts.repo).close()  # a clear error here beats one in the log
-    start_mount(opts).wait()
+    repo = Repository.open(opts.repo, keys=keys)  # a clear error here beats one in the log
+    master = repo.master_key()
+    repo.close()
+    start_mount(opts, master).wait()
 
 
 class StartingMount:
@@ -82,36 +87,52 @@ class StartingMount:
             raise MountError(answer.removeprefix("error: ") or f"the mount daemon died; see {self._log_path}")
 
 
-def start_mount(opts: MountOptions) -> StartingMount:
+def start_mount(opts: MountOptions, master_key: bytes | None = None) -> StartingMount:
     """Start `rpofs mount --foreground` as a detached child; it opens the
     repository itself (nothing of LMDB crosses a fork, and this process may
-    hold the repository open: LMDB must not be opened twice in one process)."""
+    hold the repository open: LMDB must not be opened twice in one process).
+    master_key: an encrypted repository's (Repository.master_key), written
+    into a pipe whose read end the child inherits."""
     read_fd, write_fd = os.pipe()
     log_path = opts.log_file or os.path.join(opts.repo, "mount.log")
     cmd = [sys.executable, "-m", "rpofs.cli", "--repo", opts.repo, "mount", opts.mountpoint,
            "--foreground", "--ready-fd", str(write_fd)]
     if opts.allow_other:
         cmd.append("--allow-other")
+    pass_fds = [write_fd]
+    if master_key is not None:
+        key_read, key_write = os.pipe()
+        try:
+            os.write(key_write, master_key)  # 32 bytes: the pipe holds them until the child reads
+        finally:
+            os.close(key_write)
+        cmd += ["--key-fd", str(key_read)]
+        pass_fds.append(key_read)
     try:
-        log_out = open(log_path, "ab")
-    except OSError as e:
-        os.close(read_fd)
-        os.close(write_fd)
-        raise MountError(f"cannot write the mount log {log_path}: {e.strerror}") from None
-    with log_out:
-        subprocess.Popen(cmd, pass_fds=(write_fd,), stdin=subprocess.DEVNULL, stdout=log_out,
-                         stderr=log_out, start_new_session=True, close_fds=True)
+        try:
+            log_out = open(log_path, "ab")
+        except OSError as e:
+            os.close(read_fd)
+            os.close(write_fd)
+            raise MountError(f"cannot write the mount log {log_path}: {e.strerror}") from None
+        with log_out:
+            subprocess.Popen(cmd, pass_fds=pass_fds, stdin=subprocess.DEVNULL, stdout=log_out,
+                             stderr=log_out, start_new_session=True, close_fds=True)
+    finally:
+        for fd in pass_fds[1:]:
+            os.close(fd)
     os.close(write_fd)
     return StartingMount(read_fd, log_path)
 
 
-def mount_foreground(opts: MountOptions, ready_fd: int | None = None) -> None:
+def mount_foreground(opts: MountOptions, ready_fd: int | None = None, keys=None) -> None:
     """Serve the mount until it is unmounted or a signal arrives. If ready_fd
-    is given, one line goes there: "ready" or "error: ..."."""
+    is given, one line goes there: "ready" or "error: ...". keys: as
+    Repository.open takes them."""
     tell = _Teller(ready_fd)
     try:
         check_mountpoint(opts.mountpoint)
-        repo = Repository.open(opts.repo)
+        repo = Repository.open(opts.repo, keys=keys)
     except RpofsError as e:
         tell(f"error: {e}")
         raise

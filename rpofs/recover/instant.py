@@ -242,7 +242,7 @@ def _ensure_mount(repo: Repository):
     os.makedirs(mountpoint, mode=0o700, exist_ok=True)
     check_mountpoint(mountpoint)
     return mountpoint, start_mount(MountOptions(repo=repo.path, mountpoint=mountpoint,
-                                                allow_other=not _qemu_is_root()))
+                                                allow_other=not _qemu_is_root()), repo.master_key())
 
 
 def _abandon_mount(mountpoint: str, starting) -> None:

@@ -15,13 +15,13 @@ import collections
 import threading
 from typing import NamedTuple
 
-import blake3
 import zstandard
 
 from ..errors import CorruptChunk, PackMissing
+from .crypto import PLAIN_IDS, Ids, Sealer
 from .packs import PackStore
 from .schema import (CODEC_PIECES, CODEC_RAW, CODEC_ZSTD, PACK_HEADER, PIECE_ENTRY, PIECE_SIZE,
-                     PIECES_KEY_CONTEXT, ChunkLocation, pack_name, piece_count, piece_table_len)
+                     ChunkLocation, pack_name, piece_count, piece_table_len, record_span)
 
 ZSTD_LEVEL = 1  # ~1 GB/s per core; higher levels cost more than they save on disk data
 TABLES = 16384  # piece tables kept decoded: ~1.3 KB each, 21 MB for 16 GiB of full chunks
@@ -39,21 +39,11 @@ def _piece_ident(key: bytes, i: int) -> bytes:
     return key + bytes((i,))
 
 
-def chunk_key(data) -> bytes:
-    return blake3.blake3(data).digest()
-
-
-def pieces_key(hashes) -> bytes:
-    """A pieced chunk's key: blake3 over its pieces' hashes in key-derivation
-    mode, so that it is never the plain blake3 of some chunk that happens to
-    consist of those bytes (schema: pieced records)."""
-    return blake3.blake3(b"".join(hashes), derive_key_context=PIECES_KEY_CONTEXT).digest()
-
-
-def piece_hashes(data) -> list[bytes]:
-    """blake3 of each PIECE_SIZE piece of a full chunk's raw bytes."""
-    view = memoryview(data)
-    return [chunk_key(view[at:at + PIECE_SIZE]) for at in range(0, len(view), PIECE_SIZE)]
+# An unencrypted repository's ids (crypto.Ids). Code that works on a
+# repository uses repo.ids, which an encrypted repository keys.
+chunk_key = PLAIN_IDS.chunk_key
+pieces_key = PLAIN_IDS.pieces_key
+piece_hashes = PLAIN_IDS.piece_hashes
 
 
 class Piece(NamedTuple):
@@ -71,15 +61,18 @@ class PieceTable:
     catalog holds (the key covers the hashes only, so that equal content has
     equal keys whatever zstd makes of it; a damaged length or codec that got
     past these checks would still fail its piece's hash). Kept as the
-    table's bytes and the pieces' ends."""
-    __slots__ = ("raw", "ends", "raw_len")
+    table's bytes and the pieces' ends. `table` is the table's plaintext;
+    overhead is what sealing adds to each unit (0 unencrypted): the pieces'
+    places in the pack count it (the table is unit 0, piece i unit i + 1)."""
+    __slots__ = ("raw", "ends", "raw_len", "overhead")
 
-    def __init__(self, key: bytes, raw_len: int, stored_len: int, table: bytes, where: str):
+    def __init__(self, key: bytes, raw_len: int, stored_len: int, table: bytes, where: str,
+                 ids: Ids = PLAIN_IDS, overhead: int = 0):
         n = piece_count(raw_len)
         if len(table) != n * PIECE_ENTRY.size:
             raise CorruptChunk(f"{where}: pack file is truncated")
         entries = list(PIECE_ENTRY.iter_unpack(table))
-        if pieces_key(e[0] for e in entries) != key:
+        if ids.pieces_key(e[0] for e in entries) != key:
             raise CorruptChunk(f"{where}: piece table does not match its key")
         ends, pos = [], len(table)
         for i, (_, stored_minus_1, codec) in enumerate(entries):
@@ -91,16 +84,25 @@ class PieceTable:
             ends.append(pos)
         if pos != stored_len:
             raise CorruptChunk(f"{where}: piece table does not match the catalog's stored length")
-        self.raw, self.ends, self.raw_len = bytes(table), tuple(ends), raw_len
+        self.raw, self.ends, self.raw_len, self.overhead = bytes(table), tuple(ends), raw_len, overhead
 
     def piece(self, i: int) -> Piece:
+        """Piece i, its start and stop where its (sealed) unit is in the pack,
+        from the record's stored bytes."""
         digest, _, codec = PIECE_ENTRY.unpack_from(self.raw, i * PIECE_ENTRY.size)
         start = self.ends[i - 1] if i else len(self.raw)
-        return Piece(digest, start, self.ends[i], codec, min(PIECE_SIZE, self.raw_len - i * PIECE_SIZE))
+        o = self.overhead
+        return Piece(digest, start + o * (i + 1), self.ends[i] + o * (i + 2), codec,
+                     min(PIECE_SIZE, self.raw_len - i * PIECE_SIZE))
 
 
-def _decode_piece(piece: Piece, stored, where: str, i: int):
-    """A piece's raw bytes out of its stored bytes, verified against its hash."""
+def _decode_piece(piece: Piece, stored, where: str, i: int, ids: Ids = PLAIN_IDS, opened: bool = False):
+    """A piece's raw bytes out of its stored bytes, verified against its hash.
+    opened: the stored bytes are an encrypted repository's unit that just
+    authenticated (AES-GCM, the record's key and place in its AAD): a raw
+    piece is then the one sealed for that key, and its hash is not computed
+    again on the mount's hot path (schema: Encryption, verification); a
+    zstd piece is still checked after decompression."""
     if piece.codec == CODEC_ZSTD:
         try:
             data = _decompressor().decompress(stored, max_output_size=piece.raw_len)
@@ -108,7 +110,7 @@ def _decode_piece(piece: Piece, stored, where: str, i: int):
             raise CorruptChunk(f"{where}: piece {i}: {e}") from None
     else:
         data = stored
-    if len(data) != piece.raw_len or chunk_key(data) != piece.hash:
+    if len(data) != piece.raw_len or not (opened and piece.codec == CODEC_RAW) and ids.chunk_key(data) != piece.hash:
         raise CorruptChunk(f"{where}: piece {i}: content does not match its hash")
     return data
 
@@ -149,20 +151,49 @@ def encode(data) -> tuple[int, bytes]:
 
 
 class PackWriter:
-    """Appends chunk records to one new pack. Thread-safe."""
+    """Appends chunk records to one new pack. Thread-safe: a record's place
+    is reserved under the lock, and it is sealed (encrypted repositories)
+    and written outside it, so threads seal in parallel."""
 
-    def __init__(self, packs: PackStore, pack: int):
+    def __init__(self, packs: PackStore, pack: int, sealer: Sealer | None = None):
         self.pack = pack
         self._file = packs.create(pack)
         self._lock = threading.Lock()
+        self._sealer = sealer
+        self._end = 0
         self.bytes_written = 0
 
-    def append(self, key: bytes, codec: int, raw_len: int, stored: bytes) -> ChunkLocation:
+    def append(self, key: bytes, codec: int, raw_len: int, stored) -> ChunkLocation:
+        """A record of the stored bytes in plaintext (as encode or
+        encode_pieces make them, or ChunkReader.verified returns them); an
+        encrypted repository's writer seals them here, bound to where they
+        go, so whatever copies records (compaction, defrag) re-seals them."""
         header = PACK_HEADER.pack(key, codec, raw_len, len(stored))
+        size = record_span(ChunkLocation(self.pack, 0, len(stored), raw_len, codec), self._sealer.overhead if self._sealer else 0)
         with self._lock:
-            offset = self._file.append([header, stored]) + len(header)
-            self.bytes_written += len(header) + len(stored)
+            start = self._end
+            self._end += size
+            self.bytes_written += size
+        offset = start + len(header)
+        parts = [header] + (self._seal(key, codec, raw_len, offset, stored) if self._sealer else [stored])
+        self._file.write_at(start, parts)
         return ChunkLocation(self.pack, offset, len(stored), raw_len, codec)
+
+    def _seal(self, key: bytes, codec: int, raw_len: int, offset: int, stored) -> list[bytes]:
+        """The record's sealed units: the whole stored bytes, or a pieced
+        record's table and then each piece."""
+        seal, view = self._sealer.seal, memoryview(stored)
+        if codec != CODEC_PIECES:
+            return [seal(key, self.pack, offset, view)]
+        table_len = piece_table_len(raw_len)
+        units = [seal(key, self.pack, offset, view[:table_len])]
+        pos, at = table_len, offset + table_len + self._sealer.overhead
+        for _, stored_minus_1, _ in PIECE_ENTRY.iter_unpack(view[:table_len]):
+            n = stored_minus_1 + 1
+            units.append(seal(key, self.pack, at, view[pos:pos + n]))
+            pos, at = pos + n, at + n + self._sealer.overhead
+        assert pos == len(view)
+        return units
 
     def sync(self) -> None:
         """Make the pack durable; the catalog may refer to it afterwards."""
@@ -177,10 +208,16 @@ class PackWriter:
 
 
 class ChunkReader:
-    """Reads and verifies chunks. Thread-safe."""
+    """Reads and verifies chunks. Thread-safe. In an encrypted repository
+    (a sealer given) each unit read is opened (authenticated against its key
+    and place) before anything else looks at it; the cache holds plaintext."""
 
-    def __init__(self, packs: PackStore, cache_bytes: int = 64 << 20):
+    def __init__(self, packs: PackStore, cache_bytes: int = 64 << 20, ids: Ids = PLAIN_IDS,
+                 sealer: Sealer | None = None):
         self.packs = packs
+        self.ids = ids
+        self.sealer = sealer
+        self.overhead = sealer.overhead if sealer else 0
         self._lock = threading.Lock()
         self._cache: collections.OrderedDict[bytes, bytes] = collections.OrderedDict()
         self._cache_bytes = 0
@@ -189,6 +226,21 @@ class ChunkReader:
 
     def _pread(self, pack: int, length: int, offset: int) -> bytes:
         return self.packs.read(pack, offset, length)
+
+    def record_len(self, loc: ChunkLocation) -> int:
+        """Bytes of a pack record: its header and stored bytes as sealed."""
+        return record_span(loc, self.overhead)
+
+    def sealed_len(self, loc: ChunkLocation) -> int:
+        """Bytes of a record's stored part in its pack (after its header)."""
+        return record_span(loc, self.overhead) - PACK_HEADER.size
+
+    def _unseal(self, key: bytes, loc: ChunkLocation, at: int, sealed, where: str):
+        """The plaintext of the unit `at` bytes into the record's stored part
+        (itself when the repository is not encrypted)."""
+        if self.sealer is None:
+            return sealed
+        return self.sealer.open(key, loc.pack, loc.offset + at, sealed, where)
 
     def prefetch(self, chunks: list[tuple[bytes | None, ChunkLocation, int, int]]) -> None:
         """Start reading what a read is about to need, all at once: (key,
@@ -204,7 +256,7 @@ class ChunkReader:
             for key, loc, start, stop in chunks:
                 if loc.codec != CODEC_PIECES:
                     if _ident(key, loc) not in self._cache:
-                        spans.append((loc.pack, loc.offset - head, loc.offset + loc.stored_len))
+                        spans.append((loc.pack, loc.offset - head, loc.offset + self.sealed_len(loc)))
                     continue
                 first, last = start // PIECE_SIZE, (stop - 1) // PIECE_SIZE
                 cold = [i for i in range(first, last + 1) if _piece_ident(key, i) not in self._cache]
@@ -215,9 +267,9 @@ class ChunkReader:
                     spans.append((loc.pack, loc.offset + table.piece(cold[0]).start,
                                   loc.offset + table.piece(cold[-1]).stop))
                 elif start == 0 and stop == loc.raw_len:
-                    spans.append((loc.pack, loc.offset - head, loc.offset + loc.stored_len))
+                    spans.append((loc.pack, loc.offset - head, loc.offset + self.sealed_len(loc)))
                 else:
-                    spans.append((loc.pack, loc.offset, loc.offset + piece_table_len(loc.raw_len)))
+                    spans.append((loc.pack, loc.offset, loc.offset + piece_table_len(loc.raw_len) + self.overhead))
         if len(spans) < 2:
             return  # the read itself asks for it right away
         merged = []  # spans that touch go as one
@@ -241,14 +293,21 @@ class ChunkReader:
         heads = [bytearray(head) for _ in locs]
         first = locs[0]
         where = f"log blocks in {pack_name(first.pack)} from {first.offset}"
-        got = self.packs.read_into(first.pack, first.offset - head, [b for pair in zip(heads, views) for b in pair])
-        if got != sum(head + loc.stored_len for loc in locs):
+        # encrypted: each sealed block into a buffer of its own, opened into its view
+        bodies = views if self.sealer is None else [bytearray(self.sealed_len(loc)) for loc in locs]
+        got = self.packs.read_into(first.pack, first.offset - head, [b for pair in zip(heads, bodies) for b in pair])
+        if got != sum(self.record_len(loc) for loc in locs):
             raise CorruptChunk(f"{where}: pack file is truncated")
-        for header, loc, view in zip(heads, locs, views):
+        for header, loc, body, view in zip(heads, locs, bodies, views):
             key, codec, raw_len, stored_len = PACK_HEADER.unpack_from(header)
             if (codec, raw_len, stored_len) != (loc.codec, loc.raw_len, loc.stored_len):
                 raise CorruptChunk(f"{where}: the record at {loc.offset} does not match the catalog")
-            if chunk_key(view) != key:
+            if self.sealer is not None:
+                plain = self._unseal(key, loc, 0, body, where)
+                if len(plain) != len(view):
+                    raise CorruptChunk(f"{where}: the record at {loc.offset} does not match the catalog")
+                view[:] = plain
+            elif self.ids.chunk_key(view) != key:  # (encrypted: the tag checked it, see _decode_piece)
                 raise CorruptChunk(f"{where}: the block at {loc.offset}: content does not match its key")
 
     def read(self, key: bytes | None, loc: ChunkLocation) -> bytes:
@@ -293,21 +352,23 @@ class ChunkReader:
                 table = self._tables.get(key)
                 if table is not None:
                     self._tables.move_to_end(key)
+            table_len = piece_table_len(loc.raw_len) + self.overhead
             if table is None and start == 0 and stop == loc.raw_len:
-                record = self._pread_exactly(loc.pack, loc.stored_len, loc.offset, where)  # all: one read
-                table = self._table(key, loc, record[:piece_table_len(loc.raw_len)], where)
+                record = self._pread_exactly(loc.pack, self.sealed_len(loc), loc.offset, where)  # all: one read
+                table = self._table(key, loc, self._unseal(key, loc, 0, record[:table_len], where), where)
                 span, origin = record, 0
             else:
                 if table is None:
-                    table = self._table(key, loc, self._pread_exactly(
-                        loc.pack, piece_table_len(loc.raw_len), loc.offset, where), where)
+                    table = self._table(key, loc, self._unseal(key, loc, 0, self._pread_exactly(
+                        loc.pack, table_len, loc.offset, where), where), where)
                 origin = table.piece(missing[0]).start  # the pieces wanted, and those between: one read
                 span = self._pread_exactly(loc.pack, table.piece(missing[-1]).stop - origin, loc.offset + origin,
                                            where)
             view = memoryview(span)
             for i in missing:
                 piece = table.piece(i)
-                data = got[i] = _decode_piece(piece, view[piece.start - origin:piece.stop - origin], where, i)
+                stored = self._unseal(key, loc, piece.start, view[piece.start - origin:piece.stop - origin], where)
+                data = got[i] = _decode_piece(piece, stored, where, i, self.ids, self.sealer is not None)
                 lo, hi = i * PIECE_SIZE, i * PIECE_SIZE + piece.raw_len
                 if start > lo or stop < hi:  # used in part: the next read likely wants the rest
                     self._remember(_piece_ident(key, i), bytes(data))
@@ -320,7 +381,7 @@ class ChunkReader:
 
     def _table(self, key: bytes, loc: ChunkLocation, raw, where: str) -> PieceTable:
         """The record's piece table, verified, and kept."""
-        table = PieceTable(key, loc.raw_len, loc.stored_len, raw, where)
+        table = PieceTable(key, loc.raw_len, loc.stored_len, raw, where, self.ids, self.overhead)
         with self._lock:
             self._tables[key] = table
             if len(self._tables) > TABLES:
@@ -334,15 +395,16 @@ class ChunkReader:
         return data
 
     def verified(self, key: bytes | None, loc: ChunkLocation) -> tuple[bytes, bytes]:
-        """(key, stored bytes) of a chunk whose content was checked: what
-        compaction copies."""
+        """(key, stored bytes in plaintext) of a chunk whose content was
+        checked: what compaction copies (PackWriter.append seals it anew)."""
         key, stored, _ = self._load(key, loc)
         return key, bytes(stored)
 
     def stored(self, loc: ChunkLocation) -> bytes:
-        """The chunk's bytes as stored (compressed or not), unverified."""
-        stored = self._pread(loc.pack, loc.stored_len, loc.offset)
-        if len(stored) != loc.stored_len:
+        """The record's stored part as it is in the pack (compressed or not,
+        sealed in an encrypted repository), unverified."""
+        stored = self._pread(loc.pack, self.sealed_len(loc), loc.offset)
+        if len(stored) != self.sealed_len(loc):
             raise CorruptChunk(f"{pack_name(loc.pack)} at {loc.offset}: pack file is truncated")
         return stored
 
@@ -351,8 +413,8 @@ class ChunkReader:
         where = (f"chunk {key.hex()[:16]}" if key else "log block") + f" in {pack_name(loc.pack)} at {loc.offset}"
         head = PACK_HEADER.size
         if key is None:  # the record header says what the block's key is
-            record = self._pread(loc.pack, head + loc.stored_len, loc.offset - head)
-            if len(record) != head + loc.stored_len:
+            record = self._pread(loc.pack, self.record_len(loc), loc.offset - head)
+            if len(record) != self.record_len(loc):
                 raise CorruptChunk(f"{where}: pack file is truncated")
             key, codec, raw_len, stored_len = PACK_HEADER.unpack_from(record)
             if (codec, raw_len, stored_len) != (loc.codec, loc.raw_len, loc.stored_len):
@@ -364,13 +426,21 @@ class ChunkReader:
             except CorruptChunk:
                 raise CorruptChunk(f"{where}: pack file is truncated") from None
         if loc.codec == CODEC_PIECES:  # every piece checked, so the whole record is known good
-            table = PieceTable(key, loc.raw_len, loc.stored_len, stored[:piece_table_len(loc.raw_len)], where)
+            table_len = piece_table_len(loc.raw_len)
+            plain_table = self._unseal(key, loc, 0, stored[:table_len + self.overhead], where)
+            table = PieceTable(key, loc.raw_len, loc.stored_len, plain_table, where, self.ids, self.overhead)
             view = memoryview(stored)
-            parts = []
+            parts, units = [], [plain_table]
             for i in range(len(table.ends)):
                 piece = table.piece(i)
-                parts.append(_decode_piece(piece, view[piece.start:piece.stop], where, i))
+                units.append(self._unseal(key, loc, piece.start, view[piece.start:piece.stop], where))
+                parts.append(_decode_piece(piece, units[-1], where, i, self.ids))
+            if self.sealer is not None:
+                stored = b"".join(units)
             return key, stored, b"".join(parts)
+        stored = self._unseal(key, loc, 0, stored, where)
+        if len(stored) != loc.stored_len:
+            raise CorruptChunk(f"{where}: its stored length does not match the catalog")
         if loc.codec == CODEC_ZSTD:
             try:
                 data = _decompressor().decompress(stored, max_output_size=loc.raw_len)
@@ -380,7 +450,7 @@ class ChunkReader:
             data = stored
         else:
             raise CorruptChunk(f"{where}: unknown codec {loc.codec}")
-        if len(data) != loc.raw_len or chunk_key(data) != key:
+        if len(data) != loc.raw_len or self.ids.chunk_key(data) != key:
             raise CorruptChunk(f"{where}: content does not match its key")
         return key, stored, data
 

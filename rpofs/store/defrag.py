@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from ..errors import ChunkError
 from . import gc, refs, schema
-from .chunks import chunk_key, encode
+from .chunks import encode
 from .repo import any_nonzero, points_in
 from .schema import BLOCK_SIZE, BLOCKS_PER_CHUNK, ChunkLocation
 
@@ -54,9 +54,10 @@ class DefragReport:
                 f"{self.packs_compacted} compacted")
 
 
-def scattered_blocks(entries: list[tuple]) -> list[tuple]:
+def scattered_blocks(entries: list[tuple], record_len) -> list[tuple]:
     """Of a point's log blocks [(disk, block, location, ...), ...] in (disk,
-    block) order, those in runs shorter than MIN_RUN. A run: blocks whose
+    block) order, those in runs shorter than MIN_RUN; record_len(location):
+    the bytes a record takes in its pack (ChunkReader.record_len). A run: blocks whose
     records follow one another in one pack, in disk order. Unchanged blocks
     between two do not end a run: they come from the full, and the reads of
     the pack still go forward."""
@@ -64,7 +65,7 @@ def scattered_blocks(entries: list[tuple]) -> list[tuple]:
     for entry in entries:
         if run:
             loc = run[-1][2]
-            follows = entry[2].pack == loc.pack and entry[2].offset == loc.offset + refs.record_len(loc)
+            follows = entry[2].pack == loc.pack and entry[2].offset == loc.offset + record_len(loc)
             if not follows:
                 if len(run) < MIN_RUN:
                     out.extend(run)
@@ -137,7 +138,7 @@ def defrag(repo, vm: str, budget: int = BUDGET, progress=None) -> DefragReport:
                     continue  # no logs: it reads like a full
                 sizes = [d.size for d in full.disks]
                 stored, changed = _newest_blocks(repo, txn, sizes, full.chain)
-                moves = [(d, b, key, loc) for d, b, loc, key in scattered_blocks(stored)]
+                moves = [(d, b, key, loc) for d, b, loc, key in scattered_blocks(stored, repo.reader.record_len)]
                 fills = [(d, b, schema.log_key(full.chain, d, b, newest), chunk)
                          for d, b, chunk in _fills(repo, txn, full.chain, sizes, changed)]
                 if len(moves) + len(fills) < min(MIN_SCATTERED, sum(sizes) // BLOCK_SIZE // 16):
@@ -176,7 +177,7 @@ def _write(repo, work: list[tuple], report: DefragReport, progress=None) -> None
                     loc = None
                     if any_nonzero(data):  # an all-zero block needs no bytes: an empty entry says zeros
                         codec, stored = encode(data)
-                        loc = writer.append(chunk_key(data), codec, len(data), stored)
+                        loc = writer.append(repo.ids.chunk_key(data), codec, len(data), stored)
                     placed[key] = schema.log_value(loc)
                     report.blocks_filled += 1
                     report.bytes_moved += len(data)

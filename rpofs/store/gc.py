@@ -90,7 +90,7 @@ def compact(repo, live: dict[int, int], progress=None) -> int:
             broken.add(loc.pack)
             return None
         if progress is not None:
-            progress.add(refs.record_len(loc))
+            progress.add(refs.record_len(repo, loc))
         return loc.pack, writer.append(key, loc.codec, loc.raw_len, stored)
 
     with new_pack(repo) as writer:

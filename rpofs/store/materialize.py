@@ -14,7 +14,6 @@ from typing import NamedTuple
 from ..errors import ChunkError, ChunkMissing, PackMissing
 from . import schema
 from .repo import Repository
-from .refs import record_len
 from .schema import BLOCK_SIZE, CHUNK_SIZE, CODEC_RAW, ChunkLocation, PointRecord
 
 READ_AHEAD = 8 << 20
@@ -59,7 +58,7 @@ class DiskReader:
         view = memoryview(out)
         i = 0
         while i < len(extents):
-            run = _run_from(extents, i)
+            run = _run_from(extents, i, self.repo.reader.record_len)
             if len(run) > 1:
                 self._read_run(run, view, offset)
             elif extents[i].loc is not None:
@@ -189,7 +188,7 @@ class DiskReader:
         return f"point {self.point.point} ({self.point.vm_name}) disk {self.target}"
 
 
-def _run_from(extents: list[Extent], i: int) -> list[Extent]:
+def _run_from(extents: list[Extent], i: int, record_len) -> list[Extent]:
     """The extents from i on that are whole log blocks stored raw, one right
     after another in one pack (a defragmented point's runs)."""
     run = []

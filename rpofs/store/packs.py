@@ -33,6 +33,12 @@ class PackFile:
         """Write `parts` one after another at the end; returns where the first starts."""
         raise NotImplementedError
 
+    def write_at(self, offset: int, parts: list) -> None:
+        """Write `parts` one after another at `offset`: a writer that reserved
+        the place (PackWriter, whose threads seal records in parallel) fills
+        it; the pack is complete once every reserved place is written."""
+        raise NotImplementedError
+
     def sync(self) -> None:
         raise NotImplementedError
 
@@ -104,6 +110,19 @@ class LocalPackFile(PackFile):
             raise RpofsError(f"writing {self.path}: {e.strerror}") from None
         self._end = start + total
         return start
+
+    def write_at(self, offset: int, parts: list) -> None:
+        total = sum(len(p) for p in parts)
+        try:
+            done = os.pwritev(self._fd, parts, offset)
+            if done < total:  # a short write: the next one raises the reason (e.g. ENOSPC)
+                rest = memoryview(b"".join(parts))[done:]
+                while rest:
+                    n = os.pwrite(self._fd, rest, offset + total - len(rest))
+                    rest = rest[n:]
+        except OSError as e:
+            raise RpofsError(f"writing {self.path}: {e.strerror}") from None
+        self._end = max(self._end, offset + total)
 
     def sync(self) -> None:
         try:

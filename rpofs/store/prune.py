@@ -131,7 +131,7 @@ def _drop_points(repo, txn, vm: str, policy: Retention, report: PruneReport) -> 
         return {}
     vm_bytes = uuidlib.UUID(vm).bytes
     for second in {p.time_us // US for p in report.points_removed}:
-        fix_names(db, txn, second_group(db, txn, vm_bytes, second))  # the survivors keep their names
+        fix_names(repo, txn, second_group(repo, txn, vm_bytes, second))  # the survivors keep their names
     for p in report.points_removed:
         txn.delete(schema.point_key(p.point), db=db["points"])
         txn.delete(schema.vm_point_key(vm_bytes, p.time_us, p.point), db=db["vm_points"])

@@ -18,7 +18,7 @@ journal) is added here once and every one of them knows it.
 from typing import Iterator, NamedTuple
 
 from . import schema
-from .schema import BLOCK_SIZE, PACK_HEADER, ChunkLocation, PointRecord
+from .schema import BLOCK_SIZE, ChunkLocation, PointRecord
 
 
 class Ref(NamedTuple):
@@ -49,8 +49,8 @@ def point_chunks(record: PointRecord) -> dict[str, bytes]:
 def used_chunk_keys(repo, txn) -> set[bytes]:
     """Every chunk key some full or point names."""
     used = {bytes(k) for k in txn.cursor(db=repo.db["full_index"]).iternext(keys=False)}
-    for _, value in txn.cursor(db=repo.db["points"]):
-        used.update(point_chunks(PointRecord.decode(value)).values())
+    for record in repo.all_points(txn):
+        used.update(point_chunks(record).values())
     return used
 
 
@@ -60,9 +60,10 @@ def unused_chunks(repo, txn) -> list[bytes]:
     return [bytes(k) for k in txn.cursor(db=repo.db["chunks"]).iternext(values=False) if k not in used]
 
 
-def record_len(loc: ChunkLocation) -> int:
-    """Bytes of a pack record: its header and stored bytes."""
-    return PACK_HEADER.size + loc.stored_len
+def record_len(repo, loc: ChunkLocation) -> int:
+    """Bytes of a pack record in `repo`: its header and stored bytes, as
+    sealed in an encrypted repository (the catalog keeps plaintext lengths)."""
+    return repo.reader.record_len(loc)
 
 
 def bytes_in_use(repo, txn) -> dict[int, int]:
@@ -71,19 +72,19 @@ def bytes_in_use(repo, txn) -> dict[int, int]:
     live: dict[int, int] = {}
     for value in txn.cursor(db=repo.db["chunks"]).iternext(keys=False):
         loc = ChunkLocation.decode(value)
-        live[loc.pack] = live.get(loc.pack, 0) + record_len(loc)
+        live[loc.pack] = live.get(loc.pack, 0) + record_len(repo, loc)
     for value in txn.cursor(db=repo.db["log_index"]).iternext(keys=False):
         loc = schema.read_log_value(value, 0)
         if loc is not None:
-            live[loc.pack] = live.get(loc.pack, 0) + record_len(loc)
+            live[loc.pack] = live.get(loc.pack, 0) + record_len(repo, loc)
     return live
 
 
-def disk_sizes(repo, txn) -> dict[tuple[int, int], int]:
-    """(chain, disk) -> the disk's size, from each chain's full."""
+def disk_sizes(repo, txn, unreadable: list | None = None) -> dict[tuple[int, int], int]:
+    """(chain, disk) -> the disk's size, from each chain's full. unreadable:
+    as Repository.all_points takes it."""
     out = {}
-    for _, value in txn.cursor(db=repo.db["points"]):
-        record = PointRecord.decode(value)
+    for record in repo.all_points(txn, unreadable):
         if record.kind == "full":
             out.update({(record.chain, i): d.size for i, d in enumerate(record.disks)})
     return out
@@ -105,7 +106,7 @@ def log_refs(repo, txn, sizes: dict[tuple[int, int], int]) -> Iterator[Ref]:
             yield Ref("log", chain, disk, block, point, None, loc)
 
 
-def chunk_refs(repo, txn) -> Iterator[Ref]:
+def chunk_refs(repo, txn, unreadable: list | None = None) -> Iterator[Ref]:
     """Every use of a chunk: the fulls' chunks, then the points' own."""
     rows = txn.cursor(db=repo.db["chunks"])
 
@@ -116,13 +117,14 @@ def chunk_refs(repo, txn) -> Iterator[Ref]:
     for key, value in txn.cursor(db=repo.db["full_index"]):
         chain, disk, chunk = schema.read_full_key(key)
         yield Ref("full", chain, disk, chunk, chain, bytes(value), where(value))
-    for _, value in txn.cursor(db=repo.db["points"]):
-        record = PointRecord.decode(value)
+    for record in repo.all_points(txn, unreadable):
         for kind, key in point_chunks(record).items():
             yield Ref(kind, record.chain, -1, -1, record.point, key, where(key))
 
 
-def references(repo, txn) -> Iterator[Ref]:
-    """Every reference the catalog makes to pack data."""
-    yield from chunk_refs(repo, txn)
-    yield from log_refs(repo, txn, disk_sizes(repo, txn))
+def references(repo, txn, unreadable: list | None = None) -> Iterator[Ref]:
+    """Every reference the catalog makes to pack data. unreadable: as
+    Repository.all_points takes it (a damaged point record's own
+    references cannot be listed)."""
+    yield from chunk_refs(repo, txn, unreadable)
+    yield from log_refs(repo, txn, disk_sizes(repo, txn, unreadable))

@@ -19,9 +19,9 @@ import lmdb
 
 from ..errors import (BadTime, ChunkMissing, NeedsUpgrade, NoRepository, PackMissing, RpofsError, UnknownFormat,
                       UnknownVM)
-from . import schema
+from . import crypto, schema
 from .packs import LocalPacks, PackStore
-from .chunks import ChunkReader, PackWriter, chunk_key, encode, encode_pieces, piece_hashes, pieces_key
+from .chunks import ChunkReader, PackWriter, encode, encode_pieces
 from .schema import CODEC_PIECES, FORMAT, UPGRADES_FROM, ChunkLocation, DiskRecord, PointRecord
 from ..timefmt import US, new_point_name, parse_as_of, point_names
 
@@ -34,14 +34,73 @@ def default_repo_path() -> str:
 
 
 class Repository:
-    def __init__(self, path: str, env: lmdb.Environment):
+    """keys: an encrypted repository's (crypto.Keys), None for one that is
+    not. Every chunk key is computed by `ids`, every pack record read by
+    `reader` and written by a writer from `begin_pack`, every `points` and
+    `vms` value made and read by encode_point / decode_point / encode_name /
+    decode_name: those are the places that know whether it is encrypted."""
+
+    def __init__(self, path: str, env: lmdb.Environment, keys: "crypto.Keys | None" = None):
         self.path = path
         self.env = env
+        self.keys = keys
+        self.ids: crypto.Ids = keys.ids if keys else crypto.PLAIN_IDS
         self.db = {name: env.open_db(name.encode()) for name in schema.DATABASES}
         self.chunks_dir = os.path.join(path, "chunks")
         self.packs: PackStore = LocalPacks(self.chunks_dir)
-        self.reader = ChunkReader(self.packs)
+        self.reader = ChunkReader(self.packs, ids=self.ids, sealer=keys.packs if keys else None)
         self._write_lock = threading.Lock()
+
+    @property
+    def encrypted(self) -> bool:
+        return self.keys is not None
+
+    def master_key(self) -> bytes | None:
+        """The unwrapped master key, for a mount this process starts (handed
+        over through a pipe, crypto.MasterKey); None: not encrypted."""
+        return self.keys.master if self.keys else None
+
+    # -- the catalog's values: sealed in an encrypted repository -------------
+
+    def encode_point(self, record: PointRecord) -> bytes:
+        plain = record.encode()
+        return self.keys.catalog.seal("points", schema.point_key(record.point), plain) if self.keys else plain
+
+    def decode_point(self, key: bytes, value) -> PointRecord:
+        """The record stored under `points` key `key`."""
+        if self.keys:
+            value = self.keys.catalog.open("points", key, value)
+        return PointRecord.decode(value)
+
+    def encode_name(self, vm_bytes: bytes, name: str) -> bytes:
+        plain = json.dumps({"name": name}).encode()
+        return self.keys.catalog.seal("vms", vm_bytes, plain) if self.keys else plain
+
+    def decode_name(self, vm_bytes: bytes, value) -> str:
+        if self.keys:
+            value = self.keys.catalog.open("vms", vm_bytes, value)
+        return json.loads(bytes(value))["name"]
+
+    def get_point(self, txn, point: int) -> PointRecord | None:
+        """Point `point` as of `txn`; None if there is none."""
+        key = schema.point_key(point)
+        value = txn.get(key, db=self.db["points"])
+        return None if value is None else self.decode_point(key, value)
+
+    def put_point(self, txn, record: PointRecord) -> None:
+        txn.put(schema.point_key(record.point), self.encode_point(record), db=self.db["points"])
+
+    def all_points(self, txn, unreadable: list | None = None):
+        """Every point record as of `txn`, in point order. unreadable: where
+        a record that does not decode goes, as (point no, why), skipped
+        (verify reports them); None: it raises (prune must not go on)."""
+        for key, value in txn.cursor(db=self.db["points"]):
+            try:
+                yield self.decode_point(bytes(key), value)
+            except (RpofsError, ValueError, TypeError, KeyError) as e:
+                if unreadable is None:
+                    raise RpofsError(f"point record {schema.read_u32(key)} cannot be read: {e}") from None
+                unreadable.append((schema.read_u32(key), str(e)))
 
     @contextlib.contextmanager
     def write_txn(self):
@@ -82,10 +141,14 @@ class Repository:
     # -- opening -------------------------------------------------------------
 
     @classmethod
-    def init(cls, path: str) -> "Repository":
+    def init(cls, path: str, passphrase: str | None = None) -> "Repository":
+        """A new repository; encrypted under `passphrase` if one is given."""
         catalog = os.path.join(path, "catalog")
         if os.path.exists(catalog):
             raise RpofsError(f"{path} already holds a repository")
+        keys = None
+        if passphrase is not None:
+            record, keys = crypto.new_key_record(passphrase, path)
         for sub in ("catalog", "chunks"):
             os.makedirs(os.path.join(path, sub), mode=0o700, exist_ok=True)
         env = cls._open_env(catalog, create=True)
@@ -96,12 +159,17 @@ class Repository:
             txn.put(b"format", str(FORMAT).encode(), db=meta)
             txn.put(b"next_point", schema.u32(1), db=meta)
             txn.put(b"next_pack", schema.u32(1), db=meta)
-        return cls(path, env)
+            if keys is not None:
+                txn.put(schema.ENCRYPTION_KEY, record, db=meta)
+        return cls(path, env, keys)
 
     @classmethod
-    def open(cls, path: str, upgrading: bool = False) -> "Repository":
+    def open(cls, path: str, upgrading: bool = False, keys: "crypto.KeySource | None" = None) -> "Repository":
         """upgrading: also a repository of a format `rpofs upgrade` converts
-        (rpofs.store.upgrade); every other caller gets NeedsUpgrade for one."""
+        (rpofs.store.upgrade); every other caller gets NeedsUpgrade for one.
+        keys: where an encrypted repository's keys come from (asked only if
+        it is encrypted); KeyRequired if it is and none is given, WrongKey
+        if the one given is not its."""
         catalog = os.path.join(path, "catalog")
         if not os.path.isfile(os.path.join(catalog, "data.mdb")):
             raise NoRepository(f"no rpofs repository at {path} (create one with: rpofs --repo {path} init)")
@@ -109,6 +177,7 @@ class Repository:
         with env.begin() as txn:
             meta = env.open_db(b"meta", txn=txn, create=False)
             found = txn.get(b"format", db=meta)
+            key_record = txn.get(schema.ENCRYPTION_KEY, db=meta)
         old = [str(f).encode() for f in UPGRADES_FROM]
         if found != str(FORMAT).encode() and not (upgrading and found in old):
             env.close()
@@ -117,7 +186,16 @@ class Repository:
                 raise NeedsUpgrade(f"repository {path} has format {shown}; convert it to format {FORMAT} with: "
                                    f"rpofs --repo {path} upgrade")
             raise UnknownFormat(f"repository {path} has format {shown}; this rpofs reads format {FORMAT}")
-        return cls(path, env)
+        unlocked = None
+        if key_record is not None:
+            try:
+                unlocked = keys.unlock(key_record, path) if keys is not None else None
+                if unlocked is None:
+                    raise crypto.key_required(path)
+            except BaseException:
+                env.close()
+                raise
+        return cls(path, env, unlocked)
 
     def format(self) -> int:
         with self.env.begin(db=self.db["meta"]) as txn:
@@ -140,7 +218,7 @@ class Repository:
     def vms(self) -> list[tuple[str, str]]:
         """(uuid, last known name) of every VM with points."""
         with self.env.begin(db=self.db["vms"]) as txn:
-            return [(str(uuidlib.UUID(bytes=bytes(k))), _json_name(v)) for k, v in txn.cursor()]
+            return [(str(uuidlib.UUID(bytes=bytes(k))), self.decode_name(bytes(k), v)) for k, v in txn.cursor()]
 
     def find_vm(self, ref: str) -> tuple[str, str]:
         """(uuid, name) of the VM with that name or UUID in the repository."""
@@ -176,7 +254,7 @@ class Repository:
         except BadTime:
             return None
         with self.env.begin() as txn:
-            group = second_group(self.db, txn, uuidlib.UUID(vm).bytes, second)
+            group = second_group(self, txn, uuidlib.UUID(vm).bytes, second)
         for point, effective in zip(group, point_names([p.time_us for p in group], [p.name for p in group])):
             if effective == name:
                 return point
@@ -196,7 +274,7 @@ class Repository:
                     if key[:16] != prefix:
                         break
                     _, _, no = schema.read_vm_point_key(key)
-                    out.append(PointRecord.decode(points.get(schema.point_key(no))))
+                    out.append(self.decode_point(schema.point_key(no), points.get(schema.point_key(no))))
         return out
 
     def newest_points(self, vm: str):
@@ -209,7 +287,7 @@ class Repository:
             found = cur.prev() if found else cur.last()
             while found and cur.key()[:16] == prefix:
                 _, _, no = schema.read_vm_point_key(cur.key())
-                yield PointRecord.decode(points.get(schema.point_key(no)))
+                yield self.decode_point(schema.point_key(no), points.get(schema.point_key(no)))
                 found = cur.prev()
 
     def has_point(self, point: int) -> bool:
@@ -276,7 +354,7 @@ class Repository:
         with self.write_txn() as txn:
             pack = schema.read_u32(txn.get(b"next_pack", db=self.db["meta"]))
             txn.put(b"next_pack", schema.u32(pack + 1), db=self.db["meta"])
-        return PackWriter(self.packs, pack)
+        return PackWriter(self.packs, pack, self.keys.packs if self.keys else None)
 
     def begin_writer(self) -> "BackupWriter":
         lock = self._flock(fcntl.LOCK_SH)
@@ -318,14 +396,15 @@ class BackupWriter:
     def put_chunk(self, data) -> tuple[bytes, int]:
         """Store data whole unless already stored (the points' XML): its key
         and stored size. data must not be all zeros."""
-        return self._put(chunk_key(data), len(data), lambda: encode(data))
+        return self._put(self.repo.ids.chunk_key(data), len(data), lambda: encode(data))
 
     def put_pieced_chunk(self, data) -> tuple[bytes, int]:
         """Store a full chunk pieced (schema: CODEC_PIECES) unless already
         stored: its key and stored size. Hashing comes first and is all a
         chunk stored before costs; compressing only for a new one."""
-        hashes = piece_hashes(data)
-        return self._put(pieces_key(hashes), len(data), lambda: (CODEC_PIECES, encode_pieces(data, hashes)))
+        ids = self.repo.ids
+        hashes = ids.piece_hashes(data)
+        return self._put(ids.pieces_key(hashes), len(data), lambda: (CODEC_PIECES, encode_pieces(data, hashes)))
 
     def _put(self, key: bytes, raw_len: int, encoded) -> tuple[bytes, int]:
         with self._lock:
@@ -366,7 +445,7 @@ class BackupWriter:
         loc = None
         if self._count(disk, data):
             codec, stored = encode(data)
-            loc = self.pack.append(chunk_key(data), codec, len(data), stored)
+            loc = self.pack.append(self.repo.ids.chunk_key(data), codec, len(data), stored)
             with self._lock:
                 self._wrote_blocks = True
                 self.stats["stored_bytes"] += len(stored)
@@ -410,10 +489,10 @@ class BackupWriter:
                 parent=parent.point if parent else None, consistency=consistency, disks=tuple(disks), checkpoint=checkpoint,
                 domain_xml=domain_xml, reason=reason, stats=dict(self.stats),
                 checkpoint_xml=checkpoint_xml, warnings=tuple(warnings), firmware=firmware,
-                name=name_new_point(db, txn, vm_bytes, time_us))
-            txn.put(schema.point_key(no), record.encode(), db=db["points"])
+                name=name_new_point(self.repo, txn, vm_bytes, time_us))
+            self.repo.put_point(txn, record)
             txn.put(schema.vm_point_key(vm_bytes, time_us, no), b"", db=db["vm_points"])
-            txn.put(vm_bytes, _json_dump_name(vm_name), db=db["vms"])
+            txn.put(vm_bytes, self.repo.encode_name(vm_bytes, vm_name), db=db["vms"])
         self._finish()
         return record
 
@@ -450,37 +529,38 @@ def points_in(repo: Repository, txn, vm: str) -> list[PointRecord]:
         for key in cur.iternext(values=False):
             if key[:16] != prefix:
                 break
-            out.append(PointRecord.decode(records.get(schema.point_key(schema.read_vm_point_key(key)[2]))))
+            point_key = schema.point_key(schema.read_vm_point_key(key)[2])
+            out.append(repo.decode_point(point_key, records.get(point_key)))
     return out
 
 
-def second_group(db: dict, txn, vm_bytes: bytes, second: int) -> list[PointRecord]:
+def second_group(repo: Repository, txn, vm_bytes: bytes, second: int) -> list[PointRecord]:
     """The VM's points whose time falls in this second, oldest first."""
-    cur = txn.cursor(db=db["vm_points"])
+    cur = txn.cursor(db=repo.db["vm_points"])
     out = []
     if cur.set_range(schema.vm_point_key(vm_bytes, second * US, 0)):
         for key in cur.iternext(values=False):
             vm, time_us, no = schema.read_vm_point_key(key)
             if vm != vm_bytes or time_us >= (second + 1) * US:
                 break
-            out.append(PointRecord.decode(txn.get(schema.point_key(no), db=db["points"])))
+            out.append(repo.get_point(txn, no))
     return out
 
 
-def fix_names(db: dict, txn, group: list[PointRecord]) -> list[str]:
+def fix_names(repo: Repository, txn, group: list[PointRecord]) -> list[str]:
     """Store the names the points of one second have now in those that have
     none stored (points from before names were stored), so that no later
     change to the second's points renames them; the group's names."""
     names = point_names([p.time_us for p in group], [p.name for p in group])
     for point, name in zip(group, names):
         if not point.name:
-            txn.put(schema.point_key(point.point), dataclasses.replace(point, name=name).encode(), db=db["points"])
+            repo.put_point(txn, dataclasses.replace(point, name=name))
     return names
 
 
-def name_new_point(db: dict, txn, vm_bytes: bytes, time_us: int) -> str:
+def name_new_point(repo: Repository, txn, vm_bytes: bytes, time_us: int) -> str:
     """A new point's name, unique among the VM's and never to change."""
-    taken = fix_names(db, txn, second_group(db, txn, vm_bytes, time_us // US))
+    taken = fix_names(repo, txn, second_group(repo, txn, vm_bytes, time_us // US))
     return new_point_name(time_us, set(taken))
 
 
@@ -501,10 +581,3 @@ def _zeros(n: int) -> bytes:
 def any_nonzero(data) -> bool:
     return data != _zeros(len(data))  # a memcmp: ~15 us per MiB
 
-
-def _json_name(v: bytes) -> str:
-    return json.loads(bytes(v))["name"]
-
-
-def _json_dump_name(name: str) -> bytes:
-    return json.dumps({"name": name}).encode()

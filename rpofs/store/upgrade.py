@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 from ..errors import ChunkError, RpofsError
 from . import gc, refs
-from .chunks import encode_pieces, piece_hashes, pieces_key
+from .chunks import encode_pieces
 from .repo import Repository
 from .schema import CODEC_PIECES, FORMAT, ChunkLocation
 
@@ -76,7 +76,7 @@ def whole_full_chunks(repo, txn) -> dict[bytes, ChunkLocation]:
 
 
 def _check_room(repo, whole: dict[bytes, ChunkLocation]) -> None:
-    need = sum(refs.record_len(loc) for loc in whole.values())
+    need = sum(refs.record_len(repo, loc) for loc in whole.values())
     fs = os.statvfs(repo.chunks_dir)
     free = fs.f_bavail * fs.f_frsize
     if need > free:
@@ -84,10 +84,12 @@ def _check_room(repo, whole: dict[bytes, ChunkLocation]) -> None:
                          f"(the old ones are freed after); {free} are")
 
 
-def upgrade(path: str, progress=None) -> UpgradeReport:
+def upgrade(path: str, progress=None, keys=None) -> UpgradeReport:
     """Convert the repository at `path` to FORMAT. progress: a
-    rpofs.progress.Progress, told the bytes of whole chunks converted."""
-    repo = Repository.open(path, upgrading=True)
+    rpofs.progress.Progress, told the bytes of whole chunks converted.
+    keys: as Repository.open takes them (an encrypted repository is format
+    4 from its start, but is opened like any other)."""
+    repo = Repository.open(path, upgrading=True, keys=keys)
     try:
         with repo.exclusive():
             report = UpgradeReport(repo.format(), FORMAT)
@@ -119,8 +121,8 @@ def _convert(repo, whole: dict[bytes, ChunkLocation], report: UpgradeReport, pro
                     log.error("full chunk %s left whole: %s", key.hex()[:16], e)
                     report.chunks_damaged += 1
                     continue
-                hashes = piece_hashes(data)
-                new = pieces_key(hashes)
+                hashes = repo.ids.piece_hashes(data)
+                new = repo.ids.pieces_key(hashes)
                 if new not in placed and txn.get(new) is None:
                     placed[new] = writer.append(new, CODEC_PIECES, len(data), encode_pieces(data, hashes))
                 new_keys[key] = new

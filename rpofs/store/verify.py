@@ -113,15 +113,8 @@ class _Catalog:
     """What one snapshot says about points, read once."""
 
     def __init__(self, repo, txn):
-        self.points: dict[int, PointRecord] = {}
         self.bad_records: list[tuple[int, str]] = []   # (point no, why its record cannot be read)
-        for key, value in txn.cursor(db=repo.db["points"]):
-            try:
-                record = PointRecord.decode(value)
-            except (ValueError, TypeError, KeyError) as e:
-                self.bad_records.append((schema.read_u32(key), str(e)))
-                continue
-            self.points[record.point] = record
+        self.points: dict[int, PointRecord] = {p.point: p for p in repo.all_points(txn, self.bad_records)}
         self.chain_points: dict[int, list[PointRecord]] = {}
         by_vm: dict[str, list[PointRecord]] = {}
         for record in sorted(self.points.values(), key=lambda p: (p.time_us, p.point)):
@@ -132,7 +125,7 @@ class _Catalog:
             for record, name in zip(records, point_names([p.time_us for p in records], [p.name for p in records])):
                 self.names[record.point] = name
         self.fulls = {no: p for no, p in self.points.items() if p.kind == "full" and p.chain == no}
-        self.sizes = refs.disk_sizes(repo, txn)
+        self.sizes = refs.disk_sizes(repo, txn, [])
 
     def affected(self, record: PointRecord, what: str, ranges=()) -> Affected:
         return Affected(record.vm, record.vm_name, record.point, self.names.get(record.point, ""), what,
@@ -270,7 +263,7 @@ def _check_header(repo, ref: Ref, header: bytes, size: int) -> str:
     """What is wrong with the record a reference points at ("" nothing),
     judged by its header and the pack's size."""
     loc = ref.loc
-    if len(header) < PACK_HEADER.size or loc.offset + loc.stored_len > size:
+    if len(header) < PACK_HEADER.size or loc.offset - PACK_HEADER.size + refs.record_len(repo, loc) > size:
         return "truncated"
     key, codec, raw_len, stored_len = PACK_HEADER.unpack(header)
     if (codec, raw_len, stored_len) != (loc.codec, loc.raw_len, loc.stored_len) or \
@@ -332,16 +325,16 @@ def _scan(repo, pack: int, progress, report: VerifyReport, lock: threading.Lock)
             out[loc.offset] = _Record(key, loc, "corrupt", f"unreadable record header at {pos}: the rest of "
                                       f"the pack ({size - pos} bytes) cannot be parsed")
             break
-        if loc.offset + stored_len > size:
+        if pos + refs.record_len(repo, loc) > size:
             out[loc.offset] = _Record(key, loc, "truncated", _WHY["truncated"])
             break
         out[loc.offset] = _check_record(repo, key, loc)
-        pos = loc.offset + stored_len
+        pos += refs.record_len(repo, loc)
         with lock:
             report.records_read += 1
-            report.bytes_read += refs.record_len(loc)
+            report.bytes_read += refs.record_len(repo, loc)
         if progress is not None:
-            progress.add(refs.record_len(loc))
+            progress.add(refs.record_len(repo, loc))
     return out
 
 
@@ -397,7 +390,7 @@ def verify(repo, vm: str | None = None, read_data: bool = False, progress=None,
         report.points = sum(1 for p in cat.points.values() if vms is None or p.vm in vms)
         report.problems.extend(_relations(repo, txn, cat, vms))
         chain_vm = {chain: full.vm for chain, full in cat.fulls.items()}
-        wanted = [r for r in refs.references(repo, txn) if vms is None or chain_vm.get(r.chain) in vms]
+        wanted = [r for r in refs.references(repo, txn, []) if vms is None or chain_vm.get(r.chain) in vms]
         next_pack = schema.read_u32(txn.get(b"next_pack", db=repo.db["meta"]))
         in_use = refs.bytes_in_use(repo, txn)
     report.references = len(wanted)
@@ -474,7 +467,7 @@ def _check_data(repo, packs: list[int], on_disk: set[int], by_place, report: Ver
         for offset, record in (records or {}).items():
             if (pack, offset) not in referenced:
                 report.garbage.records += 1
-                report.garbage.bytes += refs.record_len(record.loc)
+                report.garbage.bytes += refs.record_len(repo, record.loc)
     return found
 
 
