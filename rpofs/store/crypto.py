@@ -91,16 +91,16 @@ PLAIN_IDS = Ids()
 
 def _seal(aead: AESGCM, plain, aad: bytes) -> bytes:
     nonce = os.urandom(NONCE)
-    return nonce + aead.encrypt(nonce, plain if isinstance(plain, bytes) else bytes(plain), aad)
+    return nonce + aead.encrypt(nonce, plain, aad)
 
 
 def _open(aead: AESGCM, sealed, aad: bytes) -> bytes:
     """Raises InvalidTag (also for a unit too short to hold a nonce and tag).
-    (cryptography 38 takes bytes only, so a view is copied once.)"""
+    Views are taken as they are (cryptography 42+): no copy."""
     sealed = memoryview(sealed)
     if len(sealed) < SEAL_OVERHEAD:
         raise InvalidTag()
-    return aead.decrypt(bytes(sealed[:NONCE]), bytes(sealed[NONCE:]), aad)
+    return aead.decrypt(sealed[:NONCE], sealed[NONCE:], aad)
 
 
 def unit_aad(key: bytes, pack: int, offset: int) -> bytes:
