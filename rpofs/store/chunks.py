@@ -438,6 +438,11 @@ class ChunkReader:
             if self.sealer is not None:
                 stored = b"".join(units)
             return key, stored, b"".join(parts)
+        stored, data = self._open_whole(key, loc, stored, where)
+        return key, stored, data
+
+    def _open_whole(self, key: bytes, loc: ChunkLocation, stored, where: str) -> tuple[bytes, bytes]:
+        """(stored bytes in plaintext, raw bytes) of a whole record, checked against its key."""
         stored = self._unseal(key, loc, 0, stored, where)
         if len(stored) != loc.stored_len:
             raise CorruptChunk(f"{where}: its stored length does not match the catalog")
@@ -452,7 +457,34 @@ class ChunkReader:
             raise CorruptChunk(f"{where}: unknown codec {loc.codec}")
         if len(data) != loc.raw_len or self.ids.chunk_key(data) != key:
             raise CorruptChunk(f"{where}: content does not match its key")
-        return key, stored, data
+        return stored, data
+
+    def check(self, key: bytes, loc: ChunkLocation, stored) -> frozenset:
+        """Check a record from its stored part as it lies in the pack (sealed
+        in an encrypted repository), keeping nothing: what verify --read-data
+        does with the packs it reads in bulk. Returns the damaged pieces of a
+        pieced record (empty: intact; each piece is opened, decoded and
+        hashed on its own, so only those read EIO); CorruptChunk when the
+        whole record is damaged (its table, or a whole record's content)."""
+        where = f"chunk {key.hex()[:16]} in {pack_name(loc.pack)} at {loc.offset}"
+        stored = memoryview(stored)
+        if len(stored) != self.sealed_len(loc):
+            raise CorruptChunk(f"{where}: pack file is truncated")
+        if loc.codec != CODEC_PIECES:
+            self._open_whole(key, loc, stored, where)
+            return frozenset()
+        table_len = piece_table_len(loc.raw_len) + self.overhead
+        table = PieceTable(key, loc.raw_len, loc.stored_len, self._unseal(key, loc, 0, stored[:table_len], where),
+                           where, self.ids, self.overhead)
+        bad = set()
+        for i in range(len(table.ends)):
+            piece = table.piece(i)
+            try:
+                _decode_piece(piece, self._unseal(key, loc, piece.start, stored[piece.start:piece.stop], where),
+                              where, i, self.ids)
+            except CorruptChunk:
+                bad.add(i)
+        return frozenset(bad)
 
     def close(self) -> None:
         self.packs.close()

@@ -36,17 +36,20 @@ import threading
 import time
 import uuid as uuidlib
 from dataclasses import asdict, dataclass, field
+from typing import NamedTuple
 
 from .. import durable
 from ..errors import ChunkError, PackMissing
 from ..timefmt import point_names
 from . import refs, schema
 from .refs import Ref
-from .schema import BLOCK_SIZE, BLOCKS_PER_CHUNK, CHUNK_SIZE, PACK_HEADER, PIECE_SIZE, ChunkLocation, PointRecord
+from .schema import BLOCK_SIZE, BLOCKS_PER_CHUNK, CHUNK_SIZE, PACK_HEADER, ChunkLocation, PointRecord
 
 log = logging.getLogger(__name__)
 
-WORKERS = 4          # packs read at once: enough to keep a disk's queue busy while threads hash
+WORKERS = max(4, os.cpu_count() or 1)   # walks at once: the disk's queue busy while threads hash
+WINDOW = 16 << 20    # bytes a walk reads at once (a record is at most ~1.1 MiB)
+RANGE = 64 << 20     # a pack is walked in ranges of about this many bytes, one per worker at a time
 RESULTS = "verify.json"
 
 
@@ -286,56 +289,92 @@ class _Record:
     pieces: frozenset | None = None   # a pieced record's damaged pieces; None: all of it
 
 
-def _check_record(repo, key: bytes, loc: ChunkLocation) -> _Record:
-    """Read and check one record; of a damaged pieced record, find which
-    pieces fail (each is read on its own: only those read EIO)."""
+def _checked(repo, key: bytes, loc: ChunkLocation, stored) -> _Record:
+    """A record checked from its stored part as read from the pack."""
     record = _Record(key, loc)
     try:
-        repo.reader.verified(key, loc)
-        return record
+        bad = repo.reader.check(key, loc, stored)
     except ChunkError as e:
         record.kind, record.error = "corrupt", str(e)
-    if loc.codec == schema.CODEC_PIECES:
-        bad = set()
-        for i in range(schema.piece_count(loc.raw_len)):
-            try:
-                repo.reader.read_range(key, loc, i * PIECE_SIZE, min((i + 1) * PIECE_SIZE, loc.raw_len))
-            except ChunkError:
-                bad.add(i)
-        if bad and len(bad) < schema.piece_count(loc.raw_len):
-            record.pieces = frozenset(bad)
+        return record
+    if bad:
+        record.kind, record.pieces = "corrupt", bad
+        record.error = (f"chunk {key.hex()[:16]} in {schema.pack_name(loc.pack)} at {loc.offset}: "
+                        f"pieces {', '.join(map(str, sorted(bad)))} do not match their hashes")
     return record
 
 
-def _scan(repo, pack: int, progress, report: VerifyReport, lock: threading.Lock) -> dict[int, _Record] | None:
-    """Every record of a pack, read front to back and checked against the
-    key in its header; None when the pack is gone. Reading stops where a
-    header makes no sense (the rest of the pack cannot be parsed)."""
+def _check_record(repo, key: bytes, loc: ChunkLocation) -> _Record:
+    """Read and check one record where the catalog says it is."""
     try:
-        size = repo.packs.size(pack)
-    except PackMissing:
-        return None
-    out: dict[int, _Record] = {}
-    pos = 0
-    while pos + PACK_HEADER.size <= size:
-        key, codec, raw_len, stored_len = PACK_HEADER.unpack(repo.packs.read(pack, pos, PACK_HEADER.size))
-        loc = ChunkLocation(pack, pos + PACK_HEADER.size, stored_len, raw_len, codec)
-        if codec not in (schema.CODEC_RAW, schema.CODEC_ZSTD, schema.CODEC_PIECES) or raw_len == 0 or \
-                raw_len > CHUNK_SIZE or stored_len == 0:
-            out[loc.offset] = _Record(key, loc, "corrupt", f"unreadable record header at {pos}: the rest of "
-                                      f"the pack ({size - pos} bytes) cannot be parsed")
-            break
-        if pos + refs.record_len(repo, loc) > size:
-            out[loc.offset] = _Record(key, loc, "truncated", _WHY["truncated"])
-            break
-        out[loc.offset] = _check_record(repo, key, loc)
-        pos += refs.record_len(repo, loc)
-        with lock:
-            report.records_read += 1
-            report.bytes_read += refs.record_len(repo, loc)
-        if progress is not None:
-            progress.add(refs.record_len(repo, loc))
-    return out
+        stored = repo.reader.stored(loc)
+    except ChunkError as e:
+        return _Record(key, loc, "truncated", str(e))
+    return _checked(repo, key, loc, stored)
+
+
+class _Walk:
+    """One thread's walk through a range of a pack, record by record, in
+    WINDOW-sized reads into one buffer it keeps (fresh buffers for every
+    record cost more in page faults than the hashing)."""
+
+    def __init__(self):
+        self.buffer = memoryview(bytearray(WINDOW))
+
+    def run(self, repo, task: "_Range", progress, report: VerifyReport, lock: threading.Lock) -> dict[int, _Record]:
+        """The records whose header starts in [task.start, task.stop), by the
+        offset of their stored bytes. It stops where a header makes no
+        sense: the rest of the range cannot be parsed."""
+        out: dict[int, _Record] = {}
+        pack, size = task.pack, task.size
+        held_from, held = task.start, 0       # the buffer holds pack bytes [held_from, held_from + held)
+        pos = task.start
+        while pos < task.stop and pos + PACK_HEADER.size <= size:
+            if pos + PACK_HEADER.size > held_from + held:
+                held_from, held = pos, self._fill(repo, pack, pos, size)
+            key, codec, raw_len, stored_len = PACK_HEADER.unpack_from(self.buffer, pos - held_from)
+            loc = ChunkLocation(pack, pos + PACK_HEADER.size, stored_len, raw_len, codec)
+            if codec not in (schema.CODEC_RAW, schema.CODEC_ZSTD, schema.CODEC_PIECES) or raw_len == 0 or \
+                    raw_len > CHUNK_SIZE or stored_len == 0:
+                out[loc.offset] = _Record(key, loc, "corrupt", f"unreadable record header at {pos}: the rest of "
+                                          f"the pack ({size - pos} bytes) cannot be parsed")
+                break
+            length = refs.record_len(repo, loc)
+            if pos + length > size:
+                out[loc.offset] = _Record(key, loc, "truncated", _WHY["truncated"])
+                break
+            if pos + length > held_from + held:
+                held_from, held = pos, self._fill(repo, pack, pos, size)
+            at = pos - held_from
+            out[loc.offset] = _checked(repo, bytes(key), loc, self.buffer[at + PACK_HEADER.size:at + length])
+            pos += length
+            with lock:
+                report.records_read += 1
+                report.bytes_read += length
+            if progress is not None:
+                progress.add(length)
+        return out
+
+    def _fill(self, repo, pack: int, at: int, size: int) -> int:
+        return repo.packs.read_into(pack, at, [self.buffer[:min(WINDOW, size - at)]])
+
+
+class _Range(NamedTuple):
+    pack: int
+    size: int
+    start: int       # a record's header
+    stop: int        # records whose header starts before this
+
+
+def _ranges(repo, pack: int, size: int, starts: list[int]) -> list[_Range]:
+    """A pack cut into ranges of about RANGE bytes for the workers, at record
+    starts the catalog knows and whose header reads as it says (a place that
+    lies would send a walk into the middle of a record)."""
+    cuts = [0]
+    for start in sorted(starts):
+        if start - cuts[-1] >= RANGE and size - start >= RANGE // 2:
+            cuts.append(start)
+    return [_Range(pack, size, a, b) for a, b in zip(cuts, cuts[1:] + [size])]
 
 
 def _locate(repo, txn, ref: Ref) -> Ref | None:
@@ -439,21 +478,43 @@ def _check_headers(repo, on_disk: set[int], by_place) -> list[tuple]:
 
 def _check_data(repo, packs: list[int], on_disk: set[int], by_place, report: VerifyReport,
                 progress) -> list[tuple]:
-    """Read every record of `packs` on WORKERS threads; match the references."""
+    """Read every record of `packs` on WORKERS threads, a pack in ranges of
+    about RANGE bytes (a backup writes one pack: one walk would leave the
+    other cores idle); match the references."""
+    sizes = {}
+    for pack in packs:
+        try:
+            sizes[pack] = repo.packs.size(pack)
+        except PackMissing:
+            pass
+    starts: dict[int, list[int]] = {}
+    for (pack, offset), users in by_place.items():
+        if pack in sizes and not _check_header(repo, users[0], repo.packs.read(
+                pack, offset - PACK_HEADER.size, PACK_HEADER.size), sizes[pack]):
+            starts.setdefault(pack, []).append(offset - PACK_HEADER.size)
+    tasks = [r for pack in sizes for r in _ranges(repo, pack, sizes[pack], starts.get(pack, []))]
     if progress is not None:
-        progress.set(0, sum(repo.packs.size(p) for p in packs if p in on_disk))
+        progress.set(0, sum(sizes.values()))
     lock = threading.Lock()
+    walks = threading.local()
+
+    def walk(task: _Range) -> dict[int, _Record]:
+        if not hasattr(walks, "walk"):
+            walks.walk = _Walk()
+        return walks.walk.run(repo, task, progress, report, lock)
+
+    scans: dict[int, dict[int, _Record]] = {}
     with concurrent.futures.ThreadPoolExecutor(WORKERS) as pool:
-        scans = dict(zip(packs, pool.map(lambda p: _scan(repo, p, progress, report, lock), packs)))
+        for task, records in zip(tasks, pool.map(walk, tasks)):
+            scans.setdefault(task.pack, {}).update(records)
     found = []
     referenced: set[tuple[int, int]] = set()
     for (pack, offset), users in sorted(by_place.items()):
         referenced.add((pack, offset))
-        records = scans.get(pack)
-        if pack not in on_disk or (pack in scans and records is None):
+        if pack not in on_disk or pack not in sizes:
             found.extend(("missing-pack", ref, _WHY["missing-pack"], None) for ref in users)
             continue
-        record = records.get(offset)
+        record = scans.get(pack, {}).get(offset)
         for ref in users:
             if record is None:  # the walk lost its way before it (a header that lies): checked where it is
                 if problem := _still_wrong(repo, ref, True):
@@ -464,7 +525,7 @@ def _check_data(repo, packs: list[int], on_disk: set[int], by_place, report: Ver
             elif record.kind:
                 found.append((record.kind, ref, record.error, record.pieces))
     for pack, records in scans.items():
-        for offset, record in (records or {}).items():
+        for offset, record in records.items():
             if (pack, offset) not in referenced:
                 report.garbage.records += 1
                 report.garbage.bytes += refs.record_len(repo, record.loc)
