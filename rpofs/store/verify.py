@@ -366,13 +366,14 @@ class _Range(NamedTuple):
     stop: int        # records whose header starts before this
 
 
-def _ranges(repo, pack: int, size: int, starts: list[int]) -> list[_Range]:
+def _ranges(repo, pack: int, size: int, starts: list[tuple[int, Ref]]) -> list[_Range]:
     """A pack cut into ranges of about RANGE bytes for the workers, at record
-    starts the catalog knows and whose header reads as it says (a place that
+    starts the catalog knows whose header reads as it says (a place that
     lies would send a walk into the middle of a record)."""
     cuts = [0]
-    for start in sorted(starts):
-        if start - cuts[-1] >= RANGE and size - start >= RANGE // 2:
+    for start, ref in sorted(starts):
+        if start - cuts[-1] >= RANGE and size - start >= RANGE // 2 and \
+                not _check_header(repo, ref, repo.packs.read(pack, start, PACK_HEADER.size), size):
             cuts.append(start)
     return [_Range(pack, size, a, b) for a, b in zip(cuts, cuts[1:] + [size])]
 
@@ -487,11 +488,10 @@ def _check_data(repo, packs: list[int], on_disk: set[int], by_place, report: Ver
             sizes[pack] = repo.packs.size(pack)
         except PackMissing:
             pass
-    starts: dict[int, list[int]] = {}
+    starts: dict[int, list[tuple[int, Ref]]] = {}
     for (pack, offset), users in by_place.items():
-        if pack in sizes and not _check_header(repo, users[0], repo.packs.read(
-                pack, offset - PACK_HEADER.size, PACK_HEADER.size), sizes[pack]):
-            starts.setdefault(pack, []).append(offset - PACK_HEADER.size)
+        if pack in sizes:
+            starts.setdefault(pack, []).append((offset - PACK_HEADER.size, users[0]))
     tasks = [r for pack in sizes for r in _ranges(repo, pack, sizes[pack], starts.get(pack, []))]
     if progress is not None:
         progress.set(0, sum(sizes.values()))
