@@ -12,8 +12,7 @@ deleted pack and a log block's record whose header lies.)
 
 Truth: every point's disk as the digest of each 64 KiB block, so that
 repositories of tens of MiB with dozens of points stay cheap to hold and to
-compare (check_points reads each point whole, in one read). The tests marked
-xfail are faults rpofs does not handle yet; each says how."""
+compare (check_points reads each point whole, in one read)."""
 
 import contextlib
 import errno
@@ -879,9 +878,6 @@ def test_a_prune_killed_inside_its_write_transaction_does_not_stop_the_next_writ
         repo.close()
 
 
-@pytest.mark.xfail(strict=True, reason="rpofs never clears LMDB's stale reader slots (env.reader_check()): "
-                   "a process killed inside a read transaction, while another process keeps the catalog "
-                   "open, pins every page freed after its snapshot, and the catalog grows with every commit")
 def test_a_reader_killed_while_the_catalog_stays_open_does_not_make_it_grow(tmp_path):
     """A prune killed in its compaction (whose read transaction lasts the
     whole copy; verify's catalog walk and upgrade's conversion hold one as
@@ -907,9 +903,6 @@ def test_a_reader_killed_while_the_catalog_stays_open_does_not_make_it_grow(tmp_
         repo.close()
 
 
-@pytest.mark.xfail(strict=True, reason="prune collects garbage only when it removes a point: the garbage an "
-                   "interrupted compaction (ENOSPC, SIGKILL) leaves stays, though verify says 'the next prune "
-                   "frees it'")
 def test_the_next_prune_frees_what_an_interrupted_one_left(tmp_path, monkeypatch):
     """A prune whose compaction fails (out of room: see
     test_a_prune_that_does_not_fit), then, with room again, the same prune:
@@ -936,8 +929,6 @@ def test_the_next_prune_frees_what_an_interrupted_one_left(tmp_path, monkeypatch
         assert verified_clean(repo).garbage == clean
 
 
-@pytest.mark.xfail(strict=True, reason="a full chunk is read without its record header: when only the header "
-                   "lies, verify reports the chunk's ranges as reading EIO, but they read fine")
 def test_a_full_chunks_record_header_that_lies(tmp_path):
     """test_verify's lying header is a log block's (whose reads check the
     header); here a full chunk's raw length in its header is one more."""

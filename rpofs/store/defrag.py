@@ -25,7 +25,7 @@ import logging
 from dataclasses import dataclass
 
 from ..errors import ChunkError
-from . import gc, refs, schema
+from . import gc, schema
 from .chunks import encode
 from .repo import any_nonzero, points_in
 from .schema import BLOCK_SIZE, BLOCKS_PER_CHUNK, ChunkLocation
@@ -188,9 +188,8 @@ def _write(repo, work: list[tuple], report: DefragReport, progress=None) -> None
         with repo.write_txn() as txn:
             for key, value in placed.items():
                 txn.put(key, value, db=repo.db["log_index"])
-            live = refs.bytes_in_use(repo, txn)
-    report.packs_deleted = gc.delete_dead_packs(repo, live)
-    report.packs_compacted = gc.compact(repo, live)
+            gc.mark(repo, txn)
+    report.packs_deleted, report.packs_compacted = gc.collect(repo)
 
 
 def defrag_by_name(repo, vm_ref: str, budget: int = BUDGET, progress=None) -> tuple[str, DefragReport]:

@@ -14,7 +14,7 @@ rpofs.store.holds) makes forget refuse, naming that VM.
 import uuid as uuidlib
 
 from ..errors import RpofsError
-from . import gc, holds, refs, schema
+from . import gc, holds, schema
 from .prune import PruneReport, delete_prefix
 from .repo import points_in
 
@@ -56,9 +56,8 @@ def forget(repo, vm: str, name: str = "", dry_run: bool = False, progress=None) 
             pruned = schema.read_u32(txn.get(b"pruned", default=schema.u32(0), db=db["meta"]))
             txn.put(b"pruned", schema.u32(pruned + 1), db=db["meta"])  # a running mount reads its lists again
             report.chunks_freed = gc.drop_unused_chunks(repo, txn)
-            live = refs.bytes_in_use(repo, txn)
-        report.packs_deleted = gc.delete_dead_packs(repo, live)
-        report.packs_compacted = gc.compact(repo, live, progress)
+            gc.mark(repo, txn)
+        report.packs_deleted, report.packs_compacted = gc.collect(repo, progress)
         report.bytes_freed = before - repo.stored_bytes()
     return report
 

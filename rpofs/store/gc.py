@@ -7,14 +7,15 @@ rest, in crash-safe steps, always under the repository's exclusive lock (no
 backup may be between finding a chunk stored and committing its reference):
 
 1. inside the caller's write transaction, `drop_unused_chunks` removes the
-   `chunks` rows nothing names, and `refs.bytes_in_use` says what is left
-   in use per pack;
-2. after that commit, `delete_dead_packs` deletes the packs nothing is in;
-3. `compact` copies what is in use out of packs that are mostly garbage
-   (each record read and verified first), fsyncs the copy, re-points the
-   catalog in one transaction, and only then deletes the old packs.
-A crash anywhere leaves a consistent catalog and, at worst, pack data that
-nothing refers to, which the next collection frees.
+   `chunks` rows nothing names and `mark` sets meta/gc_pending;
+2. after that commit, `collect`: `delete_dead_packs` deletes the packs
+   nothing is in, `compact` copies what is in use out of packs that are
+   mostly garbage (each record read and verified first), fsyncs the copy,
+   re-points the catalog in one transaction, and only then deletes the old
+   packs; then gc_pending is cleared.
+A crash or a full disk anywhere leaves a consistent catalog and, at worst,
+pack data nothing refers to; gc_pending still set makes the next prune
+collect it even when it removes nothing.
 """
 
 import contextlib
@@ -44,6 +45,30 @@ def new_pack(repo):
         writer.close()
     else:
         writer.discard()
+
+
+def mark(repo, txn) -> None:
+    """Step 1: a collection is due; cleared when `collect` finishes."""
+    txn.put(b"gc_pending", schema.u32(1), db=repo.db["meta"])
+
+
+def pending(repo) -> bool:
+    """Whether a collection was started and did not finish (killed, disk full)."""
+    with repo.env.begin(db=repo.db["meta"]) as txn:
+        return txn.get(b"gc_pending") is not None
+
+
+def collect(repo, progress=None) -> tuple[int, int]:
+    """Steps 2 and 3, from the catalog as it is now (the exclusive lock is
+    held: nothing changes it meanwhile); returns (packs deleted, packs
+    compacted)."""
+    with repo.env.begin() as txn:
+        live = refs.bytes_in_use(repo, txn)
+    deleted = delete_dead_packs(repo, live)
+    compacted = compact(repo, live, progress)
+    with repo.write_txn() as txn:
+        txn.delete(b"gc_pending", db=repo.db["meta"])
+    return deleted, compacted
 
 
 def drop_unused_chunks(repo, txn) -> int:

@@ -21,7 +21,7 @@ import datetime
 import uuid as uuidlib
 from dataclasses import dataclass, field
 
-from . import gc, holds, refs, schema
+from . import gc, holds, schema
 from .repo import fix_names, points_in, second_group
 from .schema import PointRecord
 from ..timefmt import US
@@ -109,26 +109,25 @@ def prune(repo, vm: str, policy: Retention, dry_run: bool = False, progress=None
     with repo.exclusive():
         before = repo.stored_bytes()
         with repo.write_txn() as txn:
-            live = _drop_points(repo, txn, vm, policy, report)
+            _drop_points(repo, txn, vm, policy, report)
             if report.points_removed:
                 pruned = schema.read_u32(txn.get(b"pruned", default=schema.u32(0), db=repo.db["meta"]))
                 txn.put(b"pruned", schema.u32(pruned + 1), db=repo.db["meta"])
-        if report.points_removed:
-            report.packs_deleted = gc.delete_dead_packs(repo, live)
-            report.packs_compacted = gc.compact(repo, live, progress)
+                gc.mark(repo, txn)
+        if report.points_removed or gc.pending(repo):  # also what an interrupted collection left
+            report.packs_deleted, report.packs_compacted = gc.collect(repo, progress)
         report.bytes_freed = before - repo.stored_bytes()
     return report
 
 
-def _drop_points(repo, txn, vm: str, policy: Retention, report: PruneReport) -> dict[int, int]:
-    """Step 1. Returns live bytes per pack."""
+def _drop_points(repo, txn, vm: str, policy: Retention, report: PruneReport) -> None:
     db = repo.db
     points = points_in(repo, txn, vm)
     keep = choose(points, policy, holds.held_points(repo.path, vm))
     report.points_kept = len(keep)
     report.points_removed = [p for p in points if p.point not in keep]
     if not report.points_removed:
-        return {}
+        return
     vm_bytes = uuidlib.UUID(vm).bytes
     for second in {p.time_us // US for p in report.points_removed}:
         fix_names(repo, txn, second_group(repo, txn, vm_bytes, second))  # the survivors keep their names
@@ -145,7 +144,6 @@ def _drop_points(repo, txn, vm: str, policy: Retention, report: PruneReport) -> 
         else:
             report.log_entries_dropped += _drop_dead_entries(txn.cursor(db=db["log_index"]), prefix, kept)
     report.chunks_freed = gc.drop_unused_chunks(repo, txn)
-    return refs.bytes_in_use(repo, txn)
 
 
 def delete_prefix(cur, prefix: bytes) -> int:

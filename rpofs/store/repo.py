@@ -106,9 +106,15 @@ class Repository:
     def write_txn(self):
         """The one write transaction at a time: LMDB allows one per
         environment, and py-lmdb raises rather than waits for a second one
-        in the same process (concurrent backups in the ingester)."""
-        with self._write_lock, _catalog_errors(), self.env.begin(write=True) as txn:
-            yield txn
+        in the same process (concurrent backups in the ingester). First the
+        reader slots of processes that died inside a read transaction are
+        freed: a dead reader pins every page freed after its snapshot, and
+        while another process keeps the catalog open (the daemon, a mount)
+        it would grow with every commit."""
+        with self._write_lock, _catalog_errors(self.path):
+            self.env.reader_check()
+            with self.env.begin(write=True) as txn:
+                yield txn
 
     def _flock(self, mode: int) -> int:
         """A lock on REPO/lock shared by backups and held alone by prune (see
@@ -565,12 +571,21 @@ def name_new_point(repo: Repository, txn, vm_bytes: bytes, time_us: int) -> str:
 
 
 @contextlib.contextmanager
-def _catalog_errors():
-    """An LMDB failure (disk full, map full) aborts the transaction: say so."""
+def _catalog_errors(path: str):
+    """An LMDB failure (disk full, map full) aborts the transaction: say so.
+    LMDB reports a disk that filled in the middle of its write as an I/O
+    error, so the filesystem's free space is looked at too."""
     try:
         yield
     except lmdb.Error as e:
-        raise RpofsError(f"writing the catalog failed, nothing was recorded: {e}") from None
+        hint = ""
+        try:
+            fs = os.statvfs(path)
+            if fs.f_bavail * fs.f_frsize < 1 << 20:
+                hint = f" (the repository's filesystem has {fs.f_bavail * fs.f_frsize} bytes free)"
+        except OSError:
+            pass
+        raise RpofsError(f"writing the catalog failed, nothing was recorded: {e}{hint}") from None
 
 
 @functools.lru_cache(maxsize=8)

@@ -29,8 +29,10 @@ Granularity
 
 Sub-databases
     meta        b"format" -> b"4" (text); b"next_point", b"next_pack",
-                b"pruned" -> u32; b"encryption" -> the key record (JSON),
-                present only in an encrypted repository (see Encryption)
+                b"pruned" -> u32; b"gc_pending" -> u32 1 while a garbage
+                collection that was started has not finished (rpofs.store.gc);
+                b"encryption" -> the key record (JSON), present only in an
+                encrypted repository (see Encryption)
     vms         vm uuid (16 bytes) -> JSON {"name": last known name}
                     (sealed in an encrypted repository)
     points      point no (u32) -> JSON point record (see PointRecord)

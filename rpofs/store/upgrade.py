@@ -100,16 +100,15 @@ def upgrade(path: str, progress=None, keys=None) -> UpgradeReport:
             _check_room(repo, whole)
             if progress is not None:
                 progress.set(0, sum(loc.raw_len for loc in whole.values()))
-            live = _convert(repo, whole, report, progress)
-            report.packs_deleted = gc.delete_dead_packs(repo, live)
-            report.packs_compacted = gc.compact(repo, live)
+            _convert(repo, whole, report, progress)
+            report.packs_deleted, report.packs_compacted = gc.collect(repo)
         return report
     finally:
         repo.close()
 
 
-def _convert(repo, whole: dict[bytes, ChunkLocation], report: UpgradeReport, progress):
-    """Steps 1 and 2; returns the bytes in use per pack."""
+def _convert(repo, whole: dict[bytes, ChunkLocation], report: UpgradeReport, progress) -> None:
+    """Steps 1 and 2."""
     new_keys: dict[bytes, bytes] = {}       # whole key -> pieced key
     placed: dict[bytes, ChunkLocation] = {}  # pieced key -> its record
     with gc.new_pack(repo) as writer:
@@ -140,6 +139,5 @@ def _convert(repo, whole: dict[bytes, ChunkLocation], report: UpgradeReport, pro
             for full_key, new in changes:
                 txn.put(full_key, new, db=repo.db["full_index"])
             gc.drop_unused_chunks(repo, txn)
+            gc.mark(repo, txn)
             txn.put(b"format", str(FORMAT).encode(), db=repo.db["meta"])
-            live = refs.bytes_in_use(repo, txn)
-    return live
