@@ -2,6 +2,7 @@
 filled without libvirt: errors become EIO for the damaged range only."""
 
 import dataclasses
+import json
 import errno
 import os
 import random
@@ -167,3 +168,27 @@ def test_du_of_a_disk_shows_what_is_stored_and_df_the_repositorys_filesystem(tmp
         assert (shown.f_blocks, shown.f_frsize, shown.f_files) == (real.f_blocks, real.f_frsize, real.f_files)
         assert abs(shown.f_bavail - real.f_bavail) <= real.f_blocks // 100  # others may write meanwhile
         assert 0 < shown.f_bavail <= shown.f_bfree < shown.f_blocks
+
+
+def test_listing_a_point_opens_no_guest_filesystem(tmp_path, monkeypatch):
+    """ls -l of a point directory must not parse its disks' volumes: point.json
+    is listed unsized (ttl 0, read to its end with direct I/O) until read."""
+    repo, disk, (full, log1, log2) = fill(tmp_path / "r", random.Random(1))
+    tree = Tree(repo, refresh_s=0)
+    vm = tree.lookup(ROOT_INO, "m")
+    point = tree.lookup(vm.ino, "2026-11-24T18:59:40Z")
+    parsed = []
+    real_notes = tree.guest.notes
+    monkeypatch.setattr(tree.guest, "notes", lambda p: parsed.append(p.point) or real_notes(p))
+    monkeypatch.setattr(tree.guest, "disk", lambda *a: parsed.append("disk") or pytest.fail("a disk was parsed"))
+    listed = dict(tree.readdir(point.ino))
+    for name in listed:
+        tree.lookup(point.ino, name)
+    assert parsed == [] and listed["point.json"].unsized and listed["point.json"].ttl == 0
+    monkeypatch.undo()
+    content = tree.open(listed["point.json"].ino)
+    body = content.read(0, 1 << 20)
+    assert content.direct_io and json.loads(body)["kind"] == "log"
+    after = tree.getattr(listed["point.json"].ino)  # worked out once read: its own size from then on
+    assert not after.unsized and after.size == len(body)
+    repo.close()

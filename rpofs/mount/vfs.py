@@ -69,6 +69,9 @@ class Attr:
     stored: int | None = None   # bytes it takes in storage (st_blocks); None: its size
     known: bool = True          # False: a guest entry listed before its inode was read:
                                 # only ino and the type bits of mode are right, ttl is 0
+    unsized: bool = False       # its size is not worked out until it is read (point.json, whose
+                                # "files" needs the guest filesystems parsed): size 0, ttl 0,
+                                # opened for direct I/O so that reads go to its end
 
     @property
     def is_dir(self) -> bool:
@@ -230,6 +233,11 @@ class Tree:
             return Attr(ino, _FILE, size, when, IMMUTABLE_TTL, stored=stored)
         if kind == "fnode":
             return _guest_attr(ino, self.guest.entry(node))  # parses the inode the first time
+        if kind == "json":
+            with self._lock:
+                known = point.point in self._notes
+            if not known:  # its size needs what files/ shows: not worked out to list or stat a point
+                return Attr(ino, _FILE, 0, when, 0.0, unsized=True)
         return Attr(ino, _FILE, len(self._small_file(node)), when, IMMUTABLE_TTL)
 
     def lookup(self, parent: int, name: str) -> Attr:
@@ -348,7 +356,7 @@ class Tree:
         if node[0] == "disk":
             return DiskReader(self.repo, self._point(node[1])[1], node[2])
         if node[0] in ("json", "xml"):
-            return _Bytes(self._small_file(node))
+            return _Bytes(self._small_file(node), direct_io=node[0] == "json")
         if node[0] == "fnode" and not self.guest.entry(node).is_dir:
             return self.guest.open(node)
         raise NoSuchEntry(str(ino))
@@ -460,8 +468,9 @@ def point_json(name: str, p: PointRecord, files: dict | None = None) -> bytes:
 
 
 class _Bytes:
-    def __init__(self, data: bytes):
+    def __init__(self, data: bytes, direct_io: bool = False):
         self._data = data
+        self.direct_io = direct_io   # the size its attributes gave may not be its own (Attr.unsized)
 
     def read(self, offset: int, length: int) -> bytes:
         return self._data[offset:offset + length]
