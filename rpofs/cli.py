@@ -9,6 +9,7 @@ import logging
 import os
 import sys
 
+from . import memory
 from .errors import RpofsError
 from .store import crypto
 from .store.repo import Repository, default_repo_path
@@ -194,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose or daemon else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     repo_path = os.path.abspath(args.repo or default_repo_path())
+    memory.tune()
     try:
         if args.command != "umount" and os.path.exists(repo_path) and not os.path.isdir(repo_path):
             raise RpofsError(f"{repo_path} is a file, not a repository directory")
