@@ -12,12 +12,15 @@ What is checked (every reference comes from rpofs.store.refs):
     every place (a `chunks` row, a stored log block) is the start of a pack
     record whose header says what the catalog says (key, codec, lengths);
   * with read_data, every record of every pack read and checked against its
-    key (the content's blake3, each piece of a pieced record) — each pack
-    read front to back by one of WORKERS threads, so the packs stream at the
-    disk's rate — and every record nothing refers to counted as garbage.
+    key (the content's blake3, each piece of a pieced record): packs are
+    cut into ranges of about RANGE bytes at record starts the catalog knows,
+    each walked front to back in WINDOW-sized reads by one of WORKERS
+    threads (blake3, zstd and AES-GCM release the GIL), and every record
+    nothing refers to counted as garbage.
 Garbage (pack data the catalog does not refer to: a killed backup's pack, a
-killed prune's copy) is reported and freed by the next prune; it is not
-damage, and a backup running meanwhile may show as garbage too.
+killed prune's copy) is reported, not counted as damage, and freed by a
+later prune (rpofs.store.gc); a backup running meanwhile may show as garbage
+too.
 
 Verify takes no lock: backups, prune and defrag go on. What it reads is one
 catalog snapshot; a problem found is confirmed against a fresh snapshot at
