@@ -313,3 +313,17 @@ def test_packs_walked_in_ranges_by_several_threads_find_the_same(repo, monkeypat
     report = verify.verify(repo, read_data=True)
     assert sorted(p.kind for p in report.problems) == ["corrupt", "corrupt"]
     assert reported_blocks(report) == eio_blocks(repo)
+
+
+def test_a_whole_repository_run_is_kept_as_such_with_one_vm(tmp_path):
+    """The ingester schedules from the repository-wide result: a repository
+    of one VM must get one too (else it would verify without a pause); one
+    VM's run does not count as one."""
+    repo = Repository.init(str(tmp_path / "r"))
+    record(repo, VM_A, "alpha", mixed_disk(random.Random(3), CHUNK_SIZE), None, "full", None, US)
+    verify.save(repo.path, verify.verify(repo, VM_A))
+    assert "repository" not in verify.load(repo.path)
+    report = verify.verify(repo)
+    verify.save(repo.path, report)
+    assert verify.load(repo.path)["repository"]["time_us"] == report.time_us
+    repo.close()

@@ -27,11 +27,8 @@ OPEN_PACKS = 256
 
 
 class PackFile:
-    """A pack being written: appends, then sync() before the catalog refers to it."""
-
-    def append(self, parts: list) -> int:
-        """Write `parts` one after another at the end; returns where the first starts."""
-        raise NotImplementedError
+    """A pack being written: records written at the places their writer
+    reserved, then sync() before the catalog refers to it."""
 
     def write_at(self, offset: int, parts: list) -> None:
         """Write `parts` one after another at `offset`: a writer that reserved
@@ -95,21 +92,6 @@ class LocalPackFile(PackFile):
             self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         except OSError as e:
             raise RpofsError(f"creating {path}: {e.strerror}") from None
-        self._end = 0
-
-    def append(self, parts: list) -> int:
-        start = self._end
-        total = sum(len(p) for p in parts)
-        try:
-            done = os.writev(self._fd, parts)
-            if done < total:  # a short write: the next one raises the reason (e.g. ENOSPC)
-                rest = memoryview(b"".join(parts))[done:]
-                while rest:
-                    rest = rest[os.write(self._fd, rest):]
-        except OSError as e:
-            raise RpofsError(f"writing {self.path}: {e.strerror}") from None
-        self._end = start + total
-        return start
 
     def write_at(self, offset: int, parts: list) -> None:
         total = sum(len(p) for p in parts)
@@ -122,7 +104,6 @@ class LocalPackFile(PackFile):
                     rest = rest[n:]
         except OSError as e:
             raise RpofsError(f"writing {self.path}: {e.strerror}") from None
-        self._end = max(self._end, offset + total)
 
     def sync(self) -> None:
         try:

@@ -89,6 +89,7 @@ class VerifyReport:
     time_us: int
     read_data: bool
     vms: list                   # uuids checked
+    repository_wide: bool = True  # False: one VM's data only (no garbage counted, no schedule kept)
     points: int = 0
     references: int = 0
     records_read: int = 0
@@ -131,7 +132,7 @@ class _Catalog:
             for record, name in zip(records, point_names([p.time_us for p in records], [p.name for p in records])):
                 self.names[record.point] = name
         self.fulls = {no: p for no, p in self.points.items() if p.kind == "full" and p.chain == no}
-        self.sizes = refs.disk_sizes(repo, txn, [])
+        self.sizes = {(chain, i): d.size for chain, full in self.fulls.items() for i, d in enumerate(full.disks)}
 
     def affected(self, record: PointRecord, what: str, ranges=()) -> Affected:
         return Affected(record.vm, record.vm_name, record.point, self.names.get(record.point, ""), what,
@@ -425,7 +426,7 @@ def verify(repo, vm: str | None = None, read_data: bool = False, progress=None,
     verify_slice); the references into other packs get their headers checked."""
     started = time.monotonic()
     vms = {vm} if vm else None
-    report = VerifyReport(time_us=time.time_ns() // 1000, read_data=read_data, vms=[])
+    report = VerifyReport(time_us=time.time_ns() // 1000, read_data=read_data, vms=[], repository_wide=vm is None)
     found: list[tuple] = []   # (kind, reference, detail, damaged pieces or None)
     with repo.env.begin() as txn:
         cat = _Catalog(repo, txn)
@@ -609,7 +610,7 @@ def save(repo_path: str, report: VerifyReport, read_pass: dict | None = None) ->
     for vm in report.vms:
         results["vms"][vm] = {"time_us": report.time_us, "read_data": report.read_data,
                               "ok": vm not in damaged, "points_damaged": len(damaged.get(vm, ()))}
-    if len(report.vms) != 1 or report.garbage.packs:
+    if report.repository_wide:
         results["repository"] = {"time_us": report.time_us, "read_data": report.read_data, "ok": report.ok,
                                  "problems": len(report.problems), "garbage_bytes": report.garbage.bytes}
     durable.write_file(os.path.join(repo_path, RESULTS), json.dumps(results, indent=1).encode())
