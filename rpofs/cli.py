@@ -61,6 +61,18 @@ def _parser() -> argparse.ArgumentParser:
     pts.add_argument("vm", help="VM name or UUID (as recorded in the repository)")
     pts.add_argument("--json", action="store_true", help="one JSON array (the point.json objects)")
 
+    sh = sub.add_parser("ship", help="ship a VM's application logs once now (the ingester ships every interval)",
+                        description="Reads through the guest agent what each application configured for the "
+                        "VM ([vm.NAME.apps.APP] in the config) appended since its last shipment, and records "
+                        "it as an app point extending the newest block point that holds the application's "
+                        "files in the state the log continues (docs/APPS.md).")
+    sh.add_argument("vm", help="VM name or UUID")
+    sh.add_argument("--app", action="append", default=[], metavar="APP", help="only this app (repeatable)")
+    sh.add_argument("--config", default=None, metavar="FILE", help="the ingester's config (default /etc/rpofs/rpofs.toml)")
+    sh.add_argument("--connect", default=os.environ.get("LIBVIRT_DEFAULT_URI", "qemu:///system"),
+                    metavar="URI", help="libvirt URI (default $LIBVIRT_DEFAULT_URI or qemu:///system)")
+    sh.add_argument("--json", action="store_true", help="the new app points as JSON")
+
     m = sub.add_parser("mount", help="mount the repository; returns once the mount is ready")
     m.add_argument("mountpoint")
     m.add_argument("--foreground", action="store_true", help="serve in this process until unmounted")
@@ -322,18 +334,75 @@ def cmd_backup(repo_path: str, args) -> None:
 
 
 def cmd_points(repo_path: str, args) -> None:
+    from .apps import catalog
+    from .apps.view import app_point_json
     from .mount.vfs import point_json
     repo = open_repository(repo_path, args)
     try:
-        points = repo.points(repo.find_vm(args.vm)[0])
+        vm = repo.find_vm(args.vm)[0]
+        points = repo.points(vm)
         names = point_names([p.time_us for p in points], [p.name for p in points])
+        by_no = {p.point: (n, p) for n, p in zip(names, points)}
+        rows = [(p.time_us, 0, n, p) for n, p in zip(names, points)]
+        rows += [(s.time_us, 1, s.name, s) for s in catalog.ships(repo, vm)]
+        rows.sort(key=lambda row: row[:2])
         if args.json:
-            print(json.dumps([json.loads(point_json(n, p)) for n, p in zip(names, points)], indent=2))
+            print(json.dumps([json.loads(point_json(n, p)) if kind == 0
+                              else app_point_json(p, by_no.get(p.base, (None, None))[1])
+                              for _, kind, n, p in rows], indent=2))
             return
-        for n, p in zip(names, points):
-            print(f"{n}  {p.kind:4}  chain {p.chain:<6} {p.consistency:18} "
-                  f"{', '.join(d.target for d in p.disks)}{'  (' + p.reason + ')' if p.reason else ''}")
+        for _, kind, n, p in rows:
+            if kind == 0:
+                print(f"{n}  {p.kind:4}  chain {p.chain:<6} {p.consistency:18} "
+                      f"{', '.join(d.target for d in p.disks)}{'  (' + p.reason + ')' if p.reason else ''}")
+            else:
+                extends = f"extends {by_no[p.base][0]}" if p.base in by_no else f"waiting: {p.waiting}"
+                print(f"{n}  app   {p.app}  {sum(f.length for f in p.files)} bytes  {extends}")
     finally:
+        repo.close()
+
+
+def cmd_ship(repo_path: str, args) -> int:
+    from .apps.shipper import Shipper
+    from .apps.view import app_point_json
+    from .ingest import config
+    from .virt.client import Connection
+    cfg = config.load(args.config or config.DEFAULT_CONFIG)
+    repo = open_repository(repo_path, args)
+    conn = Connection(args.connect)
+    try:
+        dom = conn.domain(args.vm)
+        info = dom.info()
+        apps = cfg.policy(info.name, info.uuid).apps
+        if not apps:
+            raise RpofsError(f"{args.config or config.DEFAULT_CONFIG} configures no apps for {info.name} "
+                             f"([vm.{info.name}.apps.NAME])")
+        unknown = set(args.app) - {a.name for a in apps}
+        if unknown:
+            raise RpofsError(f"{info.name} has no app {', '.join(sorted(unknown))} "
+                             f"(it has {', '.join(a.name for a in apps)})")
+        shipper = Shipper(repo, dom, info.uuid, info.name)
+        made = []
+        for app in apps:
+            if args.app and app.name not in args.app:
+                continue
+            result = shipper.ship(app)
+            for why in result.restarts:
+                print(f"rpofs: {info.name}/{app.name}: started again: {why}", file=sys.stderr)
+            if result.record is None:
+                if not args.json:
+                    print(f"{info.name}/{app.name}: nothing new")
+                continue
+            made.append(result.record)
+            if not args.json:
+                r = result.record
+                where = f"extends point {r.base}" if r.base is not None else f"waiting for a block point: {r.waiting}"
+                print(f"{info.name}/{app.name}: app point {r.name}: {result.bytes} bytes, {where}")
+        if args.json:
+            bases = {p.point: p for p in repo.points(info.uuid)}
+            print(json.dumps([app_point_json(r, bases.get(r.base)) for r in made], indent=2))
+    finally:
+        conn.close()
         repo.close()
 
 
@@ -617,7 +686,7 @@ def cmd_cp(repo_path: str, args) -> None:
 
 COMMANDS = {"init": cmd_init, "backup": cmd_backup, "points": cmd_points, "mount": cmd_mount,
             "umount": cmd_umount, "ingest": cmd_ingest, "status": cmd_status, "prune": cmd_prune,
-            "defrag": cmd_defrag, "forget": cmd_forget, "upgrade": cmd_upgrade, "verify": cmd_verify, "restore": cmd_restore, "cp": cmd_cp, "run": cmd_run}
+            "defrag": cmd_defrag, "forget": cmd_forget, "upgrade": cmd_upgrade, "verify": cmd_verify, "restore": cmd_restore, "cp": cmd_cp, "run": cmd_run, "ship": cmd_ship}
 
 if __name__ == "__main__":
     sys.exit(main())

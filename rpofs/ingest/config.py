@@ -2,6 +2,7 @@
 A bad file is refused with the file, the key and what is wrong. The format
 is documented in docs/INGEST.md, with an example in systemd/rpofs.toml."""
 
+import dataclasses
 import fnmatch
 import re
 import tomllib
@@ -36,6 +37,22 @@ class Quiesce:
 
 
 @dataclass(frozen=True)
+class AppConfig:
+    """An application whose log the ingester ships from inside the guest
+    through its agent (rpofs.apps): a SQLite database in WAL mode, or
+    append-only files (a glob)."""
+    name: str
+    kind: str                           # "sqlite" | "files"
+    path: str                           # absolute guest path; for files a glob (* ? [...] in the last part)
+    interval_s: float = 1.0
+
+
+_APP_KINDS = ("sqlite", "files")
+# what a path may hold: it reaches the guest's /bin/sh for a glob (rpofs.apps.guestio)
+_GUEST_PATH = re.compile(r"^/[A-Za-z0-9_.,+@%=:/-]*[A-Za-z0-9_.,+@%=:*?\[\]-]*$")
+
+
+@dataclass(frozen=True)
 class VmPolicy:
     full_interval_s: float = 24 * 3600.0
     log_interval_s: float = 5.0
@@ -44,6 +61,7 @@ class VmPolicy:
     retention: Retention = Retention()     # keeps everything unless a keep_* key is given
     prune_interval_s: float = 600.0
     defrag_interval_s: float = 600.0       # how often a VM's newest chain is defragmented (0: never)
+    apps: tuple[AppConfig, ...] = ()       # application logs shipped through the guest agent
 
 
 @dataclass(frozen=True)
@@ -153,7 +171,7 @@ class _Reader:
 
 def _policy(r: _Reader, base: VmPolicy) -> VmPolicy:
     r.check_keys({"full_interval", "log_interval", "disks", "quiesce", "quiesce_timeout", "prune_interval",
-                  "defrag_interval",
+                  "defrag_interval", "apps",
                   *_KEEP_COUNTS, "keep_within"})
     disks = base.disks
     if "disks" in r.table:
@@ -195,6 +213,32 @@ _KEEP_COUNTS = {"keep_last": "last", "keep_hourly": "hourly", "keep_daily": "dai
                 "keep_monthly": "monthly"}
 
 
+def _apps(r: _Reader) -> tuple[AppConfig, ...]:
+    table = r.table.get("apps", {})
+    if not isinstance(table, dict):
+        r.fail("apps", "expected a table of applications ([vm.NAME.apps.APP])")
+    out = []
+    for name, app in table.items():
+        if not isinstance(app, dict):
+            r.fail(f"apps.{name}", "expected a table")
+        if not re.match(r"^[A-Za-z0-9_.-]{1,64}$", name) or name.startswith("."):
+            r.fail(f"apps.{name}", "an app's name is 1-64 letters, digits, '_', '-' or '.'")
+        a = _Reader(r.path, app, f"{r.prefix}apps.{name}.")
+        a.check_keys({"kind", "path", "interval"})
+        kind = a.string("kind", "sqlite")
+        if kind not in _APP_KINDS:
+            a.fail("kind", f"expected one of {', '.join(_APP_KINDS)}, got {kind!r}")
+        path = a.string("path", "")
+        if not path or not _GUEST_PATH.match(path) or "//" in path or "/../" in path + "/":
+            a.fail("path", f"expected an absolute guest path of plain characters, got {path!r}")
+        if kind == "sqlite" and any(c in path for c in "*?["):
+            a.fail("path", "a sqlite app names one database, not a glob")
+        if any(c in path.rpartition("/")[0] for c in "*?["):
+            a.fail("path", "wildcards are allowed in the file name only")
+        out.append(AppConfig(name, kind, path, a.duration("interval", 1.0)))
+    return tuple(out)
+
+
 def load(path: str) -> IngestConfig:
     try:
         with open(path, "rb") as f:
@@ -227,7 +271,8 @@ def load(path: str) -> IngestConfig:
     for name, table in data.get("vm", {}).items():
         if not isinstance(table, dict):
             top.fail(f"vm.{name}", "expected a table")
-        per_vm[name] = _policy(_Reader(path, table, f"vm.{name}."), defaults)
+        reader = _Reader(path, table, f"vm.{name}.")
+        per_vm[name] = dataclasses.replace(_policy(reader, defaults), apps=_apps(reader))
     return IngestConfig(
         uri=ingest.string("uri", "qemu:///system"),
         repository=ingest.string("repository", ""),

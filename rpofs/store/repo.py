@@ -81,6 +81,13 @@ class Repository:
             value = self.keys.catalog.open("vms", vm_bytes, value)
         return json.loads(bytes(value))["name"]
 
+    def seal_value(self, db: str, key: bytes, plain: bytes) -> bytes:
+        """A catalog value as stored under `db`/`key` (sealed when encrypted)."""
+        return self.keys.catalog.seal(db, key, plain) if self.keys else plain
+
+    def open_value(self, db: str, key: bytes, value) -> bytes:
+        return self.keys.catalog.open(db, key, value) if self.keys else bytes(value)
+
     def get_point(self, txn, point: int) -> PointRecord | None:
         """Point `point` as of `txn`; None if there is none."""
         key = schema.point_key(point)
@@ -502,6 +509,17 @@ class BackupWriter:
         self._finish()
         return record
 
+    def commit_catalog(self, entries):
+        """Commit what was stored with the catalog entries `entries(txn)`
+        writes, in one transaction (a shipment: rpofs.apps.catalog); its
+        result."""
+        self.pack.sync()
+        with self.repo.write_txn() as txn:
+            self._put_chunks(txn)
+            result = entries(txn)
+        self._finish()
+        return result
+
     def _put_chunks(self, txn) -> None:
         cur = txn.cursor(db=self.repo.db["chunks"])
         for key, loc in self._new.items():
@@ -565,9 +583,18 @@ def fix_names(repo: Repository, txn, group: list[PointRecord]) -> list[str]:
 
 
 def name_new_point(repo: Repository, txn, vm_bytes: bytes, time_us: int) -> str:
-    """A new point's name, unique among the VM's and never to change."""
-    taken = fix_names(repo, txn, second_group(repo, txn, vm_bytes, time_us // US))
-    return new_point_name(time_us, set(taken))
+    """A new point's name, block point or app point (rpofs.apps.catalog),
+    unique among the VM's and never to change."""
+    second = time_us // US
+    taken = set(fix_names(repo, txn, second_group(repo, txn, vm_bytes, second)))
+    cur = txn.cursor(db=repo.db["ships"])
+    if cur.set_range(schema.ship_key(vm_bytes, second * US, 0)):
+        for key, value in cur:
+            vm, when, _ = schema.read_ship_key(key)
+            if vm != vm_bytes or when >= (second + 1) * US:
+                break
+            taken.add(json.loads(repo.open_value("ships", bytes(key), value))["name"])
+    return new_point_name(time_us, taken)
 
 
 @contextlib.contextmanager

@@ -1,4 +1,4 @@
-"""The repository's format, version 4. This module is the spec: every LMDB
+"""The repository's format, version 5. This module is the spec: every LMDB
 sub-database, its key and value layout, and the invariants. Nothing else builds
 keys by hand.
 
@@ -58,9 +58,33 @@ Sub-databases
                     same bytes is stored again); full chunks are.
     chunks      chunk key (32) -> pack (u32) | offset (u64) | stored length (u32)
                               | raw length (u32) | codec (u8)
-                    full chunks and the points' XML: what is deduplicated.
+                    full chunks, the points' XML and shipped application
+                    bytes: what is deduplicated.
                     The codec tells the record kind: CODEC_RAW / CODEC_ZSTD
                     a whole chunk, CODEC_PIECES a pieced full chunk (below)
+
+    apps        vm uuid (16) | app name (UTF-8) -> JSON AppRecord: an
+                    application whose log the ingester ships from inside the
+                    guest, with where each of its files' streams stands
+                    (sealed in an encrypted repository)
+    ships       vm uuid (16) | time_us (u64) | ship no (u32) -> JSON ShipRecord
+                    one per shipment (an "app point"), time order per VM like
+                    vm_points; ship numbers come from meta b"next_ship"
+                    (sealed in an encrypted repository)
+
+Applications (format 5; rpofs.apps, docs/APPS.md)
+    A shipment holds the bytes an application appended to its log files
+    since the previous one (a SQLite WAL's committed frames, an append-only
+    file's new bytes), each file's as one chunk in `chunks` named by the
+    record's ShippedFile.key. Its time is when its read finished. Its base
+    is the block point it extends: the newest block point at or before it
+    whose disks hold the application's files in a state the shipped stream
+    continues (rpofs.apps.relate); None with `waiting` saying why while
+    there is none, and such a shipment is never read. A file's stream is
+    a lineage of generations (a WAL's salts; a file's identity); each
+    generation is shipped from its start, so an app point reads its base's
+    copy plus the shipments of the lineage from the base's time on. A
+    shipment goes when its base point goes (prune), with the VM (forget).
 
 A chain is numbered by its full point's number; disk numbers are positions in
 the full's disk list, which every log of the chain shares. Point numbers grow
@@ -201,6 +225,10 @@ Format history
         Formats 2 and 3 are refused by every command but `rpofs upgrade`
         (rpofs.store.upgrade), which re-pieces their whole full chunks and
         sets the format in one transaction.
+    5   `apps` and `ships` (application logs shipped from the guest). A
+        format-4 repository is upgraded by creating the two empty
+        sub-databases and setting the format, in one transaction; 2 and 3
+        go through 4's upgrade first.
 
 Commit order: pack data fsync'ed first, then one LMDB write transaction adds
 the chunk locations, the index entries and the point. A crash leaves at most
@@ -211,13 +239,13 @@ import json
 import struct
 from dataclasses import asdict, dataclass, field
 
-FORMAT = 4                 # what init writes and Repository.open accepts
-UPGRADES_FROM = (2, 3)     # what `rpofs upgrade` converts to FORMAT
+FORMAT = 5                 # what init writes and Repository.open accepts
+UPGRADES_FROM = (2, 3, 4)   # what `rpofs upgrade` converts to FORMAT
 CHUNK_SIZE = 1 << 20
 BLOCK_SIZE = 1 << 16
 BLOCKS_PER_CHUNK = CHUNK_SIZE // BLOCK_SIZE
 
-DATABASES = ("meta", "vms", "points", "vm_points", "full_index", "log_index", "chunks")
+DATABASES = ("meta", "vms", "points", "vm_points", "full_index", "log_index", "chunks", "apps", "ships")
 
 CODEC_RAW = 0
 CODEC_ZSTD = 1
@@ -256,6 +284,22 @@ def vm_point_key(vm: bytes, time_us: int, point: int) -> bytes:
 
 
 def read_vm_point_key(key: bytes) -> tuple[bytes, int, int]:
+    return _VM_POINT.unpack(key)
+
+
+def app_key(vm: bytes, app: str) -> bytes:
+    return vm + app.encode()
+
+
+def read_app_key(key: bytes) -> tuple[bytes, str]:
+    return bytes(key[:16]), bytes(key[16:]).decode()
+
+
+def ship_key(vm: bytes, time_us: int, ship: int) -> bytes:
+    return _VM_POINT.pack(vm, time_us, ship)
+
+
+def read_ship_key(key: bytes) -> tuple[bytes, int, int]:
     return _VM_POINT.unpack(key)
 
 
@@ -397,3 +441,82 @@ class PointRecord:
             if d.target == target:
                 return i
         raise KeyError(target)
+
+
+@dataclass(frozen=True)
+class ShippedFile:
+    """The bytes one shipment added to one file's stream: [offset, offset +
+    length) of generation `generation` of lineage `lineage`, stored as chunk
+    `key` (hex; "" when length is 0)."""
+    path: str             # the file in the guest (for SQLite: the -wal file)
+    lineage: int          # a new lineage starts where the previous one cannot be continued
+    generation: str       # SQLite: the WAL's salts (hex); files: "1", "2", ... per rotation
+    offset: int
+    length: int
+    key: str = ""
+
+
+@dataclass(frozen=True)
+class ShipRecord:
+    """One shipment of an application's logs: an app point. Stored as JSON
+    in `ships`; point.json's body for an app point."""
+    ship: int
+    vm: str               # uuid
+    app: str
+    kind: str             # "sqlite" | "files"
+    time_us: int          # when its read finished
+    name: str             # its directory in the mount, fixed at commit (as a point's)
+    files: tuple[ShippedFile, ...]
+    base: int | None      # the block point it extends; None: waiting for one
+    chain: int | None     # the base's chain (None while waiting)
+    waiting: str = ""     # why there is no base
+    reads_from: int = 0   # time_us of the oldest shipment of the app that reading it
+                          # needs (prune keeps those, rpofs.apps.relate)
+    stats: dict = field(default_factory=dict)
+
+    def encode(self) -> bytes:
+        return json.dumps(asdict(self), sort_keys=True).encode()
+
+    @classmethod
+    def decode(cls, b: bytes) -> "ShipRecord":
+        d = json.loads(bytes(b))
+        d["files"] = tuple(ShippedFile(**x) for x in d["files"])
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class StreamState:
+    """Where one file's stream stands after the last shipment (the shipper
+    goes on from here after a restart)."""
+    path: str
+    lineage: int
+    generation: str
+    offset: int           # bytes of the generation shipped
+    checksum: tuple[int, int] = (0, 0)  # SQLite: the WAL's running checksum at offset
+    header: str = ""      # SQLite: the generation's WAL header (hex), to scan on and to
+                          # tell SQLite's restart of the WAL (salt-1 and checkpoint
+                          # sequence + 1) from a new file
+    tail: str = ""        # files: the last (up to 64) bytes shipped, hex: identity check
+
+
+@dataclass(frozen=True)
+class AppRecord:
+    """An application of a VM whose logs are shipped, and its streams."""
+    name: str
+    kind: str             # "sqlite" | "files"
+    path: str             # as configured: the database, or a glob of files
+    location: dict        # where its files are in the block points: {"mountpoint", "disk", "volume"}
+    streams: tuple[StreamState, ...] = ()
+    next_lineage: int = 1
+
+    def encode(self) -> bytes:
+        return json.dumps(asdict(self), sort_keys=True).encode()
+
+    @classmethod
+    def decode(cls, b: bytes) -> "AppRecord":
+        d = json.loads(bytes(b))
+        d["streams"] = tuple(StreamState(**{**x, "checksum": tuple(x["checksum"])}) for x in d["streams"])
+        return cls(**d)
+
+    def stream(self, path: str) -> StreamState | None:
+        return next((s for s in self.streams if s.path == path), None)

@@ -1,14 +1,18 @@
 """libvirt, and only here: domains, their disks, pull-mode backup jobs and
 checkpoints. libvirt errors become rpofs errors (VirtError and friends)."""
 
+import base64
 import contextlib
+import json
 import logging
+import time
 import os
 from dataclasses import dataclass
 from xml.etree import ElementTree as ET
 from xml.sax.saxutils import quoteattr
 
 import libvirt
+import libvirt_qemu
 
 from ..errors import UnknownVM, VirtError
 
@@ -25,6 +29,18 @@ class CheckpointUnusable(VirtError):
 
 class AgentUnavailable(VirtError):
     """The guest agent did not freeze (absent, not answering, or refused)."""
+
+
+class AgentFileError(VirtError):
+    """The agent answered, but the file operation failed (no such file, ...)."""
+
+
+@dataclass(frozen=True)
+class GuestFilesystem:
+    mountpoint: str   # "/data/db"
+    device: str       # the guest's name for it: "vdb", "vda1", "dm-0"
+    fstype: str
+    targets: tuple[str, ...]  # libvirt disk targets it is on
 
 
 @dataclass(frozen=True)
@@ -296,6 +312,47 @@ class Domain:
             if mp == mountpoint and targets:
                 return list(targets)
         raise VirtError(f"{self.name} has no filesystem mounted at {mountpoint} on a disk libvirt knows")
+
+    def guest_filesystems(self) -> list[GuestFilesystem]:
+        """The guest's mounted filesystems (guest-get-fsinfo)."""
+        try:
+            return [GuestFilesystem(mp, name, fstype, tuple(targets)) for mp, name, fstype, targets in self._dom.fsInfo(0)]
+        except libvirt.libvirtError as e:
+            raise AgentUnavailable(f"cannot ask {self.name}'s agent for its filesystems: "
+                                   f"{e.get_error_message()}") from e
+
+    def agent(self, command: str, arguments: dict | None = None, timeout_s: int = 5):
+        """One guest agent command; its "return" value. AgentUnavailable when
+        the agent does not answer (absent, not started, hung, VM not running);
+        AgentFileError when it answers with an error."""
+        message = json.dumps({"execute": command} | ({"arguments": arguments} if arguments else {}))
+        try:
+            reply = libvirt_qemu.qemuAgentCommand(self._dom, message, timeout_s, 0)
+        except libvirt.libvirtError as e:
+            code = e.get_error_code()
+            text = e.get_error_message() or str(e)
+            if code in (libvirt.VIR_ERR_AGENT_UNRESPONSIVE, libvirt.VIR_ERR_OPERATION_INVALID,
+                        libvirt.VIR_ERR_AGENT_UNSYNCED, libvirt.VIR_ERR_NO_DOMAIN):
+                raise AgentUnavailable(f"{self.name}'s guest agent does not answer: {text}") from e
+            raise AgentFileError(f"{self.name}'s guest agent: {command}: {text}") from e
+        return json.loads(reply)["return"]
+
+    def agent_run(self, path: str, args: list[str], timeout_s: float = 10) -> str:
+        """Run a program in the guest (guest-exec); its stdout. AgentFileError
+        if it fails or runs longer than timeout_s."""
+        pid = self.agent("guest-exec", {"path": path, "arg": args, "capture-output": True})["pid"]
+        deadline = time.monotonic() + timeout_s
+        while True:
+            status = self.agent("guest-exec-status", {"pid": pid})
+            if status.get("exited"):
+                break
+            if time.monotonic() > deadline:
+                raise AgentFileError(f"{path} in {self.name} still running after {timeout_s} s")
+            time.sleep(0.02)
+        if status.get("exitcode") != 0:
+            err = base64.b64decode(status.get("err-data", "")).decode(errors="replace").strip()
+            raise AgentFileError(f"{path} in {self.name} exited {status.get('exitcode')}: {err}")
+        return base64.b64decode(status.get("out-data", "")).decode(errors="replace")
 
     # -- checkpoints -------------------------------------------------------
 
