@@ -70,11 +70,6 @@ def delete_ship(repo: Repository, txn, record: ShipRecord) -> None:
     txn.delete(schema.ship_key(uuidlib.UUID(record.vm).bytes, record.time_us, record.ship), db=repo.db["ships"])
 
 
-def ship_chunks(record: ShipRecord) -> list[bytes]:
-    """The chunk keys a shipment names (rpofs.store.refs)."""
-    return [bytes.fromhex(f.key) for f in record.files if f.key]
-
-
 def all_ships(repo: Repository, txn, unreadable: list | None = None):
     """Every shipment as of `txn`; unreadable as Repository.all_points takes it."""
     for key, value in txn.cursor(db=repo.db["ships"]):

@@ -53,6 +53,8 @@ def forget(repo, vm: str, name: str = "", dry_run: bool = False, progress=None) 
                 delete_prefix(txn.cursor(db=db["full_index"]), prefix)
                 report.log_entries_dropped += delete_prefix(txn.cursor(db=db["log_index"]), prefix)
             txn.delete(vm_bytes, db=db["vms"])
+            report.ships_removed = delete_prefix(txn.cursor(db=db["ships"]), vm_bytes)
+            delete_prefix(txn.cursor(db=db["apps"]), vm_bytes)
             pruned = schema.read_u32(txn.get(b"pruned", default=schema.u32(0), db=db["meta"]))
             txn.put(b"pruned", schema.u32(pruned + 1), db=db["meta"])  # a running mount reads its lists again
             report.chunks_freed = gc.drop_unused_chunks(repo, txn)

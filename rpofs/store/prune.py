@@ -85,12 +85,14 @@ class PruneReport:
     points_kept: int = 0
     chunks_freed: int = 0
     log_entries_dropped: int = 0
+    ships_removed: int = 0       # app points (rpofs.apps) gone with their base
     packs_deleted: int = 0
     packs_compacted: int = 0
     bytes_freed: int = 0
 
     def summary(self) -> str:
-        return (f"{len(self.points_removed)} points removed, {self.points_kept} kept; "
+        apps = f", {self.ships_removed} app points" if self.ships_removed else ""
+        return (f"{len(self.points_removed)} points{apps} removed, {self.points_kept} kept; "
                 f"{self.log_entries_dropped} log blocks and {self.chunks_freed} chunks freed; "
                 f"{self.packs_deleted} pack files deleted, "
                 f"{self.packs_compacted} compacted; {self.bytes_freed} bytes freed")
@@ -143,7 +145,26 @@ def _drop_points(repo, txn, vm: str, policy: Retention, report: PruneReport) -> 
             report.log_entries_dropped += delete_prefix(txn.cursor(db=db["log_index"]), prefix)
         else:
             report.log_entries_dropped += _drop_dead_entries(txn.cursor(db=db["log_index"]), prefix, kept)
+    report.ships_removed = _drop_ships(repo, txn, vm, {p.point for p in points if p.point in keep},
+                                       max((p.time_us for p in points if p.point in keep), default=0))
     report.chunks_freed = gc.drop_unused_chunks(repo, txn)
+
+
+def _drop_ships(repo, txn, vm: str, kept: set[int], newest_us: int) -> int:
+    """App points go with the block point they extend (read without it,
+    they would be wrong); one waiting for a base goes once a block point
+    newer than it is kept (no base can come any more). What a kept app point
+    reads (its app's shipments from its reads_from on) stays."""
+    from ..apps import catalog
+    ships = list(catalog.ships(repo, vm, txn=txn))
+    stays = [s for s in ships if s.base in kept or (s.base is None and s.time_us >= newest_us)]
+    needed = {}
+    for s in stays:
+        needed[s.app] = min(needed.get(s.app, s.reads_from or s.time_us), s.reads_from or s.time_us)
+    gone = [s for s in ships if s not in stays and not s.time_us >= needed.get(s.app, 1 << 63)]
+    for s in gone:
+        catalog.delete_ship(repo, txn, s)
+    return len(gone)
 
 
 def delete_prefix(cur, prefix: bytes) -> int:

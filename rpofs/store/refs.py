@@ -1,9 +1,10 @@
 """Every reference from the catalog into the packs, in one place.
 
 Two levels (rpofs.store.schema):
-  * users of chunks — a `full_index` entry (a full's chunk of a disk) and the
+  * users of chunks — a `full_index` entry (a full's chunk of a disk), the
     chunk keys a point record names (its domain XML, its checkpoint XML, its
-    boot state) refer to a row of `chunks` by key;
+    boot state) and those a shipment names (an application's shipped log
+    bytes, rpofs.apps) refer to a row of `chunks` by key;
   * places in packs — a row of `chunks` and a stored `log_index` entry (a log
     block) each refer to one pack record.
 
@@ -26,10 +27,12 @@ class Ref(NamedTuple):
     key (None for a log block: its key is in its record header); `loc` is
     where the record is (None: the key has no row in `chunks`)."""
     kind: str          # "full" | "log" | a point's own ("domain_xml", "checkpoint_xml", "firmware/nvram", ...)
-    chain: int         # the chain the referring entry or point belongs to
-    disk: int          # full and log: the disk's number in the chain; -1 for a point's own
-    index: int         # full: chunk no; log: block no; -1 for a point's own
-    point: int         # log: the point that changed the block; full: the chain; a point's own: that point
+                       # | "app" (a shipment's bytes)
+    chain: int         # the chain the referring entry or point belongs to (app: its base's; -1 waiting)
+    disk: int          # full and log: the disk's number in the chain; -1 for a point's own and app
+    index: int         # full: chunk no; log: block no; -1 for a point's own; app: the file's place in the shipment
+    point: int         # log: the point that changed the block; full: the chain; a point's own: that
+                       # point; app: the shipment's number
     key: bytes | None
     loc: ChunkLocation | None
 
@@ -46,11 +49,19 @@ def point_chunks(record: PointRecord) -> dict[str, bytes]:
     return out
 
 
+def ship_chunks(record) -> list[bytes]:
+    """The chunk keys a shipment (schema.ShipRecord) names, one per file it added bytes to."""
+    return [bytes.fromhex(f.key) for f in record.files if f.key]
+
+
 def used_chunk_keys(repo, txn) -> set[bytes]:
-    """Every chunk key some full or point names."""
+    """Every chunk key some full, point or shipment names."""
+    from ..apps.catalog import all_ships
     used = {bytes(k) for k in txn.cursor(db=repo.db["full_index"]).iternext(keys=False)}
     for record in repo.all_points(txn):
         used.update(point_chunks(record).values())
+    for ship in all_ships(repo, txn):
+        used.update(ship_chunks(ship))
     return used
 
 
@@ -120,6 +131,12 @@ def chunk_refs(repo, txn, unreadable: list | None = None) -> Iterator[Ref]:
     for record in repo.all_points(txn, unreadable):
         for kind, key in point_chunks(record).items():
             yield Ref(kind, record.chain, -1, -1, record.point, key, where(key))
+    from ..apps.catalog import all_ships
+    for ship in all_ships(repo, txn, unreadable):
+        for index, f in enumerate(ship.files):
+            if f.key:
+                key = bytes.fromhex(f.key)
+                yield Ref("app", ship.chain if ship.chain is not None else -1, -1, index, ship.ship, key, where(key))
 
 
 def references(repo, txn, unreadable: list | None = None) -> Iterator[Ref]:

@@ -64,7 +64,8 @@ class Affected:
     vm_name: str
     point: int
     name: str
-    what: str            # a disk's target ("vda"), or "domain_xml", "checkpoint_xml", "firmware/nvram", "point"
+    what: str            # a disk's target ("vda"), or "domain_xml", "checkpoint_xml", "firmware/nvram", "point",
+                         # or "apps/<app>": an app point, `point` then being its shipment's number
     ranges: list = field(default_factory=list)
 
 
@@ -131,6 +132,8 @@ class _Catalog:
         for records in by_vm.values():
             for record, name in zip(records, point_names([p.time_us for p in records], [p.name for p in records])):
                 self.names[record.point] = name
+        from ..apps.catalog import all_ships
+        self.ships = {s.ship: s for s in all_ships(repo, txn, self.bad_records)}
         self.fulls = {no: p for no, p in self.points.items() if p.kind == "full" and p.chain == no}
         self.sizes = {(chain, i): d.size for chain, full in self.fulls.items() for i, d in enumerate(full.disks)}
 
@@ -166,6 +169,15 @@ def affects(repo, txn, cat: _Catalog, ref: Ref, pieces: frozenset | None = None)
     """Who reads the bytes `ref` refers to: the points and disk ranges.
     pieces: of a full chunk, only those pieces are damaged (a piece is a
     block: PIECE_SIZE == BLOCK_SIZE)."""
+    if ref.kind == "app":  # the shipment, and every app point of its app that reads it
+        ship = cat.ships.get(ref.point)
+        if ship is None:
+            return []
+        readers = [s for s in cat.ships.values() if s.vm == ship.vm and s.app == ship.app and s.base is not None
+                   and s.reads_from <= ship.time_us <= s.time_us]
+        base = cat.points.get(ship.base) if ship.base is not None else None
+        return [Affected(s.vm, base.vm_name if base else "", s.ship, s.name, f"apps/{s.app}")
+                for s in sorted(readers, key=lambda s: s.time_us)]
     if ref.kind not in ("full", "log"):
         record = cat.points.get(ref.point)
         return [cat.affected(record, ref.kind)] if record else []
@@ -247,6 +259,19 @@ def _relations(repo, txn, cat: _Catalog, vms: set[str] | None) -> list[Problem]:
                                   or parent.time_us > record.time_us):
             bad(f"log point {no} ({record.vm_name}) names parent {record.parent}, "
                 f"which is not an earlier point of chain {record.chain}", record)
+    next_ship = txn.get(b"next_ship", db=meta)
+    for no, ship in sorted(cat.ships.items()):
+        if not wanted(ship.vm):
+            continue
+        base = cat.points.get(ship.base) if ship.base is not None else None
+        if ship.base is not None and (base is None or base.vm != ship.vm or base.chain != ship.chain
+                                      or base.time_us > ship.time_us):
+            problems.append(Problem("relation", f"app point {ship.name} ({ship.app}) extends point {ship.base}, "
+                                    f"which is not an earlier block point of its VM in chain {ship.chain}",
+                                    affects=[Affected(ship.vm, "", no, ship.name, f"apps/{ship.app}")]))
+        if next_ship is None or no >= schema.read_u32(next_ship):
+            problems.append(Problem("relation", f"shipment {no} is not below meta next_ship",
+                                    affects=[Affected(ship.vm, "", no, ship.name, f"apps/{ship.app}")]))
     chains_of = {chain: full.vm for chain, full in cat.fulls.items()}
     for name, read_key, unit in (("full_index", schema.read_full_key, CHUNK_SIZE),
                                  ("log_index", schema.read_log_key, BLOCK_SIZE)):
@@ -434,7 +459,9 @@ def verify(repo, vm: str | None = None, read_data: bool = False, progress=None,
         report.points = sum(1 for p in cat.points.values() if vms is None or p.vm in vms)
         report.problems.extend(_relations(repo, txn, cat, vms))
         chain_vm = {chain: full.vm for chain, full in cat.fulls.items()}
-        wanted = [r for r in refs.references(repo, txn, []) if vms is None or chain_vm.get(r.chain) in vms]
+        ship_vm = {no: s.vm for no, s in cat.ships.items()}
+        wanted = [r for r in refs.references(repo, txn, []) if vms is None
+                  or (ship_vm.get(r.point) if r.kind == "app" else chain_vm.get(r.chain)) in vms]
         next_pack = schema.read_u32(txn.get(b"next_pack", db=repo.db["meta"]))
         in_use = refs.bytes_in_use(repo, txn)
     report.references = len(wanted)
