@@ -82,6 +82,7 @@ class IngestConfig:
     verify_read_data_interval_s: float = 7 * 86400.0
     verify_read_mib: int = 4096
     key_file: str = ""                  # an encrypted repository's passphrase: this file's first line
+    max_agent_calls: int = 8            # app shipping rounds (guest agent reads) running at once
 
     def policy(self, name: str, uuid: str) -> VmPolicy:
         return self.per_vm.get(name) or self.per_vm.get(uuid) or self.defaults
@@ -256,7 +257,7 @@ def load(path: str) -> IngestConfig:
             top.fail(key, "expected a table")
     ingest = _Reader(path, data.get("ingest", {}), "ingest.")
     ingest.check_keys({"uri", "repository", "max_jobs", "vms", "exclude", "metrics", "key_file", "verify_interval",
-                       "verify_read_data_interval", "verify_read_mib"})
+                       "verify_read_data_interval", "verify_read_mib", "max_agent_calls"})
     vms = ingest.table.get("vms", "running")
     if vms != "running" and not (isinstance(vms, list) and all(isinstance(x, str) and x for x in vms)):
         ingest.fail("vms", f'expected "running" or a list of VM names/UUIDs, got {vms!r}')
@@ -282,4 +283,5 @@ def load(path: str) -> IngestConfig:
         defaults=defaults, per_vm=per_vm, metrics=metrics, key_file=ingest.string("key_file", ""),
         verify_interval_s=ingest.duration("verify_interval", 3600.0, zero_means="never"),
         verify_read_data_interval_s=ingest.duration("verify_read_data_interval", 7 * 86400.0, zero_means="never"),
-        verify_read_mib=ingest.integer("verify_read_mib", 4096, 1))
+        verify_read_mib=ingest.integer("verify_read_mib", 4096, 1),
+        max_agent_calls=ingest.integer("max_agent_calls", 8, 1))

@@ -9,6 +9,12 @@ VMs that run, and a task ends when its VM stops or vanishes (its points stay).
 The libvirt connection is re-made with backoff when libvirtd restarts.
 A VM with a retention policy is pruned every prune_interval, after a backup,
 and its scattered log blocks are defragmented every defrag_interval.
+Each application configured for a VM ([vm.NAME.apps.APP]) has a task of its
+own that ships its log every `interval` through the guest agent (rpofs.apps),
+independent of the block backups; a limiter bounds the agent calls in flight
+(max_agent_calls). An agent that does not answer backs the app off (up to a
+minute), said once. A shipment that waits for a block point (its stream
+started after the newest one) wakes the VM's backup task to take one now.
 On start, each VM's leftovers from a killed predecessor are ended first.
 """
 
@@ -16,7 +22,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import trio
 
@@ -44,6 +50,23 @@ MAX_BACKOFF_S = 60.0
 
 
 @dataclass
+class AppStatus:
+    """One application's shipping, as `rpofs status` shows it."""
+    name: str
+    kind: str
+    state: str = "starting"      # shipping | no agent | waiting for a block point | failing
+    ships: int = 0
+    bytes_shipped: int = 0
+    last_ship_us: int = 0        # time of its newest app point
+    last_round_us: int = 0       # when it last read the guest (with or without anything new)
+    last_round_s: float = 0.0
+    waiting: str = ""            # why its newest app point has no base
+    last_error: str = ""
+    last_error_us: int = 0
+    failures: int = 0
+
+
+@dataclass
 class VmStatus:
     """What `rpofs status` shows of the daemon's view of one VM."""
     uuid: str
@@ -60,6 +83,7 @@ class VmStatus:
     last_success_us: int = 0     # when its last backup committed (wall clock)
     job_bytes_done: int = 0      # the running backup's progress (bytes read of those it will read)
     job_bytes_total: int = 0
+    apps: dict = field(default_factory=dict)   # name -> AppStatus
 
 
 class _JobProgress:
@@ -92,6 +116,8 @@ class Ingester:
         self.repo = repo
         self.jobs = trio.CapacityLimiter(cfg.max_jobs)
         self.libvirt_calls = trio.CapacityLimiter(4)
+        self.agent_calls = trio.CapacityLimiter(cfg.max_agent_calls)
+        self._wake: dict[str, trio.Event] = {}   # a VM's backup task, woken for a point now
         self.status: dict[str, VmStatus] = {}
         self._tasks: set[str] = set()
         self._conn: Connection | None = None
@@ -172,7 +198,11 @@ class Ingester:
         st = self._vm_status(uuid, name)
         policy = self.cfg.policy(name, uuid)
         try:
-            await self._vm_loop(uuid, name, st, policy)
+            async with trio.open_nursery() as nursery:
+                for app in policy.apps:
+                    nursery.start_soon(self._ship_loop, uuid, st, app)
+                await self._vm_loop(uuid, name, st, policy)
+                nursery.cancel_scope.cancel()  # the VM stopped: so do its apps
         finally:
             self._tasks.discard(uuid)
 
@@ -190,7 +220,11 @@ class Ingester:
             if backoff:
                 due = max(due, failed_at + backoff)
             st.next_run_us, st.state = int(due * US), "waiting" if not backoff else "failing"
-            await trio.sleep(max(0.0, due - now))
+            wake = self._wake[uuid] = trio.Event()
+            with trio.move_on_after(max(0.0, due - now)):
+                await wake.wait()  # an app's shipment waits for a block point: take one now
+            if wake.is_set() and time.time() < due:
+                full_reason = ""  # early: a log (a full that is due waits for its time)
             try:
                 point = await self._job(uuid, st, policy, full_reason)
             except VmBusy as e:  # a backup by hand: it made the point this one was for
@@ -213,6 +247,53 @@ class Ingester:
                     log.warning("event=crash-consistent vm=%s why=%r", name, w)
                     warned = True
             await self._upkeep(st, policy, upkeep)
+
+    async def _ship_loop(self, uuid: str, st: VmStatus, app) -> None:
+        """Ship one app every interval until the VM's task ends."""
+        from ..apps.shipper import Shipper
+        from ..virt.client import AgentUnavailable
+        ast = st.apps[app.name] = AppStatus(app.name, app.kind)
+        shipper, backoff = None, 0.0
+        while True:
+            started = time.monotonic()
+            try:
+                if shipper is None:
+                    conn = await self._connection()
+                    dom = await self._call(conn.domain, uuid)
+                    shipper = Shipper(self.repo, dom, uuid, st.name)
+                async with self.agent_calls:
+                    result = await trio.to_thread.run_sync(shipper.ship, app)
+            except AgentUnavailable as e:
+                if ast.state != "no agent":
+                    log.warning("event=app-no-agent vm=%s app=%s error=%r", st.name, app.name, str(e))
+                ast.state, ast.last_error, ast.last_error_us = "no agent", str(e), int(time.time() * US)
+                backoff = min(max(backoff * 2, app.interval_s, 1.0), MAX_BACKOFF_S)
+                await trio.sleep(backoff)
+                continue
+            except Exception as e:  # noqa: BLE001 — one app's failure must not end the VM's task
+                shipper = None  # the domain may be gone or libvirt restarted: made anew
+                ast.failures += 1
+                ast.state, ast.last_error, ast.last_error_us = "failing", str(e), int(time.time() * US)
+                backoff = min(max(backoff * 2, app.interval_s, 1.0), MAX_BACKOFF_S)
+                log.warning("event=ship-failed vm=%s app=%s retry_s=%g error=%r", st.name, app.name, backoff, str(e))
+                await trio.sleep(backoff)
+                continue
+            backoff = 0.0
+            ast.last_round_us, ast.last_round_s = int(time.time() * US), time.monotonic() - started
+            ast.state = "shipping"
+            for why in result.restarts:
+                log.info("event=app-stream-restart vm=%s app=%s why=%r", st.name, app.name, why)
+            if result.record is not None:
+                ast.ships += 1
+                ast.bytes_shipped += result.bytes
+                ast.last_ship_us = result.record.time_us
+                ast.waiting = result.record.waiting
+                if result.record.base is None:
+                    ast.state = "waiting for a block point"
+                    wake = self._wake.get(uuid)
+                    if wake is not None:
+                        wake.set()
+            await trio.sleep(max(0.0, app.interval_s - (time.monotonic() - started)))
 
     async def _end_leftovers(self, uuid: str, name: str) -> None:
         """What a killed predecessor left of this VM's backups (its job, its

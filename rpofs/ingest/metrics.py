@@ -62,6 +62,11 @@ METRICS = {
     "rpofs_verify_timestamp_seconds": ("gauge", "when rpofs verify last checked the VM's points (Unix time)"),
     "rpofs_verify_damaged_points": ("gauge", "the VM's points that read EIO somewhere, as the last verify found"),
     "rpofs_verify_garbage_bytes": ("gauge", "pack bytes nothing refers to, as the last repository-wide verify found"),
+    "rpofs_app_point_age_seconds": ("gauge", "age of the app's newest app point (its log shipped from the guest)"),
+    "rpofs_app_ships_total": ("counter", "app points this daemon recorded for the app"),
+    "rpofs_app_shipped_bytes_total": ("counter", "log bytes this daemon shipped for the app"),
+    "rpofs_app_agent_up": ("gauge", "1 while the app's last round reached the guest agent, else 0"),
+    "rpofs_app_waiting": ("gauge", "1 while the app's newest app point waits for a block point to extend"),
 }
 
 
@@ -102,6 +107,15 @@ def render(vms, repository_bytes: int | None, now_us: float, verified: dict | No
         if s.state == "backing up" and getattr(s, "job_bytes_total", 0):
             samples["rpofs_job_bytes_done"].append(f"rpofs_job_bytes_done{label} {s.job_bytes_done}")
             samples["rpofs_job_bytes_total"].append(f"rpofs_job_bytes_total{label} {s.job_bytes_total}")
+        for a in getattr(s, "apps", {}).values():
+            app = f'{{vm="{_label(s.name)}",uuid="{_label(s.uuid)}",app="{_label(a.name)}"}}'
+            if a.last_ship_us:
+                samples["rpofs_app_point_age_seconds"].append(
+                    f"rpofs_app_point_age_seconds{app} {(now_us - a.last_ship_us) / 1e6:.3f}")
+            samples["rpofs_app_ships_total"].append(f"rpofs_app_ships_total{app} {a.ships}")
+            samples["rpofs_app_shipped_bytes_total"].append(f"rpofs_app_shipped_bytes_total{app} {a.bytes_shipped}")
+            samples["rpofs_app_agent_up"].append(f"rpofs_app_agent_up{app} {int(a.state != 'no agent')}")
+            samples["rpofs_app_waiting"].append(f"rpofs_app_waiting{app} {int(a.state == 'waiting for a block point')}")
         checked = verified["vms"].get(s.uuid)
         if checked:
             samples["rpofs_verify_timestamp_seconds"].append(

@@ -86,8 +86,32 @@ def gather(repo: Repository) -> dict:
             "last_error": d.get("last_error") or None,
             "last_error_at": _time(d.get("last_error_us")),
             "verify": _verified(verified, uuid),
+            "apps": _apps(repo, uuid, d.get("apps", {}), now_us),
         })
     return {"ingester": {"running": ingester["running"], "pid": ingester.get("pid")}, "vms": vms}
+
+
+def _apps(repo: Repository, uuid: str, live: dict, now_us: float) -> list[dict]:
+    """Per app: the catalog's newest app point (and whether it has a base),
+    joined with the ingester's view (state, rounds, errors)."""
+    from ..apps import catalog
+    out = []
+    for app in catalog.apps(repo, uuid):
+        newest = next(catalog.ships(repo, uuid, app=app.name, newest_first=True), None)
+        readable = next((s for s in catalog.ships(repo, uuid, app=app.name, newest_first=True)
+                         if s.base is not None), None)
+        d = live.get(app.name, {})
+        out.append({
+            "name": app.name, "kind": app.kind, "path": app.path,
+            "state": d.get("state", "not scheduled"),
+            "newest_app_point": _time(newest and newest.time_us),
+            "newest_readable": _time(readable and readable.time_us),
+            "age_seconds": round((now_us - readable.time_us) / US, 3) if readable else None,
+            "waiting": (newest.waiting or None) if newest and newest.base is None else None,
+            "ships": d.get("ships"), "bytes_shipped": d.get("bytes_shipped"),
+            "last_error": d.get("last_error") or None, "last_error_at": _time(d.get("last_error_us")),
+        })
+    return out
 
 
 def _next_text(v: dict) -> str:
@@ -121,4 +145,10 @@ def render(report: dict) -> str:
                      + _next_text(v)
                      + (f", last error at {v['last_error_at']}: {v['last_error']}" if v["last_error"] else "")
                      + (_verify_text(v["verify"]) if "verify" in v else ""))
+        for a in v.get("apps", []):
+            age = f" ({a['age_seconds']:.1f}s ago)" if a["age_seconds"] is not None else ""
+            lines.append(f"  app {a['name']} ({a['kind']} {a['path']}): newest readable app point "
+                         f"{a['newest_readable'] or '-'}{age}, {a['state']}"
+                         + (f", waiting for a block point: {a['waiting']}" if a["waiting"] else "")
+                         + (f", last error at {a['last_error_at']}: {a['last_error']}" if a["last_error"] else ""))
     return "\n".join(lines)
