@@ -9,7 +9,7 @@ from ..errors import RpofsError
 from ..store.repo import Repository
 from ..store.schema import PointRecord
 from .filesystems import Entry
-from .guest import GuestFiles
+from .guest import GuestFiles, GuestNode
 
 COPY_BLOCK = 1 << 20
 
@@ -66,7 +66,7 @@ def _make_room(dest: str, is_dir: bool) -> None:
         raise RpofsError(f"{dest} is a directory: it is not replaced by a file")
 
 
-def _copy(guest: GuestFiles, point: PointRecord, key: tuple, entry: Entry, dest: str) -> int:
+def _copy(guest: GuestFiles, point: PointRecord, key: GuestNode, entry: Entry, dest: str) -> int:
     written = 0
     if os.path.lexists(dest):
         _make_room(dest, entry.is_dir)
@@ -77,7 +77,7 @@ def _copy(guest: GuestFiles, point: PointRecord, key: tuple, entry: Entry, dest:
     if entry.is_dir:
         os.makedirs(dest, exist_ok=True)
         for child in guest.children(key).values():
-            child_key, child = guest.remember(guest.fs_of(key), point, key[2], key[3], child)
+            child_key, child = guest.remember(guest.fs_of(key), point, key.target, key.volume, child)
             written += _copy(guest, point, child_key, child, os.path.join(dest, child.name))
     elif stat.S_ISREG(entry.mode):
         source = guest.open(key)

@@ -1,19 +1,19 @@
 """What the repository looks like as a filesystem — here and only here.
 
-    /<vm>/                      one per VM: its name, "<name>.<uuid8>" when names clash
-    /<vm>/latest -> <time>      the newest point
-    /<vm>/<time>/               one per point (names fixed at commit: rpofs.timefmt)
-        <disk>.raw              the disk at that instant
-        point.json              the point record
-        domain.xml              the VM definition captured with the point
-        files/<disk>/<volume>/  the guest's files (rpofs.files.guest)
-    /<vm>/at/<any time> -> ../<time>   as-of: the newest point at or before it;
-                                 at/ lists nothing
-    /.by-uuid/<vm uuid> -> ../<vm>     a path that names the same VM however
-                                 names clash or VMs are renamed (a recovered
-                                 VM's overlays name their backing file
-                                 through it, with the point's time to the
-                                 microsecond in at/)
+    /                                  Root
+    /<vm>/                             VmDir: one per VM, its name ("<name>.<uuid8>" when names clash)
+    /<vm>/latest -> <time>             Latest: the newest point
+    /<vm>/<time>/                      PointDir: one per point (names fixed at commit: rpofs.timefmt)
+        <disk>.raw                     DiskImage: the disk at that instant
+        point.json                     PointJson: the point record
+        domain.xml                     DomainXml: the VM definition captured with the point
+        files/<disk>/<volume>/         FilesDir, FilesDisk, GuestNode: the guest's files (rpofs.files.guest)
+    /<vm>/at/<any time> -> ../<time>   AtDir, AtLink: as-of, the newest point at or before it;
+                                       at/ lists nothing
+    /.by-uuid/<vm uuid> -> ../<vm>     ByUuid, UuidLink: a path that names the same VM however
+                                       names clash or VMs are renamed (a recovered VM's overlays
+                                       name their backing file through it, with the point's time
+                                       to the microsecond in at/)
 
 Pure and synchronous: no pyfuse3 here, so tests can walk the tree without
 mounting. Thread-safe: the FUSE adapter calls it from worker threads.
@@ -83,6 +83,37 @@ _FILE = stat.S_IFREG | 0o444
 _LINK = stat.S_IFLNK | 0o777
 
 
+class Node:
+    """A node of the tree. Each kind is a frozen dataclass (slots) whose fields
+    name the node, so equal nodes share an inode, with the operations on it;
+    what a kind does not override is refused (a file has no children, a
+    directory is no link). A new kind is one class here, and where it shows,
+    its parent's children()."""
+    __slots__ = ()
+    own_link = False  # rpofs's own link: answered on the event loop (Tree.is_own_link)
+
+    def attr(self, tree: "Tree", ino: int) -> Attr:
+        raise NotImplementedError
+
+    def children(self, tree: "Tree", name: str | None = None) -> list[tuple[str, "Node"]]:
+        """A directory's (name, child) pairs in a stable order; with `name`, at
+        least that one if it exists (a lookup need not list a guest directory
+        again)."""
+        raise NotADirectory(str(self))
+
+    def lookup(self, tree: "Tree", name: str) -> "Node":
+        for child_name, child in self.children(tree, name):
+            if child_name == name:
+                return child
+        raise NoSuchEntry(name)
+
+    def readlink(self, tree: "Tree") -> str:
+        raise NotASymlink(str(self))
+
+    def open(self, tree: "Tree"):
+        raise NoSuchEntry(str(self))
+
+
 @dataclass
 class _VmView:
     uuid: str
@@ -118,8 +149,8 @@ class Tree:
         self._vms: dict[str, _VmView] = {}       # directory name -> view
         self._vm_dir: dict[str, str] = {}        # uuid -> directory name
         self._points: dict[int, tuple[str, PointRecord]] = {}  # point -> (name, record)
-        self._ino: dict[tuple, int] = {("root",): ROOT_INO}
-        self._node: dict[int, tuple] = {ROOT_INO: ("root",)}
+        self._ino: dict[Node, int] = {Root(): ROOT_INO}
+        self._node: dict[int, Node] = {ROOT_INO: Root()}
         self._mounted_at = int(time.time() * 1e6)
         self._pruned = repo.pruned_count()
         self._notes: dict[int, dict] = {}  # point -> point.json's "files"
@@ -176,7 +207,7 @@ class Tree:
         with self._lock:
             return len(self._ino)
 
-    def _inode(self, node: tuple) -> int:
+    def _inode(self, node: Node) -> int:
         with self._lock:
             ino = self._ino.get(node)
             if ino is None:
@@ -184,7 +215,7 @@ class Tree:
                 self._node[ino] = node
             return ino
 
-    def _node_of(self, ino: int) -> tuple:
+    def _node_of(self, ino: int) -> Node:
         with self._lock:
             try:
                 return self._node[ino]
@@ -199,130 +230,44 @@ class Tree:
                 raise NoSuchEntry(f"VM {uuid}")
             return self._vms[name]
 
-    def _point(self, no: int) -> tuple[str, PointRecord]:
+    def point(self, no: int) -> tuple[str, PointRecord]:
+        """A point's name and record; NoSuchEntry once it is pruned."""
         with self._lock:
             found = self._points.get(no)
         if found is None:
             raise NoSuchEntry(f"point {no}")
         return found
 
-    # -- the operations ----------------------------------------------------
+    # -- the operations: each the node's own --------------------------------
 
     def getattr(self, ino: int) -> Attr:
-        node = self._node_of(ino)
-        kind = node[0]
-        if kind == "root":
-            return Attr(ino, _DIR, 0, self._mounted_at * 1000, VOLATILE_TTL)
-        if kind == "vm":
-            view = self._view(node[1])
-            return Attr(ino, _DIR, 0, view.points[-1].time_us * 1000, VOLATILE_TTL)
-        if kind in ("at", "byuuid"):
-            return Attr(ino, _DIR, 0, self._mounted_at * 1000, VOLATILE_TTL)
-        if kind in ("latest", "atlink", "uuidlink"):
-            target = self.readlink(ino)
-            return Attr(ino, _LINK, len(target), self._mounted_at * 1000, VOLATILE_TTL)
-        _, point = self._point(node[1])
-        when = point.time_us * 1000
-        if kind == "point":  # its content never changes, but prune may remove it
-            return Attr(ino, _DIR, 0, when, VOLATILE_TTL)
-        if kind in ("files", "fdisk"):
-            return Attr(ino, _DIR, 0, when, IMMUTABLE_TTL)
-        if kind == "disk":
-            size = point.disks[point.disk_index(node[2])].size
-            stored = point.stats.get("disk_bytes", {}).get(node[2])  # so du shows what is stored
-            return Attr(ino, _FILE, size, when, IMMUTABLE_TTL, stored=stored)
-        if kind == "fnode":
-            return _guest_attr(ino, self.guest.entry(node))  # parses the inode the first time
-        if kind == "json":
-            with self._lock:
-                known = point.point in self._notes
-            if not known:  # its size needs what files/ shows: not worked out to list or stat a point
-                return Attr(ino, _FILE, 0, when, 0.0, unsized=True)
-        return Attr(ino, _FILE, len(self._small_file(node)), when, IMMUTABLE_TTL)
+        return self._node_of(ino).attr(self, ino)
 
     def lookup(self, parent: int, name: str) -> Attr:
-        node = self._node_of(parent)
-        kind = node[0]
-        if kind == "root":
-            if name == BY_UUID:
-                return self.getattr(self._inode(("byuuid",)))
-            self._refresh()
-            with self._lock:
-                view = self._vms.get(name)
-            if view is None:
-                raise NoSuchEntry(name)
-            return self.getattr(self._inode(("vm", view.uuid)))
-        if kind == "byuuid":
-            self._view(name)  # raises NoSuchEntry for an unknown VM
-            return self.getattr(self._inode(("uuidlink", name)))
-        if kind == "vm":
-            view = self._view(node[1])
-            if name == "at":
-                return self.getattr(self._inode(("at", view.uuid)))
-            if name == "latest":
-                return self.getattr(self._inode(("latest", view.uuid)))
-            point = view.by_name.get(name)
-            if point is None:
-                raise NoSuchEntry(name)
-            return self.getattr(self._inode(("point", point.point)))
-        if kind == "at":
-            self._as_of(node[1], name)  # raises NoSuchEntry if nothing is that old
-            return self.getattr(self._inode(("atlink", node[1], name)))
-        if kind in ("point", "files", "fdisk", "fnode"):
-            for child_name, child in self._children(node, name):
-                if child_name == name:
-                    if kind == "fnode":
-                        self.guest.looked_up(node, child)  # before getattr reads its inode
-                    return self.getattr(self._inode(child))
-            raise NoSuchEntry(name)
-        raise NotADirectory(name)
+        return self.getattr(self._inode(self._node_of(parent).lookup(self, name)))
 
     def readdir(self, ino: int) -> list[tuple[str, Attr]]:
         """Entries in a stable order: new points are appended at the end."""
-        node = self._node_of(ino)
-        kind = node[0]
-        if kind == "root":
-            self._refresh()
-            with self._lock:
-                views = sorted(self._vms.items())
-            return ([(BY_UUID, self.getattr(self._inode(("byuuid",))))]
-                    + [(name, self.getattr(self._inode(("vm", v.uuid)))) for name, v in views])
-        if kind == "byuuid":
-            self._refresh()
-            with self._lock:
-                uuids = sorted(self._vm_dir)
-            return [(u, self.getattr(self._inode(("uuidlink", u)))) for u in uuids]
-        if kind == "vm":
-            view = self._view(node[1])
-            entries = [("at", ("at", view.uuid)), ("latest", ("latest", view.uuid))]
-            entries += [(n, ("point", p.point)) for n, p in zip(view.names, view.points)]
-            return [(name, self.getattr(self._inode(child))) for name, child in entries]
-        if kind == "at":
-            return []
-        if kind in ("point", "files", "fdisk", "fnode"):
-            return [(name, self._listed(child)) for name, child in self._children(node)]
-        raise NotADirectory(str(ino))
+        return [(name, self._listed(child)) for name, child in self._node_of(ino).children(self)]
 
     def known_attr(self, ino: int) -> Attr | None:
         """A guest entry's full attributes if already read, else None: never
         reads the disk and takes no lock (dict reads are atomic), so the FUSE
         adapter may ask on its event loop."""
-        node = self._node.get(ino)
-        entry = self.guest.remembered(node) if node and node[0] == "fnode" else None
-        return _guest_attr(ino, entry) if entry is not None and entry.known else None
+        entry = self._entry(self._node.get(ino))
+        return guest_attr(ino, entry) if entry is not None and entry.known else None
 
     def wants_attrs(self, ino: int) -> bool:
         """Whether a guest directory's entries get stat'ed (ls -l, cp -a, du),
         so its listing should read their inodes too. Takes no lock."""
         node = self._node.get(ino)
-        return bool(node) and node[0] == "fnode" and self.guest.stats_wanted(node)
+        return self._entry(node) is not None and self._guest.stats_wanted(node)
 
     def read_attrs(self, inos: list[int]) -> None:
         """Read the inodes of listed guest entries, so that known_attr has them.
         One that cannot be read is left for its own lookup to report."""
         for ino in inos:
-            node = self._node.get(ino)
-            entry = self.guest.remembered(node) if node and node[0] == "fnode" else None
+            entry = self._entry(self._node.get(ino))
             if entry is not None and not entry.known:
                 try:
                     entry.attrs
@@ -334,67 +279,33 @@ class Tree:
         once per REFRESH_S), cheap enough to answer without a worker thread —
         the kernel asks for them on every path through them."""
         node = self._node.get(ino)
-        return node is not None and node[0] in ("latest", "atlink", "uuidlink")
+        return node is not None and node.own_link
 
     def readlink(self, ino: int) -> str:
-        node = self._node_of(ino)
-        if node[0] == "latest":
-            return self._view(node[1]).names[-1]
-        if node[0] == "atlink":
-            return "../" + self._as_of(node[1], node[2])
-        if node[0] == "uuidlink":
-            self._view(node[1])
-            with self._lock:
-                return "../" + self._vm_dir[node[1]]
-        if node[0] == "fnode" and self.guest.entry(node).is_link:
-            return self.guest.readlink(node)
-        raise NotASymlink(str(ino))
+        return self._node_of(ino).readlink(self)
 
     def open(self, ino: int):
         """Something with read(offset, length) -> bytes. O(1) for disks."""
-        node = self._node_of(ino)
-        if node[0] == "disk":
-            return DiskReader(self.repo, self._point(node[1])[1], node[2])
-        if node[0] in ("json", "xml"):
-            return _Bytes(self._small_file(node), direct_io=node[0] == "json")
-        if node[0] == "fnode" and not self.guest.entry(node).is_dir:
-            return self.guest.open(node)
-        raise NoSuchEntry(str(ino))
+        return self._node_of(ino).open(self)
 
     # -- helpers -------------------------------------------------------------
 
-    def _children(self, node: tuple, name: str | None = None) -> list[tuple[str, tuple]]:
-        """A directory's (name, child node) pairs; with `name`, at least that
-        one if it exists (a lookup need not list a guest directory again)."""
-        kind, no = node[0], node[1]
-        _, point = self._point(no)
-        if kind == "point":
-            children = [(f"{d.target}.raw", ("disk", no, d.target)) for d in point.disks]
-            return children + [("point.json", ("json", no)), ("domain.xml", ("xml", no)), ("files", ("files", no))]
-        if kind == "files":
-            return [(d.target, ("fdisk", no, d.target)) for d in point.disks]
-        if kind == "fdisk":
-            volumes = self.guest.disk(point, node[2]).volumes()
-            return [(v.name, self.guest.root(point, node[2], v.name)[0]) for v in volumes
-                    if name is None or v.name == name]
-        entry = self.guest.entry(node)
-        if not entry.is_dir:
-            raise NotADirectory(entry.name)
-        listing = self.guest.children(node)
-        fs = self.guest.fs_of(node)
-        wanted = listing if name is None else ({name: listing[name]} if name in listing else {})
-        return [(n, self.guest.remember(fs, point, node[2], node[3], e)[0]) for n, e in wanted.items()]
-
-    def _listed(self, child: tuple) -> Attr:
+    def _listed(self, child: Node) -> Attr:
         """A child's attributes for a listing: a guest entry whose inode was
         not read yet gets only its type (a listing reads the directory alone)."""
         ino = self._inode(child)
-        entry = self.guest.remembered(child) if child[0] == "fnode" else None
+        entry = self._entry(child)
         if entry is None:
             return self.getattr(ino)
         if entry.known:
-            return _guest_attr(ino, entry)
+            return guest_attr(ino, entry)
         return Attr(ino, entry.type, 0, 0, 0.0, 0, 0, 1, known=False)
+
+    def _entry(self, node: Node | None):
+        """The guest entry (rpofs.files.filesystems.Entry) a node is, if seen
+        already, else None: takes no lock, and never makes the guest files."""
+        guest = self._guest
+        return guest.remembered(node) if guest is not None and node is not None else None
 
     def _as_of(self, uuid: str, text: str) -> str:
         """A point's name names it; any other time, its newest point at or before."""
@@ -414,20 +325,208 @@ class Tree:
             raise NoSuchEntry(f"no point of {uuid} at or before {text}")
         return best
 
-    def _small_file(self, node: tuple) -> bytes:
-        name, point = self._point(node[1])
-        if node[0] == "json":  # with what files/ shows of each disk, worked out once
-            with self._lock:
-                notes = self._notes.get(point.point)
-            if notes is None:
-                notes = self.guest.notes(point)
-                with self._lock:
-                    self._notes[point.point] = notes
-            return point_json(name, point, notes)
-        return self.repo.read_chunk(bytes.fromhex(point.domain_xml))
+    def _when(self, no: int) -> int:
+        """A point's time in ns: the mtime of everything in it."""
+        return self.point(no)[1].time_us * 1000
 
 
-def _guest_attr(ino: int, e) -> Attr:
+# -- the kinds of nodes --------------------------------------------------------
+
+class _OwnDir(Node):
+    """A directory of rpofs's own, as old as the mount."""
+    __slots__ = ()
+
+    def attr(self, tree: Tree, ino: int) -> Attr:
+        return Attr(ino, _DIR, 0, tree._mounted_at * 1000, VOLATILE_TTL)
+
+
+class _OwnLink(Node):
+    """latest, at/ and .by-uuid/ links, answered from memory."""
+    __slots__ = ()
+    own_link = True
+
+    def attr(self, tree: Tree, ino: int) -> Attr:
+        return Attr(ino, _LINK, len(self.readlink(tree)), tree._mounted_at * 1000, VOLATILE_TTL)
+
+
+@dataclass(frozen=True, slots=True)
+class Root(_OwnDir):
+    def children(self, tree: Tree, name: str | None = None) -> list[tuple[str, Node]]:
+        if name == BY_UUID:
+            return [(BY_UUID, ByUuid())]
+        tree._refresh()
+        with tree._lock:
+            vms = sorted(tree._vms.items()) if name is None else [(name, tree._vms.get(name))]
+        return [(BY_UUID, ByUuid())] + [(n, VmDir(v.uuid)) for n, v in vms if v is not None]
+
+
+@dataclass(frozen=True, slots=True)
+class ByUuid(_OwnDir):
+    def children(self, tree: Tree, name: str | None = None) -> list[tuple[str, Node]]:
+        if name is not None:
+            tree._view(name)  # raises NoSuchEntry for an unknown VM
+            return [(name, UuidLink(name))]
+        tree._refresh()
+        with tree._lock:
+            uuids = sorted(tree._vm_dir)
+        return [(u, UuidLink(u)) for u in uuids]
+
+
+@dataclass(frozen=True, slots=True)
+class UuidLink(_OwnLink):
+    uuid: str
+
+    def readlink(self, tree: Tree) -> str:
+        tree._view(self.uuid)
+        with tree._lock:
+            return "../" + tree._vm_dir[self.uuid]
+
+
+@dataclass(frozen=True, slots=True)
+class VmDir(Node):
+    uuid: str
+
+    def attr(self, tree: Tree, ino: int) -> Attr:
+        return Attr(ino, _DIR, 0, tree._view(self.uuid).points[-1].time_us * 1000, VOLATILE_TTL)
+
+    def children(self, tree: Tree, name: str | None = None) -> list[tuple[str, Node]]:
+        view = tree._view(self.uuid)
+        points = zip(view.names, view.points) if name is None else [(name, view.by_name.get(name))]
+        return ([("at", AtDir(self.uuid)), ("latest", Latest(self.uuid))]
+                + [(n, PointDir(p.point)) for n, p in points if p is not None])
+
+
+@dataclass(frozen=True, slots=True)
+class Latest(_OwnLink):
+    uuid: str
+
+    def readlink(self, tree: Tree) -> str:
+        return tree._view(self.uuid).names[-1]
+
+
+@dataclass(frozen=True, slots=True)
+class AtDir(_OwnDir):
+    """Lists nothing; any time names its newest point at or before it."""
+    uuid: str
+
+    def children(self, tree: Tree, name: str | None = None) -> list[tuple[str, Node]]:
+        if name is None:
+            return []
+        tree._as_of(self.uuid, name)  # raises NoSuchEntry if nothing is that old
+        return [(name, AtLink(self.uuid, name))]
+
+
+@dataclass(frozen=True, slots=True)
+class AtLink(_OwnLink):
+    uuid: str
+    text: str
+
+    def readlink(self, tree: Tree) -> str:
+        return "../" + tree._as_of(self.uuid, self.text)
+
+
+@dataclass(frozen=True, slots=True)
+class PointDir(Node):
+    point: int
+
+    def attr(self, tree: Tree, ino: int) -> Attr:  # its content never changes, but prune may remove it
+        return Attr(ino, _DIR, 0, tree._when(self.point), VOLATILE_TTL)
+
+    def children(self, tree: Tree, name: str | None = None) -> list[tuple[str, Node]]:
+        no = self.point
+        disks = [(f"{d.target}.raw", DiskImage(no, d.target)) for d in tree.point(no)[1].disks]
+        return disks + [("point.json", PointJson(no)), ("domain.xml", DomainXml(no)), ("files", FilesDir(no))]
+
+
+@dataclass(frozen=True, slots=True)
+class DiskImage(Node):
+    point: int
+    target: str
+
+    def attr(self, tree: Tree, ino: int) -> Attr:
+        _, p = tree.point(self.point)
+        stored = p.stats.get("disk_bytes", {}).get(self.target)  # so du shows what is stored
+        return Attr(ino, _FILE, p.disks[p.disk_index(self.target)].size, p.time_us * 1000, IMMUTABLE_TTL,
+                    stored=stored)
+
+    def open(self, tree: Tree) -> DiskReader:
+        return DiskReader(tree.repo, tree.point(self.point)[1], self.target)
+
+
+class _SmallFile(Node):
+    """A file made whole in memory: its content(tree)."""
+    __slots__ = ()
+    direct_io = False
+
+    def attr(self, tree: Tree, ino: int) -> Attr:
+        return Attr(ino, _FILE, len(self.content(tree)), tree._when(self.point), IMMUTABLE_TTL)
+
+    def open(self, tree: Tree) -> "_Bytes":
+        return _Bytes(self.content(tree), self.direct_io)
+
+
+@dataclass(frozen=True, slots=True)
+class PointJson(_SmallFile):
+    point: int
+    direct_io = True  # listed unsized (Attr.unsized)
+
+    def attr(self, tree: Tree, ino: int) -> Attr:
+        when = tree._when(self.point)
+        with tree._lock:
+            known = self.point in tree._notes
+        if not known:  # its size needs what files/ shows: not worked out to list or stat a point
+            return Attr(ino, _FILE, 0, when, 0.0, unsized=True)
+        return _SmallFile.attr(self, tree, ino)
+
+    def content(self, tree: Tree) -> bytes:
+        """With what files/ shows of each disk, worked out once."""
+        name, point = tree.point(self.point)
+        with tree._lock:
+            notes = tree._notes.get(point.point)
+        if notes is None:
+            notes = tree.guest.notes(point)
+            with tree._lock:
+                tree._notes[point.point] = notes
+        return point_json(name, point, notes)
+
+
+@dataclass(frozen=True, slots=True)
+class DomainXml(_SmallFile):
+    point: int
+
+    def content(self, tree: Tree) -> bytes:
+        return tree.repo.read_chunk(bytes.fromhex(tree.point(self.point)[1].domain_xml))
+
+
+@dataclass(frozen=True, slots=True)
+class FilesDir(Node):
+    point: int
+
+    def attr(self, tree: Tree, ino: int) -> Attr:
+        return Attr(ino, _DIR, 0, tree._when(self.point), IMMUTABLE_TTL)
+
+    def children(self, tree: Tree, name: str | None = None) -> list[tuple[str, Node]]:
+        return [(d.target, FilesDisk(self.point, d.target)) for d in tree.point(self.point)[1].disks]
+
+
+@dataclass(frozen=True, slots=True)
+class FilesDisk(Node):
+    """A disk's volumes, each the root GuestNode of its filesystem."""
+    point: int
+    target: str
+
+    def attr(self, tree: Tree, ino: int) -> Attr:
+        return Attr(ino, _DIR, 0, tree._when(self.point), IMMUTABLE_TTL)
+
+    def children(self, tree: Tree, name: str | None = None) -> list[tuple[str, Node]]:
+        _, point = tree.point(self.point)
+        volumes = tree.guest.disk(point, self.target).volumes()
+        return [(v.name, tree.guest.root(point, self.target, v.name)[0]) for v in volumes
+                if name is None or v.name == name]
+
+
+def guest_attr(ino: int, e) -> Attr:
+    """A guest entry's attributes (rpofs.files.filesystems.Entry)."""
     return Attr(ino, e.mode, e.size, e.mtime_ns, IMMUTABLE_TTL, e.uid, e.gid, e.nlink, e.atime_ns, e.ctime_ns)
 
 
