@@ -8,8 +8,13 @@
         point.json                     PointJson: the point record
         domain.xml                     DomainXml: the VM definition captured with the point
         files/<disk>/<volume>/         FilesDir, FilesDisk, GuestNode: the guest's files (rpofs.files.guest)
-    /<vm>/at/<any time> -> ../<time>   AtDir, AtLink: as-of, the newest point at or before it;
-                                       at/ lists nothing
+        apps/<app>/<file>              AppsDir, AppDir, AppFile: the applications as the point holds
+                                       them (a VM with apps only; rpofs.apps.view)
+    /<vm>/<time>/                      AppPointDir: one per app point (a shipment of an app's log,
+                                       docs/APPS.md): its base block point's disks, domain.xml and
+                                       files/, its own point.json (AppPointJson), and apps/ as of it
+    /<vm>/at/<any time> -> ../<time>   AtDir, AtLink: as-of, the newest point of either kind at or
+                                       before it; at/ lists nothing
     /.by-uuid/<vm uuid> -> ../<vm>     ByUuid, UuidLink: a path that names the same VM however
                                        names clash or VMs are renamed (a recovered VM's overlays
                                        name their backing file through it, with the point's time
@@ -32,7 +37,7 @@ from dataclasses import dataclass, field
 from ..errors import BadTime, RpofsError
 from ..store.materialize import DiskReader
 from ..store.repo import Repository
-from ..store.schema import PointRecord
+from ..store.schema import PointRecord, ShipRecord
 from ..timefmt import US, format_time, parse_as_of, point_names
 
 ROOT_INO = 1
@@ -120,6 +125,28 @@ class _VmView:
     points: list[PointRecord] = field(default_factory=list)
     names: list[str] = field(default_factory=list)
     by_name: dict[str, PointRecord] = field(default_factory=dict)
+    # app points that can be read (a base), oldest first; those older than
+    # ships_stable_us do not change any more (relate.rebase changes only app
+    # points newer than the newest block point)
+    ships: list[ShipRecord] = field(default_factory=list)
+    ship_by_name: dict[str, ShipRecord] = field(default_factory=dict)
+    ships_stable_us: int = 0
+    has_apps: bool = False
+
+    def newest(self) -> tuple[str, int]:
+        """The newest point's name and time, of either kind."""
+        block = (self.names[-1], self.points[-1].time_us)
+        if self.ships and self.ships[-1].time_us > block[1]:
+            return self.ships[-1].name, self.ships[-1].time_us
+        return block
+
+    def take_ships(self, fresh: list[ShipRecord], since_us: int) -> None:
+        """Replace the app points from since_us on with `fresh` (readable ones)."""
+        keep = [s for s in self.ships if s.time_us < since_us]
+        for s in self.ships[len(keep):]:
+            self.ship_by_name.pop(s.name, None)
+        self.ships = keep + [s for s in fresh if s.base is not None]
+        self.ship_by_name.update((s.name, s) for s in self.ships)
 
     def extend(self, new: list[PointRecord]) -> int:
         """Append newer points; the index from which names were (re)made.
@@ -154,7 +181,21 @@ class Tree:
         self._mounted_at = int(time.time() * 1e6)
         self._pruned = repo.pruned_count()
         self._notes: dict[int, dict] = {}  # point -> point.json's "files"
+        self._ships: dict[int, ShipRecord] = {}  # app points by shipment number
         self._guest = None
+        self._apps = None
+
+    @property
+    def apps(self):
+        """The applications' files as of points (rpofs.apps.view), made when first used."""
+        apps = self._apps
+        if apps is None:
+            with self._lock:
+                if self._apps is None:
+                    from ..apps.view import AppViews
+                    self._apps = AppViews(self.repo, self.guest)
+                apps = self._apps
+        return apps
 
     @property
     def guest(self):
@@ -183,6 +224,7 @@ class Tree:
             if pruned != self._pruned:  # points were removed: read every list again
                 known, self._pruned = {}, pruned
                 self._points.clear()
+                self._ships.clear()
             views, dirs = {}, {}
             for uuid, name in vms:
                 view = known.get(uuid) or _VmView(uuid)
@@ -193,11 +235,30 @@ class Tree:
                         self._points[p.point] = (pname, p)
                 if not view.points:
                     continue
+                self._refresh_ships(view)
                 dirname = safe_name(name if names.count(name) == 1 else f"{name}.{uuid[:8]}", uuid)
                 views[dirname] = view
                 dirs[uuid] = dirname
             self._vms, self._vm_dir = views, dirs
             self._loaded_at = time.monotonic()
+
+    def _refresh_ships(self, view: _VmView) -> None:
+        """The VM's app points from where they may still change on."""
+        from ..apps import catalog
+        since = view.ships_stable_us
+        fresh = list(catalog.ships(self.repo, view.uuid, since_us=since))
+        view.take_ships(fresh, since)
+        view.ships_stable_us = view.points[-1].time_us
+        self._ships.update((s.ship, s) for s in fresh if s.base is not None)
+        view.has_apps = view.has_apps or bool(view.ships) or bool(catalog.apps(self.repo, view.uuid))
+
+    def ship(self, no: int) -> ShipRecord:
+        """An app point's record; NoSuchEntry once it is pruned."""
+        with self._lock:
+            found = self._ships.get(no)
+        if found is None:
+            raise NoSuchEntry(f"app point {no}")
+        return found
 
     def stored_bytes(self) -> int:
         """What the repository takes on disk: its packs and its catalog."""
@@ -308,19 +369,25 @@ class Tree:
         return guest.remembered(node) if guest is not None and node is not None else None
 
     def _as_of(self, uuid: str, text: str) -> str:
-        """A point's name names it; any other time, its newest point at or before."""
+        """A point's name names it; any other time, its newest point of
+        either kind (block or app) at or before."""
         view = self._view(uuid)
-        if text in view.by_name:
+        if text in view.by_name or text in view.ship_by_name:
             return text
         try:
             bound = parse_as_of(text)
         except BadTime:
             raise NoSuchEntry(text) from None
-        best = None
+        best, best_us = None, -1
         for name, p in zip(view.names, view.points):
             if p.time_us > bound:
                 break
-            best = name
+            best, best_us = name, p.time_us
+        for s in reversed(view.ships):
+            if s.time_us <= bound:
+                if s.time_us > best_us:
+                    best = s.name
+                break
         if best is None:
             raise NoSuchEntry(f"no point of {uuid} at or before {text}")
         return best
@@ -387,13 +454,15 @@ class VmDir(Node):
     uuid: str
 
     def attr(self, tree: Tree, ino: int) -> Attr:
-        return Attr(ino, _DIR, 0, tree._view(self.uuid).points[-1].time_us * 1000, VOLATILE_TTL)
+        return Attr(ino, _DIR, 0, tree._view(self.uuid).newest()[1] * 1000, VOLATILE_TTL)
 
     def children(self, tree: Tree, name: str | None = None) -> list[tuple[str, Node]]:
         view = tree._view(self.uuid)
         points = zip(view.names, view.points) if name is None else [(name, view.by_name.get(name))]
+        ships = view.ships if name is None else [view.ship_by_name.get(name)]
         return ([("at", AtDir(self.uuid)), ("latest", Latest(self.uuid))]
-                + [(n, PointDir(p.point)) for n, p in points if p is not None])
+                + [(n, PointDir(p.point)) for n, p in points if p is not None]
+                + [(s.name, AppPointDir(s.ship)) for s in ships if s is not None])
 
 
 @dataclass(frozen=True, slots=True)
@@ -401,7 +470,7 @@ class Latest(_OwnLink):
     uuid: str
 
     def readlink(self, tree: Tree) -> str:
-        return tree._view(self.uuid).names[-1]
+        return tree._view(self.uuid).newest()[0]
 
 
 @dataclass(frozen=True, slots=True)
@@ -434,8 +503,10 @@ class PointDir(Node):
 
     def children(self, tree: Tree, name: str | None = None) -> list[tuple[str, Node]]:
         no = self.point
-        disks = [(f"{d.target}.raw", DiskImage(no, d.target)) for d in tree.point(no)[1].disks]
-        return disks + [("point.json", PointJson(no)), ("domain.xml", DomainXml(no)), ("files", FilesDir(no))]
+        point = tree.point(no)[1]
+        disks = [(f"{d.target}.raw", DiskImage(no, d.target)) for d in point.disks]
+        apps = [("apps", AppsDir(no, 0))] if tree._view(point.vm).has_apps else []
+        return disks + [("point.json", PointJson(no)), ("domain.xml", DomainXml(no)), ("files", FilesDir(no))] + apps
 
 
 @dataclass(frozen=True, slots=True)
@@ -523,6 +594,102 @@ class FilesDisk(Node):
         volumes = tree.guest.disk(point, self.target).volumes()
         return [(v.name, tree.guest.root(point, self.target, v.name)[0]) for v in volumes
                 if name is None or v.name == name]
+
+
+@dataclass(frozen=True, slots=True)
+class AppPointDir(Node):
+    """An app point: its base block point's disks, domain.xml and files/,
+    its own point.json, and apps/ as of it."""
+    ship: int
+
+    def attr(self, tree: Tree, ino: int) -> Attr:
+        return Attr(ino, _DIR, 0, tree.ship(self.ship).time_us * 1000, VOLATILE_TTL)
+
+    def children(self, tree: Tree, name: str | None = None) -> list[tuple[str, Node]]:
+        ship = tree.ship(self.ship)
+        base = tree.point(ship.base)[1]
+        disks = [(f"{d.target}.raw", DiskImage(base.point, d.target)) for d in base.disks]
+        return disks + [("point.json", AppPointJson(self.ship)), ("domain.xml", DomainXml(base.point)),
+                        ("files", FilesDir(base.point)), ("apps", AppsDir(base.point, self.ship))]
+
+
+@dataclass(frozen=True, slots=True)
+class AppPointJson(Node):
+    ship: int
+
+    def content(self, tree: Tree) -> bytes:
+        from ..apps.view import app_point_json
+        ship = tree.ship(self.ship)
+        return (json.dumps(app_point_json(ship, tree.point(ship.base)[1]), indent=2) + "\n").encode()
+
+    def attr(self, tree: Tree, ino: int) -> Attr:
+        return Attr(ino, _FILE, len(self.content(tree)), tree.ship(self.ship).time_us * 1000, IMMUTABLE_TTL)
+
+    def open(self, tree: Tree) -> "_Bytes":
+        return _Bytes(self.content(tree))
+
+
+@dataclass(frozen=True, slots=True)
+class AppsDir(Node):
+    """The VM's applications as of a point: a block point (ship 0) or an app point."""
+    point: int   # the block point (an app point's base)
+    ship: int    # 0: the block point itself
+
+    def when(self, tree: Tree) -> int:
+        return tree.ship(self.ship).time_us if self.ship else tree.point(self.point)[1].time_us
+
+    def attr(self, tree: Tree, ino: int) -> Attr:
+        return Attr(ino, _DIR, 0, self.when(tree) * 1000, IMMUTABLE_TTL)
+
+    def children(self, tree: Tree, name: str | None = None) -> list[tuple[str, Node]]:
+        apps = tree.apps.apps(tree.point(self.point)[1].vm)
+        return [(a.name, AppDir(self.point, self.ship, a.name)) for a in apps if name is None or a.name == name]
+
+
+@dataclass(frozen=True, slots=True)
+class AppDir(Node):
+    """One application's files as of the point (rpofs.apps.view)."""
+    point: int
+    ship: int
+    app: str
+
+    def files(self, tree: Tree) -> dict:
+        base = tree.point(self.point)[1]
+        app = next((a for a in tree.apps.apps(base.vm) if a.name == self.app), None)
+        if app is None:
+            raise NoSuchEntry(self.app)
+        if not self.ship:
+            return tree.apps.view(base.vm, base, None, app)
+        ship = tree.ship(self.ship)
+        return tree.apps.at(base.vm, base, ship.time_us, app, own=ship)
+
+    def attr(self, tree: Tree, ino: int) -> Attr:
+        return Attr(ino, _DIR, 0, AppsDir(self.point, self.ship).when(tree) * 1000, IMMUTABLE_TTL)
+
+    def children(self, tree: Tree, name: str | None = None) -> list[tuple[str, Node]]:
+        return [(n, AppFile(self.point, self.ship, self.app, n)) for n in self.files(tree)
+                if name is None or n == name]
+
+
+@dataclass(frozen=True, slots=True)
+class AppFile(Node):
+    point: int
+    ship: int
+    app: str
+    name: str
+
+    def _file(self, tree: Tree):
+        found = AppDir(self.point, self.ship, self.app).files(tree).get(self.name)
+        if found is None:
+            raise NoSuchEntry(self.name)
+        return found
+
+    def attr(self, tree: Tree, ino: int) -> Attr:
+        return Attr(ino, _FILE, self._file(tree).size, AppsDir(self.point, self.ship).when(tree) * 1000,
+                    IMMUTABLE_TTL)
+
+    def open(self, tree: Tree):
+        return self._file(tree).reader
 
 
 def guest_attr(ino: int, e) -> Attr:
