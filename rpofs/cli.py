@@ -92,7 +92,9 @@ def _parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("cp", help="copy a guest file out of a recovery point, without a mount",
                        description="SOURCE is VM@TIME:DISK/VOLUME/PATH, TIME as in the mount's at/ "
-                       "(or 'latest'), VOLUME a partition number or 0 for a whole-disk filesystem.")
+                       "(or 'latest'), VOLUME a partition number or 0 for a whole-disk filesystem; or "
+                       "VM@TIME:apps/APP/FILE, an application's file as of TIME (its newest app point "
+                       "or block point at or before it, as in the mount's apps/; docs/APPS.md).")
     c.add_argument("source", metavar="SOURCE")
     c.add_argument("dest", metavar="DEST")
     c.add_argument("-r", "--recursive", action="store_true", help="copy a directory and what it holds")

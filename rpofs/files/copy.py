@@ -1,6 +1,7 @@
 """`rpofs cp VM@TIME:DISK/VOLUME/PATH DEST`: a guest file (or, with -r, a
 directory) out of a recovery point, without a mount, through the same reader
-as the mount's files/."""
+as the mount's files/. `VM@TIME:apps/APP/FILE` (or `apps/APP` with -r): an
+application's file as of TIME, as the mount's apps/ shows it (rpofs.apps)."""
 
 import os
 import stat
@@ -32,6 +33,8 @@ def copy_out(repo: Repository, source: str, dest: str, recursive: bool = False, 
     """Copy; the number of files written. An existing DEST (or DEST/NAME when
     DEST is a directory) is refused unless force, as `rpofs restore` does."""
     vm, when, parts = parse_source(source)
+    if parts[0] == "apps":
+        return _copy_app(repo, source, vm, when, parts[1:], dest, recursive, force)
     point = repo.point_at(vm, when)
     disk, volume, path = parts[0], parts[1], parts[2:]
     if disk not in [d.target for d in point.disks]:
@@ -55,6 +58,44 @@ def copy_out(repo: Repository, source: str, dest: str, recursive: bool = False, 
     if os.path.lexists(dest) and not force:
         raise RpofsError(f"{dest} exists (--force to replace it)")
     return _copy(guest, point, key, entry, dest)
+
+
+def _copy_app(repo: Repository, source: str, vm: str, when: str, parts: list[str], dest: str,
+              recursive: bool, force: bool) -> int:
+    """apps/APP/FILE (or apps/APP with -r) as of `when`: the point at/ would
+    name, walked through the mount's own tree (rpofs.mount.vfs), without a mount."""
+    from ..mount.vfs import AppDir, NoSuchEntry, Tree, VmDir
+    tree = Tree(repo)
+    uuid, _ = repo.find_vm(vm)
+    try:
+        node = VmDir(uuid).lookup(tree, tree.as_of(uuid, when))
+        node = node.lookup(tree, "apps")
+        for name in parts:
+            node = node.lookup(tree, name)
+    except NoSuchEntry as e:
+        raise RpofsError(f"{source}: no such app file ({e})") from None
+    files = [node] if not isinstance(node, AppDir) else [child for _, child in node.children(tree)]
+    if isinstance(node, AppDir) and not recursive:
+        raise RpofsError(f"{source} is a directory: copy it with -r")
+    if isinstance(node, AppDir):
+        os.makedirs(dest, exist_ok=True)
+    written = 0
+    for f in files:
+        target = os.path.join(dest, f.name) if os.path.isdir(dest) else dest
+        parent = os.path.dirname(os.path.abspath(target))
+        if not os.path.isdir(parent):
+            raise RpofsError(f"{parent}: no such directory")
+        if os.path.lexists(target):
+            if not force:
+                raise RpofsError(f"{target} exists (--force to replace it)")
+            _make_room(target, False)
+        reader, size = f.open(tree), f.attr(tree, 0).size
+        with open(target + ".part", "wb") as out:
+            for offset in range(0, size, COPY_BLOCK):
+                out.write(reader.read(offset, min(COPY_BLOCK, size - offset)))
+        os.rename(target + ".part", target)
+        written += 1
+    return written
 
 
 def _make_room(dest: str, is_dir: bool) -> None:

@@ -368,6 +368,10 @@ class Tree:
         guest = self._guest
         return guest.remembered(node) if guest is not None and node is not None else None
 
+    def as_of(self, uuid: str, text: str) -> str:
+        """The name of the point `text` names in at/ ("latest": the newest)."""
+        return self._view(uuid).newest()[0] if text == "latest" else self._as_of(uuid, text)
+
     def _as_of(self, uuid: str, text: str) -> str:
         """A point's name names it; any other time, its newest point of
         either kind (block or app) at or before."""
