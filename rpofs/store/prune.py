@@ -17,6 +17,7 @@ removed log point's changes live on when a later kept point still reads them.
 """
 
 import bisect
+import dataclasses
 import datetime
 import uuid as uuidlib
 from dataclasses import dataclass, field
@@ -161,10 +162,16 @@ def _drop_ships(repo, txn, vm: str, kept: set[int], newest_us: int) -> int:
     needed = {}
     for s in stays:
         needed[s.app] = min(needed.get(s.app, s.reads_from or s.time_us), s.reads_from or s.time_us)
-    gone = [s for s in ships if s not in stays and not s.time_us >= needed.get(s.app, 1 << 63)]
-    for s in gone:
-        catalog.delete_ship(repo, txn, s)
-    return len(gone)
+    for s in ships:
+        if s in stays:
+            continue
+        if s.time_us >= needed.get(s.app, 1 << 63):  # its bytes are read by a kept one: no point of its own
+            if s.base is not None:
+                catalog.put_ship(repo, txn, dataclasses.replace(
+                    s, base=None, chain=None, waiting="its base point was pruned (kept: later app points read it)"))
+        else:
+            catalog.delete_ship(repo, txn, s)
+    return sum(1 for s in ships if s.base is not None and s not in stays)
 
 
 def delete_prefix(cur, prefix: bytes) -> int:
