@@ -20,7 +20,7 @@ import uuid
 import pytest
 
 from guestlab import Guest, build_guest, guest_run
-from rpofs.apps import catalog, guestio
+from rpofs.apps import catalog
 from rpofs.apps.shipper import Shipper
 from rpofs.ingest.config import AppConfig
 from rpofs.store.prune import Retention, prune

@@ -27,6 +27,13 @@ class ShipResult(NamedTuple):
     bytes: int
 
 
+class _Previous(NamedTuple):
+    base: int | None
+    chain: int | None
+    reads_from: int
+    streams: tuple      # the app's streams after it
+
+
 def locate(dom: Domain, path: str) -> dict:
     """Where a guest path's filesystem is in the block points: the
     mountpoint holding it (the agent's guest-get-fsinfo), the disk and the
@@ -54,11 +61,13 @@ class Shipper:
         self.repo, self.dom, self.vm, self.vm_name = repo, dom, vm, vm_name
         self.files = relate.PointFiles(repo)
         self._newest_base: int | None = None
+        self._previous: dict[str, _Previous] = {}   # per app: its last app point, as this shipper made it
 
     def ship(self, app: AppConfig) -> ShipResult:
         """One round of one app. AgentUnavailable when the agent does not
         answer: nothing is recorded, the streams stay where they were."""
         record = self._record(app)
+        before = record.streams
         paths = [app.path + "-wal"] if app.kind == "sqlite" else guestio.glob(self.dom, app.path)
         step = wal_round if app.kind == "sqlite" else file_round
         pieces, restarts, streams, lineage = [], [], dict((s.path, s) for s in record.streams), record.next_lineage
@@ -82,13 +91,21 @@ class Shipper:
                 with self.repo.write_txn() as txn:
                     catalog.put_app(self.repo, txn, self.vm, record)
             return ShipResult(app.name, None, restarts, 0)
-        pending = [relate.StreamPiece(p.file.path, p.file.lineage, p.file.generation, p.file.offset, p.file.length,
-                                      time_us, lambda data=p.data: data) for p in pieces]
-        relation = relate.relate(self.repo, self.files, record, self._candidates(app, time_us), time_us,
-                                 pending, self.vm)
+        candidates = self._candidates(app, time_us)
+        previous = self._previous.get(app.name)
+        if (not restarts and previous is not None and previous.base is not None and candidates
+                and candidates[0].point == previous.base and previous.streams == before):
+            # the streams went on from where the previous app point left them, over the same base:
+            # it continues them as it did (the common case, without reading the base again)
+            relation = relate.Relation(previous.base, previous.chain, "", previous.reads_from)
+        else:
+            pending = [relate.StreamPiece(p.file.path, p.file.lineage, p.file.generation, p.file.offset,
+                                          p.file.length, time_us, lambda data=p.data: data) for p in pieces]
+            relation = relate.relate(self.repo, self.files, record, candidates, time_us, pending, self.vm)
         size = sum(len(p.data) for p in pieces)
         made = catalog.commit(self.repo, self.vm, record, [(p.file, p.data) for p in pieces], time_us,
                               relation, {"bytes": size})
+        self._previous[app.name] = _Previous(made.base, made.chain, made.reads_from, record.streams)
         self.rebase(record)
         return ShipResult(app.name, made, restarts, size)
 
