@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from rpofs.ingest.config import ConfigError, load
+from rpofs.ingest.config import AppConfig, ConfigError, load
 from rpofs.store.prune import Retention
 
 pytestmark = pytest.mark.pure
@@ -49,6 +49,14 @@ def test_the_example_parses():
     ('[vm.db1]\ndefrag_interval = "often"', "vm.db1.defrag_interval", "expected a duration"),
     ('[ingest]\nverify_interval = "daily"', "ingest.verify_interval", "expected a duration"),
     ('[ingest]\nverify_read_mib = 0', "ingest.verify_read_mib", "integer >= 1"),
+    ('[vm.db1.apps.o]\nkind = "postgres"\npath = "/x"', "vm.db1.apps.o.kind", "expected one of sqlite, files"),
+    ('[vm.db1.apps.o]\nkind = "sqlite"', "vm.db1.apps.o.path", "absolute guest path"),
+    ('[vm.db1.apps.o]\npath = "/data/*.db"', "vm.db1.apps.o.path", "one database, not a glob"),
+    ('[vm.db1.apps.o]\nkind = "files"\npath = "/logs/*/a.log"', "vm.db1.apps.o.path", "file name only"),
+    ('[vm.db1.apps.o]\nkind = "files"\npath = "/logs/$(reboot)"', "vm.db1.apps.o.path", "plain characters"),
+    ('[vm.db1.apps.o]\npath = "/x"\ninterval = "now"', "vm.db1.apps.o.interval", "expected a duration"),
+    ('[vm.db1.apps.o]\npath = "/x"\ntable = "t"', "vm.db1.apps.o.table", "unknown key"),
+    ('[vm.db1.apps."a b"]\npath = "/x"', "vm.db1.apps.a b", "an app's name"),
     ("[ingest\n", "", "not valid TOML"),
 ])
 def test_mistakes_name_file_and_key(tmp_path, text, where, what):
@@ -57,6 +65,16 @@ def test_mistakes_name_file_and_key(tmp_path, text, where, what):
     with pytest.raises(ConfigError) as e:
         load(str(path))
     assert str(e.value).startswith(f"{path}: {where}") and what in str(e.value)
+
+
+def test_apps_are_read_per_vm(tmp_path):
+    path = tmp_path / "rpofs.toml"
+    path.write_text('[ingest]\nmax_agent_calls = 3\n[vm.db1.apps.orders]\npath = "/data/db.sqlite"\n'
+                    '[vm.db1.apps.journal]\nkind = "files"\npath = "/logs/*.log"\ninterval = "2s"\n')
+    cfg = load(str(path))
+    assert cfg.max_agent_calls == 3 and cfg.defaults.apps == ()
+    assert cfg.policy("db1", "").apps == (AppConfig("orders", "sqlite", "/data/db.sqlite", 1.0),
+                                           AppConfig("journal", "files", "/logs/*.log", 2.0))
 
 
 def test_cli_refuses_a_bad_config_in_one_line(tmp_path):

@@ -49,7 +49,7 @@ class AppConfig:
 
 _APP_KINDS = ("sqlite", "files")
 # what a path may hold: it reaches the guest's /bin/sh for a glob (rpofs.apps.guestio)
-_GUEST_PATH = re.compile(r"^/[A-Za-z0-9_.,+@%=:/-]*[A-Za-z0-9_.,+@%=:*?\[\]-]*$")
+_GUEST_PATH = re.compile(r"^/[A-Za-z0-9_.,+@%=:/*?\[\]-]*$")
 
 
 @dataclass(frozen=True)
