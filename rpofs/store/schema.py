@@ -125,7 +125,7 @@ Every read verifies what it returns against the key. All-zero data is never
 stored.
 
 Encryption (optional, chosen at init: `rpofs init --encrypt`)
-    An encrypted repository is format 4 with meta/encryption present; every
+    An encrypted repository is format 5 with meta/encryption present; every
     other byte layout above holds, with these differences. rpofs.store.crypto
     implements all of it; nothing else imports `cryptography`.
     Key record  meta/encryption, JSON: {"version": 1, "repository": 16 random
