@@ -181,11 +181,12 @@ Encryption (optional, chosen at init: `rpofs init --encrypt`)
                 record starts 28 x (i + 1) bytes later than its plaintext
                 place. ChunkReader.record_len is the one function callers
                 use (gc, defrag, materialize's runs, upgrade's room check).
-    Catalog values  `points` and `vms` values (they hold VM names, disks,
-                XML keys) are sealed units under the catalog subkey, AAD =
+    Catalog values  `points`, `vms`, `apps` and `ships` values (they hold VM
+                names, disks, XML keys, guest paths) are sealed units under
+                the catalog subkey, AAD =
                 the sub-database's name | 0x00 | the LMDB key: a value
                 moved to another entry fails. Everything else stays in
-                clear: LMDB keys (VM uuids, point numbers, times, chains,
+                clear: LMDB keys (VM uuids, point numbers, times, chains, app names,
                 disk and block numbers), `full_index` values (keyed chunk
                 keys), `log_index` and `chunks` values (places and plaintext
                 lengths), meta's counters. So the catalog shows how many
