@@ -23,6 +23,7 @@ from guestlab import Guest, build_guest, guest_run
 from rpofs.apps import catalog
 from rpofs.apps.shipper import Shipper
 from rpofs.ingest.config import AppConfig
+from rpofs.store.crypto import Passphrase
 from rpofs.store.prune import Retention, prune
 from rpofs.store.repo import Repository
 from rpofs.store.verify import verify
@@ -53,10 +54,10 @@ class Run:
     """One guest, one repository, and what the guest had acknowledged when
     each shipment began (the floor of what it must hold)."""
 
-    def __init__(self, tmp_path, guest: Guest):
+    def __init__(self, tmp_path, guest: Guest, encrypted: bool = False):
         self.guest, self.repo_path = guest, tmp_path / "repo"
-        run_rpofs("init", repo=self.repo_path)
-        self.repo = Repository.open(str(self.repo_path))
+        run_rpofs("init", *(["--encrypt"] if encrypted else []), repo=self.repo_path)
+        self.repo = Repository.open(str(self.repo_path), keys=Passphrase(lambda: os.environ.get("RPOFS_PASSPHRASE")))
         self.conn = Connection("qemu:///system")
         self.dom = self.conn.domain(guest.name)
         self.uuid = self.dom.info().uuid
@@ -85,11 +86,14 @@ class Run:
         self.conn.close()
 
 
-@pytest.fixture
-def shipping(tmp_path):
+@pytest.fixture(params=[False], ids=["plain"])
+def shipping(tmp_path, request, monkeypatch):
+    """A guest and a repository: encrypted when the test asks (indirect params)."""
     build_guest()
+    if request.param:
+        monkeypatch.setenv("RPOFS_PASSPHRASE", "app logs sealed")
     with Guest(f"rpofs-app-{uuid.uuid4().hex[:8]}", tmp_path / "guest", interval=0.05) as g:
-        run = Run(tmp_path, g)
+        run = Run(tmp_path, g, encrypted=request.param)
         try:
             yield run
         finally:
@@ -209,6 +213,7 @@ def _answers(dom) -> bool:
         return False
 
 
+@pytest.mark.parametrize("shipping", [False, True], ids=["plain", "encrypted"], indirect=True)
 def test_prune_and_verify_with_app_points(shipping, tmp_path):
     run = shipping
     wait_for(lambda: run.guest.progress() >= 3, timeout=30, what="the guest's first rows")
