@@ -28,7 +28,7 @@ from rpofs.store.prune import Retention, prune
 from rpofs.store.repo import Repository
 from rpofs.store.verify import verify
 from rpofs.virt.client import AgentUnavailable, Connection
-from vmlab import RPOFS, mounted, run_rpofs, wait_for
+from vmlab import RPOFS, TestVM, mounted, run_rpofs, wait_for
 
 pytestmark = pytest.mark.libvirt
 
@@ -279,3 +279,41 @@ def test_the_ingester_ships_every_interval(tmp_path):
             assert max(gaps) < 3.0, gaps  # about one a second (a round with no new row records none)
         finally:
             r.close()
+
+
+def test_a_vm_without_an_agent_is_said_once_and_backed_off(tmp_path):
+    """No guest agent (a VM with no OS): the app's status says so, the
+    daemon warns once and backs off; the block backups go on."""
+    disk = tmp_path / "vda.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "16M"], check=True)
+    vm = TestVM(f"rpofs-noagent-{uuid.uuid4().hex[:8]}", [(str(disk), "qcow2")])
+    try:
+        repo = tmp_path / "repo"
+        run_rpofs("init", repo=repo)
+        config = tmp_path / "rpofs.toml"
+        config.write_text(f'[ingest]\nvms = ["{vm.name}"]\n[vm.{vm.name}]\nlog_interval = "2s"\n'
+                          f'[vm.{vm.name}.apps.orders]\npath = "/data/db.sqlite"\ninterval = "200ms"\n')
+        log_path = tmp_path / "ingest.log"
+        with open(log_path, "ab") as out:
+            daemon = subprocess.Popen(RPOFS + ["--repo", str(repo), "ingest", "--config", str(config)],
+                                      stdout=out, stderr=out)
+        try:
+            def no_agent():
+                status = json.loads(run_rpofs("status", "--json", repo=repo).stdout)
+                vms = [v for v in status["vms"] if v["name"] == vm.name]
+                return vms and vms[0]["points"] >= 3
+            wait_for(no_agent, timeout=60, what="3 block points")
+            status = json.loads(run_rpofs("status", "--json", repo=repo).stdout)
+            app = next(v for v in status["vms"] if v["name"] == vm.name)["apps"][0]
+            assert app["name"] == "orders" and app["state"] == "no agent" and "agent" in app["last_error"]
+            assert "app orders" in run_rpofs("status", repo=repo).stdout
+            r = run_rpofs("ship", vm.name, "--config", config, repo=repo, check=False)
+            assert r.returncode == 1 and r.stderr.count("\n") == 1 and "agent" in r.stderr, r.stderr
+        finally:
+            daemon.terminate()
+            assert daemon.wait(timeout=60) == 0, log_path.read_text()
+        text = log_path.read_text()
+        assert text.count("event=app-no-agent") == 1 and "Traceback" not in text, text
+        assert "event=ship-failed" not in text, text
+    finally:
+        vm.destroy()

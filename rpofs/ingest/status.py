@@ -4,6 +4,7 @@ joined with what the running ingester reports (state, next run, last error)."""
 import json
 import os
 import time
+from typing import NamedTuple
 
 from ..store import verify
 from ..store.repo import Repository
@@ -91,12 +92,21 @@ def gather(repo: Repository) -> dict:
     return {"ingester": {"running": ingester["running"], "pid": ingester.get("pid")}, "vms": vms}
 
 
+class _Unrecorded(NamedTuple):
+    """An app the ingester runs that has no record yet (never reached its guest)."""
+    name: str
+    kind: str
+    path: str
+
+
 def _apps(repo: Repository, uuid: str, live: dict, now_us: float) -> list[dict]:
     """Per app: the catalog's newest app point (and whether it has a base),
     joined with the ingester's view (state, rounds, errors)."""
     from ..apps import catalog
     out = []
-    for app in catalog.apps(repo, uuid):
+    known = {a.name: a for a in catalog.apps(repo, uuid)}
+    for name in sorted(set(known) | set(live)):
+        app = known.get(name) or _Unrecorded(name, live[name].get("kind", ""), "")
         newest = next(catalog.ships(repo, uuid, app=app.name, newest_first=True), None)
         readable = next((s for s in catalog.ships(repo, uuid, app=app.name, newest_first=True)
                          if s.base is not None), None)
@@ -147,7 +157,7 @@ def render(report: dict) -> str:
                      + (_verify_text(v["verify"]) if "verify" in v else ""))
         for a in v.get("apps", []):
             age = f" ({a['age_seconds']:.1f}s ago)" if a["age_seconds"] is not None else ""
-            lines.append(f"  app {a['name']} ({a['kind']} {a['path']}): newest readable app point "
+            lines.append(f"  app {a['name']} ({' '.join(filter(None, (a['kind'], a['path'])))}): newest readable app point "
                          f"{a['newest_readable'] or '-'}{age}, {a['state']}"
                          + (f", waiting for a block point: {a['waiting']}" if a["waiting"] else "")
                          + (f", last error at {a['last_error_at']}: {a['last_error']}" if a["last_error"] else ""))

@@ -331,8 +331,10 @@ class Domain:
         except libvirt.libvirtError as e:
             code = e.get_error_code()
             text = e.get_error_message() or str(e)
+            # not answering, not connected yet, not configured (ARGUMENT_UNSUPPORTED), VM not running
             if code in (libvirt.VIR_ERR_AGENT_UNRESPONSIVE, libvirt.VIR_ERR_OPERATION_INVALID,
-                        libvirt.VIR_ERR_AGENT_UNSYNCED, libvirt.VIR_ERR_NO_DOMAIN):
+                        libvirt.VIR_ERR_AGENT_UNSYNCED, libvirt.VIR_ERR_NO_DOMAIN,
+                        libvirt.VIR_ERR_ARGUMENT_UNSUPPORTED, libvirt.VIR_ERR_OPERATION_TIMEOUT):
                 raise AgentUnavailable(f"{self.name}'s guest agent does not answer: {text}") from e
             raise AgentFileError(f"{self.name}'s guest agent: {command}: {text}") from e
         return json.loads(reply)["return"]
