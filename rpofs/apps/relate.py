@@ -27,6 +27,8 @@ import posixpath
 import threading
 from typing import Callable, NamedTuple
 
+from ..errors import RpofsError
+from ..files.guest import GuestFileError, GuestFiles
 from ..store.schema import AppRecord, PointRecord, StreamState
 from . import catalog, wal
 
@@ -83,12 +85,13 @@ class PointFiles:
     @property
     def guest(self):
         if self._guest is None:
-            from ..files.guest import GuestFiles
             self._guest = GuestFiles(self.repo)
         return self._guest
 
     def open(self, point: PointRecord, app: AppRecord, path: str):
-        """The guest file `path` as `point` holds it (read(offset, length), size), or None."""
+        """The guest file `path` as `point` holds it (read(offset, length), size),
+        or None when it is not there (or its filesystem cannot be read); damaged
+        repository data raises ChunkError (EIO through the mount)."""
         where = app.location
         if not where or where.get("disk") not in [d.target for d in point.disks]:
             return None
@@ -105,7 +108,7 @@ class PointFiles:
                 if name not in children:
                     return None
                 key, entry = guest.remember(guest.fs_of(key), point, where["disk"], where["volume"], children[name])
-        except Exception:
+        except GuestFileError:
             return None
         if entry.is_dir:
             return None
@@ -146,7 +149,7 @@ class PointFiles:
                     return []
                 key, entry = guest.remember(guest.fs_of(key), point, where["disk"], where["volume"], children[name])
             return [n for n, e in guest.children(key).items() if not e.is_dir]
-        except Exception:
+        except GuestFileError:
             return []
 
 
@@ -253,7 +256,10 @@ def relate(repo, files: PointFiles, app: AppRecord, candidates: list[PointRecord
     for point in candidates:
         since = point.time_us - LOOKBACK_US
         stored = stored_pieces(repo, catalog.ships(repo, vm, since_us=since, until_us=time_us, app=app.name))
-        found = continues(files, point, app, app.streams, stored + pending, time_us)
+        try:
+            found = continues(files, point, app, app.streams, stored + pending, time_us)
+        except RpofsError as e:  # the point's copy cannot be read (damaged): it is no base
+            found = Continuity(False, reason=f"its copy cannot be read: {e}")
         if found.ok:
             return Relation(point.point, point.chain, "", found.reads_from)
         reasons.append(f"point {point.name}: {found.reason}")

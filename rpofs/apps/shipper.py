@@ -157,7 +157,10 @@ class Shipper:
             pieces = relate.stored_pieces(self.repo, catalog.ships(self.repo, self.vm,
                                                                    since_us=newest.time_us - relate.LOOKBACK_US,
                                                                    until_us=ship.time_us, app=record.name))
-            found = relate.continues(self.files, newest, state, state.streams, pieces, ship.time_us)
+            try:
+                found = relate.continues(self.files, newest, state, state.streams, pieces, ship.time_us)
+            except RpofsError:
+                continue  # its copy cannot be read: it is no base
             if found.ok:
                 changed.append(dataclasses.replace(ship, base=newest.point, chain=newest.chain, waiting="",
                                                    reads_from=found.reads_from))
