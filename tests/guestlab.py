@@ -5,7 +5,10 @@ Also readers of that state from a raw disk image, without mounting it.
 
 What the workload guarantees (see tools/mkguest): the log holds 1..L, the
 database 1..M, with L == M or L == M + 1 (the log line is fsynced before the
-row is inserted), and both hold the same t for the same n."""
+row is inserted), and both hold the same t for the same n. A connection to
+/seq.db stays open for the guest's life, so its WAL (/seq.db-wal) persists
+and grows a frame per row until SQLite's auto-checkpoint or a
+Guest.wal_checkpoint() restarts it, as under a real database application."""
 
 import base64
 import contextlib
@@ -42,7 +45,10 @@ def build_guest() -> dict:
 class Guest:
     """The test guest as a transient domain `name`, its disks qcow2 overlays in
     `workdir` (log.qcow2 = vda, db.qcow2 = vdb) over the read-only base images,
-    its serial console in workdir/console.log. Entering waits for the agent."""
+    its serial console in workdir/console.log. Entering waits for the agent.
+    reboot() power-cycles it on the same overlays (a guest reboot after a
+    power cut: the workload carries on from its disks); wal_checkpoint()
+    checkpoints its database from a second connection, as an admin would."""
 
     __test__ = False
 
@@ -57,6 +63,7 @@ class Guest:
         self.db_disk = self.workdir / "db.qcow2"
         self.console = self.workdir / "console.log"
         self.conn = self.dom = None
+        self.reboots = 0
 
     def __enter__(self):
         try:
@@ -76,13 +83,17 @@ class Guest:
             f"<disk type='file' device='disk'><driver name='qemu' type='qcow2'/>"
             f"<source file={quoteattr(str(path))}/><target dev='{dev}' bus='virtio'/></disk>"
             for dev, path in (("vda", self.log_disk), ("vdb", self.db_disk)))
-        # TCG with qemu64: this machine's /dev/kvm (nested) cannot boot Debian's kernel
+        # TCG with qemu64: this machine's /dev/kvm (nested) cannot boot Debian's kernel.
+        # ACPI for its PM timer: against it the kernel calibrates the TSC, and the
+        # guest's clock keeps to the host's; without, it counts timer ticks, which
+        # TCG on a busy host loses (seconds behind within a minute of booting).
         return f"""<domain type='qemu'>
   <name>{escape(self.name)}</name><uuid>{uuid.uuid4()}</uuid>
   <memory unit='MiB'>{self.memory_mib}</memory><vcpu>1</vcpu>
   <os><type arch='x86_64'>hvm</type>
     <kernel>{escape(m['vmlinuz'])}</kernel><initrd>{escape(m['initrd'])}</initrd>
     <cmdline>{escape(cmdline)}</cmdline></os>
+  <features><acpi/></features>
   <cpu mode='custom' match='exact'><model fallback='forbid'>qemu64</model></cpu>
   <on_poweroff>destroy</on_poweroff><on_reboot>destroy</on_reboot><on_crash>destroy</on_crash>
   <devices>{disks}
@@ -99,8 +110,36 @@ class Guest:
             subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", base,
                             str(overlay)], check=True)
         self.conn = libvirt.open(URI)
-        self.dom = self.conn.createXML(self.xml(), 0)
+        self.started_xml = self.xml()
+        self.dom = self.conn.createXML(self.started_xml, 0)
         self.booted_in = self.wait_agent(self.boot_timeout)
+
+    def reboot(self) -> None:
+        """Power off at once (like pulling the plug) and boot again on the same
+        overlays, from the same XML; waits for the agent (booted_in is this
+        boot's). The workload first completes the row the power cut may have
+        left out of the database, then carries on after the log's last entry.
+        console.log is this boot's (progress() is 0 until its first row); the
+        previous boots' are kept as console-1.log, console-2.log, ... (virtlogd,
+        which writes console.log, deletes console.log.N when it opens it)."""
+        self.dom.destroy()
+        self.reboots += 1
+        with contextlib.suppress(FileNotFoundError):
+            self.console.replace(self.workdir / f"console-{self.reboots}.log")
+        self.dom = self.conn.createXML(self.started_xml, 0)
+        self.booted_in = self.wait_agent(self.boot_timeout)
+
+    def wal_checkpoint(self, mode: str = "RESTART") -> str:
+        """`PRAGMA wal_checkpoint(mode)` on the guest's /data/db/seq.db, run
+        through the agent by sqlite3 in the guest: a second connection beside
+        the workload's, as an admin would (it waits up to 10 s for a lock).
+        Its output, "busy|log|checkpointed" (frames): "0|n|n" when the whole
+        WAL went into the database; after RESTART (or TRUNCATE) the next
+        row then starts the WAL afresh, with new salts."""
+        if mode.upper() not in ("PASSIVE", "FULL", "RESTART", "TRUNCATE"):
+            raise ValueError(f"no such checkpoint mode: {mode!r}")
+        return guest_run(self.dom, "/usr/bin/sqlite3", "-cmd", ".timeout 10000", "/data/db/seq.db",
+                         f"PRAGMA wal_checkpoint({mode.upper()})").strip()
 
     def agent(self, command: str, arguments: dict | None = None, timeout: int = 5):
         """One guest agent command; its "return" value."""
