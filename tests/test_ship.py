@@ -16,13 +16,10 @@ pytestmark = pytest.mark.pure
 
 
 class LocalFile:
-    """AgentFile's two calls over a host file."""
+    """AgentFile's read over a host file."""
 
     def __init__(self, path):
         self.path = path
-
-    def size(self):
-        return os.path.getsize(self.path)
 
     def read(self, offset, length):
         with open(self.path, "rb") as f:

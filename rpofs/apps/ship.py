@@ -61,27 +61,23 @@ def _restarted(old: wal.WalHeader, new: wal.WalHeader) -> bool:
 
 
 def wal_round(f: AgentFile, path: str, state: StreamState | None, new_lineage: int) -> FileRound:
-    """One round of a SQLite WAL file."""
-    size = f.size()
-    if size < wal.WAL_HEADER_SIZE:
-        return FileRound([], state)  # no WAL yet, or truncated: its next header says what it is
+    """One round of a SQLite WAL file: its header, then what follows the
+    stream's end (two reads), or the whole file for a generation not seen."""
     if state is not None:
-        head = f.read(0, wal.WAL_HEADER_SIZE)
-        header = wal.parse_header(head)
+        header = wal.parse_header(f.read(0, wal.WAL_HEADER_SIZE))
         if header is None:
-            return FileRound([], state)
+            return FileRound([], state)  # no WAL yet, or truncated: its next header says what it is
         if header.generation == state.generation:
-            if size <= state.offset:
-                return FileRound([], state)
-            data = f.read(state.offset, min(size - state.offset, ROUND_LIMIT))
+            data = f.read(state.offset, ROUND_LIMIT)
             found = wal.scan(header, data, state.offset, state.checksum)
             if found.end == state.offset:
                 return FileRound([], state)
             shipped = ShippedFile(path, state.lineage, state.generation, state.offset, found.end - state.offset)
             return FileRound([Piece(shipped, data[:found.end - state.offset])],
                              dataclasses.replace(state, offset=found.end, checksum=found.checksum))
-    # a generation not seen before: read the file from its start
-    data = f.read(0, min(size, ROUND_LIMIT))
+    # a generation not seen before: read the file from its start (past where the
+    # old one was shipped to, to ship its tail)
+    data = f.read(0, ROUND_LIMIT + (state.offset if state is not None else 0))
     header = wal.parse_header(data[:wal.WAL_HEADER_SIZE])
     if header is None:
         return FileRound([], state)
@@ -119,21 +115,21 @@ def wal_round(f: AgentFile, path: str, state: StreamState | None, new_lineage: i
 
 
 def file_round(f: AgentFile, path: str, state: StreamState | None, new_lineage: int) -> FileRound:
-    """One round of an append-only file."""
-    size = f.size()
+    """One round of an append-only file: the last bytes shipped and what
+    follows them (one read), or the file from its start."""
     restart = ""
     if state is None:
         state, restart = StreamState(path, new_lineage, "1", 0), "the first shipment"
-    elif size < state.offset:
-        state, restart = _next_generation(state), "the file got shorter (truncated or replaced)"
     elif state.offset:
         keep = min(TAIL, state.offset)
-        data = f.read(state.offset - keep, keep + min(size - state.offset, ROUND_LIMIT))
-        if data[:keep].hex() != state.tail:
+        data = f.read(state.offset - keep, keep + ROUND_LIMIT)
+        if len(data) < keep:
+            state, restart = _next_generation(state), "the file got shorter (truncated or replaced)"
+        elif data[:keep].hex() != state.tail:
             state, restart = _next_generation(state), "another file has the name (rotated)"
         else:
             return _appended(path, state, data[keep:])
-    return FileRound(*_appended(path, state, f.read(0, min(size, ROUND_LIMIT)) if size else b"")[:2], restart)
+    return FileRound(*_appended(path, state, f.read(0, ROUND_LIMIT))[:2], restart)
 
 
 def _next_generation(state: StreamState) -> StreamState:
