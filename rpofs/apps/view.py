@@ -99,8 +99,8 @@ class AppViews:
             batches.append(wal.FrameBatch(header, found.frames, _reader(copy)))
             if header.generation in generations:
                 generations = generations[generations.index(header.generation):]
-            elif generations:
-                raise AppReadError(f"{name}: the shipments do not continue the base's WAL")
+            # else the base's copy holds all its generation shipped; the pieces (of the
+            # app point's lineage, which relate found the base's generation in) are later ones
         for generation in generations:
             mine = sorted((p for p in pieces if p.generation == generation), key=lambda p: p.offset)
             start = found.end if header is not None and generation == header.generation else 0

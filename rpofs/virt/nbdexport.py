@@ -1,6 +1,7 @@
 """libnbd, and only here: reading one disk of a running backup job, and
 writing a restored disk into a qcow2 image."""
 
+import errno
 import os
 import shutil
 import subprocess
@@ -109,8 +110,7 @@ class ImageWriter:
             else:
                 raise VirtError(f"cannot open {path} through qemu-nbd: {self._error}")
             for _ in range(connections):
-                h = nbd.NBD()
-                h.connect_unix(self._socket)
+                h = self._connect()
                 self._handles.append(h)
                 self._idle.put(h)
         except nbd.Error as e:
@@ -119,6 +119,24 @@ class ImageWriter:
         except BaseException:
             self._stop()
             raise
+
+    def _connect(self) -> "nbd.NBD":
+        """One connection. qemu-nbd binds its socket before it listens: a
+        connect in between is refused (seen under load), so that is retried
+        for a while as long as qemu-nbd runs."""
+        deadline = time.monotonic() + 10
+        while True:
+            h = nbd.NBD()
+            try:
+                h.connect_unix(self._socket)
+                return h
+            except nbd.Error as e:
+                del h
+                # libnbd names the errno ("ECONNREFUSED"), it does not number it
+                if (getattr(e, "errno", None) not in ("ECONNREFUSED", errno.ECONNREFUSED)
+                        or self._server.poll() is not None or time.monotonic() > deadline):
+                    raise
+            time.sleep(0.01)
 
     def _serve(self, fmt: str, cache: str, connections: int) -> bool:
         """Start qemu-nbd; False (and self._error) if it exits at once."""
