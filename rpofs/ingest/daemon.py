@@ -249,51 +249,62 @@ class Ingester:
             await self._upkeep(st, policy, upkeep)
 
     async def _ship_loop(self, uuid: str, st: VmStatus, app) -> None:
-        """Ship one app every interval until the VM's task ends."""
+        """Ship one app every interval until the VM's task ends. The app has
+        a libvirt connection of its own: libvirtd serves at most
+        max_client_requests (5) calls of one connection at once, and with
+        every agent call on the shared one that, not CPU, bounded the VMs a
+        host keeps at 1 s (tools/bench-apps: 34 at ~25 ms an agent call)."""
         from ..apps.shipper import Shipper
         from ..virt.client import AgentUnavailable
         ast = st.apps[app.name] = AppStatus(app.name, app.kind)
-        shipper, backoff = None, 0.0
-        while True:
-            started = time.monotonic()
-            try:
-                if shipper is None:
-                    conn = await self._connection()
-                    dom = await self._call(conn.domain, uuid)
-                    shipper = Shipper(self.repo, dom, uuid, st.name)
-                async with self.agent_calls:
-                    result = await trio.to_thread.run_sync(shipper.ship, app)
-            except AgentUnavailable as e:
-                if ast.state != "no agent":
-                    log.warning("event=app-no-agent vm=%s app=%s error=%r", st.name, app.name, str(e))
-                ast.state, ast.last_error, ast.last_error_us = "no agent", str(e), int(time.time() * US)
-                backoff = min(max(backoff * 2, app.interval_s, 1.0), MAX_BACKOFF_S)
-                await trio.sleep(backoff)
-                continue
-            except Exception as e:  # noqa: BLE001 — one app's failure must not end the VM's task
-                shipper = None  # the domain may be gone or libvirt restarted: made anew
-                ast.failures += 1
-                ast.state, ast.last_error, ast.last_error_us = "failing", str(e), int(time.time() * US)
-                backoff = min(max(backoff * 2, app.interval_s, 1.0), MAX_BACKOFF_S)
-                log.warning("event=ship-failed vm=%s app=%s retry_s=%g error=%r", st.name, app.name, backoff, str(e))
-                await trio.sleep(backoff)
-                continue
-            backoff = 0.0
-            ast.last_round_us, ast.last_round_s = int(time.time() * US), time.monotonic() - started
-            ast.state = "shipping"
-            for why in result.restarts:
-                log.info("event=app-stream-restart vm=%s app=%s why=%r", st.name, app.name, why)
-            if result.record is not None:
-                ast.ships += 1
-                ast.bytes_shipped += result.bytes
-                ast.last_ship_us = result.record.time_us
-                ast.waiting = result.record.waiting
-                if result.record.base is None:
-                    ast.state = "waiting for a block point"
-                    wake = self._wake.get(uuid)
-                    if wake is not None:
-                        wake.set()
-            await trio.sleep(max(0.0, app.interval_s - (time.monotonic() - started)))
+        shipper, backoff, conn = None, 0.0, None
+        try:
+            while True:
+                started = time.monotonic()
+                try:
+                    if shipper is None:
+                        if conn is not None:
+                            old, conn = conn, None
+                            await trio.to_thread.run_sync(old.close)
+                        conn = await trio.to_thread.run_sync(Connection, self.cfg.uri)
+                        dom = await trio.to_thread.run_sync(conn.domain, uuid)
+                        shipper = Shipper(self.repo, dom, uuid, st.name)
+                    async with self.agent_calls:
+                        result = await trio.to_thread.run_sync(shipper.ship, app)
+                except AgentUnavailable as e:
+                    if ast.state != "no agent":
+                        log.warning("event=app-no-agent vm=%s app=%s error=%r", st.name, app.name, str(e))
+                    ast.state, ast.last_error, ast.last_error_us = "no agent", str(e), int(time.time() * US)
+                    backoff = min(max(backoff * 2, app.interval_s, 1.0), MAX_BACKOFF_S)
+                    await trio.sleep(backoff)
+                    continue
+                except Exception as e:  # noqa: BLE001 — one app's failure must not end the VM's task
+                    shipper = None  # the domain may be gone or libvirt restarted: made anew
+                    ast.failures += 1
+                    ast.state, ast.last_error, ast.last_error_us = "failing", str(e), int(time.time() * US)
+                    backoff = min(max(backoff * 2, app.interval_s, 1.0), MAX_BACKOFF_S)
+                    log.warning("event=ship-failed vm=%s app=%s retry_s=%g error=%r", st.name, app.name, backoff, str(e))
+                    await trio.sleep(backoff)
+                    continue
+                backoff = 0.0
+                ast.last_round_us, ast.last_round_s = int(time.time() * US), time.monotonic() - started
+                ast.state = "shipping"
+                for why in result.restarts:
+                    log.info("event=app-stream-restart vm=%s app=%s why=%r", st.name, app.name, why)
+                if result.record is not None:
+                    ast.ships += 1
+                    ast.bytes_shipped += result.bytes
+                    ast.last_ship_us = result.record.time_us
+                    ast.waiting = result.record.waiting
+                    if result.record.base is None:
+                        ast.state = "waiting for a block point"
+                        wake = self._wake.get(uuid)
+                        if wake is not None:
+                            wake.set()
+                await trio.sleep(max(0.0, app.interval_s - (time.monotonic() - started)))
+        finally:
+            if conn is not None:
+                conn.close()
 
     async def _end_leftovers(self, uuid: str, name: str) -> None:
         """What a killed predecessor left of this VM's backups (its job, its
