@@ -78,7 +78,7 @@ def all_ships(repo: Repository, txn, unreadable: list | None = None):
         except Exception as e:
             if unreadable is None:
                 raise
-            unreadable.append((schema.read_ship_key(bytes(key))[2], f"shipment record: {e}"))
+            unreadable.append((schema.read_ship_key(bytes(key))[2], str(e)))
 
 
 def commit(repo: Repository, vm: str, app: AppRecord, pieces: list[tuple[ShippedFile, bytes]], time_us: int,

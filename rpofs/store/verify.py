@@ -133,7 +133,8 @@ class _Catalog:
             for record, name in zip(records, point_names([p.time_us for p in records], [p.name for p in records])):
                 self.names[record.point] = name
         from ..apps.catalog import all_ships
-        self.ships = {s.ship: s for s in all_ships(repo, txn, self.bad_records)}
+        self.bad_ships: list[tuple[int, str]] = []   # (shipment no, why its record cannot be read)
+        self.ships = {s.ship: s for s in all_ships(repo, txn, self.bad_ships)}
         self.fulls = {no: p for no, p in self.points.items() if p.kind == "full" and p.chain == no}
         self.sizes = {(chain, i): d.size for chain, full in self.fulls.items() for i, d in enumerate(full.disks)}
 
@@ -259,6 +260,8 @@ def _relations(repo, txn, cat: _Catalog, vms: set[str] | None) -> list[Problem]:
                                   or parent.time_us > record.time_us):
             bad(f"log point {no} ({record.vm_name}) names parent {record.parent}, "
                 f"which is not an earlier point of chain {record.chain}", record)
+    for no, why in cat.bad_ships:
+        bad(f"shipment record {no} cannot be read: {why}")
     next_ship = txn.get(b"next_ship", db=meta)
     for no, ship in sorted(cat.ships.items()):
         if not wanted(ship.vm):
