@@ -10,6 +10,7 @@ rows 1..k without a gap, integrity_check ok, k never going back, k at an app
 point at least its base's and at least what the guest had acknowledged when
 the shipment began, and each log a prefix of the log to come."""
 
+import contextlib
 import json
 import os
 import sqlite3
@@ -243,19 +244,29 @@ def test_prune_and_verify_with_app_points(shipping, tmp_path):
     assert all(a["newest_readable"] for a in vm["apps"])
 
 
+@contextlib.contextmanager
+def ingesting(tmp_path, config_text: str):
+    """A new repository and `rpofs ingest` on it with this config, stopped
+    (and its exit checked) on the way out: (repo, config, log path)."""
+    repo, config, log_path = tmp_path / "repo", tmp_path / "rpofs.toml", tmp_path / "ingest.log"
+    run_rpofs("init", repo=repo)
+    config.write_text(config_text)
+    with open(log_path, "ab") as out:
+        daemon = subprocess.Popen(RPOFS + ["--repo", str(repo), "ingest", "--config", str(config)],
+                                  stdout=out, stderr=out)
+    try:
+        yield repo, config, log_path
+    finally:
+        daemon.terminate()
+        assert daemon.wait(timeout=60) == 0, log_path.read_text()
+
+
 def test_the_ingester_ships_every_interval(tmp_path):
     build_guest()
     with Guest(f"rpofs-appd-{uuid.uuid4().hex[:8]}", tmp_path / "guest", interval=0.1) as g:
-        repo = tmp_path / "repo"
-        run_rpofs("init", repo=repo)
-        config = tmp_path / "rpofs.toml"
-        config.write_text(f'[ingest]\nvms = ["{g.name}"]\n[vm.{g.name}]\nlog_interval = "1h"\n'
-                          f'[vm.{g.name}.apps.orders]\nkind = "sqlite"\npath = "/data/db/seq.db"\ninterval = "1s"\n')
-        log_path = tmp_path / "ingest.log"
-        with open(log_path, "ab") as out:
-            daemon = subprocess.Popen(RPOFS + ["--repo", str(repo), "ingest", "--config", str(config)],
-                                      stdout=out, stderr=out)
-        try:
+        with ingesting(tmp_path, f'[ingest]\nvms = ["{g.name}"]\n[vm.{g.name}]\nlog_interval = "1h"\n'
+                       f'[vm.{g.name}.apps.orders]\nkind = "sqlite"\npath = "/data/db/seq.db"\ninterval = "1s"\n'
+                       ) as (repo, _, log_path):
             def readable():
                 r = Repository.open(str(repo))
                 try:
@@ -267,9 +278,6 @@ def test_the_ingester_ships_every_interval(tmp_path):
             status = json.loads(run_rpofs("status", "--json", repo=repo).stdout)
             app = status["vms"][0]["apps"][0]
             assert app["state"] in ("shipping", "waiting for a block point") and app["age_seconds"] < 10
-        finally:
-            daemon.terminate()
-            assert daemon.wait(timeout=60) == 0, log_path.read_text()
         text = log_path.read_text()
         assert "Traceback" not in text and "event=ship-failed" not in text, text
         r = Repository.open(str(repo))
@@ -288,16 +296,9 @@ def test_a_vm_without_an_agent_is_said_once_and_backed_off(tmp_path):
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "16M"], check=True)
     vm = TestVM(f"rpofs-noagent-{uuid.uuid4().hex[:8]}", [(str(disk), "qcow2")])
     try:
-        repo = tmp_path / "repo"
-        run_rpofs("init", repo=repo)
-        config = tmp_path / "rpofs.toml"
-        config.write_text(f'[ingest]\nvms = ["{vm.name}"]\n[vm.{vm.name}]\nlog_interval = "2s"\n'
-                          f'[vm.{vm.name}.apps.orders]\npath = "/data/db.sqlite"\ninterval = "200ms"\n')
-        log_path = tmp_path / "ingest.log"
-        with open(log_path, "ab") as out:
-            daemon = subprocess.Popen(RPOFS + ["--repo", str(repo), "ingest", "--config", str(config)],
-                                      stdout=out, stderr=out)
-        try:
+        with ingesting(tmp_path, f'[ingest]\nvms = ["{vm.name}"]\n[vm.{vm.name}]\nlog_interval = "2s"\n'
+                       f'[vm.{vm.name}.apps.orders]\npath = "/data/db.sqlite"\ninterval = "200ms"\n'
+                       ) as (repo, config, log_path):
             def no_agent():
                 status = json.loads(run_rpofs("status", "--json", repo=repo).stdout)
                 vms = [v for v in status["vms"] if v["name"] == vm.name]
@@ -309,9 +310,6 @@ def test_a_vm_without_an_agent_is_said_once_and_backed_off(tmp_path):
             assert "app orders" in run_rpofs("status", repo=repo).stdout
             r = run_rpofs("ship", vm.name, "--config", config, repo=repo, check=False)
             assert r.returncode == 1 and r.stderr.count("\n") == 1 and "agent" in r.stderr, r.stderr
-        finally:
-            daemon.terminate()
-            assert daemon.wait(timeout=60) == 0, log_path.read_text()
         text = log_path.read_text()
         assert text.count("event=app-no-agent") == 1 and "Traceback" not in text, text
         assert "event=ship-failed" not in text, text

@@ -88,10 +88,10 @@ class PointFiles:
             self._guest = GuestFiles(self.repo)
         return self._guest
 
-    def open(self, point: PointRecord, app: AppRecord, path: str):
-        """The guest file `path` as `point` holds it (read(offset, length), size),
-        or None when it is not there (or its filesystem cannot be read); damaged
-        repository data raises ChunkError (EIO through the mount)."""
+    def _lookup(self, point: PointRecord, app: AppRecord, path: str):
+        """(node, entry) of the guest path `path` in `point`, or None when it
+        is not there (or its filesystem cannot be read); damaged repository
+        data raises ChunkError (EIO through the mount)."""
         where = app.location
         if not where or where.get("disk") not in [d.target for d in point.disks]:
             return None
@@ -102,17 +102,20 @@ class PointFiles:
         try:
             key, entry = guest.root(point, where["disk"], where["volume"])
             for name in [p for p in inner.split("/") if p not in ("", ".")]:
-                if not entry.is_dir:
-                    return None
-                children = guest.children(key)
+                children = guest.children(key) if entry.is_dir else {}
                 if name not in children:
                     return None
                 key, entry = guest.remember(guest.fs_of(key), point, where["disk"], where["volume"], children[name])
         except GuestFileError:
             return None
-        if entry.is_dir:
+        return key, entry
+
+    def open(self, point: PointRecord, app: AppRecord, path: str):
+        """The guest file `path` as `point` holds it (read(offset, length), size), or None."""
+        found = self._lookup(point, app, path)
+        if found is None or found[1].is_dir:
             return None
-        return _Sized(guest.open(key), entry.size)
+        return _Sized(self.guest.open(found[0]), found[1].size)
 
     def read(self, point: PointRecord, app: AppRecord, path: str) -> bytes | None:
         """The whole file (a WAL, a log file's copy), remembered."""
@@ -132,25 +135,14 @@ class PointFiles:
     def glob(self, point: PointRecord, app: AppRecord) -> list[str]:
         """The guest paths a `files` app's pattern names in the point."""
         directory, pattern = posixpath.split(app.path)
-        listing = self.open_dir(point, app, directory)
-        return sorted(posixpath.join(directory, n) for n in listing if fnmatch.fnmatchcase(n, pattern))
-
-    def open_dir(self, point: PointRecord, app: AppRecord, directory: str) -> list[str]:
-        where = app.location
-        if not where or where.get("disk") not in [d.target for d in point.disks]:
+        found = self._lookup(point, app, directory)
+        if found is None or not found[1].is_dir:
             return []
-        inner = posixpath.relpath(directory, where["mountpoint"])
-        guest = self.guest
         try:
-            key, entry = guest.root(point, where["disk"], where["volume"])
-            for name in [p for p in inner.split("/") if p not in ("", ".")]:
-                children = guest.children(key)
-                if name not in children or not children[name].is_dir:
-                    return []
-                key, entry = guest.remember(guest.fs_of(key), point, where["disk"], where["volume"], children[name])
-            return [n for n, e in guest.children(key).items() if not e.is_dir]
+            names = [n for n, e in self.guest.children(found[0]).items() if not e.is_dir]
         except GuestFileError:
             return []
+        return sorted(posixpath.join(directory, n) for n in names if fnmatch.fnmatchcase(n, pattern))
 
 
 class _Sized:

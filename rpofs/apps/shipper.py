@@ -66,7 +66,7 @@ class Shipper:
     def ship(self, app: AppConfig) -> ShipResult:
         """One round of one app. AgentUnavailable when the agent does not
         answer: nothing is recorded, the streams stay where they were."""
-        record = self._record(app)
+        record = start = self._record(app)
         before = record.streams
         paths = [app.path + "-wal"] if app.kind == "sqlite" else guestio.glob(self.dom, app.path)
         step = wal_round if app.kind == "sqlite" else file_round
@@ -87,7 +87,7 @@ class Shipper:
         time_us = now_us()
         record = dataclasses.replace(record, streams=tuple(streams.values()), next_lineage=lineage)
         if not pieces:
-            if record != self._record(app):
+            if record != start or not self._stored(app):
                 with self.repo.write_txn() as txn:
                     catalog.put_app(self.repo, txn, self.vm, record)
             return ShipResult(app.name, None, restarts, 0)
@@ -121,6 +121,11 @@ class Shipper:
         if found is not None and (found.kind, found.path) == (app.kind, app.path):
             return dataclasses.replace(found, location=where)
         return AppRecord(app.name, app.kind, app.path, where, (), found.next_lineage if found else 1)
+
+    def _stored(self, app: AppConfig) -> bool:
+        """Whether the app has a record (else _record locates it through the agent each round)."""
+        with self.repo.env.begin() as txn:
+            return catalog.get_app(self.repo, txn, self.vm, app.name) is not None
 
     def _candidates(self, app: AppConfig, time_us: int):
         """The newest block point at or before time_us, and the base of the

@@ -79,9 +79,8 @@ class AppViews:
         pieces = []
         if ship is not None:
             records = catalog.ships(self.repo, vm, since_us=ship.reads_from, until_us=ship.time_us, app=app.name)
-            pieces = [p for p in stored_pieces(self.repo, records)]
             lineages = {f.path: f.lineage for f in ship.files}
-            pieces = [p for p in pieces if lineages.get(p.path, p.lineage) == p.lineage]
+            pieces = [p for p in stored_pieces(self.repo, records) if lineages.get(p.path, p.lineage) == p.lineage]
         if app.kind == "sqlite":
             return self._database(base, app, pieces)
         return self._files(base, app, pieces)
