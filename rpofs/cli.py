@@ -194,6 +194,29 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--connect", default=os.environ.get("LIBVIRT_DEFAULT_URI", "qemu:///system"),
                    metavar="URI", help="libvirt URI (default $LIBVIRT_DEFAULT_URI or qemu:///system)")
 
+    pt = sub.add_parser("protect", help="protect a running VM continuously: every write it completes is "
+                        "journaled first (RPO 0); returns once it is protected",
+                        description="Mirrors the VM's disks (libvirt block copy, synchronous writes) into a "
+                        "journal server of rpofs's, which makes each write durable in the repository before "
+                        "QEMU completes it for the guest. The mirror's first pass becomes a full point; the "
+                        "journal is folded into log points every journal_fold and can be read at any "
+                        "instant through the mount (docs/PROTECT.md). It lasts until `rpofs unprotect`, "
+                        "the VM stops, or the mirror fails; `rpofs ingest` with `continuous = true` keeps it "
+                        "and folds the journal, and after a failure backs up at once what the journal "
+                        "missed. By hand, `rpofs protect` again folds what the journal holds.")
+    pt.add_argument("vm", help="VM name or UUID")
+    pt.add_argument("--disk", action="append", default=[], metavar="TARGET",
+                    help="protect only this disk (repeatable; default: every disk)")
+    pt.add_argument("--connect", default=os.environ.get("LIBVIRT_DEFAULT_URI", "qemu:///system"),
+                    metavar="URI", help="libvirt URI (default $LIBVIRT_DEFAULT_URI or qemu:///system)")
+    pt.add_argument("--json", action="store_true", help="the session as JSON")
+    up = sub.add_parser("unprotect", help="end a VM's continuous protection (its journal is folded into a "
+                        "last point first)")
+    up.add_argument("vm", help="VM name or UUID")
+    up.add_argument("--connect", default=os.environ.get("LIBVIRT_DEFAULT_URI", "qemu:///system"),
+                    metavar="URI", help="libvirt URI (default $LIBVIRT_DEFAULT_URI or qemu:///system)")
+    up.add_argument("--json", action="store_true", help="the ended session as JSON")
+
     s = sub.add_parser("status", help="per VM: last full, last log, achieved RPO, next run, last error")
     s.add_argument("--json", action="store_true", help="one JSON object (documented in docs/INGEST.md)")
     return p
@@ -333,6 +356,56 @@ def cmd_backup(repo_path: str, args) -> None:
     finally:
         conn.close()
         repo.close()
+
+
+def cmd_protect(repo_path: str, args) -> None:
+    from .progress import Progress
+    from .protect import protector, sessions
+    from .virt.client import Connection
+    repo = open_repository(repo_path, args)
+    conn = Connection(args.connect)
+    try:
+        dom = conn.domain(args.vm)
+        live = sessions.current(repo, dom.uuid)
+        with Progress(f"protect {dom.name}: the mirror's first pass", 0) as progress:
+            session = protector.protect(repo, dom, tuple(args.disk), progress)
+        if live is not None and live.started_us == session.started_us:
+            session, point, broken = protector.tick(repo, dom, session, protector.journal_of(repo, session), True)
+            if broken:
+                raise RpofsError(f"{dom.name}: protection ended: {broken}; back it up now with: rpofs backup {dom.name}")
+        _print_session(dom.name, session, args.json)
+    finally:
+        conn.close()
+        repo.close()
+
+
+def cmd_unprotect(repo_path: str, args) -> None:
+    from .protect import protector
+    from .virt.client import Connection
+    repo = open_repository(repo_path, args)
+    conn = Connection(args.connect)
+    try:
+        dom = conn.domain(args.vm)
+        session = protector.unprotect(repo, dom)
+        if session is None:
+            raise RpofsError(f"{dom.name} is not protected")
+        _print_session(dom.name, session, args.json)
+    finally:
+        conn.close()
+        repo.close()
+
+
+def _print_session(name: str, session, as_json: bool) -> None:
+    from dataclasses import asdict
+    from .timefmt import format_time
+    if as_json:
+        print(json.dumps(asdict(session), indent=2))
+    elif session.state == "ended":
+        print(f"{name}: protection ended ({session.reason}); its journal reads from "
+              f"{format_time(session.ready_us, 6)} to {format_time(session.last_us, 6)}")
+    else:
+        print(f"{name}: protected since {format_time(session.ready_us, 6)} "
+              f"({', '.join(d.target for d in session.disks)})")
 
 
 def cmd_points(repo_path: str, args) -> None:
@@ -688,7 +761,8 @@ def cmd_cp(repo_path: str, args) -> None:
 
 COMMANDS = {"init": cmd_init, "backup": cmd_backup, "points": cmd_points, "mount": cmd_mount,
             "umount": cmd_umount, "ingest": cmd_ingest, "status": cmd_status, "prune": cmd_prune,
-            "defrag": cmd_defrag, "forget": cmd_forget, "upgrade": cmd_upgrade, "verify": cmd_verify, "restore": cmd_restore, "cp": cmd_cp, "run": cmd_run, "ship": cmd_ship}
+            "defrag": cmd_defrag, "forget": cmd_forget, "upgrade": cmd_upgrade, "verify": cmd_verify, "restore": cmd_restore, "cp": cmd_cp, "run": cmd_run, "ship": cmd_ship,
+            "protect": cmd_protect, "unprotect": cmd_unprotect}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -470,9 +470,12 @@ class BackupWriter:
     def commit(self, *, vm: str, vm_name: str, time_us: int, parent: PointRecord | None,
                consistency: str, disks: list[DiskRecord], checkpoint: str, domain_xml: str,
                reason: str = "", checkpoint_xml: str = "", warnings: tuple[str, ...] = (),
-               firmware: dict | None = None) -> PointRecord:
+               firmware: dict | None = None, origin: str = "", stats: dict | None = None,
+               also=None) -> PointRecord:
         """Record the point: a log extending `parent`'s chain, or a full when
-        parent is None."""
+        parent is None. origin, stats: PointRecord's (stats added to the
+        writer's own). also(txn, record): more catalog entries committed in
+        the same transaction (a protection session's progress)."""
         kind = "log" if parent else "full"
         chain = parent.chain if parent else None
         # What each disk draws on in the repository, for du through the mount:
@@ -502,8 +505,12 @@ class BackupWriter:
                 parent=parent.point if parent else None, consistency=consistency, disks=tuple(disks), checkpoint=checkpoint,
                 domain_xml=domain_xml, reason=reason, stats=dict(self.stats),
                 checkpoint_xml=checkpoint_xml, warnings=tuple(warnings), firmware=firmware,
-                name=name_new_point(self.repo, txn, vm_bytes, time_us))
+                name=name_new_point(self.repo, txn, vm_bytes, time_us), origin=origin)
+            if stats:
+                record.stats.update(stats)
             self.repo.put_point(txn, record)
+            if also is not None:
+                also(txn, record)
             txn.put(schema.vm_point_key(vm_bytes, time_us, no), b"", db=db["vm_points"])
             txn.put(vm_bytes, self.repo.encode_name(vm_bytes, vm_name), db=db["vms"])
         self._finish()

@@ -1,4 +1,4 @@
-"""The repository's format, version 5. This module is the spec: every LMDB
+"""The repository's format, version 6. This module is the spec: every LMDB
 sub-database, its key and value layout, and the invariants. Nothing else builds
 keys by hand.
 
@@ -11,6 +11,9 @@ keys by hand.
     REPO/holds/*.json points something outside the catalog reads (rpofs.store.holds)
     REPO/verify.json  the last verify's results (rpofs.store.verify)
     REPO/run/         what `rpofs run` made (rpofs.recover.instant)
+    REPO/journal/<vm uuid>/<session, 16 hex>/seg-*.jnl
+                      continuous protection's write journal: segments the
+                      journal server appends (their format: rpofs.protect.records)
     REPO/ingest-status.json, REPO/mount.log   the daemons' status and log
 Only the catalog and the packs hold points; the rest is locks and the state
 of the processes that use them.
@@ -71,6 +74,23 @@ Sub-databases
                     one per shipment (an "app point"), time order per VM like
                     vm_points; ship numbers come from meta b"next_ship"
                     (sealed in an encrypted repository)
+
+    protection  vm uuid (16) | session start time_us (u64) -> JSON
+                    ProtectionSession: one period of continuous protection
+                    (an active mirror into the journal server), its state and
+                    the span of time its journal can be read at
+                    (sealed in an encrypted repository)
+
+Continuous protection (format 6; rpofs.protect, docs/PROTECT.md)
+    While a session is protected, every write QEMU completed for the guest
+    is a record in the session's journal, durable before QEMU was answered.
+    The journal is folded into ordinary points (PointRecord.origin
+    "journal"): the session's first fold is a full, the disks as the
+    mirror's first pass left them at ready_us; each later one a log of
+    the blocks the records since the previous fold touched. A disk as of
+    an instant T of the session (ready_us <= T <= its end) is its newest
+    fold at or before T with the session's records after that fold up to
+    T applied in journal order (rpofs.protect.view).
 
 Applications (format 5; rpofs.apps, docs/APPS.md)
     A shipment holds the bytes an application appended to its log files
@@ -230,6 +250,9 @@ Format history
         format-4 repository is upgraded by creating the two empty
         sub-databases and setting the format, in one transaction; 2 and 3
         go through 4's upgrade first.
+    6   `protection` (continuous protection) and PointRecord.origin. A
+        format-4 or -5 repository is upgraded by creating the missing
+        sub-databases and setting the format, in one transaction.
 
 Commit order: pack data fsync'ed first, then one LMDB write transaction adds
 the chunk locations, the index entries and the point. A crash leaves at most
@@ -240,13 +263,13 @@ import json
 import struct
 from dataclasses import asdict, dataclass, field
 
-FORMAT = 5                 # what init writes and Repository.open accepts
-UPGRADES_FROM = (2, 3, 4)   # what `rpofs upgrade` converts to FORMAT
+FORMAT = 6                 # what init writes and Repository.open accepts
+UPGRADES_FROM = (2, 3, 4, 5)   # what `rpofs upgrade` converts to FORMAT
 CHUNK_SIZE = 1 << 20
 BLOCK_SIZE = 1 << 16
 BLOCKS_PER_CHUNK = CHUNK_SIZE // BLOCK_SIZE
 
-DATABASES = ("meta", "vms", "points", "vm_points", "full_index", "log_index", "chunks", "apps", "ships")
+DATABASES = ("meta", "vms", "points", "vm_points", "full_index", "log_index", "chunks", "apps", "ships", "protection")
 
 CODEC_RAW = 0
 CODEC_ZSTD = 1
@@ -259,6 +282,7 @@ PIECES_KEY_CONTEXT = "rpofs full chunk pieces v1"
 _U32 = struct.Struct(">I")
 _VM_POINT = struct.Struct(">16sQI")
 _FULL_KEY = struct.Struct(">IHI")
+_PROTECTION = struct.Struct(">16sQ")
 _LOG_KEY = struct.Struct(">IHII")
 _CHUNK_LOC = struct.Struct(">IQIIB")
 PACK_HEADER = struct.Struct(">32sBII")  # key, codec, raw length, stored length
@@ -302,6 +326,14 @@ def ship_key(vm: bytes, time_us: int, ship: int) -> bytes:
 
 def read_ship_key(key: bytes) -> tuple[bytes, int, int]:
     return _VM_POINT.unpack(key)
+
+
+def protection_key(vm: bytes, started_us: int) -> bytes:
+    return _PROTECTION.pack(vm, started_us)
+
+
+def read_protection_key(key: bytes) -> tuple[bytes, int]:
+    return _PROTECTION.unpack(key)
 
 
 def full_key(chain: int, disk: int, chunk: int) -> bytes:
@@ -426,6 +458,10 @@ class PointRecord:
     # never changed: rpofs.timefmt.new_point_name. "" in points committed
     # before names were stored (rpofs.timefmt.point_names names them).
     name: str = ""
+    # Where its disks came from: "" a libvirt backup job, "journal" a fold of
+    # continuous protection's journal (stats["journal"] says which session
+    # and span).
+    origin: str = ""
 
     def encode(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True).encode()
@@ -521,3 +557,38 @@ class AppRecord:
 
     def stream(self, path: str) -> StreamState | None:
         return next((s for s in self.streams if s.path == path), None)
+
+
+@dataclass(frozen=True)
+class ProtectionSession:
+    """One period of continuous protection of a VM (rpofs.protect): its
+    journal directory is REPO/journal/<vm>/<started_us as 16 hex digits>."""
+    vm: str                       # uuid
+    started_us: int
+    disks: tuple[DiskRecord, ...]
+    state: str = "starting"       # starting (the mirror's first pass) | protected | ended
+    ready_us: int = 0             # every disk's mirror ready: the journal is complete from here
+    ended_us: int = 0             # when it was seen ended (0 while it lasts)
+    last_us: int = 0              # an ended session's newest record: its journal reads up to here
+    reason: str = ""              # why it ended
+    checkpoint: str = ""          # what the next fold records as its checkpoint (confirmed: the
+                                  # mirror was seen running well after it was made)
+    pending: tuple[tuple[str, int], ...] = ()  # (checkpoint, made at us) not yet confirmed
+    folded_us: int = 0            # the newest fold's time
+    server_pid: int = 0
+    journal_from_us: int = 0      # records up to here may be gone (retention): an instant
+                                  # reads only from a fold at or after it
+
+    def encode(self) -> bytes:
+        return json.dumps(asdict(self), sort_keys=True).encode()
+
+    @classmethod
+    def decode(cls, b: bytes) -> "ProtectionSession":
+        d = json.loads(bytes(b))
+        d["disks"] = tuple(DiskRecord(**x) for x in d["disks"])
+        d["pending"] = tuple(tuple(x) for x in d["pending"])
+        return cls(**d)
+
+    @property
+    def directory_name(self) -> str:
+        return f"{self.started_us:016x}"

@@ -1,8 +1,9 @@
 """`rpofs upgrade`: a repository of an earlier format converted in place.
 
-Format 5 adds two sub-databases to 4 (`apps`, `ships`: application logs,
-rpofs.apps); they are created when the repository is opened, empty, and the
-format is set in step 2's transaction. Format 4 differs from 2 and 3 in one
+Format 5 added two sub-databases to 4 (`apps`, `ships`: application logs,
+rpofs.apps), format 6 one (`protection`: continuous protection,
+rpofs.protect); they are created when the repository is opened, empty, and
+the format is set in step 2's transaction. Format 4 differs from 2 and 3 in one
 way (rpofs.store.schema, format history): every full chunk is pieced, so a cold random read through the mount
 costs a piece, not a 1 MiB chunk, for old fulls too. A format-2 repository
 holds only whole full chunks; a format-3 one still holds those it had when it
@@ -14,12 +15,12 @@ exclusive lock (no backup, prune or defrag meanwhile):
    to new packs, which are fsync'ed;
 2. one LMDB write transaction adds the pieced records, points every
    `full_index` entry at its pieced key, drops the `chunks` rows nothing
-   names any more, and sets meta/format to 5;
+   names any more, and sets meta/format to 6;
 3. garbage collection (rpofs.store.gc) deletes or compacts the packs the
    whole chunks leave mostly unused.
 Killed before step 2 commits, the repository is the old format, intact, plus
 new packs nothing refers to (garbage: verify reports them, the next prune or
-upgrade frees them); after, it is format 5, complete. A whole chunk that no
+upgrade frees them); after, it is format 6, complete. A whole chunk that no
 longer verifies is left as it is (it reads EIO as before, and `rpofs verify`
 names it); everything else is converted.
 

@@ -235,6 +235,42 @@ class Domain:
         with _translated(f"starting to copy disk {target} of {self.name}"):
             self._dom.blockCopy(target, xml, {}, flags)
 
+    # -- continuous protection: an active mirror into the journal server ------
+
+    def start_mirror(self, target: str, socket: str) -> None:
+        """Mirror disk `target` to export `target` of the NBD server at
+        `socket`, write-blocking: a guest write completes only once the
+        server answered it (VIR_DOMAIN_BLOCK_COPY_SYNCHRONOUS_WRITES, QEMU's
+        copy-mode=write-blocking). A transient job (allowed on a persistent
+        domain, gone with QEMU), never pivoted: cancel_block_job ends it."""
+        xml = (f"<disk type='network'><driver type='raw'/><source protocol='nbd' name={quoteattr(target)}>"
+               f"<host transport='unix' socket={quoteattr(socket)}/></source></disk>")
+        flags = (libvirt.VIR_DOMAIN_BLOCK_COPY_REUSE_EXT | libvirt.VIR_DOMAIN_BLOCK_COPY_TRANSIENT_JOB
+                 | libvirt.VIR_DOMAIN_BLOCK_COPY_SYNCHRONOUS_WRITES)
+        with _translated(f"starting to mirror disk {target} of {self.name} into the journal"):
+            self._dom.blockCopy(target, xml, {}, flags)
+
+    def mirror_socket(self, target: str) -> str | None:
+        """The NBD socket disk `target` is mirrored to, or None without a mirror."""
+        root = ET.fromstring(self.xml())
+        for disk in root.findall("./devices/disk"):
+            if disk.find("target").get("dev") == target:
+                host = disk.find("./mirror/source/host")
+                return host.get("socket") if host is not None else None
+        return None
+
+    def create_checkpoint(self, name: str, disks: list[str], all_disks: list[str]) -> None:
+        """A checkpoint (a dirty bitmap on each of `disks`) without a backup:
+        what protection's folds record, so that a log backup after the
+        mirror stopped takes every write since (rpofs.protect)."""
+        cp = ET.Element("domaincheckpoint")
+        ET.SubElement(cp, "name").text = name
+        c_disks = ET.SubElement(cp, "disks")
+        for target in all_disks:
+            ET.SubElement(c_disks, "disk", name=target, checkpoint="bitmap" if target in disks else "no")
+        with _translated(f"creating checkpoint {name} of {self.name}"):
+            self._dom.checkpointCreateXML(ET.tostring(cp, encoding="unicode"), 0)
+
     def block_commit_active(self, target: str) -> None:
         """Start merging the disk's top image into its backing image while
         the guest runs (pivot() then switches to the backing image alone)."""

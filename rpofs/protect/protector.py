@@ -1,0 +1,365 @@
+"""Continuous protection of one VM: start it, keep it, fold its journal,
+end it. Synchronous: `rpofs protect` calls it directly, the ingester on a
+worker thread. The design and the measurements behind it: docs/PROTECT.md.
+
+A session:
+1. a checkpoint is made (C0), the journal server started, and every
+   chosen disk mirrored into it (libvirt block copy, write-blocking);
+2. when every mirror is ready, the journal up to that instant is folded
+   into a full (the mirror's first pass wrote every byte), recorded with
+   C0 as its checkpoint, and the session is `protected`;
+3. every journal_fold the records since are folded into a log point. Each
+   fold records the newest checkpoint that is *confirmed*: made while the
+   mirror ran and seen running CONFIRM_S after. Every write before such a
+   checkpoint was journaled, so a log backup from it on top of the fold
+   misses nothing. A new checkpoint is made after each fold;
+4. the session ends when asked (unprotect), when the VM stops, or when the
+   mirror or the server fails. QEMU answers the guest's write even when the
+   target failed it (measured: docs/PROTECT.md), so a write after the
+   failure is in the VM's disk only: the ingester then takes a log backup at
+   once (the "repair"), which extends the last fold from its confirmed
+   checkpoint and so takes every block written since.
+
+libvirt refuses a backup job on a disk that is being mirrored; checkpoints
+can be made meanwhile. So while a VM is protected its points come from the
+journal only.
+"""
+
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, replace
+
+from ..errors import RpofsError
+from ..store.repo import Repository
+from ..store.schema import DiskRecord, PointRecord, ProtectionSession
+from ..store.vmlock import vm_lock
+from ..timefmt import now_us
+from ..virt.client import CHECKPOINT_PREFIX, Domain, DomainInfo
+from . import records, sessions
+from .fold import FoldInput, fold
+
+log = logging.getLogger(__name__)
+
+SOCKET_DIR = "/run/rpofs"
+CONFIRM_S = 2.0          # a checkpoint is confirmed once the mirror ran this long after it
+READY_TIMEOUT_S = 600.0  # the mirrors' first pass, at least
+SERVER_START_S = 10.0
+
+
+class NotProtectable(RpofsError):
+    pass
+
+
+def socket_path(vm: str) -> str:
+    return os.path.join(SOCKET_DIR, f"{vm}.journal")
+
+
+@dataclass
+class Journal:
+    """A session's scanned journal, scanned on as it grows."""
+    directory: str
+    scans: dict
+
+    def records(self) -> list[records.Record]:
+        out = []
+        for path in records.segments(self.directory):
+            self.scans[path] = records.scan(path, self.scans.get(path))
+            out.extend(self.scans[path].records)
+        return out
+
+
+def journal_of(repo: Repository, session: ProtectionSession) -> Journal:
+    return Journal(sessions.journal_dir(repo.path, session), {})
+
+
+# -- the journal server process ------------------------------------------------
+
+def start_server(directory: str, socket: str, disks: tuple[DiskRecord, ...]) -> int:
+    """The server, detached: its own session, so it outlives the process
+    that started it (a daemon killed with -9 leaves the mirror working)."""
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    os.makedirs(os.path.dirname(socket), mode=0o700, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(socket)
+    with open(os.path.join(directory, "server.log"), "ab") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "rpofs.protect.server", directory, socket]
+            + [f"{d.target}={d.size}" for d in disks],
+            stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True, close_fds=True)
+    deadline = time.monotonic() + SERVER_START_S
+    while not os.path.exists(socket):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            stop_server(proc.pid)
+            raise RpofsError(f"the journal server did not start (see {directory}/server.log)")
+        time.sleep(0.02)
+    return proc.pid
+
+
+def server_alive(pid: int, directory: str) -> bool:
+    """Whether pid is this journal's server, running (a zombie is not)."""
+    if pid <= 0:
+        return False
+    with contextlib.suppress(ChildProcessError, OSError):
+        os.waitpid(pid, os.WNOHANG)  # reap it if it was our child and died
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmdline = f.read().split(b"\0")
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return b"rpofs.protect.server" in cmdline and directory.encode() in cmdline and state != "Z"
+
+
+def stop_server(pid: int, wait_s: float = 5.0) -> None:
+    if pid <= 0:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        with contextlib.suppress(ChildProcessError, OSError):
+            os.waitpid(pid, os.WNOHANG)
+        if not os.path.exists(f"/proc/{pid}") or _zombie(pid):
+            return
+        time.sleep(0.05)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+# -- a session's life ----------------------------------------------------------------
+
+def protect(repo: Repository, dom: Domain, targets: tuple[str, ...] = (), progress=None,
+            lock_wait_s: float = 30.0) -> ProtectionSession:
+    """Start protecting the VM (or find its session still running); the
+    session once protected. progress: set(done, total) with the mirrors'
+    first pass in bytes."""
+    with vm_lock(repo.path, dom.uuid, dom.name, "protect", lock_wait_s):
+        if repo.encrypted:
+            raise NotProtectable("continuous protection does not work with an encrypted repository yet: "
+                                 "the journal server would write the guest's data in clear")
+        live = sessions.current(repo, dom.uuid)
+        if live is not None:
+            broken = health(repo, dom, live)
+            if not broken and live.state == "protected":
+                return live
+            end(repo, dom, live, broken or "a session that had not finished starting was found")
+        info = dom.info()
+        if not info.running:
+            raise NotProtectable(f"VM {info.name} is not running")
+        disks = _disks(info, targets)
+        return _start(repo, dom, info, disks, progress)
+
+
+def _disks(info: DomainInfo, targets: tuple[str, ...]) -> tuple[DiskRecord, ...]:
+    by_target = {d.target: d for d in info.disks}
+    for t in targets:
+        if t not in by_target:
+            raise NotProtectable(f"VM {info.name} has no disk {t} (it has {', '.join(by_target) or 'none'})")
+    chosen = [d for d in info.disks if not targets or d.target in targets]
+    if not chosen:
+        raise NotProtectable(f"VM {info.name} has no disks to protect")
+    for d in chosen:
+        if d.format != "qcow2":
+            raise NotProtectable(f"disk {d.target} of {info.name} is {d.format}: protection needs qcow2 "
+                                 f"(a checkpoint's dirty bitmap covers the mirror's failure)")
+    return tuple(DiskRecord(d.target, d.size, d.source) for d in chosen)
+
+
+def _start(repo: Repository, dom: Domain, info: DomainInfo, disks, progress) -> ProtectionSession:
+    session = sessions.save(repo, ProtectionSession(dom.uuid, now_us(), disks))
+    directory = sessions.journal_dir(repo.path, session)
+    socket = socket_path(dom.uuid)
+    try:
+        pid = start_server(directory, socket, disks)
+        session = sessions.save(repo, replace(session, server_pid=pid))
+        checkpoint = f"{CHECKPOINT_PREFIX}{now_us()}"
+        dom.create_checkpoint(checkpoint, [d.target for d in disks], [d.target for d in info.disks])
+        for d in disks:
+            dom.start_mirror(d.target, socket)
+        ready_us = _wait_ready(dom, disks, progress)
+        journal = journal_of(repo, session)
+        session = replace(session, state="protected", ready_us=ready_us, folded_us=ready_us,
+                          checkpoint=checkpoint)
+        _fold(repo, dom, info, session, journal.records(), ready_us, None, checkpoint)
+    except BaseException as e:
+        end(repo, dom, session, f"starting failed: {e}", fold_journal=False)
+        raise
+    log.info("%s: protected from %d (checkpoint %s)", info.name, ready_us, checkpoint)
+    return session
+
+
+def _wait_ready(dom: Domain, disks, progress) -> int:
+    """Until every mirror's first pass is done: the instant after which
+    every write is mirrored synchronously, so the journal is complete."""
+    total = sum(d.size for d in disks)
+    deadline = time.monotonic() + max(READY_TIMEOUT_S, total / (20 << 20))
+    while True:
+        done = 0
+        ready = True
+        for d in disks:
+            job = dom.block_job(d.target)
+            if job is None:
+                raise RpofsError(f"the mirror of disk {d.target} ended during its first pass "
+                                 f"(the journal server failed?)")
+            done += job[0] * d.size // job[1] if job[1] else 0
+            ready = ready and dom.block_job_ready(d.target)
+        if progress is not None:
+            progress.set(done, total)
+        if ready:
+            return now_us()
+        if time.monotonic() > deadline:
+            raise RpofsError("the mirrors' first pass did not finish in time")
+        time.sleep(0.05)
+
+
+def health(repo: Repository, dom: Domain, session: ProtectionSession) -> str:
+    """"" while the session's server runs and every disk is mirrored into
+    it; else what is wrong."""
+    directory = sessions.journal_dir(repo.path, session)
+    if not dom.is_running():
+        return "the VM stopped"
+    if not server_alive(session.server_pid, directory):
+        return "the journal server is not running"
+    socket = socket_path(dom.uuid)
+    for d in session.disks:
+        if dom.mirror_socket(d.target) != socket or dom.block_job(d.target) is None:
+            return f"disk {d.target} is not mirrored into the journal any more (its mirror job failed or ended)"
+    return ""
+
+
+def tick(repo: Repository, dom: Domain, session: ProtectionSession, journal: Journal,
+         fold_due: bool) -> tuple[ProtectionSession, PointRecord | None, str]:
+    """One look at a protected session: (the session, a fold made, why it
+    ended or ""). A broken session is ended (its journal folded)."""
+    broken = health(repo, dom, session)
+    if broken:
+        session, point = end(repo, dom, session, broken, journal=journal)
+        return session, point, broken
+    if not fold_due:
+        return session, None, ""
+    return fold_now(repo, dom, session, journal)
+
+
+def fold_now(repo: Repository, dom: Domain, session: ProtectionSession,
+             journal: Journal) -> tuple[ProtectionSession, PointRecord | None, str]:
+    """Fold what the journal holds since the last fold (called while the
+    mirror is seen running: pending checkpoints old enough are confirmed),
+    then make the next checkpoint."""
+    now = now_us()
+    confirmed = session.checkpoint
+    pending = []
+    existing = set(dom.checkpoints())
+    for name, made in session.pending:
+        if name not in existing:
+            continue  # deleted meanwhile (a restarted daemon's leftover check)
+        if made <= now - CONFIRM_S * 1e6:
+            confirmed = name
+        else:
+            pending.append((name, made))
+    session = replace(session, checkpoint=confirmed, pending=tuple(pending))
+    point = _fold_records(repo, dom, session, journal)
+    if point is not None:
+        session = sessions.current(repo, dom.uuid) or session
+        name = f"{CHECKPOINT_PREFIX}{now_us()}"
+        info = dom.info()
+        dom.create_checkpoint(name, [d.target for d in session.disks], [d.target for d in info.disks])
+        session = sessions.save(repo, replace(session, pending=session.pending + ((name, now_us()),)))
+        _drop_old_checkpoints(dom, session)
+    else:
+        session = sessions.save(repo, session)
+    return session, point, ""
+
+
+def _fold_records(repo: Repository, dom: Domain, session: ProtectionSession, journal: Journal,
+                  ended: ProtectionSession | None = None) -> PointRecord | None:
+    """The records since the newest point, folded into a log (None when
+    there are none)."""
+    found = journal.records()
+    parent = next(repo.newest_points(session.vm), None)
+    if parent is None or parent.stats.get("journal", {}).get("session") != session.started_us:
+        raise RpofsError("the VM's newest point is not this session's: its journal cannot be folded onto it")
+    newer = [r for r in found if r.time_us > parent.time_us]
+    if not newer:
+        if ended is not None:
+            sessions.save(repo, ended)
+        return None
+    until = newer[-1].time_us
+    info = dom.info() if dom.is_running() else None
+    return _fold(repo, dom, info, ended or replace(session, folded_us=until), found, until, parent,
+                 session.checkpoint)
+
+
+def _fold(repo: Repository, dom: Domain, info: DomainInfo | None, session: ProtectionSession,
+          found: list, until: int, parent: PointRecord | None, checkpoint: str) -> PointRecord:
+    if info is not None:
+        xml, name = info.xml, info.name
+    else:  # the VM stopped: the definition the last point captured
+        xml, name = repo.read_chunk(bytes.fromhex(parent.domain_xml)).decode(), parent.vm_name
+    try:
+        checkpoint_xml = dom.checkpoint_xml(checkpoint) if checkpoint else ""
+    except RpofsError:
+        checkpoint_xml = ""
+    what = FoldInput(session.vm, name, xml, checkpoint, checkpoint_xml)
+    return fold(repo, session, found, until, parent, what,
+                also=lambda txn, record: sessions.put(repo, txn, session))
+
+
+def _drop_old_checkpoints(dom: Domain, session: ProtectionSession) -> None:
+    """Checkpoints older than the confirmed one are not needed: a bitmap
+    each write must update."""
+    keep = {session.checkpoint} | {name for name, _ in session.pending}
+    names = dom.checkpoints()
+    if session.checkpoint not in names:
+        return
+    for old in names[:names.index(session.checkpoint)]:
+        if old not in keep:
+            with contextlib.suppress(RpofsError):
+                dom.delete_checkpoint(old)
+
+
+def end(repo: Repository, dom: Domain, session: ProtectionSession, reason: str,
+        journal: Journal | None = None, fold_journal: bool = True) -> tuple[ProtectionSession, PointRecord | None]:
+    """Stop the mirrors and the server, fold what the journal holds, and
+    record the session as ended (why, and up to when its journal reads)."""
+    for d in session.disks:
+        with contextlib.suppress(RpofsError):
+            if dom.mirror_socket(d.target) == socket_path(dom.uuid):
+                dom.cancel_block_job(d.target)
+    stop_server(session.server_pid)
+    journal = journal or journal_of(repo, session)
+    found = journal.records() if session.state == "protected" else []
+    ended = replace(session, state="ended", ended_us=now_us(), reason=reason,
+                    last_us=found[-1].time_us if found else session.ready_us)
+    point = None
+    if fold_journal and session.state == "protected":
+        try:
+            point = _fold_records(repo, dom, session, journal, ended=ended)
+        except RpofsError as e:
+            log.error("%s: the journal's last records could not be folded: %s", session.vm, e)
+            ended = replace(ended, last_us=session.folded_us)
+    sessions.save(repo, ended)
+    log.info("%s: protection ended: %s", session.vm, reason)
+    return ended, point
+
+
+def unprotect(repo: Repository, dom: Domain, lock_wait_s: float = 30.0) -> ProtectionSession | None:
+    """End the VM's session (its journal folded); None if it had none."""
+    with vm_lock(repo.path, dom.uuid, dom.name, "unprotect", lock_wait_s):
+        live = sessions.current(repo, dom.uuid)
+        if live is None:
+            return None
+        return end(repo, dom, live, "stopped by rpofs unprotect")[0]

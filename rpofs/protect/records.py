@@ -1,0 +1,210 @@
+"""The write journal's segment files: what the journal server appends and
+what folding and the mount read. The format's spec.
+
+    REPO/journal/<vm uuid>/seg-<first time_us, 16 hex>.jnl
+
+A segment is a run of batches, each a run of records then a commit mark;
+a record is RECORD_HEADER then, for a write, its data. The header holds:
+magic, kind (write, zero or commit mark), disk (its position in
+the protection's disk list), offset, length, time_us (when the server took
+the write in: every record of a write the guest saw acknowledged has a time
+at or before that acknowledgement, and none is earlier than the write's
+issue) and blake3-256 over the header's other fields and the data. A record
+is answered to QEMU only once it is durable (fdatasync of the segment), so a
+crash can leave only unanswered records torn at a segment's tail: a scan
+stops at the first record that does not verify and everything before it is
+the journal. A server that starts again opens a new segment; it never
+appends after a tail it did not write.
+
+A batch is what one fdatasync made durable, written with one write(); its
+records' times are later than every earlier batch's (the server keeps
+them apart). A scan takes records only up to the last commit mark, so a
+reader never sees part of a batch, and once it has seen a record with time
+t it has seen every record with time <= t: an instant it can name never
+changes.
+
+Records are at most MAX_RECORD bytes of data: a larger write is journaled
+as several records with one time, so a read through the mount verifies at
+most that much to return a few bytes.
+"""
+
+import collections
+import os
+import struct
+import threading
+from dataclasses import dataclass
+from typing import Iterator
+
+import blake3
+
+from ..errors import ChunkError
+
+MAGIC = b"RPJ1"
+KIND_WRITE = 1
+KIND_ZERO = 2
+KIND_COMMIT = 3   # ends a batch: no data; its time is the batch's newest
+RECORD_HEADER = struct.Struct(">4sBBHQIQ32s")  # magic, kind, disk, 0, offset, length, time_us, hash
+_HASHED = struct.Struct(">4sBBHQIQ")            # the header without its hash
+MAX_RECORD = 1 << 20
+SEGMENT_PREFIX = "seg-"
+SEGMENT_SUFFIX = ".jnl"
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One journaled write (or zeroing) as the scan found it: where its data
+    is in its segment file (data_pos; a zero record has none)."""
+    kind: int
+    disk: int
+    offset: int
+    length: int
+    time_us: int
+    segment: str          # the segment file's path
+    data_pos: int
+    digest: bytes
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.length
+
+
+def encode(kind: int, disk: int, offset: int, data, time_us: int, length: int | None = None) -> bytes:
+    """One record's bytes: header, then data for a write. length: for a
+    zero record (data empty)."""
+    n = len(data) if kind == KIND_WRITE else (length or 0)
+    assert (n > 0 or kind == KIND_COMMIT) and n <= (MAX_RECORD if kind == KIND_WRITE else 1 << 63)
+    head = _HASHED.pack(MAGIC, kind, disk, 0, offset, n, time_us)
+    h = blake3.blake3(head)
+    if kind == KIND_WRITE:
+        h.update(data)
+    return head + h.digest() + (bytes(data) if kind == KIND_WRITE else b"")
+
+
+def segment_name(first_time_us: int) -> str:
+    return f"{SEGMENT_PREFIX}{first_time_us:016x}{SEGMENT_SUFFIX}"
+
+
+def segment_start(name: str) -> int:
+    """The first time a segment can hold, from its name."""
+    return int(name[len(SEGMENT_PREFIX):-len(SEGMENT_SUFFIX)], 16)
+
+
+def segments(directory: str) -> list[str]:
+    """The journal's segment files, oldest first (paths)."""
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return []
+    return [os.path.join(directory, n) for n in sorted(names)
+            if n.startswith(SEGMENT_PREFIX) and n.endswith(SEGMENT_SUFFIX)]
+
+
+@dataclass
+class Scan:
+    """A segment's verified records, scanned on from `end` as it grows."""
+    path: str
+    records: list[Record]
+    end: int = 0          # bytes verified so far (up to the last commit mark)
+    torn: bool = False    # stopped at a record that does not verify
+
+
+def scan(path: str, state: Scan | None = None) -> Scan:
+    """Verify a segment's batches from where `state` stopped (a live
+    segment grows): each record is read whole and its hash checked, and a
+    batch is taken at its commit mark. The scan stops at the first record
+    that does not verify; a batch that is only short may still be being
+    written and is read again next time."""
+    state = state or Scan(path, [])
+    try:
+        f = open(path, "rb")
+    except FileNotFoundError:
+        return state
+    with f:
+        f.seek(state.end)
+        pos, batch = state.end, []
+        while True:
+            head = f.read(RECORD_HEADER.size)
+            if len(head) < RECORD_HEADER.size:
+                return state
+            magic, kind, disk, _, offset, length, time_us, digest = RECORD_HEADER.unpack(head)
+            if magic != MAGIC or kind not in (KIND_WRITE, KIND_ZERO, KIND_COMMIT) \
+                    or (kind == KIND_WRITE and length > MAX_RECORD):
+                state.torn = True
+                return state
+            data = f.read(length) if kind == KIND_WRITE else b""
+            if len(data) < (length if kind == KIND_WRITE else 0):
+                return state
+            h = blake3.blake3(head[:_HASHED.size])
+            h.update(data)
+            if h.digest() != digest:
+                state.torn = True
+                return state
+            pos += RECORD_HEADER.size + len(data)
+            if kind == KIND_COMMIT:
+                state.records.extend(batch)
+                state.end, batch = pos, []
+            else:
+                batch.append(Record(kind, disk, offset, length, time_us, path, pos - len(data), digest))
+
+
+def read_data(record: Record) -> bytes:
+    """A record's bytes, verified again against its hash (zeros for a zero
+    record). A record that no longer verifies is a ChunkError: the read
+    fails, never guesses."""
+    if record.kind == KIND_ZERO:
+        return bytes(record.length)
+    try:
+        with open(record.segment, "rb") as f:
+            f.seek(record.data_pos - RECORD_HEADER.size)
+            head = f.read(RECORD_HEADER.size)
+            data = f.read(record.length)
+    except OSError as e:
+        raise ChunkError(f"journal segment {record.segment}: {e.strerror or e}") from e
+    h = blake3.blake3(head[:_HASHED.size])
+    h.update(data)
+    if len(data) != record.length or h.digest() != record.digest:
+        raise ChunkError(f"journal record at {record.data_pos} of {record.segment} does not verify")
+    return data
+
+
+def records_between(scans: list[Scan], after_us: int, until_us: int) -> Iterator[Record]:
+    """Every record with after_us < time_us <= until_us, in journal order."""
+    for s in scans:
+        for r in s.records:
+            if after_us < r.time_us <= until_us:
+                yield r
+
+
+class RecordCache:
+    """The data of the records read last, verified: consecutive blocks of a
+    fold or a read through the mount use the same record (up to 1 MiB)."""
+
+    def __init__(self, size: int = 32):
+        self._size = size
+        self._data: collections.OrderedDict[tuple, bytes] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, record: Record) -> bytes:
+        key = (record.segment, record.data_pos)
+        with self._lock:
+            data = self._data.get(key)
+            if data is not None:
+                self._data.move_to_end(key)
+                return data
+        data = read_data(record)
+        with self._lock:
+            self._data[key] = data
+            if len(self._data) > self._size:
+                self._data.popitem(last=False)
+        return data
+
+
+def apply(buf: bytearray, start: int, record: Record, cache: RecordCache) -> None:
+    """Apply a record to buf, which holds the bytes from `start` on."""
+    lo, hi = max(record.offset, start), min(record.end, start + len(buf))
+    if lo >= hi:
+        return
+    if record.kind == KIND_ZERO:
+        buf[lo - start:hi - start] = bytes(hi - lo)
+    else:
+        buf[lo - start:hi - start] = cache.get(record)[lo - record.offset:hi - record.offset]

@@ -1,0 +1,304 @@
+"""The journal server: the NBD target of a protected VM's active mirrors.
+
+One process per protected VM, on a unix socket, one export per disk (named
+by its target, "vda"). QEMU's mirror in write-blocking mode completes a
+guest write only when this server has answered it, and QEMU 7.2 passes
+neither flushes nor FUA to a mirror target (docs/PROTECT.md): so a write or
+zeroing is answered only once its record is durable in the journal. Writes
+that arrive while a sync runs wait for the next one (group commit): one
+fdatasync answers every write taken in before it started.
+
+It speaks the fixed-newstyle handshake (NBD_OPT_GO, NBD_OPT_EXPORT_NAME,
+NBD_OPT_LIST) and simple replies: the subset QEMU's NBD client needs. Reads
+are refused (EIO): a mirror never reads its target, and the journal is not
+a disk.
+
+A write that cannot be made durable (a full disk, an I/O error) is answered
+with an error: QEMU then fails the mirror job and the guest runs on (the
+write is in its disk; the daemon's repair backup takes it, docs/PROTECT.md).
+The server exits after such an error: a journal with a hole must not grow.
+
+Run by rpofs.protect.mirror (detached from the daemon: it outlives a daemon
+killed with -9, and the mirror with it):
+    python -m rpofs.protect.server DIR SOCKET vda=SIZE [vdb=SIZE ...]
+"""
+
+import contextlib
+import errno
+import logging
+import os
+import signal
+import socket
+import struct
+import sys
+
+import trio
+
+from ..durable import sync_dir
+from ..timefmt import now_us
+from . import records
+
+log = logging.getLogger("rpofs.protect.server")
+
+NBDMAGIC = 0x4E42444D41474943
+IHAVEOPT = 0x49484156454F5054
+REPLY_MAGIC = 0x3E889045565A9
+REQUEST_MAGIC = 0x25609513
+SIMPLE_REPLY_MAGIC = 0x67446698
+FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES = 1, 2
+OPT_EXPORT_NAME, OPT_ABORT, OPT_LIST, OPT_INFO, OPT_GO = 1, 2, 3, 6, 7
+REP_ACK, REP_SERVER, REP_INFO = 1, 2, 3
+REP_ERR_UNSUP, REP_ERR_INVALID, REP_ERR_UNKNOWN = (1 << 31) + 1, (1 << 31) + 3, (1 << 31) + 6
+INFO_EXPORT, INFO_BLOCK_SIZE = 0, 3
+CMD_READ, CMD_WRITE, CMD_DISC, CMD_FLUSH, CMD_TRIM, CMD_CACHE, CMD_WRITE_ZEROES = 0, 1, 2, 3, 4, 5, 6
+# HAS_FLAGS | SEND_FLUSH | SEND_FUA | SEND_WRITE_ZEROES | CAN_MULTI_CONN. No TRIM: a
+# discarded range's content is undefined, so it is not journaled (QEMU 7.2 does not
+# pass a guest's discard to a mirror target anyway).
+TRANSMISSION_FLAGS = 1 | 4 | 8 | 64 | 256
+MAX_PAYLOAD = 32 << 20
+SEGMENT_BYTES = 256 << 20  # a new segment after this many bytes
+
+_REQUEST = struct.Struct(">IHHQQI")
+_OPTION = struct.Struct(">QII")
+_REPLY = struct.Struct(">IIQ")
+
+
+class Journal:
+    """The segment being appended and the group commit in front of it."""
+
+    def __init__(self, directory: str):
+        self.directory = directory
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        self.fd = -1
+        self.size = 0
+        self.last_us = 0
+        self.floor_us = 0    # the next record's earliest time: later than every batch taken
+        self.pending: list[bytes] = []
+        self.waiters: list[trio.Event] = []
+        self.wake = trio.Event()
+        self.failed: OSError | None = None
+
+    def take(self, kind: int, disk: int, offset: int, data, length: int) -> trio.Event:
+        """Queue a write (or zeroing) for the next commit; the event is set
+        once it is durable (or the journal failed: self.failed)."""
+        self.last_us = max(self.last_us, self.floor_us, now_us())  # never backwards, whatever the clock does
+        if kind == records.KIND_WRITE:
+            view = memoryview(data)
+            for i in range(0, length, records.MAX_RECORD):
+                self.pending.append(records.encode(kind, disk, offset + i, view[i:i + records.MAX_RECORD],
+                                                   self.last_us))
+        else:
+            self.pending.append(records.encode(kind, disk, offset, b"", self.last_us, length))
+        done = trio.Event()
+        self.waiters.append(done)
+        self.wake.set()
+        return done
+
+    async def run_commits(self) -> None:
+        """Forever: write what is pending, fdatasync, answer it."""
+        while True:
+            await self.wake.wait()
+            self.wake = trio.Event()
+            batch, waiters = self.pending, self.waiters
+            self.pending, self.waiters = [], []
+            if not batch:
+                continue
+            batch.append(records.encode(records.KIND_COMMIT, 0, 0, b"", self.last_us))
+            self.floor_us = self.last_us + 1  # what is taken in from now on is a later batch
+            try:
+                await trio.to_thread.run_sync(self._write_durably, batch)
+            except OSError as e:
+                self.failed = e
+                log.error("journal %s: %s: answering errors from now on", self.directory, e)
+            for w in waiters:
+                w.set()
+            if self.failed:
+                return
+
+    def _write_durably(self, batch: list[bytes]) -> None:
+        if self.fd < 0 or self.size >= SEGMENT_BYTES:
+            self._new_segment()
+        data = b"".join(batch)
+        view = memoryview(data)
+        while view:
+            n = os.write(self.fd, view)
+            view = view[n:]
+        os.fdatasync(self.fd)
+        self.size += len(data)
+
+    def _new_segment(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+        path = os.path.join(self.directory, records.segment_name(self.last_us))
+        n = 0
+        while os.path.exists(path):  # a restart within the same microsecond
+            n += 1
+            path = os.path.join(self.directory, records.segment_name(self.last_us + n))
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        self.size = 0
+        sync_dir(self.directory)
+
+
+class Connection:
+    def __init__(self, stream: trio.SocketStream, journal: Journal, exports: dict[str, tuple[int, int]]):
+        self.stream = stream
+        self.journal = journal
+        self.exports = exports  # name -> (disk index, size)
+        self.buffer = bytearray()
+        self.send_lock = trio.Lock()
+
+    async def recv_exactly(self, n: int) -> bytes:
+        while len(self.buffer) < n:
+            chunk = await self.stream.receive_some(max(65536, n - len(self.buffer)))
+            if not chunk:
+                raise EOFError
+            self.buffer += chunk
+        out = bytes(self.buffer[:n])
+        del self.buffer[:n]
+        return out
+
+    async def send(self, data: bytes) -> None:
+        async with self.send_lock:
+            await self.stream.send_all(data)
+
+    async def option_reply(self, option: int, reply: int, data: bytes = b"") -> None:
+        await self.send(_OPTION.pack(REPLY_MAGIC, option, reply) + struct.pack(">I", len(data)) + data)
+
+    async def handshake(self) -> tuple[int, int] | None:
+        """Negotiate; the chosen export's (disk, size), or None when the client left."""
+        await self.send(struct.pack(">QQH", NBDMAGIC, IHAVEOPT, FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES))
+        client_flags = struct.unpack(">I", await self.recv_exactly(4))[0]
+        while True:
+            magic, option, length = struct.unpack(">QII", await self.recv_exactly(16))
+            if magic != IHAVEOPT or length > 65536:
+                return None
+            data = await self.recv_exactly(length)
+            if option == OPT_EXPORT_NAME:
+                export = self.exports.get(data.decode(errors="replace"))
+                if export is None:
+                    return None  # the protocol's only answer: close
+                tail = b"" if client_flags & FLAG_NO_ZEROES else bytes(124)
+                await self.send(struct.pack(">QH", export[1], TRANSMISSION_FLAGS) + tail)
+                return export
+            if option in (OPT_INFO, OPT_GO):
+                (name_len,) = struct.unpack(">I", data[:4])
+                name = data[4:4 + name_len].decode(errors="replace")
+                export = self.exports.get(name)
+                if export is None:
+                    await self.option_reply(option, REP_ERR_UNKNOWN, f"no export {name!r}".encode())
+                    continue
+                await self.option_reply(option, REP_INFO, struct.pack(">HQH", INFO_EXPORT, export[1],
+                                                                      TRANSMISSION_FLAGS))
+                await self.option_reply(option, REP_INFO, struct.pack(">HIII", INFO_BLOCK_SIZE, 1, 4096,
+                                                                      MAX_PAYLOAD))
+                await self.option_reply(option, REP_ACK)
+                if option == OPT_GO:
+                    return export
+            elif option == OPT_LIST:
+                for name in self.exports:
+                    await self.option_reply(option, REP_SERVER, struct.pack(">I", len(name)) + name.encode())
+                await self.option_reply(option, REP_ACK)
+            elif option == OPT_ABORT:
+                await self.option_reply(option, REP_ACK)
+                return None
+            else:
+                await self.option_reply(option, REP_ERR_UNSUP)
+
+    async def serve(self) -> None:
+        try:
+            export = await self.handshake()
+            if export is None:
+                return
+            disk, size = export
+            async with trio.open_nursery() as nursery:
+                while True:
+                    magic, flags, command, handle, offset, length = _REQUEST.unpack(
+                        await self.recv_exactly(_REQUEST.size))
+                    if magic != REQUEST_MAGIC:
+                        return
+                    if command == CMD_DISC:
+                        return
+                    if command == CMD_WRITE:
+                        if length > MAX_PAYLOAD:
+                            return  # the client broke the protocol: its data cannot be skipped safely
+                        data = await self.recv_exactly(length)
+                    if command in (CMD_WRITE, CMD_WRITE_ZEROES):
+                        if offset + length > size or self.journal.failed:
+                            await self.reply(handle, errno.ENOSPC if self._full() else errno.EIO)
+                            continue
+                        if length == 0:
+                            await self.reply(handle, 0)
+                            continue
+                        kind = records.KIND_WRITE if command == CMD_WRITE else records.KIND_ZERO
+                        done = self.journal.take(kind, disk, offset, data if command == CMD_WRITE else b"", length)
+                        nursery.start_soon(self.answer_when_durable, handle, done)
+                    elif command == CMD_FLUSH:
+                        # Every write answered is durable already; one not answered yet is
+                        # not the client's to count on.
+                        await self.reply(handle, errno.EIO if self.journal.failed else 0)
+                    else:  # READ, TRIM (not advertised), CACHE, BLOCK_STATUS
+                        await self.reply(handle, errno.EIO if command == CMD_READ else errno.EINVAL)
+        except (EOFError, trio.BrokenResourceError, trio.ClosedResourceError):
+            return
+        finally:
+            with trio.CancelScope(shield=True):
+                await self.stream.aclose()
+
+    def _full(self) -> bool:
+        return isinstance(self.journal.failed, OSError) and self.journal.failed.errno == errno.ENOSPC
+
+    async def answer_when_durable(self, handle: int, done: trio.Event) -> None:
+        await done.wait()
+        await self.reply(handle, (errno.ENOSPC if self._full() else errno.EIO) if self.journal.failed else 0)
+
+    async def reply(self, handle: int, error: int) -> None:
+        await self.send(_REPLY.pack(SIMPLE_REPLY_MAGIC, error, handle))
+
+
+async def serve(directory: str, path: str, exports: dict[str, tuple[int, int]],
+                task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Serve until the journal fails (then exit: the mirror fails over) or
+    the process is told to stop."""
+    journal = Journal(directory)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    await sock.bind(path)
+    os.chmod(path, 0o600)
+    sock.listen(16)
+    listener = trio.SocketListener(sock)
+    async with trio.open_nursery() as nursery:
+        async def watch_failure():
+            await journal.run_commits()
+            await trio.sleep(0.5)   # let the error replies go out
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(watch_failure)
+
+        async def handle(stream):
+            await Connection(stream, journal, exports).serve()
+
+        nursery.start_soon(trio.serve_listeners, handle, [listener])
+        task_status.started()
+    if journal.failed:
+        raise SystemExit(f"journal {directory}: {journal.failed}")
+
+
+def parse_exports(args: list[str]) -> dict[str, tuple[int, int]]:
+    """["vda=SIZE", ...] -> {"vda": (0, SIZE), ...}: disk numbers by position."""
+    out = {}
+    for i, arg in enumerate(args):
+        name, _, size = arg.partition("=")
+        out[name] = (i, int(size))
+    return out
+
+
+def main(argv: list[str]) -> None:
+    directory, path, *disks = argv
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    trio.run(serve, directory, path, parse_exports(disks))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
