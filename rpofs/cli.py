@@ -78,6 +78,9 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--foreground", action="store_true", help="serve in this process until unmounted")
     m.add_argument("--allow-other", action="store_true",
                    help="let other users read, with the kernel checking permissions")
+    m.add_argument("--journal-spacing", type=float, default=1.0, metavar="SECONDS",
+                   help="a continuously protected VM lists one instant per this many seconds that had "
+                   "writes (default 1); at/ reaches every instant to the microsecond")
     m.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
     m.add_argument("--key-fd", type=int, default=None, help=argparse.SUPPRESS)  # the master key, from rpofs mount
 
@@ -483,7 +486,10 @@ def cmd_ship(repo_path: str, args) -> int:
 
 def cmd_mount(repo_path: str, args) -> None:
     from .mount.daemon import MountOptions, mount_background, mount_foreground
-    opts = MountOptions(repo=repo_path, mountpoint=os.path.abspath(args.mountpoint), allow_other=args.allow_other)
+    if not args.journal_spacing > 0:
+        raise RpofsError("--journal-spacing must be more than 0 seconds")
+    opts = MountOptions(repo=repo_path, mountpoint=os.path.abspath(args.mountpoint), allow_other=args.allow_other,
+                        journal_spacing_s=args.journal_spacing)
     keys = key_source(repo_path, args)
     if args.foreground:
         mount_foreground(opts, args.ready_fd, keys)

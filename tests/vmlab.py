@@ -42,7 +42,7 @@ class WriteLog:
         disks = [bytearray(d) for d in self.base[vm]]
         for w in self.writes[:k]:
             if w[0] == vm:
-                disks[w[1]][w[2]:w[2] + w[3]] = bytes([w[4]]) * w[3]
+                disks[w[1]][w[2]:w[2] + w[3]] = bytes([w[4] or 0]) * w[3]  # None: zeroed
         return disks
 
     def candidates(self, time_s: float, slack_s: float) -> range:

@@ -36,6 +36,7 @@ class MountOptions:
     mountpoint: str
     allow_other: bool = False
     log_file: str = ""
+    journal_spacing_s: float = 1.0   # protected VMs: one listed instant per this much journal activity
 
 
 def check_mountpoint(path: str) -> None:
@@ -99,6 +100,8 @@ def start_mount(opts: MountOptions, master_key: bytes | None = None) -> Starting
            "--foreground", "--ready-fd", str(write_fd)]
     if opts.allow_other:
         cmd.append("--allow-other")
+    if opts.journal_spacing_s != MountOptions.journal_spacing_s:
+        cmd += ["--journal-spacing", str(opts.journal_spacing_s)]
     pass_fds = [write_fd]
     if master_key is not None:
         key_read, key_write = os.pipe()
@@ -137,7 +140,7 @@ def mount_foreground(opts: MountOptions, ready_fd: int | None = None, keys=None)
         tell(f"error: {e}")
         raise
     try:
-        ops = Operations(Tree(repo))
+        ops = Operations(Tree(repo, journal_spacing_s=opts.journal_spacing_s))
         options = set(pyfuse3.default_options) - {"default_permissions"}
         options |= {f"fsname=rpofs:{opts.repo}", "subtype=rpofs", "ro"}
         if opts.allow_other:

@@ -13,8 +13,12 @@
     /<vm>/<time>/                      AppPointDir: one per app point (a shipment of an app's log,
                                        docs/APPS.md): its base block point's disks, domain.xml and
                                        files/, its own point.json (AppPointJson), and apps/ as of it
-    /<vm>/at/<any time> -> ../<time>   AtDir, AtLink: as-of, the newest point of either kind at or
-                                       before it; at/ lists nothing
+    /<vm>/<time to the us>/            JournalPointDir: a continuously protected VM's disks as of an
+                                       instant of its journal (rpofs.protect.view, docs/PROTECT.md):
+                                       JournalDisk images, JournalPointJson, the base's domain.xml;
+                                       one listed per journal_spacing of writes, any record's by name
+    /<vm>/at/<any time> -> ../<time>   AtDir, AtLink: as-of, the newest point of any kind (block,
+                                       app, journal instant) at or before it; at/ lists nothing
     /.by-uuid/<vm uuid> -> ../<vm>     ByUuid, UuidLink: a path that names the same VM however
                                        names clash or VMs are renamed (a recovered VM's overlays
                                        name their backing file through it, with the point's time
@@ -132,13 +136,18 @@ class _VmView:
     ship_by_name: dict[str, ShipRecord] = field(default_factory=dict)
     ships_stable_us: int = 0
     has_apps: bool = False
+    # a protected VM's journal (rpofs.protect.view): its sessions and the instants listed
+    journal: list = field(default_factory=list)
+    instants: list[int] = field(default_factory=list)
 
     def newest(self) -> tuple[str, int]:
-        """The newest point's name and time, of either kind."""
-        block = (self.names[-1], self.points[-1].time_us)
-        if self.ships and self.ships[-1].time_us > block[1]:
-            return self.ships[-1].name, self.ships[-1].time_us
-        return block
+        """The newest point's name and time, of any kind."""
+        best = (self.names[-1], self.points[-1].time_us)
+        if self.ships and self.ships[-1].time_us > best[1]:
+            best = self.ships[-1].name, self.ships[-1].time_us
+        if self.instants and self.instants[-1] > best[1]:
+            best = format_time(self.instants[-1], 6), self.instants[-1]
+        return best
 
     def take_ships(self, fresh: list[ShipRecord], since_us: int) -> None:
         """Replace the app points from since_us on with `fresh` (readable ones)."""
@@ -168,9 +177,11 @@ class _VmView:
 
 
 class Tree:
-    def __init__(self, repo: Repository, refresh_s: float = REFRESH_S):
+    def __init__(self, repo: Repository, refresh_s: float = REFRESH_S, journal_spacing_s: float = 1.0):
         self.repo = repo
         self._refresh_s = refresh_s
+        self._spacing_us = max(1, int(journal_spacing_s * US))
+        self._journal = None
         self._lock = threading.RLock()
         self._loaded_at = float("-inf")
         self._vms: dict[str, _VmView] = {}       # directory name -> view
@@ -196,6 +207,15 @@ class Tree:
                     self._apps = AppViews(self.repo, self.guest)
                 apps = self._apps
         return apps
+
+    @property
+    def journal(self):
+        """Protected VMs' journals (rpofs.protect.view), made when first used."""
+        with self._lock:
+            if self._journal is None:
+                from ..protect.view import JournalViews
+                self._journal = JournalViews(self.repo)
+            return self._journal
 
     @property
     def guest(self):
@@ -236,6 +256,7 @@ class Tree:
                 if not view.points:
                     continue
                 self._refresh_ships(view)
+                self._refresh_journal(view)
                 dirname = safe_name(name if names.count(name) == 1 else f"{name}.{uuid[:8]}", uuid)
                 views[dirname] = view
                 dirs[uuid] = dirname
@@ -251,6 +272,35 @@ class Tree:
         view.ships_stable_us = view.points[-1].time_us
         self._ships.update((s.ship, s) for s in fresh if s.base is not None)
         view.has_apps = view.has_apps or bool(view.ships) or bool(catalog.apps(self.repo, view.uuid))
+
+    def _refresh_journal(self, view: _VmView) -> None:
+        """A protected VM's journal scanned on, and its instants to list."""
+        from ..protect import sessions
+        if not view.journal and not sessions.of_vm(self.repo, view.uuid):
+            return
+        view.journal = self.journal.refresh(view.uuid)
+        view.instants = self.journal.instants(view.journal, view.points, self._spacing_us)
+
+    def journal_base(self, uuid: str, time_us: int):
+        """(session view, base point) an instant of the VM's journal reads
+        from; NoSuchEntry when it cannot be read (no journal covers it)."""
+        view = self._view(uuid)
+        found = self.journal.base(view.journal, view.points, time_us) if view.journal else None
+        if found is None:
+            raise NoSuchEntry(f"no journal of {uuid} covers {format_time(time_us, 6)}")
+        return found
+
+    def _instant(self, view: _VmView, name: str) -> int | None:
+        """The journal instant a name names: a record's time to the microsecond."""
+        if not view.journal or len(name) != 27:
+            return None
+        try:
+            t = parse_as_of(name)
+        except BadTime:
+            return None
+        if format_time(t, 6) != name or self.journal.change_at_or_before(view.journal, view.points, t) != t:
+            return None
+        return t
 
     def ship(self, no: int) -> ShipRecord:
         """An app point's record; NoSuchEntry once it is pruned."""
@@ -376,7 +426,7 @@ class Tree:
         """A point's name names it; any other time, its newest point of
         either kind (block or app) at or before."""
         view = self._view(uuid)
-        if text in view.by_name or text in view.ship_by_name:
+        if text in view.by_name or text in view.ship_by_name or self._instant(view, text) is not None:
             return text
         try:
             bound = parse_as_of(text)
@@ -390,8 +440,12 @@ class Tree:
         for s in reversed(view.ships):
             if s.time_us <= bound:
                 if s.time_us > best_us:
-                    best = s.name
+                    best, best_us = s.name, s.time_us
                 break
+        if view.journal:
+            t = self.journal.change_at_or_before(view.journal, view.points, bound)
+            if t is not None and t > best_us:
+                best = format_time(t, 6)
         if best is None:
             raise NoSuchEntry(f"no point of {uuid} at or before {text}")
         return best
@@ -464,9 +518,15 @@ class VmDir(Node):
         view = tree._view(self.uuid)
         points = zip(view.names, view.points) if name is None else [(name, view.by_name.get(name))]
         ships = view.ships if name is None else [view.ship_by_name.get(name)]
+        if name is None:
+            instants = [(format_time(t, 6), t) for t in view.instants]
+        else:
+            t = tree._instant(view, name) if name not in view.by_name and name not in view.ship_by_name else None
+            instants = [] if t is None else [(name, t)]
         return ([("at", AtDir(self.uuid)), ("latest", Latest(self.uuid))]
                 + [(n, PointDir(p.point)) for n, p in points if p is not None]
-                + [(s.name, AppPointDir(s.ship)) for s in ships if s is not None])
+                + [(s.name, AppPointDir(s.ship)) for s in ships if s is not None]
+                + [(n, JournalPointDir(self.uuid, t)) for n, t in instants])
 
 
 @dataclass(frozen=True, slots=True)
@@ -696,6 +756,56 @@ class AppFile(Node):
         return self._file(tree).reader
 
 
+@dataclass(frozen=True, slots=True)
+class JournalPointDir(Node):
+    """A protected VM at an instant of its journal: the disks as of it,
+    point.json, and the base point's domain.xml (rpofs.protect.view)."""
+    uuid: str
+    time_us: int
+
+    def attr(self, tree: Tree, ino: int) -> Attr:
+        return Attr(ino, _DIR, 0, self.time_us * 1000, VOLATILE_TTL)
+
+    def children(self, tree: Tree, name: str | None = None) -> list[tuple[str, Node]]:
+        session, base = tree.journal_base(self.uuid, self.time_us)
+        disks = [(f"{d.target}.raw", JournalDisk(self.uuid, self.time_us, d.target)) for d in session.session.disks]
+        return disks + [("point.json", JournalPointJson(self.uuid, self.time_us)),
+                        ("domain.xml", DomainXml(base.point))]
+
+
+@dataclass(frozen=True, slots=True)
+class JournalDisk(Node):
+    uuid: str
+    time_us: int
+    target: str
+
+    def attr(self, tree: Tree, ino: int) -> Attr:
+        session, _ = tree.journal_base(self.uuid, self.time_us)
+        size = next(d.size for d in session.session.disks if d.target == self.target)
+        return Attr(ino, _FILE, size, self.time_us * 1000, IMMUTABLE_TTL)
+
+    def open(self, tree: Tree):
+        session, base = tree.journal_base(self.uuid, self.time_us)
+        return tree.journal.reader(session, base, self.time_us, self.target)
+
+
+@dataclass(frozen=True, slots=True)
+class JournalPointJson(Node):
+    uuid: str
+    time_us: int
+
+    def content(self, tree: Tree) -> bytes:
+        from ..protect.view import instant_json
+        session, base = tree.journal_base(self.uuid, self.time_us)
+        return (json.dumps(instant_json(session, base, self.time_us), indent=2) + "\n").encode()
+
+    def attr(self, tree: Tree, ino: int) -> Attr:
+        return Attr(ino, _FILE, len(self.content(tree)), self.time_us * 1000, IMMUTABLE_TTL)
+
+    def open(self, tree: Tree) -> "_Bytes":
+        return _Bytes(self.content(tree))
+
+
 def guest_attr(ino: int, e) -> Attr:
     """A guest entry's attributes (rpofs.files.filesystems.Entry)."""
     return Attr(ino, e.mode, e.size, e.mtime_ns, IMMUTABLE_TTL, e.uid, e.gid, e.nlink, e.atime_ns, e.ctime_ns)
@@ -731,6 +841,7 @@ def point_json(name: str, p: PointRecord, files: dict | None = None) -> bytes:
         "warnings": list(p.warnings),
         "firmware": sorted(p.firmware) if p.firmware is not None else None,
         "stats": p.stats,
+        "origin": p.origin or "backup",
     }
     if files is not None:
         body["files"] = files

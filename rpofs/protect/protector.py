@@ -363,3 +363,38 @@ def unprotect(repo: Repository, dom: Domain, lock_wait_s: float = 30.0) -> Prote
         if live is None:
             return None
         return end(repo, dom, live, "stopped by rpofs unprotect")[0]
+
+
+def drop_journal(repo: Repository, session: ProtectionSession, keep_within_us: int, now: int | None = None) -> int:
+    """Retention of the journal's microsecond precision: delete the
+    segments whose every record is folded and older than keep_within_us
+    (oldest first: the journal stays a suffix), recording up to when
+    records may be gone. An instant whose base fold is older then reads
+    from its fold only (at/ falls back to the points). Bytes freed."""
+    now = now_us() if now is None else now
+    horizon = min(session.folded_us if session.state != "ended" else session.last_us, now - keep_within_us)
+    directory = sessions.journal_dir(repo.path, session)
+    paths = records.segments(directory)
+    freed, dropped_to = 0, session.journal_from_us
+    for i, path in enumerate(paths):
+        # a segment's records are all older than the next segment's start
+        if i + 1 == len(paths):
+            if session.state != "ended":
+                break
+            last = records.scan(path).records
+            newest = last[-1].time_us if last else 0
+        else:
+            newest = records.segment_start(os.path.basename(paths[i + 1])) - 1
+        if newest > horizon:
+            break
+        freed += os.path.getsize(path)
+        dropped_to = max(dropped_to, newest)
+        # recorded before the file goes: a reader never trusts a journal that lost records
+        session = sessions.save(repo, replace(session, journal_from_us=dropped_to))
+        os.unlink(path)
+    if session.state == "ended" and not records.segments(directory):
+        with contextlib.suppress(OSError):
+            for name in os.listdir(directory):
+                os.unlink(os.path.join(directory, name))
+            os.rmdir(directory)
+    return freed

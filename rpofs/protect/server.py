@@ -103,10 +103,11 @@ class Journal:
             self.pending, self.waiters = [], []
             if not batch:
                 continue
-            batch.append(records.encode(records.KIND_COMMIT, 0, 0, b"", self.last_us))
-            self.floor_us = self.last_us + 1  # what is taken in from now on is a later batch
+            batch_us = self.last_us
+            batch.append(records.encode(records.KIND_COMMIT, 0, 0, b"", batch_us))
+            self.floor_us = batch_us + 1  # what is taken in from now on is a later batch
             try:
-                await trio.to_thread.run_sync(self._write_durably, batch)
+                await trio.to_thread.run_sync(self._write_durably, batch, batch_us)
             except OSError as e:
                 self.failed = e
                 log.error("journal %s: %s: answering errors from now on", self.directory, e)
@@ -115,9 +116,9 @@ class Journal:
             if self.failed:
                 return
 
-    def _write_durably(self, batch: list[bytes]) -> None:
+    def _write_durably(self, batch: list[bytes], batch_us: int) -> None:
         if self.fd < 0 or self.size >= SEGMENT_BYTES:
-            self._new_segment()
+            self._new_segment(batch_us)
         data = b"".join(batch)
         view = memoryview(data)
         while view:
@@ -126,14 +127,13 @@ class Journal:
         os.fdatasync(self.fd)
         self.size += len(data)
 
-    def _new_segment(self) -> None:
+    def _new_segment(self, first_us: int) -> None:
+        """Named by its first batch's time: every earlier segment's records are older."""
         if self.fd >= 0:
             os.close(self.fd)
-        path = os.path.join(self.directory, records.segment_name(self.last_us))
-        n = 0
-        while os.path.exists(path):  # a restart within the same microsecond
-            n += 1
-            path = os.path.join(self.directory, records.segment_name(self.last_us + n))
+        path = os.path.join(self.directory, records.segment_name(first_us))
+        if os.path.exists(path):  # a server started again within the same microsecond
+            raise OSError(errno.EEXIST, "journal segment exists", path)
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o600)
         self.size = 0
         sync_dir(self.directory)

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from ..store.materialize import DiskReader
 from ..store.repo import Repository
 from ..store.schema import PointRecord, ProtectionSession
+from ..timefmt import format_time
 from . import records as rec
 from . import sessions
 from .protector import Journal
@@ -154,3 +155,24 @@ class JournalDiskReader:
         for i in touching:
             rec.apply(buf, offset, self.records[i], self.cache)
         return buf
+
+
+def instant_json(v: _SessionView, base: PointRecord, t: int) -> dict:
+    """point.json of a journal instant: a stable, documented shape (docs/PROTECT.md)."""
+    lo = bisect.bisect_right(v.times, base.time_us)
+    hi = bisect.bisect_right(v.times, t)
+    s = v.session
+    return {
+        "name": format_time(t, 6),
+        "time": format_time(t, 6),
+        "kind": "journal",
+        "origin": "journal",
+        "vm": {"uuid": s.vm, "name": base.vm_name},
+        "base": {"point": base.point, "name": base.name, "time": format_time(base.time_us, 6)},
+        "chain": base.chain,
+        "consistency": "crash-consistent",
+        "session": {"started": format_time(s.started_us, 6), "state": s.state,
+                    "ready": format_time(s.ready_us, 6)},
+        "disks": [{"target": d.target, "size": d.size, "source": d.source} for d in s.disks],
+        "records_applied": hi - lo,
+    }
