@@ -17,6 +17,7 @@ import pytest
 
 from vmlab import TestVM, WriteLog, make_qcow2, mounted, points_json, run_rpofs, seeded_content, wait_for
 
+from rpofs.protect import sessions
 from rpofs.store.repo import Repository
 from rpofs.store.materialize import DiskReader
 from rpofs.timefmt import format_time
@@ -113,5 +114,94 @@ def test_every_instant_holds_exactly_the_writes_acknowledged_before_it(tmp_path)
         finally:
             r.close()
         assert got == [bytes(d) for d in log.state(0, len(log.writes))]
+    finally:
+        vm.destroy()
+
+
+def _status(repo) -> dict:
+    vms = json.loads(run_rpofs("status", "--json", repo=repo).stdout)["vms"]
+    return vms[0] if vms else {}
+
+
+def _session_count(repo, uuid) -> list:
+    r = Repository.open(str(repo))
+    try:
+        return sessions.of_vm(r, uuid)
+    finally:
+        r.close()
+
+
+def test_the_ingester_keeps_protection_through_a_daemon_kill_and_a_server_kill(tmp_path):
+    """continuous = true: protected, folded every journal_fold; the daemon
+    killed with -9 and started again takes the same session over (nothing
+    folded twice); the journal server killed: the guest runs on, a backup
+    at once takes what the journal missed, protection comes back in a new
+    session. Every point and a sample of instants hold exactly a prefix of
+    the writes their time allows, and nothing acknowledged is lost."""
+    from test_ingest_daemon import SLACK_S, Writer, check_every_point, start_daemon
+    import test_ingest_daemon
+    vm, contents = _vm(tmp_path, f"rpofs-ptd-{os.getpid()}")
+    test_ingest_daemon.SIZE = min(SIZES)   # the Writer's offsets stay on both disks
+    log = WriteLog([contents])
+    repo, config, log_path = tmp_path / "repo", tmp_path / "rpofs.toml", tmp_path / "ingest.log"
+    run_rpofs("init", repo=repo)
+    config.write_text(f'[ingest]\nvms = ["{vm.name}"]\n[vm.{vm.name}]\ncontinuous = true\njournal_fold = "2s"\n'
+                      f'keep_journal_within = "1h"\nlog_interval = "1s"\nfull_interval = "1h"\n')
+    writer = Writer([vm], log, seed=3)
+    daemon = start_daemon(repo, config, log_path)
+    try:
+        wait_for(lambda: (_status(repo).get("protection") or {}).get("state") == "protected", timeout=60,
+                 what="protection")
+        writer.start()
+        wait_for(lambda: sum(p["origin"] == "journal" for p in points_json(repo, vm.name)) >= 3, timeout=60,
+                 what="three folds")
+        first = _session_count(repo, vm.uuid)
+        assert len(first) == 1 and first[0].state == "protected"
+        daemon.kill()
+        daemon.wait()
+        time.sleep(1.0)   # writes go on, journaled by the server the daemon left running
+        daemon = start_daemon(repo, config, log_path)
+        before = len(points_json(repo, vm.name))
+        wait_for(lambda: len(points_json(repo, vm.name)) >= before + 2, timeout=60, what="folds after the restart")
+        again = _session_count(repo, vm.uuid)
+        assert [s.started_us for s in again] == [first[0].started_us] and again[0].state == "protected"
+        os.kill(again[0].server_pid, 9)
+        writes = len(log.writes)
+        wait_for(lambda: len(log.writes) >= writes + 10, timeout=30, what="the guest to write on")
+        wait_for(lambda: any(p["origin"] == "backup" for p in points_json(repo, vm.name)), timeout=60,
+                 what="the backup after the server died")
+        wait_for(lambda: len(_session_count(repo, vm.uuid)) == 2
+                 and _session_count(repo, vm.uuid)[-1].state == "protected", timeout=90,
+                 what="protection again")
+        status = _status(repo)
+        assert status["protection"]["state"] == "protected" and status["rpo_seconds"] == 0.0
+        assert "journal server" in _session_count(repo, vm.uuid)[0].reason
+        time.sleep(2.5)
+        writer.stop.set()
+        writer.join()
+        assert writer.error is None, writer.error
+    finally:
+        writer.stop.set()
+        daemon.terminate()
+        daemon.wait(timeout=60)
+    try:
+        run_rpofs("unprotect", vm.name, repo=repo)
+        points = points_json(repo, vm.name)
+        spans = [(p["stats"]["journal"]["from_us"], p["stats"]["journal"]["to_us"]) for p in points
+                 if p["origin"] == "journal" and p["kind"] == "log"]
+        for (_, a_to), (b_from, _) in zip(spans, spans[1:]):
+            assert b_from >= a_to, f"folds overlap: {spans}"
+        with mounted(repo, tmp_path / "mnt") as mnt:
+            check_every_point(repo, mnt, [vm], log)
+            newest = points[-1]
+            disks = _read_disks(mnt / vm.name / newest["name"], None)
+            assert disks == [bytes(d) for d in log.state(0, len(log.writes))], "the last point lost writes"
+            vmdir = mnt / vm.name
+            rnd = random.Random(5)
+            for _ in range(15):
+                t = rnd.uniform(log.writes[0][5], log.writes[-1][6])
+                k = _k_of(log, _read_disks(vmdir / "at" / format_time(int(t * 1e6), 6), None),
+                          log.candidates(t, SLACK_S))
+                assert k is not None, f"at/{format_time(int(t * 1e6), 6)} holds no prefix of the writes"
     finally:
         vm.destroy()

@@ -150,9 +150,13 @@ def _end_leftovers(repo: Repository, dom: Domain) -> list[str]:
     with contextlib.suppress(FileNotFoundError):  # QEMU's socket of a job that ended uncleanly
         os.unlink(os.path.join(SOCKET_DIR, f"{dom.uuid}.sock"))
     points = repo.points(dom.uuid)
-    keep = points[-1].checkpoint if points else None
+    keep = {points[-1].checkpoint} if points else set()
+    from ..protect import sessions  # a live protection session's checkpoints are its, not leftovers
+    live = sessions.current(repo, dom.uuid)
+    if live is not None:
+        keep |= {live.checkpoint} | {name for name, _ in live.pending}
     for name in reversed(dom.checkpoints()):  # newest first: leaves before parents
-        if name != keep:
+        if name not in keep:
             dom.delete_checkpoint(name)
             done.append(f"deleted checkpoint {name}")
     return done

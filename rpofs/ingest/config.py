@@ -62,6 +62,12 @@ class VmPolicy:
     prune_interval_s: float = 600.0
     defrag_interval_s: float = 600.0       # how often a VM's newest chain is defragmented (0: never)
     apps: tuple[AppConfig, ...] = ()       # application logs shipped through the guest agent
+    # continuous protection (rpofs.protect, docs/PROTECT.md): the disks mirrored into the
+    # journal, folded into a log point every journal_fold; the journal's microsecond
+    # instants kept keep_journal_within, then only the folds
+    continuous: bool = False
+    journal_fold_s: float = 60.0
+    keep_journal_within_s: float = 3600.0
 
 
 @dataclass(frozen=True)
@@ -147,6 +153,12 @@ class _Reader:
             self.fail(key, f"expected a list of strings, got {v!r}")
         return tuple(v)
 
+    def boolean(self, key, default: bool) -> bool:
+        v = self.table.get(key, default)
+        if not isinstance(v, bool):
+            self.fail(key, f"expected true or false, got {v!r}")
+        return v
+
     def integer(self, key, default, low):
         v = self.table.get(key, default)
         if not isinstance(v, int) or isinstance(v, bool) or v < low:
@@ -172,7 +184,7 @@ class _Reader:
 
 def _policy(r: _Reader, base: VmPolicy) -> VmPolicy:
     r.check_keys({"full_interval", "log_interval", "disks", "quiesce", "quiesce_timeout", "prune_interval",
-                  "defrag_interval", "apps",
+                  "defrag_interval", "apps", "continuous", "journal_fold", "keep_journal_within",
                   *_KEEP_COUNTS, "keep_within"})
     disks = base.disks
     if "disks" in r.table:
@@ -207,7 +219,11 @@ def _policy(r: _Reader, base: VmPolicy) -> VmPolicy:
                           within_s=r.duration("keep_within", base_keep.within_s) if "keep_within" in r.table
                           else base_keep.within_s)
     return VmPolicy(full, log, disks, quiesce, retention, r.duration("prune_interval", base.prune_interval_s),
-                    r.duration("defrag_interval", base.defrag_interval_s, zero_means="never"))
+                    r.duration("defrag_interval", base.defrag_interval_s, zero_means="never"),
+                    continuous=r.boolean("continuous", base.continuous),
+                    journal_fold_s=r.duration("journal_fold", base.journal_fold_s),
+                    keep_journal_within_s=r.duration("keep_journal_within", base.keep_journal_within_s,
+                                                     zero_means="fold and drop at once"))
 
 
 _KEEP_COUNTS = {"keep_last": "last", "keep_hourly": "hourly", "keep_daily": "daily", "keep_weekly": "weekly",

@@ -15,7 +15,15 @@ independent of the block backups; a limiter bounds the agent calls in flight
 (max_agent_calls). An agent that does not answer backs the app off (up to a
 minute), said once. A shipment that waits for a block point (its stream
 started after the newest one) wakes the VM's backup task to take one now.
-On start, each VM's leftovers from a killed predecessor are ended first.
+A VM with `continuous = true` is protected (rpofs.protect, docs/PROTECT.md):
+its disks mirrored into the journal, checked every WATCH_S, the journal
+folded into a log point every journal_fold and its microsecond instants
+dropped after keep_journal_within. While protected it takes no backups
+(libvirt refuses a backup of a mirrored disk); when protection ends (the
+mirror or the server failed) a log backup runs at once, which takes every
+write the journal missed, and protection is tried again after a backoff.
+On start, each VM's leftovers from a killed predecessor are ended first
+(a live protection session is kept: its server outlives the daemon).
 """
 
 import json
@@ -47,6 +55,8 @@ DISCOVER_S = 2.0
 LOCK_WAIT_S = 2.0   # a VM's backup by hand is waited for this long, then this round is skipped
 STATUS_FILE = "ingest-status.json"
 MAX_BACKOFF_S = 60.0
+WATCH_S = 1.0             # how often a protected VM's mirror and server are checked
+PROTECT_RETRY_S = (10.0, 600.0)  # protection tried again after this, doubling to the most
 
 
 @dataclass
@@ -84,6 +94,28 @@ class VmStatus:
     job_bytes_done: int = 0      # the running backup's progress (bytes read of those it will read)
     job_bytes_total: int = 0
     apps: dict = field(default_factory=dict)   # name -> AppStatus
+    # continuous protection ("" : not asked): starting | protected | unprotected (reason says why)
+    protection: str = ""
+    protection_reason: str = ""
+    protected_since_us: int = 0
+    journal_newest_us: int = 0   # the newest record journaled
+    journal_folded_us: int = 0   # the newest fold: what is older is in ordinary points
+    journal_bytes: int = 0       # journal bytes of the current session
+    journal_bytes_per_s: float = 0.0
+
+
+@dataclass
+class _Schedule:
+    """Where one VM's backups stand, between rounds of its task."""
+    last: PointRecord | None
+    last_full: PointRecord | None
+    backoff: float = 0.0
+    failed_at: float = 0.0
+    warned: bool = False
+    now: bool = False            # the next backup is due at once (protection just ended)
+    protect_at: float = 0.0      # continuous VMs: when protection is tried next
+    protect_failures: int = 0
+    upkeep: dict = field(default_factory=lambda: {"prune": float("-inf"), "defrag": float("-inf")})
 
 
 class _JobProgress:
@@ -208,45 +240,170 @@ class Ingester:
 
     async def _vm_loop(self, uuid, name, st: VmStatus, policy) -> None:
         """Back the VM up on schedule until it stops; after each point, the
-        upkeep that is due (prune, defrag)."""
+        upkeep that is due (prune, defrag). A continuous VM is protected
+        instead whenever it can be."""
         await self._end_leftovers(uuid, name)
-        last, last_full = await trio.to_thread.run_sync(newest_and_full, self.repo, uuid)
-        st.newest_point_us = last.time_us if last else 0
-        backoff, failed_at, warned = 0.0, 0.0, False
-        upkeep = {"prune": float("-inf"), "defrag": float("-inf")}  # when each last ran (monotonic)
+        sched = _Schedule(*await trio.to_thread.run_sync(newest_and_full, self.repo, uuid))
+        st.newest_point_us = sched.last.time_us if sched.last else 0
         while True:
-            now = time.time()
-            due, full_reason = _next_due(now, last, last_full, policy)
-            if backoff:
-                due = max(due, failed_at + backoff)
-            st.next_run_us, st.state = int(due * US), "waiting" if not backoff else "failing"
-            wake = self._wake[uuid] = trio.Event()
-            with trio.move_on_after(max(0.0, due - now)):
-                await wake.wait()  # an app's shipment waits for a block point: take one now
-            if wake.is_set() and time.time() < due:
-                full_reason = ""  # early: a log (a full that is due waits for its time)
-            try:
-                point = await self._job(uuid, st, policy, full_reason)
-            except VmBusy as e:  # a backup by hand: it made the point this one was for
-                log.info("event=backup-skipped vm=%s why=%r", name, str(e))
-                last, last_full = await trio.to_thread.run_sync(newest_and_full, self.repo, uuid)
-                continue
-            except (VmNotRunning, UnknownVM) as e:
-                st.state = "gone" if isinstance(e, UnknownVM) else "not running"
-                log.info("event=stop-scheduling vm=%s why=%r", name, str(e))
+            if policy.continuous and time.time() >= sched.protect_at:
+                if not await self._protected(uuid, st, policy, sched):
+                    return
+            if not await self._backup_round(uuid, name, st, policy, sched):
                 return
-            except Exception as e:  # noqa: BLE001 — one VM's failure must not end the daemon
-                backoff, failed_at = self._failed(st, policy, e), time.time()
+
+    async def _backup_round(self, uuid, name, st: VmStatus, policy, sched: _Schedule) -> bool:
+        """Wait for the next backup and take it; False once the VM stopped.
+        A continuous VM waits at most until protection is tried again."""
+        now = time.time()
+        due, full_reason = (now, "") if sched.now else _next_due(now, sched.last, sched.last_full, policy)
+        if sched.backoff:
+            due = max(due, sched.failed_at + sched.backoff)
+        st.next_run_us, st.state = int(due * US), "waiting" if not sched.backoff else "failing"
+        wake = self._wake[uuid] = trio.Event()
+        wait = due - now
+        if policy.continuous and sched.protect_at < due:
+            wait = sched.protect_at - now
+        with trio.move_on_after(max(0.0, wait)):
+            await wake.wait()  # an app's shipment waits for a block point: take one now
+        if policy.continuous and time.time() >= sched.protect_at and not wake.is_set() and not sched.now:
+            return True        # protection's turn; the backup was not due yet
+        if wake.is_set() and time.time() < due:
+            full_reason = ""  # early: a log (a full that is due waits for its time)
+        sched.now = False
+        try:
+            point = await self._job(uuid, st, policy, full_reason)
+        except VmBusy as e:  # a backup by hand: it made the point this one was for
+            log.info("event=backup-skipped vm=%s why=%r", name, str(e))
+            sched.last, sched.last_full = await trio.to_thread.run_sync(newest_and_full, self.repo, uuid)
+            return True
+        except (VmNotRunning, UnknownVM) as e:
+            st.state = "gone" if isinstance(e, UnknownVM) else "not running"
+            log.info("event=stop-scheduling vm=%s why=%r", name, str(e))
+            return False
+        except Exception as e:  # noqa: BLE001 — one VM's failure must not end the daemon
+            sched.backoff, sched.failed_at = self._failed(st, policy, e), time.time()
+            return True
+        sched.backoff = 0.0
+        sched.last = point
+        if point.kind == "full":
+            sched.last_full = point
+        for w in point.warnings:
+            if not sched.warned:  # a missing agent is said once, not every few seconds
+                log.warning("event=crash-consistent vm=%s why=%r", name, w)
+                sched.warned = True
+        await self._upkeep(st, policy, sched.upkeep)
+        return True
+
+    # -- continuous protection -----------------------------------------------------
+
+    async def _protected(self, uuid: str, st: VmStatus, policy, sched: _Schedule) -> bool:
+        """Protect the VM (or take over its running session) and keep it
+        protected until the session ends; False once the VM stopped. After
+        an end, or a start that failed, the next backup is due at once (it
+        takes what the journal missed) and protection waits a backoff."""
+        from ..protect import protector
+        try:
+            dom = await self._call((await self._connection()).domain, uuid)
+        except UnknownVM:
+            st.state = "gone"
+            return False
+        try:
+            async with self.jobs:
+                st.state, st.protection = "protecting", "starting"
+                session = await trio.to_thread.run_sync(
+                    lambda: protector.protect(self.repo, dom, policy.disks.targets, _JobProgress(st),
+                                              lock_wait_s=LOCK_WAIT_S))
+        except (RpofsError, OSError) as e:
+            self._protection_off(st, sched, f"protection could not start: {e}")
+            return await self._still_running(dom)
+        st.protection, st.protection_reason, st.protected_since_us = "protected", "", session.ready_us
+        st.state = "protected"
+        sched.protect_failures = 0
+        log.info("event=protected vm=%s since_us=%d disks=%s", st.name, session.ready_us,
+                 ",".join(d.target for d in session.disks))
+        sched.last, sched.last_full = await trio.to_thread.run_sync(newest_and_full, self.repo, uuid)
+        st.newest_point_us = sched.last.time_us
+        reason = await self._watch(uuid, dom, st, policy, sched, session)
+        self._protection_off(st, sched, reason)
+        return await self._still_running(dom)
+
+    async def _still_running(self, dom) -> bool:
+        try:
+            return await self._call(dom.is_running)
+        except RpofsError:
+            return True  # libvirtd away: the next round finds out
+
+    async def _watch(self, uuid: str, dom, st: VmStatus, policy, sched: _Schedule, session) -> str:
+        """Every WATCH_S: the mirror and the server checked, the journal
+        folded when journal_fold is due; why the session ended."""
+        from ..protect import protector
+        journal = protector.journal_of(self.repo, session)
+        next_fold = time.monotonic() + policy.journal_fold_s
+        seen = (time.monotonic(), 0)
+        while True:
+            await trio.sleep(WATCH_S)
+            due = time.monotonic() >= next_fold
+            try:
+                session, point, broken = await trio.to_thread.run_sync(self._tick, dom, session, journal, due)
+            except VmBusy:
+                continue  # `rpofs protect` or `unprotect` by hand holds the VM: look again next time
+            except RpofsError as e:  # libvirtd restarting, say: the domain is looked up anew
+                st.last_error, st.last_error_us = str(e), int(time.time() * US)
+                log.warning("event=protection-check-failed vm=%s error=%r", st.name, str(e))
+                try:
+                    dom = await self._call((await self._connection()).domain, uuid)
+                except RpofsError:
+                    pass
                 continue
-            backoff = 0.0
-            last = point
-            if point.kind == "full":
-                last_full = point
-            for w in point.warnings:
-                if not warned:  # a missing agent is said once, not every few seconds
-                    log.warning("event=crash-consistent vm=%s why=%r", name, w)
-                    warned = True
-            await self._upkeep(st, policy, upkeep)
+            if point is not None:
+                st.last_job_s = 0.0
+                self._record(st, point)
+                sched.last = point
+                if point.kind == "full":
+                    sched.last_full = point
+            newest = journal.newest()
+            st.journal_newest_us, st.journal_folded_us = newest, session.folded_us
+            size = journal.size()
+            st.journal_bytes_per_s = (size - seen[1]) / max(time.monotonic() - seen[0], 1e-3)
+            st.journal_bytes, seen = size, (time.monotonic(), size)
+            if broken:
+                return broken
+            if due:
+                next_fold = time.monotonic() + policy.journal_fold_s
+                await self._drop_journal(st, policy)
+                await self._upkeep(st, policy, sched.upkeep)
+
+    def _tick(self, dom, session, journal, fold_due: bool):
+        """One check (and fold when due) under the VM's lock: never at the
+        same time as a protect or unprotect by hand."""
+        from ..protect import protector
+        from ..store.vmlock import vm_lock
+        with vm_lock(self.repo.path, dom.uuid, dom.name, "protection", LOCK_WAIT_S):
+            from ..protect import sessions
+            live = sessions.current(self.repo, dom.uuid)
+            if live is None or live.started_us != session.started_us:
+                return session, None, "the session was ended by hand"
+            return protector.tick(self.repo, dom, live, journal, fold_due)
+
+    def _protection_off(self, st: VmStatus, sched: _Schedule, reason: str) -> None:
+        """Protection ended or did not start: back up at once, retry later."""
+        delay = min(PROTECT_RETRY_S[0] * 2 ** min(sched.protect_failures, 8), PROTECT_RETRY_S[1])
+        sched.protect_failures += 1
+        sched.protect_at, sched.now = time.time() + delay, True
+        st.protection, st.protection_reason = "unprotected", reason
+        st.protected_since_us = 0
+        log.warning("event=unprotected vm=%s retry_s=%g why=%r", st.name, delay, reason)
+
+    async def _drop_journal(self, st: VmStatus, policy) -> None:
+        """The journal's instants older than keep_journal_within go (every session of the VM)."""
+        from ..protect import protector, sessions
+        try:
+            for session in await trio.to_thread.run_sync(sessions.of_vm, self.repo, st.uuid):
+                await trio.to_thread.run_sync(protector.drop_journal, self.repo, session,
+                                              int(policy.keep_journal_within_s * US))
+        except (RpofsError, OSError) as e:
+            log.warning("event=journal-retention-failed vm=%s error=%r", st.name, str(e))
 
     async def _ship_loop(self, uuid: str, st: VmStatus, app) -> None:
         """Ship one app every interval until the VM's task ends. The app has

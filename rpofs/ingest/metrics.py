@@ -67,6 +67,11 @@ METRICS = {
     "rpofs_app_shipped_bytes_total": ("counter", "log bytes this daemon shipped for the app"),
     "rpofs_app_agent_up": ("gauge", "1 while the app's last round reached the guest agent, else 0"),
     "rpofs_app_waiting": ("gauge", "1 while the app's newest app point waits for a block point to extend"),
+    "rpofs_protected": ("gauge", "continuous VMs: 1 while every write is journaled before it completes, "
+                        "0 while protection is down (backups run instead)"),
+    "rpofs_journal_unfolded_seconds": ("gauge", "age of the newest fold of the journal into a point"),
+    "rpofs_journal_bytes": ("gauge", "bytes of the current protection session's journal on disk"),
+    "rpofs_journal_bytes_per_second": ("gauge", "how fast the journal grew over the last check"),
 }
 
 
@@ -93,9 +98,18 @@ def render(vms, repository_bytes: int | None, now_us: float, verified: dict | No
         samples["rpofs_repository_bytes"].append(f"rpofs_repository_bytes {repository_bytes}")
     for s in vms:
         label = f'{{vm="{_label(s.name)}",uuid="{_label(s.uuid)}"}}'
+        protected = getattr(s, "protection", "") == "protected"
         if s.newest_point_us:
-            samples["rpofs_rpo_age_seconds"].append(
-                f"rpofs_rpo_age_seconds{label} {(now_us - s.newest_point_us) / 1e6:.3f}")
+            age = 0.0 if protected else (now_us - s.newest_point_us) / 1e6  # protected: nothing at risk
+            samples["rpofs_rpo_age_seconds"].append(f"rpofs_rpo_age_seconds{label} {age:.3f}")
+        if getattr(s, "protection", ""):
+            samples["rpofs_protected"].append(f"rpofs_protected{label} {int(protected)}")
+            if protected and s.journal_folded_us:
+                samples["rpofs_journal_unfolded_seconds"].append(
+                    f"rpofs_journal_unfolded_seconds{label} {(now_us - s.journal_folded_us) / 1e6:.3f}")
+            samples["rpofs_journal_bytes"].append(f"rpofs_journal_bytes{label} {s.journal_bytes}")
+            samples["rpofs_journal_bytes_per_second"].append(
+                f"rpofs_journal_bytes_per_second{label} {s.journal_bytes_per_s:.1f}")
         if s.last_success_us:
             samples["rpofs_last_success_timestamp_seconds"].append(
                 f"rpofs_last_success_timestamp_seconds{label} {s.last_success_us / 1e6:.3f}")

@@ -72,11 +72,14 @@ def gather(repo: Repository) -> dict:
             if last_full and last_log:
                 break
         d = live.get(uuid, {})
+        protection = _protection(repo, uuid, d, now_us)
+        rpo = round((now_us - newest.time_us) / US, 3) if newest else None
         vms.append({
             "name": name, "uuid": uuid, "points": repo.point_count(uuid),
             "last_full": _time(last_full and last_full.time_us),
             "last_log": _time(last_log and last_log.time_us),
-            "rpo_seconds": round((now_us - newest.time_us) / US, 3) if newest else None,
+            # protected: every write acknowledged is journaled, so nothing is at risk
+            "rpo_seconds": 0.0 if protection and protection["state"] == "protected" else rpo,
             "consistency": newest.consistency if newest else None,
             "state": d.get("state", "not scheduled"),
             "next_run": _time(d.get("next_run_us")),
@@ -88,8 +91,36 @@ def gather(repo: Repository) -> dict:
             "last_error_at": _time(d.get("last_error_us")),
             "verify": _verified(verified, uuid),
             "apps": _apps(repo, uuid, d.get("apps", {}), now_us),
+            "protection": protection,
         })
     return {"ingester": {"running": ingester["running"], "pid": ingester.get("pid")}, "vms": vms}
+
+
+def _protection(repo: Repository, uuid: str, live: dict, now_us: float) -> dict | None:
+    """Continuous protection: the ingester's view (state, journal lag,
+    bytes/s) when it protects the VM, else the catalog's (a session started
+    by hand); None for a VM never protected."""
+    from ..protect import sessions
+    found = sessions.of_vm(repo, uuid)
+    current = next((s for s in reversed(found) if s.state != "ended"), None)
+    last = found[-1] if found else None
+    if not live.get("protection") and last is None:
+        return None
+    state = live.get("protection") or ("protected" if current and current.state == "protected" else
+                                       "starting" if current else "unprotected")
+    folded = live.get("journal_folded_us") or (current.folded_us if current else 0)
+    return {
+        "state": state,
+        "by": "ingester" if live.get("protection") else "hand" if current else None,
+        "reason": live.get("protection_reason") or (last.reason if last and last.state == "ended" else "") or None,
+        "since": _time(live.get("protected_since_us") or (current.ready_us if current else 0)),
+        "journal_newest": _time(live.get("journal_newest_us")),
+        "journal_folded": _time(folded),
+        "journal_lag_seconds": round((now_us - folded) / US, 3) if state == "protected" and folded else None,
+        "journal_bytes": live.get("journal_bytes"),
+        "journal_bytes_per_second": round(live["journal_bytes_per_s"], 1) if "journal_bytes_per_s" in live else None,
+        "sessions": len(found),
+    }
 
 
 class _Unrecorded(NamedTuple):
@@ -155,6 +186,13 @@ def render(report: dict) -> str:
                      + _next_text(v)
                      + (f", last error at {v['last_error_at']}: {v['last_error']}" if v["last_error"] else "")
                      + (_verify_text(v["verify"]) if "verify" in v else ""))
+        p = v.get("protection")
+        if p:
+            lag = f", journal folded {p['journal_lag_seconds']:.1f}s ago" if p["journal_lag_seconds"] is not None else ""
+            rate = f", {p['journal_bytes_per_second']:.0f} B/s journaled" if p["journal_bytes_per_second"] is not None else ""
+            lines.append(f"  protection: {p['state']}" + (f" since {p['since']}" if p["state"] == "protected" else "")
+                         + (f" (by {p['by']})" if p["by"] else "") + lag + rate
+                         + (f", {p['reason']}" if p["reason"] and p["state"] != "protected" else ""))
         for a in v.get("apps", []):
             age = f" ({a['age_seconds']:.1f}s ago)" if a["age_seconds"] is not None else ""
             lines.append(f"  app {a['name']} ({' '.join(filter(None, (a['kind'], a['path'])))}): newest readable app point "

@@ -72,6 +72,19 @@ class Journal:
             out.extend(self.scans[path].records)
         return out
 
+    def newest(self) -> int:
+        """The newest record's time as last scanned (0: none)."""
+        found = [s.records[-1].time_us for s in self.scans.values() if s.records]
+        return max(found, default=0)
+
+    def size(self) -> int:
+        """Bytes of journal on disk."""
+        total = 0
+        for path in records.segments(self.directory):
+            with contextlib.suppress(OSError):
+                total += os.path.getsize(path)
+        return total
+
 
 def journal_of(repo: Repository, session: ProtectionSession) -> Journal:
     return Journal(sessions.journal_dir(repo.path, session), {})
@@ -352,7 +365,7 @@ def end(repo: Repository, dom: Domain, session: ProtectionSession, reason: str,
             log.error("%s: the journal's last records could not be folded: %s", session.vm, e)
             ended = replace(ended, last_us=session.folded_us)
     sessions.save(repo, ended)
-    log.info("%s: protection ended: %s", session.vm, reason)
+    log.info("%s: protection ended: %s", dom.name, reason)
     return ended, point
 
 
