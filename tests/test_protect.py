@@ -205,3 +205,149 @@ def test_the_ingester_keeps_protection_through_a_daemon_kill_and_a_server_kill(t
                 assert k is not None, f"at/{format_time(int(t * 1e6), 6)} holds no prefix of the writes"
     finally:
         vm.destroy()
+
+
+class _Writes:
+    """Writes through the device, each logged before it is issued (its
+    t_end None until QEMU completed it), until stopped or QEMU dies."""
+
+    def __init__(self, vm: TestVM, base: list[bytes], seed: int):
+        self.vm, self.base, self.rnd = vm, [bytearray(b) for b in base], random.Random(seed)
+        self.writes = []   # [disk, offset, length, pattern, t_start, t_end or None]
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self.stop.is_set():
+            disk = self.rnd.randrange(len(SIZES))
+            length = self.rnd.choice((512, 4096, 65536 + 512))
+            offset = self.rnd.randrange(0, SIZES[disk] - length) // 512 * 512
+            w = [disk, offset, length, self.rnd.randrange(1, 256), time.time(), None]
+            self.writes.append(w)
+            try:
+                self.vm.write(disk, offset, length, w[3])
+            except Exception:  # QEMU was killed: this one may or may not have reached the disk
+                return
+            w[5] = time.time()
+
+    def state(self, k: int) -> list[bytes]:
+        disks = [bytearray(d) for d in self.base]
+        for disk, offset, length, pattern, _, _ in self.writes[:k]:
+            disks[disk][offset:offset + length] = bytes([pattern]) * length
+        return [bytes(d) for d in disks]
+
+    def bounds(self, t: float) -> range:
+        """k for an instant t: every write completed before t, none issued after."""
+        return range(sum(1 for w in self.writes if w[5] is not None and w[5] < t),
+                     sum(1 for w in self.writes if w[4] < t) + 1)
+
+
+def _qcow2_bytes(path: str) -> bytes:
+    raw = path + ".check.raw"
+    subprocess.run(["qemu-img", "convert", "-U", "-O", "raw", path, raw], check=True)
+    try:
+        with open(raw, "rb") as f:
+            return f.read()
+    finally:
+        os.unlink(raw)
+
+
+def test_qemu_killed_at_random_moments_loses_no_acknowledged_write(tmp_path):
+    """Three times: protected, writing, QEMU killed with -9 at a random
+    moment. The session's last point holds every write QEMU completed
+    (and at most the one in flight), and every instant of the session
+    exactly the writes its time allows."""
+    repo = tmp_path / "repo"
+    run_rpofs("init", repo=repo)
+    vm, contents = _vm(tmp_path, f"rpofs-ptk-{os.getpid()}", persistent=True)
+    base = [bytes(c) for c in contents]
+    rnd = random.Random(7)
+    try:
+        for round_ in range(3):
+            if round_:
+                vm.dom.create()
+            run_rpofs("protect", vm.name, repo=repo)
+            full = points_json(repo, vm.name)[-1]
+            assert full["kind"] == "full" and full["origin"] == "journal"
+            with mounted(repo, tmp_path / "mnt") as mnt:
+                first_pass = _read_disks(mnt / vm.name / full["name"], None)
+            if first_pass != base:
+                diffs = [(i, sum(1 for a, b in zip(x, y) if a != b)) for i, (x, y) in enumerate(zip(first_pass, base))]
+                raise AssertionError(f"round {round_}: the full differs from the images: {diffs}")
+            w = _Writes(vm, base, seed=round_)
+            w.thread.start()
+            time.sleep(rnd.uniform(0.5, 2.0))
+            vm.kill_qemu()
+            w.thread.join(timeout=30)
+            done = sum(1 for x in w.writes if x[5] is not None)
+            assert done > 20, "too few writes before the kill to prove anything"
+            ended = json.loads(run_rpofs("unprotect", vm.name, "--json", repo=repo).stdout)
+            assert ended["state"] == "ended"
+            newest = points_json(repo, vm.name)[-1]
+            assert newest["origin"] == "journal"
+            with mounted(repo, tmp_path / "mnt") as mnt:
+                vmdir = mnt / vm.name
+                got = _read_disks(vmdir / newest["name"], None)
+                assert got in (w.state(done), w.state(len(w.writes))), \
+                    f"round {round_}: the last point is not every completed write ({done})"
+                for _ in range(12):
+                    t = rnd.uniform(w.writes[0][4], w.writes[done - 1][5])
+                    text = format_time(int(t * 1e6), 6)
+                    disks = _read_disks(vmdir / "at" / text, None)
+                    assert any(disks == w.state(k) for k in w.bounds(t)), f"round {round_}: at/{text}"
+            # What QEMU left in the images is where the next round starts. Not
+            # every completed write need be there: the guest never flushed, and
+            # QEMU (cache=writeback) keeps qcow2 metadata in memory until a
+            # flush. The journal has each one durable before it completed.
+            base = [_qcow2_bytes(path) for path, _ in vm.disks]
+        assert len(_session_count(repo, vm.uuid)) == 3
+    finally:
+        vm.destroy()
+
+
+def test_a_full_repository_fails_the_mirror_not_the_guest(tmp_path):
+    """The repository on a small tmpfs fills while the guest writes: the
+    journal server answers ENOSPC, QEMU fails the mirror and the guest
+    writes on. Once there is room again, a backup extends the last fold
+    from its checkpoint and holds every write."""
+    tmpfs = tmp_path / "small"
+    tmpfs.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(tmpfs)], check=True)
+    vm = None
+    try:
+        repo = tmpfs / "repo"
+        run_rpofs("init", repo=repo)
+        vm, contents = _vm(tmp_path, f"rpofs-ptf-{os.getpid()}")
+        run_rpofs("protect", vm.name, repo=repo)
+        log = WriteLog([contents])
+        rnd = random.Random(9)
+        server_pid = _session_count(repo, vm.uuid)[-1].server_pid
+        for i in range(4000):  # until the journal cannot take more, and well after
+            offset = rnd.randrange(0, SIZES[0] - 65536) // 512 * 512
+            log.write([vm], 0, 0, offset, 65536, 1 + i % 250)
+            if not os.path.exists(f"/proc/{server_pid}"):
+                break
+        else:
+            raise AssertionError("the journal never filled the repository's filesystem")
+        for i in range(20):  # the guest runs on, its writes complete
+            log.write([vm], 0, 1, i * 4096, 4096, 200)
+        # (the server's own log is in the full filesystem too: it could not say why it stopped)
+        ended = json.loads(run_rpofs("unprotect", vm.name, "--json", repo=repo).stdout)
+        assert ended["state"] == "ended"
+        subprocess.run(["mount", "-o", "remount,size=256m", str(tmpfs)], check=True)
+        run_rpofs("backup", vm.name, repo=repo)
+        newest = points_json(repo, vm.name)[-1]
+        assert newest["origin"] == "backup" and newest["kind"] == "log"
+        r = Repository.open(str(repo))
+        try:
+            last = r.points(vm.uuid)[-1]
+            got = [bytes(DiskReader(r, last, t).read(0, s)) for t, s in zip(("vda", "vdb"), SIZES)]
+        finally:
+            r.close()
+        assert got == [bytes(d) for d in log.state(0, len(log.writes))], "a write acknowledged to the guest was lost"
+        verify = run_rpofs("verify", repo=repo, check=False)
+        assert verify.returncode == 0, verify.stdout + verify.stderr
+    finally:
+        if vm is not None:
+            vm.destroy()
+        subprocess.run(["umount", "-l", str(tmpfs)], check=False)

@@ -361,8 +361,8 @@ def end(repo: Repository, dom: Domain, session: ProtectionSession, reason: str,
     if fold_journal and session.state == "protected":
         try:
             point = _fold_records(repo, dom, session, journal, ended=ended)
-        except RpofsError as e:
-            log.error("%s: the journal's last records could not be folded: %s", session.vm, e)
+        except (RpofsError, OSError) as e:  # a full disk, say: the next backup takes these writes
+            log.error("%s: the journal's last records could not be folded: %s", dom.name, e)
             ended = replace(ended, last_us=session.folded_us)
     sessions.save(repo, ended)
     log.info("%s: protection ended: %s", dom.name, reason)

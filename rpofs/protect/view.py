@@ -92,7 +92,7 @@ class JournalViews:
     def change_at_or_before(self, views: list[_SessionView], points: list[PointRecord], bound: int) -> int | None:
         """The newest readable record time at or before bound."""
         times = [p.time_us for p in points]
-        for v in views:
+        for v in reversed(views):  # sessions follow one another: the newest that has one
             i = bisect.bisect_right(v.times, min(bound, v.until_us))
             if i and self._based(v, points, times, v.times[i - 1]):
                 return v.times[i - 1]
