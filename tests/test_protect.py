@@ -118,6 +118,17 @@ def test_every_instant_holds_exactly_the_writes_acknowledged_before_it(tmp_path)
         vm.destroy()
 
 
+def _restart_libvirtd() -> None:
+    with open("/var/run/libvirtd.pid") as f:
+        libvirtd = int(f.read())
+    os.kill(libvirtd, 15)
+    wait_for(lambda: not os.path.exists(f"/proc/{libvirtd}"), timeout=30, what="libvirtd to stop")
+    with open("/var/log/libvirt/libvirtd.log", "ab") as out:  # never a pipe: SIGPIPE would kill it
+        subprocess.run(["libvirtd", "-d"], stdin=subprocess.DEVNULL, stdout=out, stderr=out, check=True)
+    wait_for(lambda: subprocess.run(["virsh", "-c", "qemu:///system", "version"],
+                                    capture_output=True).returncode == 0, timeout=30, what="libvirtd")
+
+
 def _status(repo) -> dict:
     vms = json.loads(run_rpofs("status", "--json", repo=repo).stdout)["vms"]
     return vms[0] if vms else {}
@@ -134,7 +145,7 @@ def _session_count(repo, uuid) -> list:
 def test_the_ingester_keeps_protection_through_a_daemon_kill_and_a_server_kill(tmp_path):
     """continuous = true: protected, folded every journal_fold; the daemon
     killed with -9 and started again takes the same session over (nothing
-    folded twice); the journal server killed: the guest runs on, a backup
+    folded twice), and so after libvirtd restarted; the journal server killed: the guest runs on, a backup
     at once takes what the journal missed, protection comes back in a new
     session. Every point and a sample of instants hold exactly a prefix of
     the writes their time allows, and nothing acknowledged is lost."""
@@ -163,6 +174,21 @@ def test_the_ingester_keeps_protection_through_a_daemon_kill_and_a_server_kill(t
         daemon = start_daemon(repo, config, log_path)
         before = len(points_json(repo, vm.name))
         wait_for(lambda: len(points_json(repo, vm.name)) >= before + 2, timeout=60, what="folds after the restart")
+        again = _session_count(repo, vm.uuid)
+        assert [s.started_us for s in again] == [first[0].started_us] and again[0].state == "protected"
+        # libvirtd restarted: the mirror job lives in QEMU, libvirt finds it again, so does the daemon
+        writer.stop.set()
+        writer.join()
+        assert writer.error is None, writer.error
+        _restart_libvirtd()
+        vm.conn.close()
+        vm.conn = libvirt.open("qemu:///system")
+        vm.dom = vm.conn.lookupByUUIDString(vm.uuid)
+        writer = Writer([vm], log, seed=4)
+        writer.start()
+        before = len(points_json(repo, vm.name))
+        wait_for(lambda: len(points_json(repo, vm.name)) >= before + 2, timeout=60,
+                 what="folds after libvirtd came back")
         again = _session_count(repo, vm.uuid)
         assert [s.started_us for s in again] == [first[0].started_us] and again[0].state == "protected"
         os.kill(again[0].server_pid, 9)
