@@ -137,7 +137,7 @@ def _parser() -> argparse.ArgumentParser:
     vf.add_argument("--read-data", action="store_true", help="read every stored byte and check it")
     vf.add_argument("--json", action="store_true", help="print the report as one JSON object")
 
-    ug = sub.add_parser("upgrade", help="convert a repository of an earlier format (2, 3 or 4) to this rpofs's, in place",
+    ug = sub.add_parser("upgrade", help="convert a repository of an earlier format (2, 3, 4 or 5) to this rpofs's, in place",
                         description="Re-pieces the full chunks earlier formats stored whole, then sets the new "
                         "format in one transaction, under the repository's exclusive lock. Killed at any moment, "
                         "the repository is the old format intact or the new one complete; run it again to "

@@ -144,3 +144,18 @@ def test_key_file_is_read_for_an_encrypted_repository(tmp_path):
     assert load(str(path)).key_file == "/etc/rpofs/key"
     path.write_text("[ingest]\n")
     assert load(str(path)).key_file == ""
+
+
+def test_continuous_protection_keys(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('[defaults]\njournal_fold = "30s"\n[vm.db1]\ncontinuous = true\nkeep_journal_within = "2h"\n')
+    cfg = load(str(path))
+    db1, other = cfg.policy("db1", "u"), cfg.policy("web1", "u")
+    assert (db1.continuous, db1.journal_fold_s, db1.keep_journal_within_s) == (True, 30.0, 7200.0)
+    assert (other.continuous, other.journal_fold_s, other.keep_journal_within_s) == (False, 30.0, 3600.0)
+    for text, what in (('continuous = "yes"', "vm.db1.continuous: expected true or false"),
+                       ('journal_fold = "0s"', "vm.db1.journal_fold: expected a duration"),
+                       ('keep_journal_within = "soon"', "vm.db1.keep_journal_within: expected a duration")):
+        path.write_text(f"[vm.db1]\n{text}\n")
+        with pytest.raises(ConfigError, match=what):
+            load(str(path))

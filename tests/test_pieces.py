@@ -90,7 +90,7 @@ def test_pieced_record_round_trip(tmp_path):
     key, loc = full_location(repo, point, 0)
     assert table_of(repo, key, loc).piece(1).stop - table_of(repo, key, loc).piece(1).start < 100  # zeros: tiny
     assert point.stats["stored_bytes"] < size  # compressible and zero pieces shrank
-    assert repo.format() == schema.FORMAT == 5
+    assert repo.format() == schema.FORMAT == 6
     repo.close()
 
 

@@ -1,4 +1,4 @@
-"""`rpofs upgrade`: formats 2, 3 and 4 converted to 5 in place, byte-exact, and
+"""`rpofs upgrade`: formats 2, 3, 4 and 5 converted to 6 in place, byte-exact, and
 crash-safe under kill -9 at random moments (a real LMDB and real packs)."""
 
 import os
@@ -35,11 +35,11 @@ def set_format(path: str, value: bytes) -> None:
     env.close()
 
 
-def drop_app_tables(path: str) -> None:
-    """Releases before format 5 had no `apps` and `ships`."""
+def drop_new_tables(path: str, fmt: int) -> None:
+    """Releases before format 5 had no `apps` and `ships`, before 6 no `protection`."""
     env = lmdb.open(os.path.join(path, "catalog"), max_dbs=16)
     with env.begin(write=True) as txn:
-        for name in (b"apps", b"ships"):
+        for name in ((b"apps", b"ships") if fmt < 5 else ()) + (b"protection",):
             txn.drop(env.open_db(name, txn=txn), delete=True)
     env.close()
 
@@ -53,10 +53,10 @@ def full_codecs(repo) -> set[int]:
 def old_repository(path: str, rnd: random.Random, monkeypatch, fmt: int, size: int = 3 * CHUNK_SIZE + 5000):
     """A repository of format `fmt` as earlier releases left it: a format-2
     full (whole chunks) and a log; for format 3 also a pieced full and a log
-    after it; for format 4 a pieced full and a log. Returns the truth of
-    every point's disk, by point."""
+    after it; for formats 4 and 5 a pieced full and a log. Returns the truth
+    of every point's disk, by point."""
     disk = mixed_disk(rnd, size)
-    if fmt == 4:
+    if fmt >= 4:
         repo = Repository.init(path)
         full = back_up(repo, [disk], [set()], "full", None, 1 * US)
     else:
@@ -73,7 +73,7 @@ def old_repository(path: str, rnd: random.Random, monkeypatch, fmt: int, size: i
         truth[back_up(repo, [disk], [dirty], "log", new_full, 4 * US).point] = bytes(disk)
     repo.close()
     set_format(path, str(fmt).encode())
-    drop_app_tables(path)
+    drop_new_tables(path, fmt)
     return truth
 
 
@@ -88,26 +88,27 @@ def check_reads(path: str, truth: dict[int, bytes], upgrading: bool = False) -> 
         repo.close()
 
 
-@pytest.mark.parametrize("fmt", [2, 3, 4])
+@pytest.mark.parametrize("fmt", [2, 3, 4, 5])
 def test_an_old_repository_is_refused_then_upgraded_byte_exact(tmp_path, monkeypatch, fmt):
     rnd = random.Random(fmt)
     path = str(tmp_path / "r")
     truth = old_repository(path, rnd, monkeypatch, fmt)
-    with pytest.raises(NeedsUpgrade, match=f"has format {fmt}; convert it to format 5 with: rpofs --repo .* upgrade"):
+    with pytest.raises(NeedsUpgrade, match=f"has format {fmt}; convert it to format 6 with: rpofs --repo .* upgrade"):
         Repository.open(path)
     got = run_rpofs("--repo", path, "points", VM, check=False)
     assert got.returncode == 1 and "upgrade" in got.stderr and got.stderr.count("\n") == 1
 
     report = upgrade(path)
-    assert (report.old_format, report.new_format, report.chunks_damaged) == (fmt, 5, 0)
+    assert (report.old_format, report.new_format, report.chunks_damaged) == (fmt, 6, 0)
     first = truth[min(truth)]  # the format-2 full's disk: its non-zero chunks were whole
-    assert report.chunks_converted == (0 if fmt == 4 else len({first[c:c + CHUNK_SIZE] for c in range(0, len(first), CHUNK_SIZE)
+    assert report.chunks_converted == (0 if fmt >= 4 else len({first[c:c + CHUNK_SIZE] for c in range(0, len(first), CHUNK_SIZE)
                                                                if any(first[c:c + CHUNK_SIZE])}))
     check_reads(path, truth)
     repo = Repository.open(path)
-    assert repo.format() == 5 and full_codecs(repo) == {CODEC_PIECES}
+    assert repo.format() == 6 and full_codecs(repo) == {CODEC_PIECES}
     with repo.env.begin() as txn:  # the new sub-databases are there, empty
         assert txn.stat(repo.db["apps"])["entries"] == txn.stat(repo.db["ships"])["entries"] == 0
+        assert txn.stat(repo.db["protection"])["entries"] == 0
     check_repository(repo)
     # a new full of content the upgraded full holds stores nothing again
     data = truth[min(truth)]
@@ -115,15 +116,15 @@ def test_an_old_repository_is_refused_then_upgraded_byte_exact(tmp_path, monkeyp
     again = back_up(repo, [disk], [set()], "full", None, 10 * US)
     assert again.stats["new_chunks"] <= 1  # the XML at most
     repo.close()
-    assert upgrade(path).summary() == "already format 5: nothing to do"
+    assert upgrade(path).summary() == "already format 6: nothing to do"
 
 
 def test_formats_it_does_not_know_are_refused(tmp_path):
     path = str(tmp_path / "r")
     Repository.init(path).close()
-    for found in (b"1", b"6"):
+    for found in (b"1", b"7"):
         set_format(path, found)
-        with pytest.raises(UnknownFormat, match=f"has format {found.decode()}; this rpofs reads format 5"):
+        with pytest.raises(UnknownFormat, match=f"has format {found.decode()}; this rpofs reads format 6"):
             Repository.open(path)
         with pytest.raises(UnknownFormat):
             upgrade(path)

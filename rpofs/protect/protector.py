@@ -35,6 +35,7 @@ import time
 from dataclasses import dataclass, replace
 
 from ..errors import RpofsError
+from ..recover.domainxml import marker_of
 from ..store.repo import Repository
 from ..store.schema import DiskRecord, PointRecord, ProtectionSession
 from ..store.vmlock import vm_lock
@@ -173,6 +174,10 @@ def protect(repo: Repository, dom: Domain, targets: tuple[str, ...] = (), progre
         info = dom.info()
         if not info.running:
             raise NotProtectable(f"VM {info.name} is not running")
+        marker = marker_of(dom.xml())
+        if marker and marker.get("kind") == "run":
+            raise NotProtectable(f"VM {info.name} runs on a recovery point (rpofs run): its disks read the "
+                                 f"repository; protect it once moved (rpofs run --move)")
         disks = _disks(info, targets)
         return _start(repo, dom, info, disks, progress)
 

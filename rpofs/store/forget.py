@@ -1,5 +1,5 @@
 """`rpofs forget VM`: a decommissioned VM's every point, and the data only
-it used, removed from the repository.
+it used (and its protection journals), removed from the repository.
 
 Like prune, which removes whole chains the same way: under the repository's exclusive lock, one write transaction drops
 the VM's points, its chains' full and log index entries, its `vms` row and
@@ -11,6 +11,8 @@ know it. A point that a VM booted by `rpofs run` reads (a hold,
 rpofs.store.holds) makes forget refuse, naming that VM.
 """
 
+import os
+import shutil
 import uuid as uuidlib
 
 from ..errors import RpofsError
@@ -44,6 +46,10 @@ def forget(repo, vm: str, name: str = "", dry_run: bool = False, progress=None) 
         with repo.write_txn() as txn:
             points = points_in(repo, txn, vm)
             _refuse_held(repo, vm, name, points)
+            from ..protect import sessions as protection
+            if any(s.state != "ended" for s in protection.of_vm(repo, vm, txn)):
+                raise RpofsError(f"cannot forget {name}: it is protected now (rpofs unprotect {name} first)")
+            sessions = delete_prefix(txn.cursor(db=db["protection"]), vm_bytes)
             report.points_removed = points
             for p in points:
                 txn.delete(schema.point_key(p.point), db=db["points"])
@@ -59,9 +65,12 @@ def forget(repo, vm: str, name: str = "", dry_run: bool = False, progress=None) 
             txn.put(b"pruned", schema.u32(pruned + 1), db=db["meta"])  # a running mount reads its lists again
             report.chunks_freed = gc.drop_unused_chunks(repo, txn)
             gc.mark(repo, txn)
+        if sessions:  # the journals go after the commit: a crash before leaves only files
+            shutil.rmtree(os.path.join(repo.path, "journal", vm), ignore_errors=True)
         report.packs_deleted, report.packs_compacted = gc.collect(repo, progress)
         report.bytes_freed = before - repo.stored_bytes()
     return report
+
 
 
 def forget_by_name(repo, vm_ref: str, dry_run: bool = False, progress=None) -> tuple[str, PruneReport]:
