@@ -20,7 +20,7 @@ from vmlab import TestVM, WriteLog, make_qcow2, mounted, points_json, run_rpofs,
 from rpofs.protect import sessions
 from rpofs.store.repo import Repository
 from rpofs.store.materialize import DiskReader
-from rpofs.timefmt import format_time
+from rpofs.timefmt import format_time, parse_as_of
 
 pytestmark = pytest.mark.libvirt
 
@@ -326,9 +326,34 @@ def test_qemu_killed_at_random_moments_loses_no_acknowledged_write(tmp_path):
             # QEMU (cache=writeback) keeps qcow2 metadata in memory until a
             # flush. The journal has each one durable before it completed.
             base = [_qcow2_bytes(path) for path, _ in vm.disks]
-        assert len(_session_count(repo, vm.uuid)) == 3
+        done_sessions = _session_count(repo, vm.uuid)
+        assert len(done_sessions) == 3
+        assert run_rpofs("verify", "--read-data", repo=repo, check=False).returncode == 0
+        # a flipped byte in an ended session's journal: verify names it, the
+        # journal's instants stop before it (never wrong bytes)
+        first = done_sessions[0]
+        segment = sorted(os.listdir(sessions.journal_dir(str(repo), first)))[0]
+        path = os.path.join(sessions.journal_dir(str(repo), first), segment)
+        with open(path, "r+b") as f:
+            f.seek(os.path.getsize(path) // 2)
+            byte = f.read(1)
+            f.seek(-1, 1)
+            f.write(bytes([byte[0] ^ 0x40]))
+        result = run_rpofs("verify", "--read-data", repo=repo, check=False)
+        assert result.returncode != 0 and "journal" in result.stdout + result.stderr, result.stdout
+        with mounted(repo, tmp_path / "mnt") as mnt:
+            names = [n for n in os.listdir(mnt / vm.name) if len(n) == 27]
+            times = sorted(int(parse_as_of(n)) for n in names)
+            assert not [t for t in times if first.ready_us < t <= first.last_us and t > _first_bad(path)]
     finally:
         vm.destroy()
+
+
+def _first_bad(path: str) -> int:
+    """The time of the newest record a scan still verifies."""
+    from rpofs.protect import records
+    found = records.scan(path).records
+    return found[-1].time_us if found else 0
 
 
 def test_a_full_repository_fails_the_mirror_not_the_guest(tmp_path):

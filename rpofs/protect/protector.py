@@ -10,9 +10,9 @@ A session:
    C0 as its checkpoint, and the session is `protected`;
 3. every journal_fold the records since are folded into a log point. Each
    fold records the newest checkpoint that is *confirmed*: made while the
-   mirror ran and seen running CONFIRM_S after. Every write before such a
-   checkpoint was journaled, so a log backup from it on top of the fold
-   misses nothing. A new checkpoint is made after each fold;
+   mirror ran, with a durable record taken in CONFIRM_S after it. Every
+   write before such a checkpoint was journaled, so a log backup from it on
+   top of the fold misses nothing. A new checkpoint is made after each fold;
 4. the session ends when asked (unprotect), when the VM stops, or when the
    mirror or the server fails. QEMU answers the guest's write even when the
    target failed it (measured: docs/PROTECT.md), so a write after the
@@ -62,16 +62,35 @@ def socket_path(vm: str) -> str:
 
 @dataclass
 class Journal:
-    """A session's scanned journal, scanned on as it grows."""
+    """A session's journal, scanned (every record verified) on as it grows."""
     directory: str
     scans: dict
 
+    damage: str = ""
+
     def records(self) -> list[records.Record]:
+        """Every verified record, in order, up to the first damage: a record
+        that does not verify anywhere but at the newest segment's end (where
+        a crash leaves an unanswered batch torn) ends what can be read, and
+        `damage` says where."""
         out = []
-        for path in records.segments(self.directory):
-            self.scans[path] = records.scan(path, self.scans.get(path))
-            out.extend(self.scans[path].records)
+        paths = records.segments(self.directory)
+        for i, path in enumerate(paths):
+            scan = self.scans[path] = records.scan(path, self.scans.get(path))
+            out.extend(scan.records)
+            if i + 1 < len(paths) and (scan.torn or scan.end < _size(path)):
+                self.damage = (f"journal segment {path} does not verify from byte {scan.end} on: "
+                               f"the journal reads up to its last record before that")
+                break
         return out
+
+    def torn_tail(self) -> str:
+        """Where the newest segment stops verifying, if it does: a crash's
+        unanswered batch when the server died, damage while it runs (it
+        writes each batch whole)."""
+        paths = records.segments(self.directory)
+        scan = self.scans.get(paths[-1]) if paths else None
+        return f"journal segment {paths[-1]} does not verify from byte {scan.end} on" if scan and scan.torn else ""
 
     def newest(self) -> int:
         """The newest record's time as last scanned (0: none)."""
@@ -85,6 +104,13 @@ class Journal:
             with contextlib.suppress(OSError):
                 total += os.path.getsize(path)
         return total
+
+
+def _size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0
 
 
 def journal_of(repo: Repository, session: ProtectionSession) -> Journal:
@@ -244,14 +270,18 @@ def _wait_ready(dom: Domain, disks, progress) -> int:
         time.sleep(0.05)
 
 
-def health(repo: Repository, dom: Domain, session: ProtectionSession) -> str:
+def health(repo: Repository, dom: Domain, session: ProtectionSession, journal: "Journal | None" = None) -> str:
     """"" while the session's server runs and every disk is mirrored into
     it; else what is wrong."""
     directory = sessions.journal_dir(repo.path, session)
     if not dom.is_running():
         return "the VM stopped"
+    if journal is not None and journal.damage:
+        return journal.damage
     if not server_alive(session.server_pid, directory):
         return "the journal server is not running"
+    if journal is not None and journal.torn_tail():
+        return journal.torn_tail() + " while its server runs: damaged"
     socket = socket_path(dom.uuid)
     for d in session.disks:
         if dom.mirror_socket(d.target) != socket or dom.block_job(d.target) is None:
@@ -263,7 +293,7 @@ def tick(repo: Repository, dom: Domain, session: ProtectionSession, journal: Jou
          fold_due: bool) -> tuple[ProtectionSession, PointRecord | None, str]:
     """One look at a protected session: (the session, a fold made, why it
     ended or ""). A broken session is ended (its journal folded)."""
-    broken = health(repo, dom, session)
+    broken = health(repo, dom, session, journal)
     if broken:
         session, point = end(repo, dom, session, broken, journal=journal)
         return session, point, broken
@@ -278,13 +308,21 @@ def fold_now(repo: Repository, dom: Domain, session: ProtectionSession,
     mirror is seen running: pending checkpoints old enough are confirmed),
     then make the next checkpoint."""
     now = now_us()
+    journal.records()
+    newest = journal.newest()
     confirmed = session.checkpoint
     pending = []
     existing = set(dom.checkpoints())
+    margin = int(CONFIRM_S * 1e6)
     for name, made in session.pending:
         if name not in existing:
             continue  # deleted meanwhile (a restarted daemon's leftover check)
-        if made <= now - CONFIRM_S * 1e6:
+        # Journaled in batches, in order: a durable record taken in `margin`
+        # after the checkpoint means every write taken in before that is
+        # durable too, and so every write the checkpoint's bitmap leaves out
+        # (unless one took longer than `margin` from QEMU's source write to
+        # the server, docs/PROTECT.md).
+        if made + margin <= min(now, newest):
             confirmed = name
         else:
             pending.append((name, made))

@@ -72,6 +72,7 @@ class Affected:
 @dataclass
 class Problem:
     kind: str            # "relation" | "missing-chunk" | "missing-pack" | "truncated" | "header" | "corrupt"
+                         # | "journal" (rpofs.protect: no point affected, instants after it unreadable)
     message: str
     pack: int | None = None
     offset: int | None = None
@@ -491,8 +492,31 @@ def verify(repo, vm: str | None = None, read_data: bool = False, progress=None,
         by_place = {place: users for place, users in by_place.items() if place[0] not in scanned}
     found.extend(_check_headers(repo, set(on_disk), by_place))
     _confirm(repo, found, read_data, report)
+    if read_data and only_packs is None:
+        report.problems.extend(_journals(repo, report.vms))
     report.seconds = round(time.monotonic() - started, 3)
     return report
+
+
+def _journals(repo, vms: list[str]) -> list[Problem]:
+    """Continuous protection's journals (rpofs.protect): every record read
+    and verified. Damage before a journal's newest segment ends what its
+    instants can read (never wrong bytes: they stop there) and is reported;
+    a torn end of the newest segment is a crash's unanswered batch."""
+    from ..protect import protector, sessions
+    problems = []
+    for vm in vms:
+        for session in sessions.of_vm(repo, vm):
+            journal = protector.journal_of(repo, session)
+            found = journal.records()
+            if journal.damage:
+                problems.append(Problem("journal", f"VM {vm}: {journal.damage}"))
+            elif session.state == "ended" and session.last_us > session.journal_from_us and (
+                    not found or found[-1].time_us < session.last_us):
+                where = journal.torn_tail() or "records are missing"
+                problems.append(Problem("journal", f"VM {vm}: the ended session of {session.started_us} journaled "
+                                                   f"up to {session.last_us}, but {where}"))
+    return problems
 
 
 def _check_headers(repo, on_disk: set[int], by_place) -> list[tuple]:
