@@ -73,6 +73,9 @@ def test_every_instant_holds_exactly_the_writes_acknowledged_before_it(tmp_path)
         out = json.loads(run_rpofs("protect", vm.name, "--json", repo=repo).stdout)
         assert out["state"] == "protected" and out["ready_us"] > 0
         _writes(log, [vm], rnd, 40, pause_s=0.003)
+        refused = run_rpofs("backup", vm.name, repo=repo, check=False)
+        assert refused.returncode == 1 and "protected continuously" in refused.stderr
+        assert refused.stderr.count("\n") == 1
         run_rpofs("protect", vm.name, repo=repo)       # folds what the journal holds
         _writes(log, [vm], rnd, 40, pause_s=0.003)
         points = points_json(repo, vm.name)

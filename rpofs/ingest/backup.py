@@ -60,6 +60,10 @@ def back_up(repo: Repository, conn: Connection, req: BackupRequest, progress=Non
         if not info.running:
             raise VmNotRunning(f"VM {info.name} is not running: rpofs backs up running VMs through libvirt's "
                                f"backup API")
+        from ..protect import sessions
+        if sessions.current(repo, info.uuid) is not None:  # libvirt refuses a backup of a mirrored disk
+            raise RpofsError(f"VM {info.name} is protected continuously: its points come from the journal "
+                             f"(rpofs protect {info.name} folds it now; rpofs unprotect {info.name} ends it)")
         disks = _chosen_disks(dom, info, req.disks)
         last = next(repo.newest_points(info.uuid), None)
         reason = req.full_reason or _why_not_log(repo, dom, disks, last)
