@@ -363,7 +363,7 @@ def test_upgrade_re_pieces_an_encrypted_repository(tmp_path, monkeypatch):
         point = back_up(repo, [disk], [set()], "full", None, US)
         repo.close()
     report = upgrade(path, keys=crypto.Passphrase(lambda: PASS))
-    assert (report.old_format, report.new_format, report.chunks_converted, report.chunks_damaged) == (2, 5, 3, 0)
+    assert (report.old_format, report.new_format, report.chunks_converted, report.chunks_damaged) == (2, 6, 3, 0)
     repo = enc_open(path)
     try:
         assert all(repo.locate(k).codec == CODEC_PIECES for k in full_keys(repo, point.chain))

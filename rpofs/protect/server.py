@@ -31,6 +31,7 @@ import signal
 import socket
 import struct
 import sys
+import threading
 
 import trio
 
@@ -111,6 +112,9 @@ class Journal:
             except OSError as e:
                 self.failed = e
                 log.error("journal %s: %s: answering errors from now on", self.directory, e)
+                # what was taken in meanwhile is answered with the error too
+                waiters += self.waiters
+                self.pending, self.waiters = [], []
             for w in waiters:
                 w.set()
             if self.failed:
@@ -275,6 +279,16 @@ async def serve(directory: str, path: str, exports: dict[str, tuple[int, int]],
 
         nursery.start_soon(watch_failure)
 
+        async def stop_on_signal():
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                async for _ in signals:
+                    log.info("journal %s: stopping", directory)
+                    nursery.cancel_scope.cancel()
+                    return
+
+        if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
+            nursery.start_soon(stop_on_signal)
+
         async def handle(stream):
             await Connection(stream, journal, exports).serve()
 
@@ -296,7 +310,6 @@ def parse_exports(args: list[str]) -> dict[str, tuple[int, int]]:
 def main(argv: list[str]) -> None:
     directory, path, *disks = argv
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     trio.run(serve, directory, path, parse_exports(disks))
 
 
