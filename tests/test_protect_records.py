@@ -901,13 +901,6 @@ def test_batch_times_never_go_back_whatever_the_clock_does(tmp_path, monkeypatch
     assert max(r.time_us for r in first) < rec.segment_start(os.path.basename(paths[1]))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "rpofs/protect/server.py Journal._new_segment names a segment by its first batch's commit "
-    "time (batch_us, the batch's newest), so a record of that first batch taken earlier has a "
-    "time below the name: here seg-...7d0 (2000) holds a record at 1001, against "
-    "rpofs/protect/records.py ('seg-<first time_us>', segment_start: 'the first time a segment "
-    "can hold'). No wrong result today (drop_journal uses the name only as an upper bound of the "
-    "previous segment), but a reader that skipped segments by their name would miss records"))
 def test_a_segment_name_is_the_first_time_it_holds(tmp_path, monkeypatch):
     for path in journal_under_a_clock(tmp_path, monkeypatch):
         start = rec.segment_start(os.path.basename(path))

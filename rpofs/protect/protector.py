@@ -29,6 +29,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket as socketlib
 import subprocess
 import sys
 import time
@@ -132,12 +133,23 @@ def start_server(directory: str, socket: str, disks: tuple[DiskRecord, ...]) -> 
             + [f"{d.target}={d.size}" for d in disks],
             stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True, close_fds=True)
     deadline = time.monotonic() + SERVER_START_S
-    while not os.path.exists(socket):
+    while not _listening(socket):  # the file exists from bind(), connections work from listen()
         if proc.poll() is not None or time.monotonic() > deadline:
             stop_server(proc.pid)
             raise RpofsError(f"the journal server did not start (see {directory}/server.log)")
         time.sleep(0.02)
     return proc.pid
+
+
+def _listening(path: str) -> bool:
+    s = socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_STREAM)
+    try:
+        s.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
 
 
 def server_alive(pid: int, directory: str) -> bool:
@@ -446,7 +458,7 @@ def drop_journal(repo: Repository, session: ProtectionSession, keep_within_us: i
         freed += os.path.getsize(path)
         dropped_to = max(dropped_to, newest)
         # recorded before the file goes: a reader never trusts a journal that lost records
-        session = sessions.save(repo, replace(session, journal_from_us=dropped_to))
+        session = sessions.raise_journal_from(repo, session, dropped_to)
         os.unlink(path)
     if session.state == "ended" and not records.segments(directory):
         with contextlib.suppress(OSError):

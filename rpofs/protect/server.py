@@ -74,6 +74,7 @@ class Journal:
         self.size = 0
         self.last_us = 0
         self.floor_us = 0    # the next record's earliest time: later than every batch taken
+        self.first_us = 0    # the pending batch's first record's time
         self.pending: list[bytes] = []
         self.waiters: list[trio.Event] = []
         self.wake = trio.Event()
@@ -83,6 +84,8 @@ class Journal:
         """Queue a write (or zeroing) for the next commit; the event is set
         once it is durable (or the journal failed: self.failed)."""
         self.last_us = max(self.last_us, self.floor_us, now_us())  # never backwards, whatever the clock does
+        if not self.pending:
+            self.first_us = self.last_us  # the batch's first record: a new segment is named by it
         if kind == records.KIND_WRITE:
             view = memoryview(data)
             for i in range(0, length, records.MAX_RECORD):
@@ -104,11 +107,11 @@ class Journal:
             self.pending, self.waiters = [], []
             if not batch:
                 continue
-            batch_us = self.last_us
+            batch_us, first_us = self.last_us, self.first_us
             batch.append(records.encode(records.KIND_COMMIT, 0, 0, b"", batch_us))
             self.floor_us = batch_us + 1  # what is taken in from now on is a later batch
             try:
-                await trio.to_thread.run_sync(self._write_durably, batch, batch_us)
+                await trio.to_thread.run_sync(self._write_durably, batch, first_us)
             except OSError as e:
                 self.failed = e
                 log.error("journal %s: %s: answering errors from now on", self.directory, e)
@@ -120,9 +123,9 @@ class Journal:
             if self.failed:
                 return
 
-    def _write_durably(self, batch: list[bytes], batch_us: int) -> None:
+    def _write_durably(self, batch: list[bytes], first_us: int) -> None:
         if self.fd < 0 or self.size >= SEGMENT_BYTES:
-            self._new_segment(batch_us)
+            self._new_segment(first_us)
         data = b"".join(batch)
         view = memoryview(data)
         while view:
@@ -132,7 +135,7 @@ class Journal:
         self.size += len(data)
 
     def _new_segment(self, first_us: int) -> None:
-        """Named by its first batch's time: every earlier segment's records are older."""
+        """Named by its first record's time: every earlier segment's records are older."""
         if self.fd >= 0:
             os.close(self.fd)
         path = os.path.join(self.directory, records.segment_name(first_us))
@@ -227,7 +230,10 @@ class Connection:
                             return  # the client broke the protocol: its data cannot be skipped safely
                         data = await self.recv_exactly(length)
                     if command in (CMD_WRITE, CMD_WRITE_ZEROES):
-                        if offset + length > size or self.journal.failed:
+                        if offset + length > size:
+                            await self.reply(handle, errno.ENOSPC)  # the NBD spec's answer past the end
+                            continue
+                        if self.journal.failed:
                             await self.reply(handle, errno.ENOSPC if self._full() else errno.EIO)
                             continue
                         if length == 0:

@@ -3,6 +3,7 @@ session's journal lives. The keys and layout are rpofs.store.schema's."""
 
 import os
 import uuid as uuidlib
+from dataclasses import replace
 
 from ..store import schema
 from ..store.repo import Repository
@@ -20,8 +21,30 @@ def vm_journal_dir(repo_path: str, vm: str) -> str:
 
 
 def put(repo: Repository, txn, session: ProtectionSession) -> None:
+    """Write a session's record. journal_from_us never goes back: retention
+    raises it (raise_journal_from) while a fold may hold an older copy, and
+    a lower one would let an instant read across dropped records."""
     key = schema.protection_key(uuidlib.UUID(session.vm).bytes, session.started_us)
+    stored = _get(repo, txn, key)
+    if stored is not None and stored.journal_from_us > session.journal_from_us:
+        session = replace(session, journal_from_us=stored.journal_from_us)
     txn.put(key, repo.seal_value("protection", key, session.encode()), db=repo.db["protection"])
+
+
+def _get(repo: Repository, txn, key: bytes) -> ProtectionSession | None:
+    value = txn.get(key, db=repo.db["protection"])
+    return None if value is None else ProtectionSession.decode(repo.open_value("protection", key, value))
+
+
+def raise_journal_from(repo: Repository, session: ProtectionSession, to_us: int) -> ProtectionSession:
+    """Record that records up to to_us may be gone, on the stored record (not
+    a copy that may be older): the session as stored after."""
+    key = schema.protection_key(uuidlib.UUID(session.vm).bytes, session.started_us)
+    with repo.write_txn() as txn:
+        stored = _get(repo, txn, key) or session
+        updated = replace(stored, journal_from_us=max(stored.journal_from_us, to_us))
+        txn.put(key, repo.seal_value("protection", key, updated.encode()), db=repo.db["protection"])
+    return updated
 
 
 def save(repo: Repository, session: ProtectionSession) -> ProtectionSession:
