@@ -362,6 +362,7 @@ def cmd_backup(repo_path: str, args) -> None:
 
 
 def cmd_protect(repo_path: str, args) -> None:
+    from .ingest.config import DiskChoice
     from .progress import Progress
     from .protect import protector, sessions
     from .virt.client import Connection
@@ -371,7 +372,7 @@ def cmd_protect(repo_path: str, args) -> None:
         dom = conn.domain(args.vm)
         live = sessions.current(repo, dom.uuid)
         with Progress(f"protect {dom.name}: the mirror's first pass", 0) as progress:
-            session = protector.protect(repo, dom, tuple(args.disk), progress)
+            session = protector.protect(repo, dom, DiskChoice(tuple(args.disk)), progress)
         if live is not None and live.started_us == session.started_us:
             session, point, broken = protector.tick(repo, dom, session, protector.journal_of(repo, session), True)
             if broken:

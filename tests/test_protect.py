@@ -55,6 +55,16 @@ def _read_disks(root, names) -> list[bytes]:
     return out
 
 
+def _newest_disks(repo, uuid: str) -> list[bytes]:
+    """The disks of the VM's newest point, read from the repository."""
+    r = Repository.open(str(repo))
+    try:
+        last = r.points(uuid)[-1]
+        return [bytes(DiskReader(r, last, t).read(0, s)) for t, s in zip(("vda", "vdb"), SIZES)]
+    finally:
+        r.close()
+
+
 def _k_of(log: WriteLog, disks: list[bytes], ks: range) -> int | None:
     """The k in ks whose state the disks hold, or None."""
     for k in ks:
@@ -110,13 +120,7 @@ def test_every_instant_holds_exactly_the_writes_acknowledged_before_it(tmp_path)
         run_rpofs("backup", vm.name, repo=repo)
         points = points_json(repo, vm.name)
         assert points[-1]["kind"] == "log" and points[-1]["origin"] == "backup"
-        r = Repository.open(str(repo))
-        try:
-            last = r.points(vm.uuid)[-1]
-            got = [bytes(DiskReader(r, last, t).read(0, s)) for t, s in zip(("vda", "vdb"), SIZES)]
-        finally:
-            r.close()
-        assert got == [bytes(d) for d in log.state(0, len(log.writes))]
+        assert _newest_disks(repo, vm.uuid) == [bytes(d) for d in log.state(0, len(log.writes))]
     finally:
         vm.destroy()
 
@@ -392,13 +396,7 @@ def test_a_full_repository_fails_the_mirror_not_the_guest(tmp_path):
         run_rpofs("backup", vm.name, repo=repo)
         newest = points_json(repo, vm.name)[-1]
         assert newest["origin"] == "backup" and newest["kind"] == "log"
-        r = Repository.open(str(repo))
-        try:
-            last = r.points(vm.uuid)[-1]
-            got = [bytes(DiskReader(r, last, t).read(0, s)) for t, s in zip(("vda", "vdb"), SIZES)]
-        finally:
-            r.close()
-        assert got == [bytes(d) for d in log.state(0, len(log.writes))], "a write acknowledged to the guest was lost"
+        assert _newest_disks(repo, vm.uuid) == [bytes(d) for d in log.state(0, len(log.writes))], "a write acknowledged to the guest was lost"
         verify = run_rpofs("verify", repo=repo, check=False)
         assert verify.returncode == 0, verify.stdout + verify.stderr
     finally:

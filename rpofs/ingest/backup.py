@@ -64,7 +64,7 @@ def back_up(repo: Repository, conn: Connection, req: BackupRequest, progress=Non
         if sessions.current(repo, info.uuid) is not None:  # libvirt refuses a backup of a mirrored disk
             raise RpofsError(f"VM {info.name} is protected continuously: its points come from the journal "
                              f"(rpofs protect {info.name} folds it now; rpofs unprotect {info.name} ends it)")
-        disks = _chosen_disks(dom, info, req.disks)
+        disks = chosen_disks(dom, info, req.disks, "back up")
         last = next(repo.newest_points(info.uuid), None)
         reason = req.full_reason or _why_not_log(repo, dom, disks, last)
         if not reason:
@@ -76,7 +76,10 @@ def back_up(repo: Repository, conn: Connection, req: BackupRequest, progress=Non
         return _run(repo, dom, info, disks, None, reason, req.quiesce, progress)
 
 
-def _chosen_disks(dom: Domain, info: DomainInfo, choice: DiskChoice) -> list[DiskRecord]:
+def chosen_disks(dom: Domain, info: DomainInfo, choice: DiskChoice, purpose: str) -> list[DiskRecord]:
+    """The disks a VM's chains cover (backups, and continuous protection:
+    purpose "back up" or "protect"), each qcow2: log backups and protection's
+    fallback need its dirty bitmaps."""
     targets = choice.targets
     if choice.mountpoint:
         targets = tuple(dom.disks_of_mountpoint(choice.mountpoint))
@@ -86,7 +89,7 @@ def _chosen_disks(dom: Domain, info: DomainInfo, choice: DiskChoice) -> list[Dis
             raise RpofsError(f"VM {info.name} has no disk {t} (it has {', '.join(by_target) or 'none'})")
     chosen = [d for d in info.disks if not targets or d.target in targets]
     if not chosen:
-        raise RpofsError(f"VM {info.name} has no disks to back up")
+        raise RpofsError(f"VM {info.name} has no disks to {purpose}")
     for d in chosen:
         if d.format != "qcow2":
             raise UnsupportedDisk(

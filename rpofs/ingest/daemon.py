@@ -312,7 +312,7 @@ class Ingester:
             async with self.jobs:
                 st.state, st.protection = "protecting", "starting"
                 session = await trio.to_thread.run_sync(
-                    lambda: protector.protect(self.repo, dom, policy.disks.targets, _JobProgress(st),
+                    lambda: protector.protect(self.repo, dom, policy.disks, _JobProgress(st),
                                               lock_wait_s=LOCK_WAIT_S))
         except (RpofsError, OSError) as e:
             self._protection_off(st, sched, f"protection could not start: {e}")

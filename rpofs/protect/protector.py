@@ -36,6 +36,8 @@ import time
 from dataclasses import dataclass, replace
 
 from ..errors import RpofsError
+from ..ingest.backup import chosen_disks
+from ..ingest.config import DiskChoice
 from ..recover.domainxml import marker_of
 from ..store.repo import Repository
 from ..store.schema import DiskRecord, PointRecord, ProtectionSession
@@ -194,7 +196,7 @@ def _zombie(pid: int) -> bool:
 
 # -- a session's life ----------------------------------------------------------------
 
-def protect(repo: Repository, dom: Domain, targets: tuple[str, ...] = (), progress=None,
+def protect(repo: Repository, dom: Domain, choice: DiskChoice = DiskChoice(), progress=None,
             lock_wait_s: float = 30.0) -> ProtectionSession:
     """Start protecting the VM (or find its session still running); the
     session once protected. progress: set(done, total) with the mirrors'
@@ -216,23 +218,8 @@ def protect(repo: Repository, dom: Domain, targets: tuple[str, ...] = (), progre
         if marker and marker.get("kind") == "run":
             raise NotProtectable(f"VM {info.name} runs on a recovery point (rpofs run): its disks read the "
                                  f"repository; protect it once moved (rpofs run --move)")
-        disks = _disks(info, targets)
+        disks = tuple(chosen_disks(dom, info, choice, "protect"))
         return _start(repo, dom, info, disks, progress)
-
-
-def _disks(info: DomainInfo, targets: tuple[str, ...]) -> tuple[DiskRecord, ...]:
-    by_target = {d.target: d for d in info.disks}
-    for t in targets:
-        if t not in by_target:
-            raise NotProtectable(f"VM {info.name} has no disk {t} (it has {', '.join(by_target) or 'none'})")
-    chosen = [d for d in info.disks if not targets or d.target in targets]
-    if not chosen:
-        raise NotProtectable(f"VM {info.name} has no disks to protect")
-    for d in chosen:
-        if d.format != "qcow2":
-            raise NotProtectable(f"disk {d.target} of {info.name} is {d.format}: protection needs qcow2 "
-                                 f"(a checkpoint's dirty bitmap covers the mirror's failure)")
-    return tuple(DiskRecord(d.target, d.size, d.source) for d in chosen)
 
 
 def _start(repo: Repository, dom: Domain, info: DomainInfo, disks, progress) -> ProtectionSession:
