@@ -55,6 +55,16 @@ def _read_disks(root, names) -> list[bytes]:
     return out
 
 
+def _stop_servers(repo, uuid: str) -> None:
+    """A failed test's journal servers (they outlive everything else, by design)."""
+    from rpofs.protect import protector
+    if not os.path.exists(os.path.join(str(repo), "catalog")):
+        return
+    for s in _session_count(repo, uuid):
+        if protector.server_alive(s.server_pid, sessions.journal_dir(str(repo), s)):
+            protector.stop_server(s.server_pid)
+
+
 def _newest_disks(repo, uuid: str) -> list[bytes]:
     """The disks of the VM's newest point, read from the repository."""
     r = Repository.open(str(repo))
@@ -123,6 +133,7 @@ def test_every_instant_holds_exactly_the_writes_acknowledged_before_it(tmp_path)
         assert _newest_disks(repo, vm.uuid) == [bytes(d) for d in log.state(0, len(log.writes))]
     finally:
         vm.destroy()
+        _stop_servers(repo, vm.uuid)
 
 
 def _restart_libvirtd() -> None:
@@ -238,6 +249,7 @@ def test_the_ingester_keeps_protection_through_a_daemon_kill_and_a_server_kill(t
                 assert k is not None, f"at/{format_time(int(t * 1e6), 6)} holds no prefix of the writes"
     finally:
         vm.destroy()
+        _stop_servers(repo, vm.uuid)
 
 
 class _Writes:
@@ -354,6 +366,7 @@ def test_qemu_killed_at_random_moments_loses_no_acknowledged_write(tmp_path):
             assert not [t for t in times if first.ready_us < t <= first.last_us and t > _first_bad(path)]
     finally:
         vm.destroy()
+        _stop_servers(repo, vm.uuid)
 
 
 def _first_bad(path: str) -> int:
@@ -402,4 +415,5 @@ def test_a_full_repository_fails_the_mirror_not_the_guest(tmp_path):
     finally:
         if vm is not None:
             vm.destroy()
+            _stop_servers(tmpfs / "repo", vm.uuid)
         subprocess.run(["umount", "-l", str(tmpfs)], check=False)
