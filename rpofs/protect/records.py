@@ -71,13 +71,20 @@ class Record:
 def encode(kind: int, disk: int, offset: int, data, time_us: int, length: int | None = None) -> bytes:
     """One record's bytes: header, then data for a write. length: for a
     zero record (data empty)."""
+    head = encode_header(kind, disk, offset, data, time_us, length)
+    return head + bytes(data) if kind == KIND_WRITE else head
+
+
+def encode_header(kind: int, disk: int, offset: int, data, time_us: int, length: int | None = None) -> bytes:
+    """A record's header (its hash covers data): what the server writes
+    before the data it received, without copying that."""
     n = len(data) if kind == KIND_WRITE else (length or 0)
     assert (n > 0 or kind == KIND_COMMIT) and n <= (MAX_RECORD if kind == KIND_WRITE else 1 << 63)
     head = _HASHED.pack(MAGIC, kind, disk, 0, offset, n, time_us)
     h = blake3.blake3(head)
     if kind == KIND_WRITE:
         h.update(data)
-    return head + h.digest() + (bytes(data) if kind == KIND_WRITE else b"")
+    return head + h.digest()
 
 
 def segment_name(first_time_us: int) -> str:
