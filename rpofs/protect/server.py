@@ -6,7 +6,10 @@ guest write only when this server has answered it, and QEMU 7.2 passes
 neither flushes nor FUA to a mirror target (docs/PROTECT.md): so a write or
 zeroing is answered only once its record is durable in the journal. Writes
 that arrive while a sync runs wait for the next one (group commit): one
-fdatasync answers every write taken in before it started.
+fdatasync answers every write taken in before it started. A small batch is
+synced on the event loop (a worker thread's round trip cost more than a
+4 KiB write's fdatasync), a big one on a worker while the loop takes in
+the next.
 
 It speaks the fixed-newstyle handshake (NBD_OPT_GO, NBD_OPT_EXPORT_NAME,
 NBD_OPT_LIST) and simple replies: the subset QEMU's NBD client needs. Reads
@@ -325,6 +328,8 @@ async def serve(directory: str, path: str, exports: dict[str, tuple[int, int]],
 
         nursery.start_soon(trio.serve_listeners, handle, [listener])
         task_status.started()
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)  # nothing answers there any more
     if journal.failed:
         raise SystemExit(f"journal {directory}: {journal.failed}")
 
