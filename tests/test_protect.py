@@ -96,6 +96,10 @@ def test_every_instant_holds_exactly_the_writes_acknowledged_before_it(tmp_path)
         refused = run_rpofs("backup", vm.name, repo=repo, check=False)
         assert refused.returncode == 1 and "protected continuously" in refused.stderr
         assert refused.stderr.count("\n") == 1
+        refused = run_rpofs("protect", vm.name, "--disk", "vda", repo=repo, check=False)
+        assert refused.returncode == 1 and "protected already, its disks vda, vdb" in refused.stderr
+        refused = run_rpofs("protect", "no-such-vm", repo=repo, check=False)
+        assert refused.returncode == 1 and refused.stderr.count("\n") == 1
         run_rpofs("protect", vm.name, repo=repo)       # folds what the journal holds
         _writes(log, [vm], rnd, 40, pause_s=0.003)
         points = points_json(repo, vm.name)

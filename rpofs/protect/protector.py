@@ -205,20 +205,27 @@ def protect(repo: Repository, dom: Domain, choice: DiskChoice = DiskChoice(), pr
         if repo.encrypted:
             raise NotProtectable("continuous protection does not work with an encrypted repository yet: "
                                  "the journal server would write the guest's data in clear")
-        live = sessions.current(repo, dom.uuid)
-        if live is not None:
-            broken = health(repo, dom, live)
-            if not broken and live.state == "protected":
-                return live
-            end(repo, dom, live, broken or "a session that had not finished starting was found")
         info = dom.info()
         if not info.running:
+            live = sessions.current(repo, dom.uuid)
+            if live is not None:  # QEMU stopped while no one watched: its journal is folded now
+                end(repo, dom, live, "the VM stopped")
             raise NotProtectable(f"VM {info.name} is not running")
         marker = marker_of(dom.xml())
         if marker and marker.get("kind") == "run":
             raise NotProtectable(f"VM {info.name} runs on a recovery point (rpofs run): its disks read the "
                                  f"repository; protect it once moved (rpofs run --move)")
         disks = tuple(chosen_disks(dom, info, choice, "protect"))
+        live = sessions.current(repo, dom.uuid)
+        if live is not None:
+            broken = health(repo, dom, live)
+            if not broken and live.state == "protected":
+                if [d.target for d in live.disks] != [d.target for d in disks]:
+                    raise NotProtectable(f"VM {info.name} is protected already, its disks "
+                                         f"{', '.join(d.target for d in live.disks)}: rpofs unprotect "
+                                         f"{info.name} first to protect others")
+                return live
+            end(repo, dom, live, broken or "a session that had not finished starting was found")
         return _start(repo, dom, info, disks, progress)
 
 
