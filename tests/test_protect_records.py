@@ -905,3 +905,55 @@ def test_a_segment_name_is_the_first_time_it_holds(tmp_path, monkeypatch):
     for path in journal_under_a_clock(tmp_path, monkeypatch):
         start = rec.segment_start(os.path.basename(path))
         assert all(r.time_us >= start for r in rec.scan(path).records), path
+
+
+@needs_nbd
+def test_a_commit_that_hangs_lets_the_mirror_go(tmp_path, monkeypatch):
+    """A disk that hangs an fdatasync would hold the guest's writes: after
+    the stall time the watchdog shuts the connections down (QEMU then fails
+    the mirror and the guest writes on) and ends the server."""
+    import trio
+    original = srv.Journal._write_durably
+    calls, stalled = [], threading.Event()
+
+    def hanging(self, batch, first_us):
+        calls.append(first_us)
+        if len(calls) == 2:
+            self.commit_since = time.monotonic()
+            stalled.wait(10)   # hung until the watchdog has acted
+            raise OSError(errno.EIO, "hung disk (simulated)")
+        return original(self, batch, first_us)
+
+    monkeypatch.setattr(srv.Journal, "_write_durably", hanging)
+    sockdir = tempfile.mkdtemp(prefix="rpj-")
+    sock = os.path.join(sockdir, "s")
+    outcome = {}
+
+    async def main():
+        with trio.CancelScope() as scope:
+            outcome["token"] = trio.lowlevel.current_trio_token()
+            outcome["scope"] = scope
+            await srv.serve(str(tmp_path / "j"), sock, srv.parse_exports(["vda=1048576"]),
+                            stall_s=0.5, on_stall=stalled.set)
+
+    t = threading.Thread(target=lambda: trio.run(main), daemon=True)
+    t.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not os.path.exists(sock) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.05)
+        h = nbd.NBD()
+        h.set_export_name("vda")
+        h.connect_unix(sock)
+        h.pwrite(b"a" * 4096, 0)                 # commit 1
+        started = time.monotonic()
+        with pytest.raises(nbd.Error):
+            h.pwrite(b"b" * 4096, 4096)          # commit 2 hangs: the connection is shut down
+        assert stalled.is_set() and time.monotonic() - started < 5
+    finally:
+        stalled.set()
+        if "scope" in outcome:
+            trio.from_thread.run_sync(outcome["scope"].cancel, trio_token=outcome["token"])
+        t.join(10)
+        shutil.rmtree(sockdir, ignore_errors=True)

@@ -35,6 +35,7 @@ import socket
 import struct
 import sys
 import threading
+import time
 
 import trio
 
@@ -62,6 +63,7 @@ TRANSMISSION_FLAGS = 1 | 4 | 8 | 64 | 256
 MAX_PAYLOAD = 32 << 20
 SEGMENT_BYTES = 256 << 20  # a new segment after this many bytes
 INLINE_BATCH = 256 << 10   # a batch up to this size is written and synced on the event loop
+STALL_S = 15.0             # a commit that has not returned after this: the mirror is let go (Watchdog)
 
 _REQUEST = struct.Struct(">IHHQQI")
 _OPTION = struct.Struct(">QII")
@@ -80,6 +82,7 @@ class Journal:
         self.floor_us = 0    # the next record's earliest time: later than every batch taken
         self.first_us = 0    # the pending batch's first record's time
         self.pending_bytes = 0
+        self.commit_since = 0.0   # monotonic time the running commit started (0: none runs)
         self.pending: list[bytes] = []
         self.waiters: list[trio.Event] = []
         self.wake = trio.Event()
@@ -138,15 +141,19 @@ class Journal:
 
     def _write_durably(self, batch: list, first_us: int) -> None:
         """batch: headers and data buffers, written as one run, then fdatasync."""
-        if self.fd < 0 or self.size >= SEGMENT_BYTES:
-            self._new_segment(first_us)
-        data = b"".join(batch)
-        view = memoryview(data)
-        while view:
-            n = os.write(self.fd, view)
-            view = view[n:]
-        os.fdatasync(self.fd)
-        self.size += len(data)
+        self.commit_since = time.monotonic()  # the stall watchdog's clock
+        try:
+            if self.fd < 0 or self.size >= SEGMENT_BYTES:
+                self._new_segment(first_us)
+            data = b"".join(batch)
+            view = memoryview(data)
+            while view:
+                n = os.write(self.fd, view)
+                view = view[n:]
+            os.fdatasync(self.fd)
+            self.size += len(data)
+        finally:
+            self.commit_since = 0.0
 
     def _new_segment(self, first_us: int) -> None:
         """Named by its first record's time: every earlier segment's records are older."""
@@ -158,6 +165,40 @@ class Journal:
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o600)
         self.size = 0
         sync_dir(self.directory)
+
+
+class Watchdog:
+    """A commit that does not return (a disk that hangs an fdatasync) would
+    hold the guest's writes for as long: after STALL_S this thread, which
+    needs neither the event loop nor the stuck one, shuts every connection
+    down, so QEMU fails the mirror job and the guest runs on (the daemon's
+    backup then takes what the journal missed), and ends the process."""
+
+    def __init__(self, journal: Journal, stall_s: float, on_stall=None):
+        self.journal = journal
+        self.stall_s = stall_s
+        self.fds: set[int] = set()
+        self.lock = threading.Lock()
+        self.on_stall = on_stall or (lambda: os._exit(3))
+        self.stop = threading.Event()
+        threading.Thread(target=self._run, name="rpofs-journal-watchdog", daemon=True).start()
+
+    def _run(self) -> None:
+        while not self.stop.wait(min(1.0, self.stall_s / 4)):
+            since = self.journal.commit_since
+            if since and time.monotonic() - since > self.stall_s:
+                log.error("journal %s: a commit has not returned for %.0f s: closing the mirror's "
+                          "connections (the guest's writes go on without the journal)",
+                          self.journal.directory, time.monotonic() - since)
+                with self.lock:
+                    fds = list(self.fds)
+                for fd in fds:
+                    with contextlib.suppress(OSError):
+                        dup = socket.fromfd(fd, socket.AF_UNIX, socket.SOCK_STREAM)
+                        dup.shutdown(socket.SHUT_RDWR)
+                        dup.close()
+                self.on_stall()
+                return
 
 
 class Connection:
@@ -294,10 +335,11 @@ class Connection:
 
 
 async def serve(directory: str, path: str, exports: dict[str, tuple[int, int]],
-                task_status=trio.TASK_STATUS_IGNORED) -> None:
-    """Serve until the journal fails (then exit: the mirror fails over) or
-    the process is told to stop."""
+                task_status=trio.TASK_STATUS_IGNORED, stall_s: float = STALL_S, on_stall=None) -> None:
+    """Serve until the journal fails (then exit: the mirror fails over), a
+    commit stalls (Watchdog), or the process is told to stop."""
     journal = Journal(directory)
+    watchdog = Watchdog(journal, stall_s, on_stall)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -324,10 +366,18 @@ async def serve(directory: str, path: str, exports: dict[str, tuple[int, int]],
             nursery.start_soon(stop_on_signal)
 
         async def handle(stream):
-            await Connection(stream, journal, exports).serve()
+            fd = stream.socket.fileno()
+            with watchdog.lock:
+                watchdog.fds.add(fd)
+            try:
+                await Connection(stream, journal, exports).serve()
+            finally:
+                with watchdog.lock:
+                    watchdog.fds.discard(fd)
 
         nursery.start_soon(trio.serve_listeners, handle, [listener])
         task_status.started()
+    watchdog.stop.set()
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)  # nothing answers there any more
     if journal.failed:
