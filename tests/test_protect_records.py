@@ -860,6 +860,7 @@ def journal_under_a_clock(tmp_path, monkeypatch):
     clock = iter([1000, 900, 500, 2000])
     monkeypatch.setattr(srv, "now_us", lambda: next(clock))
     monkeypatch.setattr(srv, "SEGMENT_BYTES", 1)
+    monkeypatch.setattr(srv, "INLINE_BATCH", 0)  # commits on a worker thread: the loop takes in meanwhile
     release = threading.Event()
     original = srv.Journal._write_durably
 
