@@ -221,8 +221,9 @@ def test_the_ingester_keeps_protection_through_a_daemon_kill_and_a_server_kill(t
         wait_for(lambda: len(_session_count(repo, vm.uuid)) == 2
                  and _session_count(repo, vm.uuid)[-1].state == "protected", timeout=90,
                  what="protection again")
-        status = _status(repo)
-        assert status["protection"]["state"] == "protected" and status["rpo_seconds"] == 0.0
+        # the daemon's status file is written every second: it follows the catalog
+        wait_for(lambda: _status(repo)["protection"]["state"] == "protected", timeout=10, what="status")
+        assert _status(repo)["rpo_seconds"] == 0.0
         assert "journal server" in _session_count(repo, vm.uuid)[0].reason
         time.sleep(2.5)
         writer.stop.set()
