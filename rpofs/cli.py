@@ -365,6 +365,7 @@ def cmd_protect(repo_path: str, args) -> None:
     from .ingest.config import DiskChoice
     from .progress import Progress
     from .protect import protector, sessions
+    from .store.vmlock import vm_lock
     from .virt.client import Connection
     repo = open_repository(repo_path, args)
     conn = Connection(args.connect)
@@ -374,7 +375,9 @@ def cmd_protect(repo_path: str, args) -> None:
         with Progress(f"protect {dom.name}: the mirror's first pass", 0) as progress:
             session = protector.protect(repo, dom, DiskChoice(tuple(args.disk)), progress)
         if live is not None and live.started_us == session.started_us:
-            session, point, broken = protector.tick(repo, dom, session, protector.journal_of(repo, session), True)
+            with vm_lock(repo.path, dom.uuid, dom.name, "protect", 30.0):  # never beside the daemon's fold
+                session, point, broken = protector.tick(repo, dom, sessions.current(repo, dom.uuid) or session,
+                                                        protector.journal_of(repo, session), True)
             if broken:
                 raise RpofsError(f"{dom.name}: protection ended: {broken}; back it up now with: rpofs backup {dom.name}")
         _print_session(dom.name, session, args.json)

@@ -171,7 +171,7 @@ def test_the_ingester_keeps_protection_through_a_daemon_kill_and_a_server_kill(t
     at once takes what the journal missed, protection comes back in a new
     session. Every point and a sample of instants hold exactly a prefix of
     the writes their time allows, and nothing acknowledged is lost."""
-    from test_ingest_daemon import SLACK_S, Writer, check_every_point, start_daemon
+    from test_ingest_daemon import Writer, start_daemon
     import test_ingest_daemon
     vm, contents = _vm(tmp_path, f"rpofs-ptd-{os.getpid()}")
     test_ingest_daemon.SIZE = min(SIZES)   # the Writer's offsets stay on both disks
@@ -182,6 +182,15 @@ def test_the_ingester_keeps_protection_through_a_daemon_kill_and_a_server_kill(t
                       f'keep_journal_within = "1h"\nlog_interval = "1s"\nfull_interval = "1h"\n')
     writer = Writer([vm], log, seed=3)
     daemon = start_daemon(repo, config, log_path)
+    try:
+        _run_the_ingester_test(vm, log, repo, config, log_path, writer, daemon, tmp_path)
+    finally:
+        vm.destroy()
+        _stop_servers(repo, vm.uuid)
+
+
+def _run_the_ingester_test(vm, log, repo, config, log_path, writer, daemon, tmp_path):
+    from test_ingest_daemon import SLACK_S, Writer, check_every_point, start_daemon
     try:
         wait_for(lambda: (_status(repo).get("protection") or {}).get("state") == "protected", timeout=60,
                  what="protection")
@@ -233,28 +242,25 @@ def test_the_ingester_keeps_protection_through_a_daemon_kill_and_a_server_kill(t
         writer.stop.set()
         daemon.terminate()
         daemon.wait(timeout=60)
-    try:
-        run_rpofs("unprotect", vm.name, repo=repo)
-        points = points_json(repo, vm.name)
-        spans = [(p["stats"]["journal"]["from_us"], p["stats"]["journal"]["to_us"]) for p in points
-                 if p["origin"] == "journal" and p["kind"] == "log"]
-        for (_, a_to), (b_from, _) in zip(spans, spans[1:]):
-            assert b_from >= a_to, f"folds overlap: {spans}"
-        with mounted(repo, tmp_path / "mnt") as mnt:
-            check_every_point(repo, mnt, [vm], log)
-            newest = points[-1]
-            disks = _read_disks(mnt / vm.name / newest["name"], None)
-            assert disks == [bytes(d) for d in log.state(0, len(log.writes))], "the last point lost writes"
-            vmdir = mnt / vm.name
-            rnd = random.Random(5)
-            for _ in range(15):
-                t = rnd.uniform(log.writes[0][5], log.writes[-1][6])
-                k = _k_of(log, _read_disks(vmdir / "at" / format_time(int(t * 1e6), 6), None),
-                          log.candidates(t, SLACK_S))
-                assert k is not None, f"at/{format_time(int(t * 1e6), 6)} holds no prefix of the writes"
-    finally:
-        vm.destroy()
-        _stop_servers(repo, vm.uuid)
+    # the checks after the daemon stopped
+    run_rpofs("unprotect", vm.name, repo=repo)
+    points = points_json(repo, vm.name)
+    spans = [(p["stats"]["journal"]["from_us"], p["stats"]["journal"]["to_us"]) for p in points
+             if p["origin"] == "journal" and p["kind"] == "log"]
+    for (_, a_to), (b_from, _) in zip(spans, spans[1:]):
+        assert b_from >= a_to, f"folds overlap: {spans}"
+    with mounted(repo, tmp_path / "mnt") as mnt:
+        check_every_point(repo, mnt, [vm], log)
+        newest = points[-1]
+        disks = _read_disks(mnt / vm.name / newest["name"], None)
+        assert disks == [bytes(d) for d in log.state(0, len(log.writes))], "the last point lost writes"
+        vmdir = mnt / vm.name
+        rnd = random.Random(5)
+        for _ in range(15):
+            t = rnd.uniform(log.writes[0][5], log.writes[-1][6])
+            k = _k_of(log, _read_disks(vmdir / "at" / format_time(int(t * 1e6), 6), None),
+                      log.candidates(t, SLACK_S))
+            assert k is not None, f"at/{format_time(int(t * 1e6), 6)} holds no prefix of the writes"
 
 
 class _Writes:
