@@ -778,16 +778,16 @@ def test_a_full_disk_answers_errors_and_the_server_exits(tmp_path, full_from_the
     assert all(d == writes[i].data for d, i in zip(data, ok))
 
 
-def in_process_server(directory, socket_path, exports, outcome):
+def in_process_server(directory, socket_path, exports, outcome, **serve_kw):
     """serve() under trio.run on this thread; outcome['token'], ['scope'] to
-    stop it, ['exit'] how it ended."""
+    stop it, ['exit'] how it ended. serve_kw: serve()'s (stall_s, on_stall)."""
     import trio
 
     async def main():
         with trio.CancelScope() as scope:
             outcome["token"] = trio.lowlevel.current_trio_token()
             outcome["scope"] = scope
-            await srv.serve(directory, socket_path, srv.parse_exports(exports))
+            await srv.serve(directory, socket_path, srv.parse_exports(exports), **serve_kw)
 
     try:
         trio.run(main)
@@ -930,15 +930,8 @@ def test_a_commit_that_hangs_lets_the_mirror_go(tmp_path, monkeypatch):
     sockdir = tempfile.mkdtemp(prefix="rpj-")
     sock = os.path.join(sockdir, "s")
     outcome = {}
-
-    async def main():
-        with trio.CancelScope() as scope:
-            outcome["token"] = trio.lowlevel.current_trio_token()
-            outcome["scope"] = scope
-            await srv.serve(str(tmp_path / "j"), sock, srv.parse_exports(["vda=1048576"]),
-                            stall_s=0.5, on_stall=stalled.set)
-
-    t = threading.Thread(target=lambda: trio.run(main), daemon=True)
+    t = threading.Thread(target=in_process_server, args=(str(tmp_path / "j"), sock, ["vda=1048576"], outcome),
+                         kwargs={"stall_s": 0.5, "on_stall": stalled.set}, daemon=True)
     t.start()
     try:
         deadline = time.monotonic() + 10
