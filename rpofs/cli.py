@@ -364,20 +364,21 @@ def cmd_backup(repo_path: str, args) -> None:
 def cmd_protect(repo_path: str, args) -> None:
     from .ingest.config import DiskChoice
     from .progress import Progress
-    from .protect import protector, sessions
+    from .protect import protector
+    from .store import journal, protection
     from .store.vmlock import vm_lock
     from .virt.client import Connection
     repo = open_repository(repo_path, args)
     conn = Connection(args.connect)
     try:
         dom = conn.domain(args.vm)
-        live = sessions.current(repo, dom.uuid)
+        live = protection.current(repo, dom.uuid)
         with Progress(f"protect {dom.name}: the mirror's first pass", 0) as progress:
             session = protector.protect(repo, dom, DiskChoice(tuple(args.disk)), progress)
         if live is not None and live.started_us == session.started_us:
             with vm_lock(repo.path, dom.uuid, dom.name, "protect", 30.0):  # never beside the daemon's fold
-                session, point, broken = protector.tick(repo, dom, sessions.current(repo, dom.uuid) or session,
-                                                        protector.journal_of(repo, session), True)
+                session, point, broken = protector.tick(repo, dom, protection.current(repo, dom.uuid) or session,
+                                                        journal.reader(repo.path, session), True)
             if broken:
                 raise RpofsError(f"{dom.name}: protection ended: {broken}; back it up now with: rpofs backup {dom.name}")
         _print_session(dom.name, session, args.json)
@@ -416,7 +417,7 @@ def _print_session(name: str, session, as_json: bool) -> None:
 
 
 def cmd_points(repo_path: str, args) -> None:
-    from .apps import catalog
+    from .store import shipments
     from .apps.view import app_point_json
     from .mount.vfs import point_json
     repo = open_repository(repo_path, args)
@@ -426,7 +427,7 @@ def cmd_points(repo_path: str, args) -> None:
         names = point_names([p.time_us for p in points], [p.name for p in points])
         by_no = {p.point: (n, p) for n, p in zip(names, points)}
         rows = [(p.time_us, 0, n, p) for n, p in zip(names, points)]
-        rows += [(s.time_us, 1, s.name, s) for s in catalog.ships(repo, vm)]
+        rows += [(s.time_us, 1, s.name, s) for s in shipments.ships(repo, vm)]
         rows.sort(key=lambda row: row[:2])
         if args.json:
             print(json.dumps([json.loads(point_json(n, p)) if kind == 0

@@ -21,7 +21,7 @@ import uuid
 import pytest
 
 from guestlab import Guest, build_guest, guest_run
-from rpofs.apps import catalog
+from rpofs.store import shipments
 from rpofs.apps.shipper import Shipper
 from rpofs.ingest.config import AppConfig
 from rpofs.store.crypto import Passphrase
@@ -147,8 +147,8 @@ def test_a_database_back_at_every_shipped_commit(shipping, tmp_path):
 
     # the agent killed in the middle of a read: nothing recorded, then it goes on
     with run.repo.env.begin() as txn:
-        before_app = catalog.get_app(run.repo, txn, run.uuid, "orders")
-    shipped_before = len(list(catalog.ships(run.repo, run.uuid, app="orders")))
+        before_app = shipments.get_app(run.repo, txn, run.uuid, "orders")
+    shipped_before = len(list(shipments.ships(run.repo, run.uuid, app="orders")))
     calls = {"reads": 0}
     agent = run.dom.agent
 
@@ -166,8 +166,8 @@ def test_a_database_back_at_every_shipped_commit(shipping, tmp_path):
     run.dom.agent = agent
     assert calls["reads"] >= 2
     with run.repo.env.begin() as txn:
-        assert catalog.get_app(run.repo, txn, run.uuid, "orders") == before_app
-    assert len(list(catalog.ships(run.repo, run.uuid, app="orders"))) == shipped_before
+        assert shipments.get_app(run.repo, txn, run.uuid, "orders") == before_app
+    assert len(list(shipments.ships(run.repo, run.uuid, app="orders"))) == shipped_before
     wait_for(lambda: _answers(run.dom), timeout=30, what="the guest agent back")
     run.ship_for(2)
 
@@ -224,7 +224,7 @@ def test_prune_and_verify_with_app_points(shipping, tmp_path):
     run.ship_for(2)
     run.backup()
     run.ship_for(2)
-    ships = list(catalog.ships(run.repo, run.uuid))
+    ships = list(shipments.ships(run.repo, run.uuid))
     bases = sorted({s.base for s in ships})
     assert len(bases) == 3
     report = verify(run.repo, read_data=True)
@@ -232,7 +232,7 @@ def test_prune_and_verify_with_app_points(shipping, tmp_path):
     # keep the newest point (and its chain's full): the middle log goes, and the app points on it
     pruned = prune(run.repo, run.uuid, Retention(last=1))
     assert [p.point for p in pruned.points_removed] == [bases[1]]
-    left = [s for s in catalog.ships(run.repo, run.uuid) if s.base is not None]
+    left = [s for s in shipments.ships(run.repo, run.uuid) if s.base is not None]
     assert {s.base for s in left} == {bases[0], bases[2]} and pruned.ships_removed == len(ships) - len(left)
     assert verify(run.repo, read_data=True).ok
     with mounted(run.repo_path, tmp_path / "mnt") as mnt:
@@ -271,7 +271,7 @@ def test_the_ingester_ships_every_interval(tmp_path):
                 r = Repository.open(str(repo))
                 try:
                     uuid_ = r.vms()[0][0] if r.vms() else None
-                    return uuid_ and sum(s.base is not None for s in catalog.ships(r, uuid_)) >= 8
+                    return uuid_ and sum(s.base is not None for s in shipments.ships(r, uuid_)) >= 8
                 finally:
                     r.close()
             wait_for(readable, timeout=90, what="8 readable app points")
@@ -282,7 +282,7 @@ def test_the_ingester_ships_every_interval(tmp_path):
         assert "Traceback" not in text and "event=ship-failed" not in text, text
         r = Repository.open(str(repo))
         try:
-            ships = [s for s in catalog.ships(r, r.vms()[0][0]) if s.base is not None]
+            ships = [s for s in shipments.ships(r, r.vms()[0][0]) if s.base is not None]
             gaps = [(b.time_us - a.time_us) / 1e6 for a, b in zip(ships, ships[1:])]
             assert max(gaps) < 3.0, gaps  # about one a second (a round with no new row records none)
         finally:

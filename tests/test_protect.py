@@ -17,7 +17,7 @@ import pytest
 
 from vmlab import TestVM, WriteLog, make_qcow2, mounted, points_json, run_rpofs, seeded_content, wait_for
 
-from rpofs.protect import sessions
+from rpofs.store import journal, protection
 from rpofs.store.repo import Repository
 from rpofs.store.materialize import DiskReader
 from rpofs.timefmt import format_time, parse_as_of
@@ -61,7 +61,7 @@ def _stop_servers(repo, uuid: str) -> None:
     if not os.path.exists(os.path.join(str(repo), "catalog")):
         return
     for s in _session_count(repo, uuid):
-        if protector.server_alive(s.server_pid, sessions.journal_dir(str(repo), s)):
+        if protector.server_alive(s.server_pid, journal.journal_dir(str(repo), s)):
             protector.stop_server(s.server_pid)
 
 
@@ -159,7 +159,7 @@ def _status(repo) -> dict:
 def _session_count(repo, uuid) -> list:
     r = Repository.open(str(repo))
     try:
-        return sessions.of_vm(r, uuid)
+        return protection.of_vm(r, uuid)
     finally:
         r.close()
 
@@ -362,8 +362,8 @@ def test_qemu_killed_at_random_moments_loses_no_acknowledged_write(tmp_path):
         # a flipped byte in an ended session's journal: verify names it, the
         # journal's instants stop before it (never wrong bytes)
         first = done_sessions[0]
-        segment = sorted(os.listdir(sessions.journal_dir(str(repo), first)))[0]
-        path = os.path.join(sessions.journal_dir(str(repo), first), segment)
+        segment = sorted(os.listdir(journal.journal_dir(str(repo), first)))[0]
+        path = os.path.join(journal.journal_dir(str(repo), first), segment)
         with open(path, "r+b") as f:
             f.seek(os.path.getsize(path) // 2)
             byte = f.read(1)
@@ -382,8 +382,7 @@ def test_qemu_killed_at_random_moments_loses_no_acknowledged_write(tmp_path):
 
 def _first_bad(path: str) -> int:
     """The time of the newest record a scan still verifies."""
-    from rpofs.protect import records
-    found = records.scan(path).records
+    found = journal.scan(path).records
     return found[-1].time_us if found else 0
 
 

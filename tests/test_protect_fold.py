@@ -2,7 +2,7 @@
 between them, and retention of both, without libvirt: a real repository
 (LMDB, pack files) in a temporary directory, a protection session, and its
 journal's segment files written by hand as the journal server writes them
-(rpofs.protect.records: batches ending in a commit mark, every batch later
+(rpofs.store.journal: batches ending in a commit mark, every batch later
 than the one before, a segment named by its first batch's time).
 
 A model keeps every write in journal order: a point must read as the disks
@@ -21,10 +21,10 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from rpofs.errors import RpofsError
-from rpofs.protect import records as rec
-from rpofs.protect import sessions
+from rpofs.store import journal as rec, protection
 from rpofs.protect.fold import FoldInput, fold, uncovered
-from rpofs.protect.protector import Journal, drop_journal
+from rpofs.protect.protector import drop_journal
+from rpofs.store.journal import JournalReader
 from rpofs.protect.view import JournalViews
 from rpofs.store.materialize import DiskReader
 from rpofs.store.prune import Retention, prune
@@ -178,16 +178,16 @@ class Model:
 
 
 def session_now(repo) -> ProtectionSession:
-    return sessions.of_vm(repo, VM)[-1]
+    return protection.of_vm(repo, VM)[-1]
 
 
 def do_fold(repo, model: Model, until: int, parent, session: ProtectionSession, **changes):
     """A fold as the protector makes one: the journal scanned, the session's
     progress committed with the point."""
     after = replace(session, folded_us=until, **changes)
-    journal = Journal(model.directory, {}).records()
+    journal = JournalReader(model.directory, {}).records()
     point = fold(repo, session if parent is None else after, journal, until, parent, WHAT,
-                 also=lambda txn, record: sessions.put(repo, txn, after))
+                 also=lambda txn, record: protection.put(repo, txn, after))
     low = parent.time_us if parent is not None else -1
     assert point.time_us == until and point.origin == "journal"
     assert point.kind == ("full" if parent is None else "log")
@@ -220,12 +220,12 @@ class Oracle:
 
     def __init__(self, repo, model: Model):
         self.model = model
-        self.sessions = sessions.of_vm(repo, VM)
+        self.sessions = protection.of_vm(repo, VM)
         self.points = repo.points(VM)
         self.times = [p.time_us for p in self.points]
         self.present = {}   # session started_us -> its records on disk
         for s in self.sessions:
-            self.present[s.started_us] = [r for r in model.of(sessions.journal_dir(repo.path, s))
+            self.present[s.started_us] = [r for r in model.of(rec.journal_dir(repo.path, s))
                                           if os.path.exists(r.segment)]
 
     def until(self, s: ProtectionSession) -> int | None:
@@ -318,8 +318,8 @@ def check(repo, model: Model, views_of: JournalViews, made: dict, rnd: random.Ra
 def drop(repo, model: Model, keep_within_us: int, now: int) -> None:
     """drop_journal on every session of the VM (as the ingester does), and
     what it must and must not have done."""
-    for session in sessions.of_vm(repo, VM):
-        directory = sessions.journal_dir(repo.path, session)
+    for session in protection.of_vm(repo, VM):
+        directory = rec.journal_dir(repo.path, session)
         mine = [p for p in model.segments if os.path.dirname(p) == directory]
         sizes = {p: os.path.getsize(p) for p in mine if os.path.exists(p)}
         before = [p for p in mine if p in sizes]
@@ -332,7 +332,7 @@ def drop(repo, model: Model, keep_within_us: int, now: int) -> None:
             event("segments dropped" + (", all" if not after else ""))
         if session.state != "ended" and before:
             assert before[-1] in after                      # the segment being written stays
-        saved = next(s for s in sessions.of_vm(repo, VM) if s.started_us == session.started_us)
+        saved = next(s for s in protection.of_vm(repo, VM) if s.started_us == session.started_us)
         horizon = min(session.folded_us if session.state != "ended" else session.last_us, now - keep_within_us)
         for r in model.of(directory):
             if r.segment in sizes and r.time > horizon:     # not folded, or young: kept
@@ -365,15 +365,15 @@ def start(repo, model: Model, started: int, plan, made: dict, views_of, rnd):
     complete is refused), folded into a full, then its ops."""
     first_batches, guest, early, ops = plan
     disks = tuple(DiskRecord(f"vd{chr(97 + i)}", n) for i, n in enumerate(model.sizes))
-    session = sessions.save(repo, ProtectionSession(VM, started, disks))
-    model.new_journal(sessions.journal_dir(repo.path, session))
+    session = protection.save(repo, ProtectionSession(VM, started, disks))
+    model.new_journal(rec.journal_dir(repo.path, session))
     ready, times = model.first_pass(first_batches, guest)
     if early:  # a fold before the first pass is complete: refused while a byte is missing
         t = rnd.choice([times[0], rnd.randint(started, ready - 1)])
         if not model.covered(t):
             count = len(repo.points(VM))
             with pytest.raises(RpofsError):
-                fold(repo, session, Journal(model.directory, {}).records(), t, None, WHAT)
+                fold(repo, session, JournalReader(model.directory, {}).records(), t, None, WHAT)
             assert len(repo.points(VM)) == count
             event("a first fold refused: the first pass not complete")
     assert model.covered(ready)
@@ -418,12 +418,12 @@ def end(repo, model: Model, made: dict, fold_fails: bool) -> None:
     newest = mine[-1].time
     ended = dict(state="ended", ended_us=model.mark + 1, reason="test", last_us=newest)
     if fold_fails:
-        sessions.save(repo, replace(s, **dict(ended, last_us=s.folded_us)))
+        protection.save(repo, replace(s, **dict(ended, last_us=s.folded_us)))
     elif newest > parent.time_us:
         point = do_fold(repo, model, newest, parent, s, **ended)
         made[point.point] = newest
     else:
-        sessions.save(repo, replace(s, **ended))
+        protection.save(repo, replace(s, **ended))
 
 
 @settings(max_examples=45, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
@@ -471,7 +471,7 @@ def test_folds_instants_and_retention_agree_with_the_model(tmp_path_factory, siz
 def hand_journal(repo, session, batches):
     """batches: lists of (disk, offset, length, data or None)."""
     model = Model([d.size for d in session.disks], random.Random(0))
-    model.new_journal(sessions.journal_dir(repo.path, session))
+    model.new_journal(rec.journal_dir(repo.path, session))
     for b in batches:
         model.batch(b)
     return model
@@ -482,7 +482,7 @@ def test_a_first_pass_that_leaves_a_gap_is_refused(tmp_path, gap):
     sizes = [200_000, 3 * BLOCK_SIZE]
     repo = Repository.init(str(tmp_path / "r"))
     try:
-        session = sessions.save(repo, ProtectionSession(
+        session = protection.save(repo, ProtectionSession(
             VM, T0, (DiskRecord("vda", sizes[0]), DiskRecord("vdb", sizes[1]))))
         rnd = random.Random(3)
         a = rnd.randbytes(sizes[0])
@@ -497,7 +497,7 @@ def test_a_first_pass_that_leaves_a_gap_is_refused(tmp_path, gap):
         if gap != "second disk":
             batch.append((1, 0, sizes[1], None))
         model = hand_journal(repo, session, [batch[:1], batch[1:]] if len(batch) > 1 else [batch])
-        journal = Journal(model.directory, {}).records()
+        journal = JournalReader(model.directory, {}).records()
         found = uncovered(journal, session.disks)
         if gap == "none":
             assert found == ""
@@ -518,18 +518,18 @@ def test_a_first_pass_that_leaves_a_gap_is_refused(tmp_path, gap):
 def test_a_fold_refuses_records_beyond_a_disk_and_changed_disks(tmp_path):
     repo = Repository.init(str(tmp_path / "r"))
     try:
-        session = sessions.save(repo, ProtectionSession(VM, T0, (DiskRecord("vda", 100_000),)))
+        session = protection.save(repo, ProtectionSession(VM, T0, (DiskRecord("vda", 100_000),)))
         model = hand_journal(repo, session, [[(0, 0, 100_000, None)]])
-        full = fold(repo, session, Journal(model.directory, {}).records(), model.mark, None, WHAT)
+        full = fold(repo, session, JournalReader(model.directory, {}).records(), model.mark, None, WHAT)
         # a record past the disk's end (a journal that does not belong to these disks)
         model.batch([(0, 99_000, 1001, b"x" * 1001)])
         with pytest.raises(RpofsError):
-            fold(repo, session, Journal(model.directory, {}).records(), model.mark, full, WHAT)
+            fold(repo, session, JournalReader(model.directory, {}).records(), model.mark, full, WHAT)
         assert [p.point for p in repo.points(VM)] == [full.point]
         # the disks changed since the parent
         bigger = replace(session, disks=(DiskRecord("vda", 200_000),))
         with pytest.raises(RpofsError):
-            fold(repo, bigger, Journal(model.directory, {}).records(), model.mark, full, WHAT)
+            fold(repo, bigger, JournalReader(model.directory, {}).records(), model.mark, full, WHAT)
         assert [p.point for p in repo.points(VM)] == [full.point]
         assert DiskReader(repo, full, "vda").read(0, 100_000) == bytes(100_000)
     finally:

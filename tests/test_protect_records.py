@@ -1,6 +1,6 @@
 """Continuous protection's write journal without libvirt: segment files
 written by hand and scanned as they grow, cut short and damaged
-(rpofs.protect.records); the journal server (rpofs.protect.server) run as
+(rpofs.store.journal); the journal server (rpofs.protect.server) run as
 its own process, as protector.start_server runs it, and spoken to with
 libnbd over its unix socket: what it answers against the journal it wrote.
 
@@ -26,7 +26,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from rpofs.errors import ChunkError
-from rpofs.protect import records as rec
+from rpofs.store import journal as rec
 from rpofs.protect import server as srv
 from rpofs.timefmt import now_us
 
@@ -801,7 +801,7 @@ def test_every_write_of_a_failed_journal_is_answered_with_an_error(tmp_path, mon
     """Deterministic: the second commit fails with ENOSPC after 0.3 s (a slow
     full disk); a write sent 0.1 s into it is answered with that error too,
     not left to the connection closing (as it was before 5acf131)."""
-    original = srv.Journal._write_durably
+    original = srv.JournalWriter._write_durably
     calls = []
 
     def failing(self, batch, batch_us):
@@ -811,7 +811,7 @@ def test_every_write_of_a_failed_journal_is_answered_with_an_error(tmp_path, mon
             raise OSError(errno.ENOSPC, "No space left on device (simulated)")
         return original(self, batch, batch_us)
 
-    monkeypatch.setattr(srv.Journal, "_write_durably", failing)
+    monkeypatch.setattr(srv.JournalWriter, "_write_durably", failing)
     monkeypatch.setattr(srv, "INLINE_BATCH", 0)  # the commit on a worker: the loop takes the next write in
     sockdir = tempfile.mkdtemp(prefix="rpj-")
     sock = os.path.join(sockdir, "s")
@@ -863,17 +863,17 @@ def journal_under_a_clock(tmp_path, monkeypatch):
     monkeypatch.setattr(srv, "SEGMENT_BYTES", 1)
     monkeypatch.setattr(srv, "INLINE_BATCH", 0)  # commits on a worker thread: the loop takes in meanwhile
     release = threading.Event()
-    original = srv.Journal._write_durably
+    original = srv.JournalWriter._write_durably
 
     def held(self, batch, batch_us):
         release.wait(10)
         return original(self, batch, batch_us)
 
-    monkeypatch.setattr(srv.Journal, "_write_durably", held)
+    monkeypatch.setattr(srv.JournalWriter, "_write_durably", held)
     directory = str(tmp_path / "j")
 
     async def main():
-        journal = srv.Journal(directory)
+        journal = srv.JournalWriter(directory)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(journal.run_commits)
             first = [journal.take(W, 0, 0, b"a", 1), journal.take(Z, 1, 10, b"", 5)]
@@ -915,7 +915,7 @@ def test_a_commit_that_hangs_lets_the_mirror_go(tmp_path, monkeypatch):
     the stall time the watchdog shuts the connections down (QEMU then fails
     the mirror and the guest writes on) and ends the server."""
     import trio
-    original = srv.Journal._write_durably
+    original = srv.JournalWriter._write_durably
     calls, stalled = [], threading.Event()
 
     def hanging(self, batch, first_us):
@@ -926,7 +926,7 @@ def test_a_commit_that_hangs_lets_the_mirror_go(tmp_path, monkeypatch):
             raise OSError(errno.EIO, "hung disk (simulated)")
         return original(self, batch, first_us)
 
-    monkeypatch.setattr(srv.Journal, "_write_durably", hanging)
+    monkeypatch.setattr(srv.JournalWriter, "_write_durably", hanging)
     sockdir = tempfile.mkdtemp(prefix="rpj-")
     sock = os.path.join(sockdir, "s")
     outcome = {}

@@ -29,8 +29,9 @@ from typing import Callable, NamedTuple
 
 from ..errors import RpofsError
 from ..files.guest import GuestFileError, GuestFiles
+from ..store import shipments
 from ..store.schema import AppRecord, PointRecord, StreamState
-from . import catalog, wal
+from . import wal
 
 LOOKBACK_US = 600 * 1_000_000   # shipments before a base this old are not searched for its continuation
 
@@ -247,7 +248,7 @@ def relate(repo, files: PointFiles, app: AppRecord, candidates: list[PointRecord
     reasons = []
     for point in candidates:
         since = point.time_us - LOOKBACK_US
-        stored = stored_pieces(repo, catalog.ships(repo, vm, since_us=since, until_us=time_us, app=app.name))
+        stored = stored_pieces(repo, shipments.ships(repo, vm, since_us=since, until_us=time_us, app=app.name))
         try:
             found = continues(files, point, app, app.streams, stored + pending, time_us)
         except RpofsError as e:  # the point's copy cannot be read (damaged): it is no base

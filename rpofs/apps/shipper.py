@@ -1,6 +1,6 @@
 """Shipping one VM's applications: a round reads what each app appended
 (rpofs.apps.ship), relates it to a block point (rpofs.apps.relate) and
-commits it as one app point (rpofs.apps.catalog). `rpofs ship` runs one
+commits it as one app point (rpofs.store.shipments). `rpofs ship` runs one
 round; the ingester one per app every `interval`."""
 
 import dataclasses
@@ -11,10 +11,11 @@ from typing import NamedTuple
 
 from ..errors import RpofsError
 from ..ingest.config import AppConfig
+from ..store import shipments
 from ..store.schema import AppRecord, ShipRecord
 from ..timefmt import now_us
 from ..virt.client import Domain
-from . import catalog, guestio, relate
+from . import guestio, relate
 from .ship import file_round, wal_round
 
 log = logging.getLogger(__name__)
@@ -89,7 +90,7 @@ class Shipper:
         if not pieces:
             if record != start or not self._stored(app):
                 with self.repo.write_txn() as txn:
-                    catalog.put_app(self.repo, txn, self.vm, record)
+                    shipments.put_app(self.repo, txn, self.vm, record)
             return ShipResult(app.name, None, restarts, 0)
         candidates = self._candidates(app, time_us)
         previous = self._previous.get(app.name)
@@ -103,7 +104,7 @@ class Shipper:
                                           p.file.length, time_us, lambda data=p.data: data) for p in pieces]
             relation = relate.relate(self.repo, self.files, record, candidates, time_us, pending, self.vm)
         size = sum(len(p.data) for p in pieces)
-        made = catalog.commit(self.repo, self.vm, record, [(p.file, p.data) for p in pieces], time_us,
+        made = shipments.commit(self.repo, self.vm, record, [(p.file, p.data) for p in pieces], time_us,
                               relation, {"bytes": size})
         self._previous[app.name] = _Previous(made.base, made.chain, made.reads_from, record.streams)
         self.rebase(record)
@@ -111,7 +112,7 @@ class Shipper:
 
     def _record(self, app: AppConfig) -> AppRecord:
         with self.repo.env.begin() as txn:
-            found = catalog.get_app(self.repo, txn, self.vm, app.name)
+            found = shipments.get_app(self.repo, txn, self.vm, app.name)
         if found is not None and (found.kind, found.path) == (app.kind, app.path) and found.location:
             return found
         where = locate(self.dom, app.path if app.kind == "sqlite" else posixpath.dirname(app.path))
@@ -125,7 +126,7 @@ class Shipper:
     def _stored(self, app: AppConfig) -> bool:
         """Whether the app has a record (else _record locates it through the agent each round)."""
         with self.repo.env.begin() as txn:
-            return catalog.get_app(self.repo, txn, self.vm, app.name) is not None
+            return shipments.get_app(self.repo, txn, self.vm, app.name) is not None
 
     def _candidates(self, app: AppConfig, time_us: int):
         """The newest block point at or before time_us, and the base of the
@@ -134,7 +135,7 @@ class Shipper:
         newest = next((p for p in self.repo.newest_points(self.vm) if p.time_us <= time_us), None)
         if newest is not None:
             out.append(newest)
-        previous = next(catalog.ships(self.repo, self.vm, app=app.name, newest_first=True), None)
+        previous = next(shipments.ships(self.repo, self.vm, app=app.name, newest_first=True), None)
         if previous is not None and previous.base is not None and previous.base != (newest and newest.point):
             point = self._point(previous.base)
             if point is not None:
@@ -154,12 +155,12 @@ class Shipper:
         if newest is None or newest.point == self._newest_base:
             return 0
         self._newest_base = newest.point
-        later = [s for s in catalog.ships(self.repo, self.vm, since_us=newest.time_us, app=record.name)
+        later = [s for s in shipments.ships(self.repo, self.vm, since_us=newest.time_us, app=record.name)
                  if s.base != newest.point]
         changed = []
         for ship in later:
             state = _streams_at(record, ship, later)
-            pieces = relate.stored_pieces(self.repo, catalog.ships(self.repo, self.vm,
+            pieces = relate.stored_pieces(self.repo, shipments.ships(self.repo, self.vm,
                                                                    since_us=newest.time_us - relate.LOOKBACK_US,
                                                                    until_us=ship.time_us, app=record.name))
             try:
@@ -172,7 +173,7 @@ class Shipper:
         if changed:
             with self.repo.write_txn() as txn:
                 for ship in changed:
-                    catalog.put_ship(self.repo, txn, ship)
+                    shipments.put_ship(self.repo, txn, ship)
         return len(changed)
 
 

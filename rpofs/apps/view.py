@@ -18,9 +18,10 @@ import threading
 from typing import NamedTuple
 
 from ..errors import RpofsError
+from ..store import shipments
 from ..store.schema import AppRecord, PointRecord, ShipRecord
 from ..timefmt import format_time
-from . import catalog, wal
+from . import wal
 from .relate import PointFiles, StreamPiece, stored_pieces
 
 
@@ -46,11 +47,11 @@ class AppViews:
         self._views: collections.OrderedDict = collections.OrderedDict()
 
     def apps(self, vm: str) -> list[AppRecord]:
-        return catalog.apps(self.repo, vm)
+        return shipments.apps(self.repo, vm)
 
     def app_points(self, vm: str, since_us: int = 0) -> list[ShipRecord]:
         """The VM's readable app points (related to a base), oldest first."""
-        return [s for s in catalog.ships(self.repo, vm, since_us=since_us) if s.base is not None]
+        return [s for s in shipments.ships(self.repo, vm, since_us=since_us) if s.base is not None]
 
     def view(self, vm: str, base: PointRecord, ship: ShipRecord | None, app: AppRecord) -> dict[str, AppFile]:
         """One app's files at a block point (ship None) or at an app point."""
@@ -71,14 +72,14 @@ class AppViews:
         base at or before the time (`own` when it is that app's), else the base's copy."""
         ship = own if own is not None and own.app == app.name else None
         if ship is None and time_us > base.time_us:
-            ship = next((s for s in catalog.ships(self.repo, vm, since_us=base.time_us, until_us=time_us,
+            ship = next((s for s in shipments.ships(self.repo, vm, since_us=base.time_us, until_us=time_us,
                                                   app=app.name, newest_first=True) if s.base == base.point), None)
         return self.view(vm, base, ship, app)
 
     def _make(self, vm, base, ship, app) -> dict[str, AppFile]:
         pieces = []
         if ship is not None:
-            records = catalog.ships(self.repo, vm, since_us=ship.reads_from, until_us=ship.time_us, app=app.name)
+            records = shipments.ships(self.repo, vm, since_us=ship.reads_from, until_us=ship.time_us, app=app.name)
             lineages = {f.path: f.lineage for f in ship.files}
             pieces = [p for p in stored_pieces(self.repo, records) if lineages.get(p.path, p.lineage) == p.lineage]
         if app.kind == "sqlite":

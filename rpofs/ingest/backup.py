@@ -60,8 +60,8 @@ def back_up(repo: Repository, conn: Connection, req: BackupRequest, progress=Non
         if not info.running:
             raise VmNotRunning(f"VM {info.name} is not running: rpofs backs up running VMs through libvirt's "
                                f"backup API")
-        from ..protect import sessions
-        if sessions.current(repo, info.uuid) is not None:  # libvirt refuses a backup of a mirrored disk
+        from ..store import protection
+        if protection.current(repo, info.uuid) is not None:  # libvirt refuses a backup of a mirrored disk
             raise RpofsError(f"VM {info.name} is protected continuously: its points come from the journal "
                              f"(rpofs protect {info.name} folds it now; rpofs unprotect {info.name} ends it)")
         disks = chosen_disks(dom, info, req.disks, "back up")
@@ -158,8 +158,8 @@ def _end_leftovers(repo: Repository, dom: Domain) -> list[str]:
         os.unlink(os.path.join(SOCKET_DIR, f"{dom.uuid}.sock"))
     points = repo.points(dom.uuid)
     keep = {points[-1].checkpoint} if points else set()
-    from ..protect import sessions  # a live protection session's checkpoints are its, not leftovers
-    live = sessions.current(repo, dom.uuid)
+    from ..store import protection  # a live protection session's checkpoints are its, not leftovers
+    live = protection.current(repo, dom.uuid)
     if live is not None:
         keep |= {live.checkpoint} | {name for name, _ in live.pending}
     for name in reversed(dom.checkpoints()):  # newest first: leaves before parents

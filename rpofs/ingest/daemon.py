@@ -37,7 +37,7 @@ import trio
 from ..errors import RpofsError, UnknownVM
 from ..recover.domainxml import marker_of
 from ..store.defrag import defrag
-from ..store import verify
+from ..store import journal, verify
 from ..store.prune import prune
 from ..store.repo import Repository
 from ..store.schema import PointRecord
@@ -337,15 +337,14 @@ class Ingester:
     async def _watch(self, uuid: str, dom, st: VmStatus, policy, sched: _Schedule, session) -> str:
         """Every WATCH_S: the mirror and the server checked, the journal
         folded when journal_fold is due; why the session ended."""
-        from ..protect import protector
-        journal = protector.journal_of(self.repo, session)
+        reader = journal.reader(self.repo.path, session)
         next_fold = time.monotonic() + policy.journal_fold_s
         seen = (time.monotonic(), 0)
         while True:
             await trio.sleep(WATCH_S)
             due = time.monotonic() >= next_fold
             try:
-                session, point, broken = await trio.to_thread.run_sync(self._tick, dom, session, journal, due)
+                session, point, broken = await trio.to_thread.run_sync(self._tick, dom, session, reader, due)
             except VmBusy:
                 continue  # `rpofs protect` or `unprotect` by hand holds the VM: look again next time
             except RpofsError as e:  # libvirtd restarting, say: the domain is looked up anew
@@ -362,9 +361,9 @@ class Ingester:
                 sched.last = point
                 if point.kind == "full":
                     sched.last_full = point
-            newest = journal.newest()
+            newest = reader.newest()
             st.journal_newest_us, st.journal_folded_us = newest, session.folded_us
-            size = journal.size()
+            size = reader.size()
             st.journal_bytes_per_s = (size - seen[1]) / max(time.monotonic() - seen[0], 1e-3)
             st.journal_bytes, seen = size, (time.monotonic(), size)
             if broken:
@@ -380,8 +379,8 @@ class Ingester:
         from ..protect import protector
         from ..store.vmlock import vm_lock
         with vm_lock(self.repo.path, dom.uuid, dom.name, "protection", LOCK_WAIT_S):
-            from ..protect import sessions
-            live = sessions.current(self.repo, dom.uuid)
+            from ..store import protection
+            live = protection.current(self.repo, dom.uuid)
             if live is None or live.started_us != session.started_us:
                 return session, None, "the session was ended by hand"
             return protector.tick(self.repo, dom, live, journal, fold_due)
@@ -397,9 +396,10 @@ class Ingester:
 
     async def _drop_journal(self, st: VmStatus, policy) -> None:
         """The journal's instants older than keep_journal_within go (every session of the VM)."""
-        from ..protect import protector, sessions
+        from ..protect import protector
+        from ..store import protection
         try:
-            for session in await trio.to_thread.run_sync(sessions.of_vm, self.repo, st.uuid):
+            for session in await trio.to_thread.run_sync(protection.of_vm, self.repo, st.uuid):
                 await trio.to_thread.run_sync(protector.drop_journal, self.repo, session,
                                               int(policy.keep_journal_within_s * US))
         except (RpofsError, OSError) as e:

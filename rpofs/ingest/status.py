@@ -100,8 +100,8 @@ def _protection(repo: Repository, uuid: str, live: dict, now_us: float) -> dict 
     """Continuous protection: the ingester's view (state, journal lag,
     bytes/s) when it protects the VM, else the catalog's (a session started
     by hand); None for a VM never protected."""
-    from ..protect import sessions
-    found = sessions.of_vm(repo, uuid)
+    from ..store import protection
+    found = protection.of_vm(repo, uuid)
     current = next((s for s in reversed(found) if s.state != "ended"), None)
     last = found[-1] if found else None
     if not live.get("protection") and last is None:
@@ -133,13 +133,13 @@ class _Unrecorded(NamedTuple):
 def _apps(repo: Repository, uuid: str, live: dict, now_us: float) -> list[dict]:
     """Per app: the catalog's newest app point (and whether it has a base),
     joined with the ingester's view (state, rounds, errors)."""
-    from ..apps import catalog
+    from ..store import shipments
     out = []
-    known = {a.name: a for a in catalog.apps(repo, uuid)}
+    known = {a.name: a for a in shipments.apps(repo, uuid)}
     for name in sorted(set(known) | set(live)):
         app = known.get(name) or _Unrecorded(name, live[name].get("kind", ""), "")
-        newest = next(catalog.ships(repo, uuid, app=app.name, newest_first=True), None)
-        readable = next((s for s in catalog.ships(repo, uuid, app=app.name, newest_first=True)
+        newest = next(shipments.ships(repo, uuid, app=app.name, newest_first=True), None)
+        readable = next((s for s in shipments.ships(repo, uuid, app=app.name, newest_first=True)
                          if s.base is not None), None)
         d = live.get(app.name, {})
         out.append({

@@ -39,6 +39,7 @@ import time
 from dataclasses import dataclass, field
 
 from ..errors import BadTime, RpofsError
+from ..store import protection, shipments
 from ..store.materialize import DiskReader
 from ..store.repo import Repository
 from ..store.schema import PointRecord, ShipRecord
@@ -265,18 +266,16 @@ class Tree:
 
     def _refresh_ships(self, view: _VmView) -> None:
         """The VM's app points from where they may still change on."""
-        from ..apps import catalog
         since = view.ships_stable_us
-        fresh = list(catalog.ships(self.repo, view.uuid, since_us=since))
+        fresh = list(shipments.ships(self.repo, view.uuid, since_us=since))
         view.take_ships(fresh, since)
         view.ships_stable_us = view.points[-1].time_us
         self._ships.update((s.ship, s) for s in fresh if s.base is not None)
-        view.has_apps = view.has_apps or bool(view.ships) or bool(catalog.apps(self.repo, view.uuid))
+        view.has_apps = view.has_apps or bool(view.ships) or bool(shipments.apps(self.repo, view.uuid))
 
     def _refresh_journal(self, view: _VmView) -> None:
         """A protected VM's journal scanned on, and its instants to list."""
-        from ..protect import sessions
-        if not view.journal and not sessions.of_vm(self.repo, view.uuid):
+        if not view.journal and not protection.of_vm(self.repo, view.uuid):
             return
         view.journal = self.journal.refresh(view.uuid)
         view.instants = self.journal.instants(view.journal, view.points, self._spacing_us)

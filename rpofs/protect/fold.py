@@ -17,10 +17,10 @@ import collections
 from dataclasses import dataclass
 
 from ..errors import RpofsError
+from ..store import journal as rec
 from ..store.materialize import DiskReader
 from ..store.repo import Repository
 from ..store.schema import BLOCK_SIZE, CHUNK_SIZE, DiskRecord, PointRecord
-from . import records as rec
 
 @dataclass(frozen=True)
 class FoldInput:

@@ -33,7 +33,7 @@ import socket as socketlib
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 from ..errors import RpofsError
 from ..ingest.backup import chosen_disks
@@ -44,7 +44,8 @@ from ..store.schema import DiskRecord, PointRecord, ProtectionSession
 from ..store.vmlock import vm_lock
 from ..timefmt import now_us
 from ..virt.client import CHECKPOINT_PREFIX, Domain, DomainInfo
-from . import records, sessions
+from ..store import protection
+from ..store.journal import JournalReader, journal_dir, reader as journal_reader, scan, segment_start, segments
 from .fold import FoldInput, fold
 
 log = logging.getLogger(__name__)
@@ -61,63 +62,6 @@ class NotProtectable(RpofsError):
 
 def socket_path(vm: str) -> str:
     return os.path.join(SOCKET_DIR, f"{vm}.journal")
-
-
-@dataclass
-class Journal:
-    """A session's journal, scanned (every record verified) on as it grows."""
-    directory: str
-    scans: dict
-
-    damage: str = ""
-
-    def records(self) -> list[records.Record]:
-        """Every verified record, in order, up to the first damage: a record
-        that does not verify anywhere but at the newest segment's end (where
-        a crash leaves an unanswered batch torn) ends what can be read, and
-        `damage` says where."""
-        out = []
-        paths = records.segments(self.directory)
-        for i, path in enumerate(paths):
-            scan = self.scans[path] = records.scan(path, self.scans.get(path))
-            out.extend(scan.records)
-            if i + 1 < len(paths) and (scan.torn or scan.end < _size(path)):
-                self.damage = (f"journal segment {path} does not verify from byte {scan.end} on: "
-                               f"the journal reads up to its last record before that")
-                break
-        return out
-
-    def torn_tail(self) -> str:
-        """Where the newest segment stops verifying, if it does: a crash's
-        unanswered batch when the server died, damage while it runs (it
-        writes each batch whole)."""
-        paths = records.segments(self.directory)
-        scan = self.scans.get(paths[-1]) if paths else None
-        return f"journal segment {paths[-1]} does not verify from byte {scan.end} on" if scan and scan.torn else ""
-
-    def newest(self) -> int:
-        """The newest record's time as last scanned (0: none)."""
-        found = [s.records[-1].time_us for s in self.scans.values() if s.records]
-        return max(found, default=0)
-
-    def size(self) -> int:
-        """Bytes of journal on disk."""
-        total = 0
-        for path in records.segments(self.directory):
-            with contextlib.suppress(OSError):
-                total += os.path.getsize(path)
-        return total
-
-
-def _size(path: str) -> int:
-    try:
-        return os.path.getsize(path)
-    except OSError:
-        return 0
-
-
-def journal_of(repo: Repository, session: ProtectionSession) -> Journal:
-    return Journal(sessions.journal_dir(repo.path, session), {})
 
 
 # -- the journal server process ------------------------------------------------
@@ -207,7 +151,7 @@ def protect(repo: Repository, dom: Domain, choice: DiskChoice = DiskChoice(), pr
                                  "the journal server would write the guest's data in clear")
         info = dom.info()
         if not info.running:
-            live = sessions.current(repo, dom.uuid)
+            live = protection.current(repo, dom.uuid)
             if live is not None:  # QEMU stopped while no one watched: its journal is folded now
                 end(repo, dom, live, "the VM stopped")
             raise NotProtectable(f"VM {info.name} is not running")
@@ -216,7 +160,7 @@ def protect(repo: Repository, dom: Domain, choice: DiskChoice = DiskChoice(), pr
             raise NotProtectable(f"VM {info.name} runs on a recovery point (rpofs run): its disks read the "
                                  f"repository; protect it once moved (rpofs run --move)")
         disks = tuple(chosen_disks(dom, info, choice, "protect"))
-        live = sessions.current(repo, dom.uuid)
+        live = protection.current(repo, dom.uuid)
         if live is not None:
             broken = health(repo, dom, live)
             if not broken and live.state == "protected":
@@ -230,18 +174,18 @@ def protect(repo: Repository, dom: Domain, choice: DiskChoice = DiskChoice(), pr
 
 
 def _start(repo: Repository, dom: Domain, info: DomainInfo, disks, progress) -> ProtectionSession:
-    session = sessions.save(repo, ProtectionSession(dom.uuid, now_us(), disks))
-    directory = sessions.journal_dir(repo.path, session)
+    session = protection.save(repo, ProtectionSession(dom.uuid, now_us(), disks))
+    directory = journal_dir(repo.path, session)
     socket = socket_path(dom.uuid)
     try:
         pid = start_server(directory, socket, disks)
-        session = sessions.save(repo, replace(session, server_pid=pid))
+        session = protection.save(repo, replace(session, server_pid=pid))
         checkpoint = f"{CHECKPOINT_PREFIX}{now_us()}"
         dom.create_checkpoint(checkpoint, [d.target for d in disks], [d.target for d in info.disks])
         for d in disks:
             dom.start_mirror(d.target, socket)
         ready_us = _wait_ready(dom, disks, progress)
-        journal = journal_of(repo, session)
+        journal = journal_reader(repo.path, session)
         session = replace(session, state="protected", ready_us=ready_us, folded_us=ready_us,
                           checkpoint=checkpoint)
         _fold(repo, dom, info, session, journal.records(), ready_us, None, checkpoint)
@@ -276,10 +220,10 @@ def _wait_ready(dom: Domain, disks, progress) -> int:
         time.sleep(0.05)
 
 
-def health(repo: Repository, dom: Domain, session: ProtectionSession, journal: "Journal | None" = None) -> str:
+def health(repo: Repository, dom: Domain, session: ProtectionSession, journal: "JournalReader | None" = None) -> str:
     """"" while the session's server runs and every disk is mirrored into
     it; else what is wrong."""
-    directory = sessions.journal_dir(repo.path, session)
+    directory = journal_dir(repo.path, session)
     if not dom.is_running():
         return "the VM stopped"
     if journal is not None and journal.damage:
@@ -295,7 +239,7 @@ def health(repo: Repository, dom: Domain, session: ProtectionSession, journal: "
     return ""
 
 
-def tick(repo: Repository, dom: Domain, session: ProtectionSession, journal: Journal,
+def tick(repo: Repository, dom: Domain, session: ProtectionSession, journal: JournalReader,
          fold_due: bool) -> tuple[ProtectionSession, PointRecord | None, str]:
     """One look at a protected session: (the session, a fold made, why it
     ended or ""). A broken session is ended (its journal folded)."""
@@ -309,7 +253,7 @@ def tick(repo: Repository, dom: Domain, session: ProtectionSession, journal: Jou
 
 
 def fold_now(repo: Repository, dom: Domain, session: ProtectionSession,
-             journal: Journal) -> tuple[ProtectionSession, PointRecord | None, str]:
+             journal: JournalReader) -> tuple[ProtectionSession, PointRecord | None, str]:
     """Fold what the journal holds since the last fold (called while the
     mirror is seen running: pending checkpoints old enough are confirmed),
     then make the next checkpoint."""
@@ -335,18 +279,18 @@ def fold_now(repo: Repository, dom: Domain, session: ProtectionSession,
     session = replace(session, checkpoint=confirmed, pending=tuple(pending))
     point = _fold_records(repo, dom, session, journal)
     if point is not None:
-        session = sessions.current(repo, dom.uuid) or session
+        session = protection.current(repo, dom.uuid) or session
         name = f"{CHECKPOINT_PREFIX}{now_us()}"
         info = dom.info()
         dom.create_checkpoint(name, [d.target for d in session.disks], [d.target for d in info.disks])
-        session = sessions.save(repo, replace(session, pending=session.pending + ((name, now_us()),)))
+        session = protection.save(repo, replace(session, pending=session.pending + ((name, now_us()),)))
         _drop_old_checkpoints(dom, session)
     else:
-        session = sessions.save(repo, session)
+        session = protection.save(repo, session)
     return session, point, ""
 
 
-def _fold_records(repo: Repository, dom: Domain, session: ProtectionSession, journal: Journal,
+def _fold_records(repo: Repository, dom: Domain, session: ProtectionSession, journal: JournalReader,
                   ended: ProtectionSession | None = None) -> PointRecord | None:
     """The records since the newest point, folded into a log (None when
     there are none)."""
@@ -357,7 +301,7 @@ def _fold_records(repo: Repository, dom: Domain, session: ProtectionSession, jou
     newer = [r for r in found if r.time_us > parent.time_us]
     if not newer:
         if ended is not None:
-            sessions.save(repo, ended)
+            protection.save(repo, ended)
         return None
     until = newer[-1].time_us
     info = dom.info() if dom.is_running() else None
@@ -377,7 +321,7 @@ def _fold(repo: Repository, dom: Domain, info: DomainInfo | None, session: Prote
         checkpoint_xml = ""
     what = FoldInput(session.vm, name, xml, checkpoint, checkpoint_xml)
     return fold(repo, session, found, until, parent, what,
-                also=lambda txn, record: sessions.put(repo, txn, session))
+                also=lambda txn, record: protection.put(repo, txn, session))
 
 
 def _drop_old_checkpoints(dom: Domain, session: ProtectionSession) -> None:
@@ -394,7 +338,7 @@ def _drop_old_checkpoints(dom: Domain, session: ProtectionSession) -> None:
 
 
 def end(repo: Repository, dom: Domain, session: ProtectionSession, reason: str,
-        journal: Journal | None = None, fold_journal: bool = True) -> tuple[ProtectionSession, PointRecord | None]:
+        journal: JournalReader | None = None, fold_journal: bool = True) -> tuple[ProtectionSession, PointRecord | None]:
     """Stop the mirrors and the server, fold what the journal holds, and
     record the session as ended (why, and up to when its journal reads)."""
     for d in session.disks:
@@ -402,7 +346,7 @@ def end(repo: Repository, dom: Domain, session: ProtectionSession, reason: str,
             if dom.mirror_socket(d.target) == socket_path(dom.uuid):
                 dom.cancel_block_job(d.target)
     stop_server(session.server_pid)
-    journal = journal or journal_of(repo, session)
+    journal = journal or journal_reader(repo.path, session)
     found = journal.records() if session.state == "protected" else []
     ended = replace(session, state="ended", ended_us=now_us(), reason=reason,
                     last_us=found[-1].time_us if found else session.ready_us)
@@ -413,7 +357,7 @@ def end(repo: Repository, dom: Domain, session: ProtectionSession, reason: str,
         except (RpofsError, OSError) as e:  # a full disk, say: the next backup takes these writes
             log.error("%s: the journal's last records could not be folded: %s", dom.name, e)
             ended = replace(ended, last_us=session.folded_us)
-    sessions.save(repo, ended)
+    protection.save(repo, ended)
     log.info("%s: protection ended: %s", dom.name, reason)
     return ended, point
 
@@ -421,7 +365,7 @@ def end(repo: Repository, dom: Domain, session: ProtectionSession, reason: str,
 def unprotect(repo: Repository, dom: Domain, lock_wait_s: float = 30.0) -> ProtectionSession | None:
     """End the VM's session (its journal folded); None if it had none."""
     with vm_lock(repo.path, dom.uuid, dom.name, "unprotect", lock_wait_s):
-        live = sessions.current(repo, dom.uuid)
+        live = protection.current(repo, dom.uuid)
         if live is None:
             return None
         return end(repo, dom, live, "stopped by rpofs unprotect")[0]
@@ -435,26 +379,26 @@ def drop_journal(repo: Repository, session: ProtectionSession, keep_within_us: i
     from its fold only (at/ falls back to the points). Bytes freed."""
     now = now_us() if now is None else now
     horizon = min(session.folded_us if session.state != "ended" else session.last_us, now - keep_within_us)
-    directory = sessions.journal_dir(repo.path, session)
-    paths = records.segments(directory)
+    directory = journal_dir(repo.path, session)
+    paths = segments(directory)
     freed, dropped_to = 0, session.journal_from_us
     for i, path in enumerate(paths):
         # a segment's records are all older than the next segment's start
         if i + 1 == len(paths):
             if session.state != "ended":
                 break
-            last = records.scan(path).records
+            last = scan(path).records
             newest = last[-1].time_us if last else 0
         else:
-            newest = records.segment_start(os.path.basename(paths[i + 1])) - 1
+            newest = segment_start(os.path.basename(paths[i + 1])) - 1
         if newest > horizon:
             break
         freed += os.path.getsize(path)
         dropped_to = max(dropped_to, newest)
         # recorded before the file goes: a reader never trusts a journal that lost records
-        session = sessions.raise_journal_from(repo, session, dropped_to)
+        session = protection.raise_journal_from(repo, session, dropped_to)
         os.unlink(path)
-    if session.state == "ended" and not records.segments(directory):
+    if session.state == "ended" and not segments(directory):
         with contextlib.suppress(OSError):
             for name in os.listdir(directory):
                 os.unlink(os.path.join(directory, name))

@@ -41,7 +41,7 @@ import trio
 
 from ..durable import sync_dir
 from ..timefmt import now_us
-from . import records
+from ..store.journal import KIND_COMMIT, KIND_WRITE, KIND_ZERO, MAX_RECORD, encode, encode_header, segment_name
 
 log = logging.getLogger("rpofs.protect.server")
 
@@ -70,7 +70,7 @@ _OPTION = struct.Struct(">QII")
 _REPLY = struct.Struct(">IIQ")
 
 
-class Journal:
+class JournalWriter:
     """The segment being appended and the group commit in front of it."""
 
     def __init__(self, directory: str):
@@ -94,14 +94,14 @@ class Journal:
         self.last_us = max(self.last_us, self.floor_us, now_us())  # never backwards, whatever the clock does
         if not self.pending:
             self.first_us = self.last_us  # the batch's first record: a new segment is named by it
-        if kind == records.KIND_WRITE:
+        if kind == KIND_WRITE:
             view = memoryview(data)
-            for i in range(0, length, records.MAX_RECORD):
-                piece = view[i:i + records.MAX_RECORD]
-                self.pending += (records.encode_header(kind, disk, offset + i, piece, self.last_us), piece)
+            for i in range(0, length, MAX_RECORD):
+                piece = view[i:i + MAX_RECORD]
+                self.pending += (encode_header(kind, disk, offset + i, piece, self.last_us), piece)
         else:
-            self.pending.append(records.encode_header(kind, disk, offset, b"", self.last_us, length))
-        self.pending_bytes += length if kind == records.KIND_WRITE else 0
+            self.pending.append(encode_header(kind, disk, offset, b"", self.last_us, length))
+        self.pending_bytes += length if kind == KIND_WRITE else 0
         done = trio.Event()
         self.waiters.append(done)
         self.wake.set()
@@ -118,7 +118,7 @@ class Journal:
                 continue
             batch_us, first_us, size = self.last_us, self.first_us, self.pending_bytes
             self.pending_bytes = 0
-            batch.append(records.encode(records.KIND_COMMIT, 0, 0, b"", batch_us))
+            batch.append(encode(KIND_COMMIT, 0, 0, b"", batch_us))
             self.floor_us = batch_us + 1  # what is taken in from now on is a later batch
             try:
                 if size <= INLINE_BATCH:
@@ -159,7 +159,7 @@ class Journal:
         """Named by its first record's time: every earlier segment's records are older."""
         if self.fd >= 0:
             os.close(self.fd)
-        path = os.path.join(self.directory, records.segment_name(first_us))
+        path = os.path.join(self.directory, segment_name(first_us))
         if os.path.exists(path):  # a server started again within the same microsecond
             raise OSError(errno.EEXIST, "journal segment exists", path)
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o600)
@@ -174,7 +174,7 @@ class Watchdog:
     down, so QEMU fails the mirror job and the guest runs on (the daemon's
     backup then takes what the journal missed), and ends the process."""
 
-    def __init__(self, journal: Journal, stall_s: float, on_stall=None):
+    def __init__(self, journal: JournalWriter, stall_s: float, on_stall=None):
         self.journal = journal
         self.stall_s = stall_s
         self.fds: set[int] = set()
@@ -202,7 +202,7 @@ class Watchdog:
 
 
 class Connection:
-    def __init__(self, stream: trio.SocketStream, journal: Journal, exports: dict[str, tuple[int, int]]):
+    def __init__(self, stream: trio.SocketStream, journal: JournalWriter, exports: dict[str, tuple[int, int]]):
         self.stream = stream
         self.journal = journal
         self.exports = exports  # name -> (disk index, size)
@@ -308,7 +308,7 @@ class Connection:
                         if length == 0:
                             await self.reply(handle, 0)
                             continue
-                        kind = records.KIND_WRITE if command == CMD_WRITE else records.KIND_ZERO
+                        kind = KIND_WRITE if command == CMD_WRITE else KIND_ZERO
                         done = self.journal.take(kind, disk, offset, data if command == CMD_WRITE else b"", length)
                         nursery.start_soon(self.answer_when_durable, handle, done)
                     elif command == CMD_FLUSH:
@@ -338,7 +338,7 @@ async def serve(directory: str, path: str, exports: dict[str, tuple[int, int]],
                 task_status=trio.TASK_STATUS_IGNORED, stall_s: float = STALL_S, on_stall=None) -> None:
     """Serve until the journal fails (then exit: the mirror fails over), a
     commit stalls (Watchdog), or the process is told to stop."""
-    journal = Journal(directory)
+    journal = JournalWriter(directory)
     watchdog = Watchdog(journal, stall_s, on_stall)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)

@@ -20,19 +20,18 @@ import collections
 import threading
 from dataclasses import dataclass
 
+from ..store import journal as rec, protection
+from ..store.journal import JournalReader
 from ..store.materialize import DiskReader
 from ..store.repo import Repository
 from ..store.schema import PointRecord, ProtectionSession
 from ..timefmt import format_time
-from . import records as rec
-from . import sessions
-from .protector import Journal
 
 
 @dataclass
 class _SessionView:
     session: ProtectionSession
-    journal: Journal
+    journal: JournalReader
     records: list
     times: list
 
@@ -53,14 +52,14 @@ class JournalViews:
     def refresh(self, vm: str) -> list[_SessionView]:
         """The VM's sessions that have a journal to read, scanned on."""
         out = []
-        for s in sessions.of_vm(self.repo, vm):
+        for s in protection.of_vm(self.repo, vm):
             if not s.ready_us:
                 continue
             with self._lock:
                 view = self._views.get((vm, s.started_us))
                 if view is None:
                     view = self._views[(vm, s.started_us)] = _SessionView(
-                        s, Journal(sessions.journal_dir(self.repo.path, s), {}), [], [])
+                        s, rec.reader(self.repo.path, s), [], [])
             view.session = s
             records = view.journal.records()
             view.records, view.times = records, [r.time_us for r in records]

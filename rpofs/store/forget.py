@@ -11,12 +11,11 @@ know it. A point that a VM booted by `rpofs run` reads (a hold,
 rpofs.store.holds) makes forget refuse, naming that VM.
 """
 
-import os
 import shutil
 import uuid as uuidlib
 
 from ..errors import RpofsError
-from . import gc, holds, schema
+from . import gc, holds, journal, protection, schema
 from .prune import PruneReport, delete_prefix
 from .repo import points_in
 
@@ -46,7 +45,6 @@ def forget(repo, vm: str, name: str = "", dry_run: bool = False, progress=None) 
         with repo.write_txn() as txn:
             points = points_in(repo, txn, vm)
             _refuse_held(repo, vm, name, points)
-            from ..protect import sessions as protection
             if any(s.state != "ended" for s in protection.of_vm(repo, vm, txn)):
                 raise RpofsError(f"cannot forget {name}: it is protected now (rpofs unprotect {name} first)")
             sessions = delete_prefix(txn.cursor(db=db["protection"]), vm_bytes)
@@ -66,7 +64,7 @@ def forget(repo, vm: str, name: str = "", dry_run: bool = False, progress=None) 
             report.chunks_freed = gc.drop_unused_chunks(repo, txn)
             gc.mark(repo, txn)
         if sessions:  # the journals go after the commit: a crash before leaves only files
-            shutil.rmtree(os.path.join(repo.path, "journal", vm), ignore_errors=True)
+            shutil.rmtree(journal.vm_journal_dir(repo.path, vm), ignore_errors=True)
         report.packs_deleted, report.packs_compacted = gc.collect(repo, progress)
         report.bytes_freed = before - repo.stored_bytes()
     return report

@@ -22,7 +22,7 @@ import datetime
 import uuid as uuidlib
 from dataclasses import dataclass, field
 
-from . import gc, holds, schema
+from . import gc, holds, schema, shipments
 from .repo import fix_names, points_in, second_group
 from .schema import PointRecord
 from ..timefmt import US
@@ -156,8 +156,7 @@ def _drop_ships(repo, txn, vm: str, kept: set[int], newest_us: int) -> int:
     they would be wrong); one waiting for a base goes once a block point
     newer than it is kept (no base can come any more). What a kept app point
     reads (its app's shipments from its reads_from on) stays."""
-    from ..apps import catalog
-    ships = list(catalog.ships(repo, vm, txn=txn))
+    ships = list(shipments.ships(repo, vm, txn=txn))
     stays = [s for s in ships if s.base in kept or (s.base is None and s.time_us >= newest_us)]
     needed = {}
     for s in stays:
@@ -167,10 +166,10 @@ def _drop_ships(repo, txn, vm: str, kept: set[int], newest_us: int) -> int:
             continue
         if s.time_us >= needed.get(s.app, 1 << 63):  # its bytes are read by a kept one: no point of its own
             if s.base is not None:
-                catalog.put_ship(repo, txn, dataclasses.replace(
+                shipments.put_ship(repo, txn, dataclasses.replace(
                     s, base=None, chain=None, waiting="its base point was pruned (kept: later app points read it)"))
         else:
-            catalog.delete_ship(repo, txn, s)
+            shipments.delete_ship(repo, txn, s)
     return sum(1 for s in ships if s.base is not None and s not in stays)
 
 

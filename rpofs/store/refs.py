@@ -20,6 +20,7 @@ from typing import Iterator, NamedTuple
 
 from . import schema
 from .schema import BLOCK_SIZE, ChunkLocation, PointRecord
+from .shipments import all_ships
 
 
 class Ref(NamedTuple):
@@ -56,7 +57,6 @@ def ship_chunks(record) -> list[bytes]:
 
 def used_chunk_keys(repo, txn) -> set[bytes]:
     """Every chunk key some full, point or shipment names."""
-    from ..apps.catalog import all_ships
     used = {bytes(k) for k in txn.cursor(db=repo.db["full_index"]).iternext(keys=False)}
     for record in repo.all_points(txn):
         used.update(point_chunks(record).values())
@@ -131,7 +131,6 @@ def chunk_refs(repo, txn, unreadable: list | None = None) -> Iterator[Ref]:
     for record in repo.all_points(txn, unreadable):
         for kind, key in point_chunks(record).items():
             yield Ref(kind, record.chain, -1, -1, record.point, key, where(key))
-    from ..apps.catalog import all_ships
     for ship in all_ships(repo, txn, unreadable):
         for index, f in enumerate(ship.files):
             if f.key:

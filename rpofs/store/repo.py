@@ -518,7 +518,7 @@ class BackupWriter:
 
     def commit_catalog(self, entries):
         """Commit what was stored with the catalog entries `entries(txn)`
-        writes, in one transaction (a shipment: rpofs.apps.catalog); its
+        writes, in one transaction (a shipment: rpofs.store.shipments); its
         result."""
         self.pack.sync()
         with self.repo.write_txn() as txn:
@@ -590,7 +590,7 @@ def fix_names(repo: Repository, txn, group: list[PointRecord]) -> list[str]:
 
 
 def name_new_point(repo: Repository, txn, vm_bytes: bytes, time_us: int) -> str:
-    """A new point's name, block point or app point (rpofs.apps.catalog),
+    """A new point's name, block point or app point (rpofs.store.shipments),
     unique among the VM's and never to change."""
     second = time_us // US
     taken = set(fix_names(repo, txn, second_group(repo, txn, vm_bytes, second)))

@@ -13,7 +13,7 @@ keys by hand.
     REPO/run/         what `rpofs run` made (rpofs.recover.instant)
     REPO/journal/<vm uuid>/<session, 16 hex>/seg-*.jnl
                       continuous protection's write journal: segments the
-                      journal server appends (their format: rpofs.protect.records)
+                      journal server appends (their format: rpofs.store.journal)
     REPO/ingest-status.json, REPO/mount.log   the daemons' status and log
 Only the catalog and the packs hold points; the rest is locks and the state
 of the processes that use them.

@@ -44,7 +44,8 @@ from typing import NamedTuple
 from .. import durable
 from ..errors import ChunkError, PackMissing
 from ..timefmt import point_names
-from . import refs, schema
+from . import journal, protection, refs, schema
+from .shipments import all_ships
 from .refs import Ref
 from .schema import BLOCK_SIZE, BLOCKS_PER_CHUNK, CHUNK_SIZE, PACK_HEADER, ChunkLocation, PointRecord
 
@@ -133,7 +134,6 @@ class _Catalog:
         for records in by_vm.values():
             for record, name in zip(records, point_names([p.time_us for p in records], [p.name for p in records])):
                 self.names[record.point] = name
-        from ..apps.catalog import all_ships
         self.bad_ships: list[tuple[int, str]] = []   # (shipment no, why its record cannot be read)
         self.ships = {s.ship: s for s in all_ships(repo, txn, self.bad_ships)}
         self.fulls = {no: p for no, p in self.points.items() if p.kind == "full" and p.chain == no}
@@ -503,17 +503,16 @@ def _journals(repo, vms: list[str]) -> list[Problem]:
     and verified. Damage before a journal's newest segment ends what its
     instants can read (never wrong bytes: they stop there) and is reported;
     a torn end of the newest segment is a crash's unanswered batch."""
-    from ..protect import protector, sessions
     problems = []
     for vm in vms:
-        for session in sessions.of_vm(repo, vm):
-            journal = protector.journal_of(repo, session)
-            found = journal.records()
-            if journal.damage:
-                problems.append(Problem("journal", f"VM {vm}: {journal.damage}"))
+        for session in protection.of_vm(repo, vm):
+            reader = journal.reader(repo.path, session)
+            found = reader.records()
+            if reader.damage:
+                problems.append(Problem("journal", f"VM {vm}: {reader.damage}"))
             elif session.state == "ended" and session.last_us > session.journal_from_us and (
                     not found or found[-1].time_us < session.last_us):
-                where = journal.torn_tail() or "records are missing"
+                where = reader.torn_tail() or "records are missing"
                 problems.append(Problem("journal", f"VM {vm}: the ended session of {session.started_us} journaled "
                                                    f"up to {session.last_us}, but {where}"))
     return problems

@@ -1,23 +1,14 @@
-"""Protection sessions in the catalog (schema: `protection`), and where a
-session's journal lives. The keys and layout are rpofs.store.schema's."""
+"""Protection sessions in the catalog (schema: `protection`). The keys and
+layout are rpofs.store.schema's; where a session's journal lives is
+rpofs.store.journal's."""
 
-import os
 import uuid as uuidlib
 from dataclasses import replace
 
-from ..store import schema
-from ..store.repo import Repository
-from ..store.schema import ProtectionSession
+from . import schema
+from .repo import Repository
+from .schema import ProtectionSession
 
-JOURNAL_DIR = "journal"
-
-
-def journal_dir(repo_path: str, session: ProtectionSession) -> str:
-    return os.path.join(repo_path, JOURNAL_DIR, session.vm, session.directory_name)
-
-
-def vm_journal_dir(repo_path: str, vm: str) -> str:
-    return os.path.join(repo_path, JOURNAL_DIR, vm)
 
 
 def put(repo: Repository, txn, session: ProtectionSession) -> None:

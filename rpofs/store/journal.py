@@ -29,6 +29,7 @@ most that much to return a few bytes.
 """
 
 import collections
+import contextlib
 import os
 import struct
 import threading
@@ -38,6 +39,7 @@ from typing import Iterator
 import blake3
 
 from ..errors import ChunkError
+from .schema import ProtectionSession
 
 MAGIC = b"RPJ1"
 KIND_WRITE = 1
@@ -215,3 +217,74 @@ def apply(buf: bytearray, start: int, record: Record, cache: RecordCache) -> Non
         buf[lo - start:hi - start] = bytes(hi - lo)
     else:
         buf[lo - start:hi - start] = cache.get(record)[lo - record.offset:hi - record.offset]
+
+
+# -- where a session's journal lives, and reading it whole ----------------------
+
+JOURNAL_DIR = "journal"
+
+
+def journal_dir(repo_path: str, session: ProtectionSession) -> str:
+    return os.path.join(repo_path, JOURNAL_DIR, session.vm, session.directory_name)
+
+
+def vm_journal_dir(repo_path: str, vm: str) -> str:
+    return os.path.join(repo_path, JOURNAL_DIR, vm)
+
+
+@dataclass
+class JournalReader:
+    """A session's journal, scanned (every record verified) on as it grows."""
+    directory: str
+    scans: dict
+
+    damage: str = ""
+
+    def records(self) -> list[Record]:
+        """Every verified record, in order, up to the first damage: a record
+        that does not verify anywhere but at the newest segment's end (where
+        a crash leaves an unanswered batch torn) ends what can be read, and
+        `damage` says where."""
+        out = []
+        paths = segments(self.directory)
+        for i, path in enumerate(paths):
+            found = self.scans[path] = scan(path, self.scans.get(path))
+            out.extend(found.records)
+            if i + 1 < len(paths) and (found.torn or found.end < _size(path)):
+                self.damage = (f"journal segment {path} does not verify from byte {found.end} on: "
+                               f"the journal reads up to its last record before that")
+                break
+        return out
+
+    def torn_tail(self) -> str:
+        """Where the newest segment stops verifying, if it does: a crash's
+        unanswered batch when the server died, damage while it runs (it
+        writes each batch whole)."""
+        paths = segments(self.directory)
+        scan = self.scans.get(paths[-1]) if paths else None
+        return f"journal segment {paths[-1]} does not verify from byte {scan.end} on" if scan and scan.torn else ""
+
+    def newest(self) -> int:
+        """The newest record's time as last scanned (0: none)."""
+        found = [s.records[-1].time_us for s in self.scans.values() if s.records]
+        return max(found, default=0)
+
+    def size(self) -> int:
+        """Bytes of journal on disk."""
+        total = 0
+        for path in segments(self.directory):
+            with contextlib.suppress(OSError):
+                total += os.path.getsize(path)
+        return total
+
+
+def _size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0
+
+
+def reader(repo_path: str, session: ProtectionSession) -> JournalReader:
+    """A reader of a protection session's journal."""
+    return JournalReader(journal_dir(repo_path, session), {})

@@ -5,9 +5,9 @@ rpofs.store.schema's; this module only uses them."""
 import dataclasses
 import uuid as uuidlib
 
-from ..store import schema
-from ..store.repo import Repository, name_new_point
-from ..store.schema import AppRecord, ShipRecord, ShippedFile
+from . import schema
+from .repo import Repository, name_new_point
+from .schema import AppRecord, ShipRecord, ShippedFile
 
 
 def get_app(repo: Repository, txn, vm: str, name: str) -> AppRecord | None:
