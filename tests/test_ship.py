@@ -5,7 +5,10 @@ against a real guest in test_apps.py). The database rebuilt from a base copy
 and the shipped bytes must be what SQLite sees."""
 
 import os
+import shutil
 import sqlite3
+import subprocess
+import sys
 
 import pytest
 
@@ -162,6 +165,56 @@ def test_a_wal_made_anew_or_overwritten_starts_a_lineage(tmp_path):
     db.close()
 
 
+WRITER = """
+import os, sqlite3, sys
+db = sqlite3.connect(sys.argv[1], isolation_level=None)
+db.execute("PRAGMA journal_mode=WAL")
+db.execute("PRAGMA wal_autocheckpoint=0")
+db.execute("CREATE TABLE IF NOT EXISTS t(n INTEGER PRIMARY KEY, pad BLOB)")
+for n in range(int(sys.argv[2]), int(sys.argv[3])):
+    db.execute("INSERT INTO t VALUES (?, randomblob(200))", (n,))
+os._exit(0)  # no close: no checkpoint, the WAL stays as a running application leaves it
+"""
+
+
+def write_rows(path, first, end):
+    subprocess.run([sys.executable, "-c", WRITER, path, str(first), str(end)], check=True)
+
+
+@pytest.mark.parametrize("rows_after", [3, 60])
+def test_a_restored_wal_with_the_same_salts_starts_a_lineage(tmp_path, rows_after):
+    """A VM restored to an earlier point holds an older copy of the WAL with
+    the same salts, and SQLite goes on writing it from that copy's end:
+    shorter than what was shipped (3 rows) or, soon, longer again with other
+    frames (60 rows). Either way the stream is not the one shipped from:
+    a new lineage ships the restored WAL whole, and it rebuilds exactly the
+    rows the restored database has."""
+    path = str(tmp_path / "a.db")
+    write_rows(path, 1, 6)
+    ship = Shipped()
+    ship.round(path + "-wal")
+    snapshot = tmp_path / "snapshot"
+    snapshot.mkdir()
+    for name in ("a.db", "a.db-wal"):  # the earlier point, as the restore writes it back
+        shutil.copy(tmp_path / name, snapshot / name)
+    write_rows(path, 6, 30)
+    ship.round(path + "-wal")
+    assert not ship.restarts and ship.state.lineage == 1
+    shipped_to = ship.state.offset
+    for name in ("a.db", "a.db-wal"):
+        shutil.copy(snapshot / name, tmp_path / name)
+    base = (tmp_path / "a.db").read_bytes()
+    write_rows(path, 100, 100 + rows_after)
+    assert (os.path.getsize(path + "-wal") > shipped_to) == (rows_after == 60)
+    got = ship.round(path + "-wal")
+    assert got.state.lineage == 2 and "restored or replaced" in got.restart, got.restart
+    assert rebuilt_rows(base, ship.generations(2), tmp_path) == list(range(1, 6)) + list(range(100, 100 + rows_after))
+    write_rows(path, 200, 203)  # and the new lineage goes on as any stream does
+    got = ship.round(path + "-wal")
+    assert not got.restart and got.state.lineage == 2
+    assert rebuilt_rows(base, ship.generations(2), tmp_path)[-3:] == [200, 201, 202]
+
+
 def test_append_only_files_rotation_and_truncation(tmp_path):
     path = str(tmp_path / "app.log")
     state, shipped = None, {}
@@ -178,7 +231,7 @@ def test_append_only_files_rotation_and_truncation(tmp_path):
 
     with open(path, "ab") as f:
         f.write(b"one\n")
-    assert round_().restart == "the first shipment"
+    assert round_().restart == ""  # the first shipment starts the stream: nothing started again
     with open(path, "ab") as f:
         f.write(b"two\n")
     assert not round_().restart and bytes(shipped["1"]) == b"one\ntwo\n"

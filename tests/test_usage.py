@@ -14,7 +14,8 @@ import pytest
 from rpofs.errors import MountError
 from rpofs.files.volumes import DiskFiles, one_line
 from rpofs.ingest import metrics, status
-from rpofs.ingest.daemon import VmStatus
+from rpofs.ingest.config import app_stale
+from rpofs.ingest.daemon import AppStatus, VmStatus
 from rpofs.mount.daemon import check_mountpoint
 from rpofs.progress import Progress
 
@@ -120,6 +121,28 @@ def test_metrics_have_help_and_type_and_escape_labels():
                    for line in lines)
     unknown = metrics.render([], None, 0).splitlines()  # the size not known this time: left out
     assert not any(line.startswith("rpofs_repository_bytes ") for line in unknown)
+
+
+def test_an_app_behind_its_interval_is_stale_in_status_and_metrics():
+    """An app whose streams stall (a shipper that keeps finding nothing new)
+    makes no app points: its newest readable one ages past what its interval
+    allows, and status and the metrics say so."""
+    assert not app_stale(2.5, 1.0) and app_stale(11.5, 1.0) and app_stale(None, 1.0)
+    assert not app_stale(170.0, 60.0) and app_stale(181.0, 60.0)
+    vm = VmStatus("u1", "db1")
+    vm.apps = {"orders": AppStatus("orders", "sqlite", interval_s=1.0, readable_us=40 * 10**6),
+               "fresh": AppStatus("fresh", "sqlite", interval_s=1.0, readable_us=59 * 10**6)}
+    lines = metrics.render([vm], None, 60 * 10**6).splitlines()
+    assert 'rpofs_app_stale{vm="db1",uuid="u1",app="orders"} 1' in lines
+    assert 'rpofs_app_stale{vm="db1",uuid="u1",app="fresh"} 0' in lines
+    assert 'rpofs_app_readable_age_seconds{vm="db1",uuid="u1",app="orders"} 20.000' in lines
+    app = {"name": "orders", "kind": "sqlite", "path": "/db", "newest_readable": "T", "age_seconds": 20.0,
+           "interval_seconds": 1.0, "stale": True, "state": "shipping", "waiting": None, "last_error": None}
+    vm_row = {"name": "db1", "rpo_seconds": 1.0, "points": 2, "last_full": "T0", "last_log": "T1", "state": "waiting",
+              "next_run_state": None, "last_error": None, "apps": [app]}
+    shown = status.render({"ingester": {"running": True, "pid": 1}, "vms": [vm_row]})
+    assert "app orders (sqlite /db): newest readable app point T (20.0s ago), shipping, STALE: older than its 1s " \
+           "interval allows" in shown
 
 
 def test_notes_are_one_line_each_said_once():

@@ -63,18 +63,25 @@ def _restarted(old: wal.WalHeader, new: wal.WalHeader) -> bool:
 def wal_round(f: AgentFile, path: str, state: StreamState | None, new_lineage: int) -> FileRound:
     """One round of a SQLite WAL file: its header, then what follows the
     stream's end (two reads), or the whole file for a generation not seen."""
+    replaced = ""
     if state is not None:
         header = wal.parse_header(f.read(0, wal.WAL_HEADER_SIZE))
         if header is None:
             return FileRound([], state)  # no WAL yet, or truncated: its next header says what it is
         if header.generation == state.generation:
-            data = f.read(state.offset, ROUND_LIMIT)
-            found = wal.scan(header, data, state.offset, state.checksum)
-            if found.end == state.offset:
-                return FileRound([], state)
-            shipped = ShippedFile(path, state.lineage, state.generation, state.offset, found.end - state.offset)
-            return FileRound([Piece(shipped, data[:found.end - state.offset])],
-                             dataclasses.replace(state, offset=found.end, checksum=found.checksum))
+            # the last frame shipped is read again with what follows: the same salts
+            # do not make the same file (a restored disk holds an older copy of this
+            # WAL, which SQLite goes on writing with other frames)
+            back = wal.FRAME_HEADER_SIZE + header.page_size if state.offset > wal.WAL_HEADER_SIZE else 0
+            data = f.read(state.offset - back, back + ROUND_LIMIT)
+            replaced = _not_shipped_from(data[:back], back, header, state)
+            if not replaced:
+                found = wal.scan(header, memoryview(data)[back:], state.offset, state.checksum)
+                if found.end == state.offset:
+                    return FileRound([], state)
+                shipped = ShippedFile(path, state.lineage, state.generation, state.offset, found.end - state.offset)
+                return FileRound([Piece(shipped, bytes(data[back:back + found.end - state.offset]))],
+                                 dataclasses.replace(state, offset=found.end, checksum=found.checksum))
     # a generation not seen before: read the file from its start (past where the
     # old one was shipped to, to ship its tail)
     data = f.read(0, ROUND_LIMIT + (state.offset if state is not None else 0))
@@ -82,11 +89,13 @@ def wal_round(f: AgentFile, path: str, state: StreamState | None, new_lineage: i
     if header is None:
         return FileRound([], state)
     new = wal.scan(header, memoryview(data)[wal.WAL_HEADER_SIZE:], wal.WAL_HEADER_SIZE, header.checksum)
-    pieces, lineage, restart = [], None, "the first shipment" if state is None else ""
+    pieces, lineage, restart = [], None, ""
     if state is not None:
         old = wal.parse_header(bytes.fromhex(state.header))
         tail = None
-        if not _restarted(old, header):
+        if replaced:
+            restart = replaced
+        elif not _restarted(old, header):
             restart = "the WAL was made anew (not SQLite's restart of the one shipped)"
         elif len(data) < state.offset:
             restart = "the WAL was truncated past what was shipped"
@@ -114,12 +123,25 @@ def wal_round(f: AgentFile, path: str, state: StreamState | None, new_lineage: i
                                          header=bytes(data[:wal.WAL_HEADER_SIZE]).hex()), restart)
 
 
+def _not_shipped_from(last: bytes, back: int, header: wal.WalHeader, state: StreamState) -> str:
+    """Why the WAL is not the file the stream shipped from ("" when it is):
+    its last shipped frame must still be there with the running checksum the
+    stream reached, which chains every frame before it."""
+    if not back:
+        return ""
+    if len(last) < back:
+        return "the WAL is shorter than what was shipped of it (a restored or replaced disk)"
+    if _salts(last) != (header.salt1, header.salt2) or tuple(struct.unpack(">II", last[16:24])) != tuple(state.checksum):
+        return "the WAL's frames before where shipping stood changed (a restored or replaced disk)"
+    return ""
+
+
 def file_round(f: AgentFile, path: str, state: StreamState | None, new_lineage: int) -> FileRound:
     """One round of an append-only file: the last bytes shipped and what
     follows them (one read), or the file from its start."""
     restart = ""
     if state is None:
-        state, restart = StreamState(path, new_lineage, "1", 0), "the first shipment"
+        state = StreamState(path, new_lineage, "1", 0)
     elif state.offset:
         keep = min(TAIL, state.offset)
         data = f.read(state.offset - keep, keep + ROUND_LIMIT)

@@ -77,6 +77,8 @@ class Shipper:
                 with guestio.open_file(self.dom, path) as f:
                     result = step(f, path, streams.get(path), lineage)
             except guestio.GuestFileMissing:
+                if app.kind == "sqlite":
+                    self._database_exists(app)  # no WAL is normal between connections; no database is not
                 continue
             if result.state is not None:
                 if result.state.lineage >= lineage:
@@ -109,6 +111,14 @@ class Shipper:
         self._previous[app.name] = _Previous(made.base, made.chain, made.reads_from, record.streams)
         self.rebase(record)
         return ShipResult(app.name, made, restarts, size)
+
+    def _database_exists(self, app: AppConfig) -> None:
+        try:
+            with guestio.open_file(self.dom, app.path):
+                pass
+        except guestio.GuestFileMissing as e:
+            raise RpofsError(f"{self.vm_name}: app {app.name}: the database {app.path} is missing in the guest "
+                             f"({e})") from None
 
     def _record(self, app: AppConfig) -> AppRecord:
         with self.repo.env.begin() as txn:

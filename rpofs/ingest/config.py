@@ -47,6 +47,16 @@ class AppConfig:
     interval_s: float = 1.0
 
 
+STALE_INTERVALS = 3      # an app's newest readable app point older than this many intervals...
+STALE_MARGIN_S = 10.0    # ...and than its interval plus this is stale: its log is not being shipped
+
+
+def app_stale(age_s: float | None, interval_s: float) -> bool:
+    """Whether an app shipped every interval_s is behind: no readable app
+    point, or the newest one older than the schedule and a rebase allow."""
+    return age_s is None or age_s > max(STALE_INTERVALS * interval_s, interval_s + STALE_MARGIN_S)
+
+
 _APP_KINDS = ("sqlite", "files")
 # what a path may hold: it reaches the guest's /bin/sh for a glob (rpofs.apps.guestio)
 _GUEST_PATH = re.compile(r"^/[A-Za-z0-9_.,+@%=:/*?\[\]-]*$")

@@ -37,7 +37,7 @@ import trio
 from ..errors import RpofsError, UnknownVM
 from ..recover.domainxml import marker_of
 from ..store.defrag import defrag
-from ..store import journal, verify
+from ..store import journal, shipments, verify
 from ..store.prune import prune
 from ..store.repo import Repository
 from ..store.schema import PointRecord
@@ -67,7 +67,9 @@ class AppStatus:
     state: str = "starting"      # shipping | no agent | waiting for a block point | failing
     ships: int = 0
     bytes_shipped: int = 0
+    interval_s: float = 0.0
     last_ship_us: int = 0        # time of its newest app point
+    readable_us: int = 0         # time of its newest app point with a base (what at/ reads)
     last_round_us: int = 0       # when it last read the guest (with or without anything new)
     last_round_s: float = 0.0
     waiting: str = ""            # why its newest app point has no base
@@ -405,6 +407,10 @@ class Ingester:
         except (RpofsError, OSError) as e:
             log.warning("event=journal-retention-failed vm=%s error=%r", st.name, str(e))
 
+    def _readable_us(self, vm: str, app: str) -> int:
+        found = next((s for s in shipments.ships(self.repo, vm, app=app, newest_first=True) if s.base is not None), None)
+        return found.time_us if found else 0
+
     async def _ship_loop(self, uuid: str, st: VmStatus, app) -> None:
         """Ship one app every interval until the VM's task ends. The app has
         a libvirt connection of its own: libvirtd serves at most
@@ -413,7 +419,8 @@ class Ingester:
         host keeps at 1 s (tools/bench-apps: 34 at ~25 ms an agent call)."""
         from ..apps.shipper import Shipper
         from ..virt.client import AgentUnavailable
-        ast = st.apps[app.name] = AppStatus(app.name, app.kind)
+        ast = st.apps[app.name] = AppStatus(app.name, app.kind, interval_s=app.interval_s,
+                                            readable_us=await trio.to_thread.run_sync(self._readable_us, uuid, app.name))
         shipper, backoff, conn = None, 0.0, None
         try:
             while True:
@@ -453,7 +460,9 @@ class Ingester:
                     ast.bytes_shipped += result.bytes
                     ast.last_ship_us = result.record.time_us
                     ast.waiting = result.record.waiting
-                    if result.record.base is None:
+                    if result.record.base is not None:
+                        ast.readable_us = result.record.time_us
+                    else:
                         ast.state = "waiting for a block point"
                         wake = self._wake.get(uuid)
                         if wake is not None:

@@ -11,7 +11,7 @@ import logging
 import trio
 
 from ..errors import RpofsError
-from .config import check_metrics_address
+from .config import app_stale, check_metrics_address
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,8 @@ METRICS = {
     "rpofs_app_shipped_bytes_total": ("counter", "log bytes this daemon shipped for the app"),
     "rpofs_app_agent_up": ("gauge", "1 while the app's last round reached the guest agent, else 0"),
     "rpofs_app_waiting": ("gauge", "1 while the app's newest app point waits for a block point to extend"),
+    "rpofs_app_readable_age_seconds": ("gauge", "age of the app's newest readable app point (one with a base)"),
+    "rpofs_app_stale": ("gauge", "1 while the app's newest readable app point is older than its interval allows"),
     "rpofs_protected": ("gauge", "continuous VMs: 1 while every write is journaled before it completes, "
                         "0 while protection is down (backups run instead)"),
     "rpofs_journal_unfolded_seconds": ("gauge", "age of the newest fold of the journal into a point"),
@@ -130,6 +132,11 @@ def render(vms, repository_bytes: int | None, now_us: float, verified: dict | No
             samples["rpofs_app_shipped_bytes_total"].append(f"rpofs_app_shipped_bytes_total{app} {a.bytes_shipped}")
             samples["rpofs_app_agent_up"].append(f"rpofs_app_agent_up{app} {int(a.state != 'no agent')}")
             samples["rpofs_app_waiting"].append(f"rpofs_app_waiting{app} {int(a.state == 'waiting for a block point')}")
+            readable_age = (now_us - a.readable_us) / 1e6 if a.readable_us else None
+            if readable_age is not None:
+                samples["rpofs_app_readable_age_seconds"].append(
+                    f"rpofs_app_readable_age_seconds{app} {readable_age:.3f}")
+            samples["rpofs_app_stale"].append(f"rpofs_app_stale{app} {int(app_stale(readable_age, a.interval_s))}")
         checked = verified["vms"].get(s.uuid)
         if checked:
             samples["rpofs_verify_timestamp_seconds"].append(

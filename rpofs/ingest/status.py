@@ -9,6 +9,7 @@ from typing import NamedTuple
 from ..store import verify
 from ..store.repo import Repository
 from ..timefmt import US, format_time
+from .config import app_stale
 from .daemon import STATUS_FILE
 
 STALE_S = 10.0  # the ingester rewrites its status every second
@@ -142,12 +143,16 @@ def _apps(repo: Repository, uuid: str, live: dict, now_us: float) -> list[dict]:
         readable = next((s for s in shipments.ships(repo, uuid, app=app.name, newest_first=True)
                          if s.base is not None), None)
         d = live.get(app.name, {})
+        age = round((now_us - readable.time_us) / US, 3) if readable else None
+        interval = d.get("interval_s")  # only the ingester promises an interval
         out.append({
             "name": app.name, "kind": app.kind, "path": app.path,
             "state": d.get("state", "not scheduled"),
             "newest_app_point": _time(newest and newest.time_us),
             "newest_readable": _time(readable and readable.time_us),
-            "age_seconds": round((now_us - readable.time_us) / US, 3) if readable else None,
+            "age_seconds": age,
+            "interval_seconds": interval,
+            "stale": app_stale(age, interval) if interval else None,
             "waiting": (newest.waiting or None) if newest and newest.base is None else None,
             "ships": d.get("ships"), "bytes_shipped": d.get("bytes_shipped"),
             "last_error": d.get("last_error") or None, "last_error_at": _time(d.get("last_error_us")),
@@ -197,6 +202,7 @@ def render(report: dict) -> str:
             age = f" ({a['age_seconds']:.1f}s ago)" if a["age_seconds"] is not None else ""
             lines.append(f"  app {a['name']} ({' '.join(filter(None, (a['kind'], a['path'])))}): newest readable app point "
                          f"{a['newest_readable'] or '-'}{age}, {a['state']}"
+                         + (f", STALE: older than its {a['interval_seconds']:g}s interval allows" if a["stale"] else "")
                          + (f", waiting for a block point: {a['waiting']}" if a["waiting"] else "")
                          + (f", last error at {a['last_error_at']}: {a['last_error']}" if a["last_error"] else ""))
     return "\n".join(lines)
