@@ -18,7 +18,8 @@ pytestmark = pytest.mark.fuse
 PASS = "a mount's passphrase"
 
 
-def test_mount_of_an_encrypted_repository_reads_byte_exact(tmp_path, monkeypatch):
+@pytest.mark.parametrize("given_as", ["key file", "passphrase"])
+def test_mount_of_an_encrypted_repository_reads_byte_exact(tmp_path, monkeypatch, given_as):
     for var in ("RPOFS_PASSPHRASE", "RPOFS_KEY_FILE"):
         monkeypatch.delenv(var, raising=False)
     rnd = random.Random(23)
@@ -37,9 +38,12 @@ def test_mount_of_an_encrypted_repository_reads_byte_exact(tmp_path, monkeypatch
     refused = run_rpofs("mount", mnt, repo=path, check=False)
     assert (refused.returncode, refused.stderr) == (1, f"rpofs: repository {path} is encrypted: give the passphrase "
                                                        "with --key-file, $RPOFS_KEY_FILE or $RPOFS_PASSPHRASE\n")
-    key_file = tmp_path / "key"
-    key_file.write_text(PASS + "\n")
-    monkeypatch.setenv("RPOFS_KEY_FILE", str(key_file))
+    if given_as == "key file":
+        key_file = tmp_path / "key"
+        key_file.write_text(PASS + "\n")
+        monkeypatch.setenv("RPOFS_KEY_FILE", str(key_file))
+    else:
+        monkeypatch.setenv("RPOFS_PASSPHRASE", PASS)
     with mounted(path, mnt):
         with open(mnt / "m" / "latest" / "vda.raw", "rb") as f:
             assert f.read() == bytes(disk)

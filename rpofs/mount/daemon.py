@@ -20,6 +20,7 @@ import pyfuse3
 import trio
 
 from .. import sdnotify
+from ..children import child_env
 from ..errors import MountError, RpofsError
 from ..store.repo import Repository
 from .fs import Operations
@@ -120,7 +121,7 @@ def start_mount(opts: MountOptions, master_key: bytes | None = None) -> Starting
             raise MountError(f"cannot write the mount log {log_path}: {e.strerror}") from None
         with log_out:
             subprocess.Popen(cmd, pass_fds=pass_fds, stdin=subprocess.DEVNULL, stdout=log_out,
-                             stderr=log_out, start_new_session=True, close_fds=True)
+                             stderr=log_out, start_new_session=True, close_fds=True, env=child_env())
     finally:
         for fd in pass_fds[1:]:
             os.close(fd)
@@ -252,7 +253,7 @@ def mounts_of(repo: str) -> list[str]:
 def unmount(mountpoint: str) -> None:
     if not _mounted(mountpoint):
         raise MountError(f"{mountpoint} is not mounted")
-    result = subprocess.run(["fusermount3", "-u", mountpoint], capture_output=True, text=True)
+    result = subprocess.run(["fusermount3", "-u", mountpoint], capture_output=True, text=True, env=child_env())
     if result.returncode != 0:
         raise MountError(result.stderr.strip().splitlines()[-1] if result.stderr.strip()
                          else f"cannot unmount {mountpoint}")

@@ -35,6 +35,7 @@ import sys
 import time
 from dataclasses import replace
 
+from ..children import child_env
 from ..errors import RpofsError
 from ..ingest.backup import chosen_disks
 from ..ingest.config import DiskChoice
@@ -77,7 +78,7 @@ def start_server(directory: str, socket: str, disks: tuple[DiskRecord, ...]) -> 
         proc = subprocess.Popen(
             [sys.executable, "-m", "rpofs.protect.server", directory, socket]
             + [f"{d.target}={d.size}" for d in disks],
-            stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True, close_fds=True)
+            stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True, close_fds=True, env=child_env())
     deadline = time.monotonic() + SERVER_START_S
     while not _listening(socket):  # the file exists from bind(), connections work from listen()
         if proc.poll() is not None or time.monotonic() > deadline:

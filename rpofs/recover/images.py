@@ -5,6 +5,7 @@ import contextlib
 import os
 import subprocess
 
+from ..children import child_env
 from ..errors import RpofsError
 from ..store.materialize import DiskReader
 from ..store.restore import copy_disk, pwrite_all
@@ -22,7 +23,7 @@ def create(path: str, fmt: str, size: int = 0, backing: str = "", backing_fmt: s
         cmd += [path] if check_backing else ["-u", path, str(size)]
     else:
         cmd += [path, str(size)]
-    result = subprocess.run(cmd, capture_output=True, text=True)
+    result = subprocess.run(cmd, capture_output=True, text=True, env=child_env())
     if result.returncode != 0:
         raise RpofsError(f"cannot create {path}: {result.stderr.strip() or result.returncode}")
 

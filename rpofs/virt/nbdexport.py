@@ -11,6 +11,7 @@ import time
 
 import nbd
 
+from ..children import child_env
 from ..errors import VirtError
 
 ALLOCATION = "base:allocation"
@@ -143,7 +144,7 @@ class ImageWriter:
         self._server = subprocess.Popen(
             ["qemu-nbd", "--format", fmt, f"--cache={cache}", "--discard=unmap", "--shared", str(connections),
              "--socket", self._socket, self.path],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=child_env())
         deadline = time.monotonic() + 30
         while not os.path.exists(self._socket):
             if self._server.poll() is not None:
