@@ -164,7 +164,7 @@ def _parser() -> argparse.ArgumentParser:
     rs.add_argument("--force", action="store_true",
                     help="replace DEST if it is an existing file; with --replace, overwrite the VM's disks")
     rs.add_argument("--vm", action="store_true", help="restore the whole VM as a libvirt domain")
-    rs.add_argument("--name", default="", help="--vm: the new domain's name (default: VM-HHMM of the point)")
+    rs.add_argument("--name", default=None, help="--vm: the new domain's name (default: VM-HHMM of the point)")
     rs.add_argument("--replace", action="store_true",
                     help="--vm: restore the original domain itself (it must be shut off; needs --force)")
     rs.add_argument("--dir", default="", metavar="DIR",
@@ -187,7 +187,7 @@ def _parser() -> argparse.ArgumentParser:
     what.add_argument("--move", metavar="NAME", help="copy NAME's disks to --dir while it runs, then switch")
     what.add_argument("--stop", metavar="NAME", help="destroy NAME, undefine it, remove its overlays")
     what.add_argument("--list", action="store_true", help="the VMs rpofs run started")
-    r.add_argument("--name", default="", help="the new VM's name (default: VM-HHMM of the point, made unique)")
+    r.add_argument("--name", default=None, help="the new VM's name (default: VM-HHMM of the point, made unique)")
     r.add_argument("--dir", default="", metavar="DIR",
                    help="where the overlays go (default REPO/run/<uuid>/); for --move, where the disks go "
                    "(default /var/lib/libvirt/images)")

@@ -89,14 +89,16 @@ def test_forget_removes_the_vm_and_only_its_data(two_vms, tmp_path):
 def test_forget_refuses_a_held_point_and_unknown_vms(two_vms):
     path, points, _ = two_vms
     repo = Repository.open(path)
-    holds.put(repo, holds.Hold("m-0001", VM, points[2].point, "rpofs run"))
+    holder = "run-54d30a12-7c1e-4a57-9a0e-0c3f6f4e2b11"  # as rpofs run names its hold
+    holds.put(repo, holds.Hold(holder, VM, points[2].point, "VM m-0001 runs on it", "m-0001"))
     repo.close()
     for args in (["m"], ["m", "--dry-run"]):
         r = run_rpofs("--repo", path, "forget", *args, check=False)
         assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
-        assert r.stderr.startswith("rpofs: cannot forget m: VM m-0001 runs on one of its points")
+        assert r.stderr.startswith("rpofs: cannot forget m: VM m-0001 runs on one of its points"), r.stderr
+        assert "run-54d30a12" not in r.stderr and "rpofs run --stop m-0001" in r.stderr  # commands that work
     assert len(json.loads(run_rpofs("--repo", path, "points", "m", "--json").stdout)) == 4
-    holds.drop(path, "m-0001")
+    holds.drop(path, holder)
     r = run_rpofs("--repo", path, "forget", "nosuch", check=False)
     assert r.returncode == 1 and "no VM 'nosuch'" in r.stderr
     run_rpofs("--repo", path, "forget", "m")

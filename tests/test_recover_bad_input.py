@@ -3,6 +3,7 @@ non-zero exit, and nothing left behind — no domain, no overlay, no hold, no
 mount, no half-written disk. Real libvirtd (a VM without an OS), real LMDB,
 real mounts."""
 
+import contextlib
 import os
 import subprocess
 import uuid
@@ -66,7 +67,45 @@ def test_run_refusals(lab):
     fails(run_rpofs("run", "--move", "nosuchrun", "--dir", lab["tmp"], repo=repo, check=False),
           "no VM named 'nosuchrun'")
     fails(run_rpofs("run", repo=repo, check=False), "give VM@TIME")
+    fails(run_rpofs("run", f"{vm.name}@latest", "--name", "x" * 300, repo=repo, check=False), "bytes long")
+    fails(run_rpofs("run", f"{vm.name}@latest", "--name", "", repo=repo, check=False), "--name is empty")
+    fails(run_rpofs("run", f"{vm.name}@latest", "--name", "a/b", repo=repo, check=False), "has no '/'")
+    with read_only_dir(lab["tmp"] / "ro") as ro:
+        fails(run_rpofs("run", f"{vm.name}@latest", "--dir", ro, repo=repo, check=False),
+              "cannot write there (Read-only file system)")
+    assert run_rpofs("run", "--list", "--json", repo=repo).stdout.strip() == "[]"
     nothing_left(lab, before)
+
+
+@contextlib.contextmanager
+def read_only_dir(path):
+    path.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(path)], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=True)
+
+
+def test_run_mount_goes_with_the_last_run_vm(lab):
+    """run A starts REPO/run/mnt, run B uses it too; stopping A keeps it for
+    B, stopping B unmounts it (whichever run started it)."""
+    repo, vm = lab["repo"], lab["vm"]
+    before = domains(lab)
+    names = [run_rpofs("run", f"{vm.name}@latest", "--no-start", "--name", f"rpofs-rb-run{i}",
+                       repo=repo).stdout.strip() for i in range(2)]
+    mnt = str(repo / "run" / "mnt")
+    assert _mounted(mnt)
+    run_rpofs("run", "--stop", names[0], repo=repo)
+    assert _mounted(mnt)
+    run_rpofs("run", "--stop", names[1], repo=repo)
+    assert not _mounted(mnt)
+    nothing_left(lab, before)
+
+
+def _mounted(path: str) -> bool:
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == path for line in f)
 
 
 def test_restore_vm_refusals(lab):
@@ -84,6 +123,13 @@ def test_restore_vm_refusals(lab):
     fails(run_rpofs("restore", f"{vm.name}@latest", "--vm", "--dir", tmp / "nodir", repo=repo, check=False),
           "no such directory")
     fails(run_rpofs("restore", f"{vm.name}@latest", "out.raw", "--vm", repo=repo, check=False), "no DEST")
+    fails(run_rpofs("restore", f"{vm.name}@latest", "--vm", "--name", "", "--dir", out, repo=repo, check=False),
+          "--name is empty")
+    fails(run_rpofs("restore", f"{vm.name}@latest", "--vm", "--name", "y" * 300, "--dir", out, repo=repo,
+                    check=False), "bytes long")
+    with read_only_dir(tmp / "ro-restore") as ro:
+        fails(run_rpofs("restore", f"{vm.name}@latest", "--vm", "--dir", ro, repo=repo, check=False),
+              "cannot write there")
     fails(run_rpofs("restore", f"{vm.name}@latest:vda", str(out / "x.raw"), "--name", "y", repo=repo,
                     check=False), "goes with --vm")
     assert os.listdir(out) == []

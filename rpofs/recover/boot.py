@@ -2,14 +2,50 @@
 boot state captured with the point (UEFI variable store, TPM state)."""
 
 import os
+import tempfile
 from dataclasses import dataclass, field
 
 from .. import durable
+from ..errors import RpofsError
 from ..store.repo import Repository
 from ..store.schema import PointRecord
 from ..timefmt import format_time
 from ..virt.client import SWTPM_DIR, SWTPM_STATE
 from . import domainxml
+
+
+NAME_MAX_BYTES = 200  # files are named after a VM: <name>-<disk>.top.qcow2, <name>_VARS.fd, libvirt's
+                      # <name>.log, each within a file name's 255 bytes
+
+
+def check_name(name: str) -> str:
+    """A name given for a recovered VM, checked before anything is made
+    (libvirt and the files named after it would refuse it half way)."""
+    if not name.strip():
+        raise RpofsError("--name is empty: give a name, or leave --name out for the default (VM-HHMM)")
+    if "/" in name or "\0" in name or name.startswith(".") or name != name.strip():
+        raise RpofsError(f"--name {name!r}: a VM name has no '/', does not start with '.' and has no "
+                         f"spaces around it")
+    if len(name.encode()) > NAME_MAX_BYTES:
+        raise RpofsError(f"--name is {len(name.encode())} bytes long: at most {NAME_MAX_BYTES} "
+                         f"(rpofs and libvirt name files after it)")
+    return name
+
+
+def check_dir(path: str) -> str:
+    """A directory given to write a recovered VM's files in, absolute,
+    checked by writing there (permissions, a read-only filesystem) before
+    anything is made."""
+    folder = os.path.abspath(path)
+    if not os.path.isdir(folder):
+        raise RpofsError(f"--dir {folder}: no such directory")
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".rpofs-probe-")
+    except OSError as e:
+        raise RpofsError(f"--dir {folder}: cannot write there ({e.strerror})") from None
+    os.close(fd)
+    os.unlink(probe)
+    return folder
 
 
 def default_name(point: PointRecord, taken) -> str:

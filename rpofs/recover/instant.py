@@ -56,7 +56,7 @@ from ..timefmt import format_time, now_us
 from ..virt.client import Connection, Domain
 from . import domainxml
 from . import images
-from .boot import default_name, place_boot_state
+from .boot import check_dir, check_name, default_name, place_boot_state
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ POLL_S = 0.2
 
 @dataclass(frozen=True)
 class RunOptions:
-    name: str = ""              # "": the VM's name and the point's time, made unique
+    name: str | None = None     # None: the VM's name and the point's time, made unique
     dir: str = ""               # where the overlays go; "": REPO/run/<uuid>/
     start: bool = True
     network: bool = True
@@ -145,11 +145,15 @@ def find(repo: Repository, name: str) -> RunRecord:
 def run(repo: Repository, conn: Connection, vm: str, when: str, opts: RunOptions) -> tuple[RunRecord, list[str]]:
     """Boot a new VM from the point; its record and notes for the user
     (disks left out, a fresh variable store)."""
+    # names and directories are checked before anything is made
+    if opts.name is not None:
+        check_name(opts.name)
+    disk_dir = check_dir(opts.dir) if opts.dir else ""
     point = repo.point_at(vm, when)
     captured = repo.read_chunk(bytes.fromhex(point.domain_xml)).decode()
     with _run_lock(repo):
         taken = {r.name for r in records(repo)}
-        if opts.name:
+        if opts.name is not None:
             if opts.name in taken or conn.has_domain(opts.name):
                 raise RpofsError(f"a VM named {opts.name!r} exists already: choose another --name")
             name = opts.name
@@ -157,9 +161,7 @@ def run(repo: Repository, conn: Connection, vm: str, when: str, opts: RunOptions
             name = default_name(point, lambda n: n in taken or conn.has_domain(n))
         new_uuid = str(uuidlib.uuid4())
         workdir = os.path.join(repo.path, RUN_DIR, new_uuid)
-        disk_dir = os.path.abspath(opts.dir) if opts.dir else workdir
-        if opts.dir and not os.path.isdir(disk_dir):
-            raise RpofsError(f"--dir {opts.dir}: no such directory")
+        disk_dir = disk_dir or workdir
         overlays = {d.target: os.path.join(disk_dir, f"{name}-{d.target}.qcow2") for d in point.disks}
         for path in overlays.values():
             if os.path.lexists(path):
@@ -194,7 +196,7 @@ def _make(repo: Repository, conn: Connection, rec: RunRecord, point: PointRecord
           overlays: dict[str, str], opts: RunOptions, starting) -> list[str]:
     """Everything but the mount is made while the mount starts (its daemon
     takes 0.6-0.8 s to serve, a third of `run`); the VM starts once it does."""
-    holds.put(repo, holds.Hold(rec.holder, point.vm, point.point, f"VM {rec.name} runs on it"))
+    holds.put(repo, holds.Hold(rec.holder, point.vm, point.point, f"VM {rec.name} runs on it", rec.name))
     if not repo.has_point(point.point):  # pruned between finding it and holding it
         raise RpofsError(f"the point {point.name or point.point} of {point.vm_name} was just pruned")
     for d in point.disks:
@@ -288,17 +290,27 @@ def _remove(repo: Repository, conn: Connection, rec: RunRecord) -> None:
             dom.destroy()
             dom.undefine()
     for path in reversed(rec.made + rec.moving):
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
+        _unlink(path)  # what cannot be removed is said, and the rest undone all the same
     holds.drop(repo.path, rec.holder)
     shutil.rmtree(rec.workdir, ignore_errors=True)
     _release_mount(repo, rec)
 
 
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as e:  # never made (a name too long, a read-only directory), or not ours to remove
+        log.warning("cannot remove %s: %s", path, e.strerror)
+
+
 def _release_mount(repo: Repository, rec: RunRecord) -> None:
-    """Unmount the mount run started, once no other run VM uses it (a VM
-    started later may have found it mounted and used it too)."""
-    if not rec.mount_started or any(r.mountpoint == rec.mountpoint for r in records(repo) if r.uuid != rec.uuid):
+    """Unmount run's own mount (REPO/run/mnt) once no run VM uses it, which
+    ever run started it (a VM started later found it mounted and used it)."""
+    if rec.mountpoint != os.path.join(repo.path, RUN_DIR, MOUNT_DIR):
+        return  # a mount the user made: theirs to unmount
+    if any(r.mountpoint == rec.mountpoint for r in records(repo) if r.uuid != rec.uuid):
         return
     from ..mount.daemon import mounts_of, unmount
     if rec.mountpoint in mounts_of(repo.path):

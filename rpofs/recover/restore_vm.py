@@ -35,7 +35,7 @@ from ..store.repo import Repository
 from ..store.schema import PointRecord
 from ..virt.client import Connection
 from . import domainxml, images
-from .boot import default_name, place_boot_state
+from .boot import check_dir, check_name, default_name, place_boot_state
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ ROOM_SLACK = 32 << 20
 
 @dataclass(frozen=True)
 class VmRestoreOptions:
-    name: str = ""
+    name: str | None = None    # None: the default name (VM-HHMM of the point)
     dir: str = ""              # "": DEFAULT_DIR for a copy, the domain's own paths for --replace
     format: str = "qcow2"      # "qcow2" | "raw"
     replace: bool = False
@@ -66,8 +66,11 @@ class VmRestored:
 def restore_vm(repo: Repository, conn: Connection, vm: str, when: str, opts: VmRestoreOptions) -> VmRestored:
     if opts.format not in ("qcow2", "raw"):
         raise RpofsError(f"--format {opts.format}: qcow2 or raw")
-    if opts.replace and opts.name:
+    if opts.replace and opts.name is not None:
         raise RpofsError("--replace restores the VM itself under its own name: leave out --name")
+    if opts.name is not None:
+        check_name(opts.name)
+    folder = check_dir(opts.dir or DEFAULT_DIR) if not opts.replace else ""
     point = repo.point_at(vm, when)
     captured = repo.read_chunk(bytes.fromhex(point.domain_xml)).decode()
     if opts.replace:
@@ -75,13 +78,10 @@ def restore_vm(repo: Repository, conn: Connection, vm: str, when: str, opts: VmR
         current = _replaceable(conn, point, opts.force)
         paths = _replace_paths(point, current, opts)
     else:
-        if opts.name and conn.has_domain(opts.name):
+        if opts.name is not None and conn.has_domain(opts.name):
             raise RpofsError(f"a VM named {opts.name!r} exists already: choose another --name")
-        name = opts.name or default_name(point, conn.has_domain)
+        name = opts.name if opts.name is not None else default_name(point, conn.has_domain)
         dom_uuid = str(uuidlib.uuid4())
-        folder = os.path.abspath(opts.dir or DEFAULT_DIR)
-        if not os.path.isdir(folder):
-            raise RpofsError(f"--dir {folder}: no such directory")
         paths = {d.target: os.path.join(folder, f"{name}-{d.target}.{opts.format}") for d in point.disks}
         for path in paths.values():
             if os.path.lexists(path):

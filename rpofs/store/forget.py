@@ -24,8 +24,9 @@ def _refuse_held(repo, vm: str, name: str, points) -> None:
     numbers = {p.point for p in points}
     for hold in holds.every(repo.path):
         if hold.vm == vm and hold.point in numbers:
-            raise RpofsError(f"cannot forget {name}: VM {hold.holder} runs on one of its points "
-                             f"(rpofs run --move {hold.holder}, or --stop {hold.holder}, first)")
+            vm_name = hold.name or hold.holder
+            raise RpofsError(f"cannot forget {name}: VM {vm_name} runs on one of its points "
+                             f"(rpofs run --move {vm_name} --dir DIR, or rpofs run --stop {vm_name}, first)")
 
 
 def forget(repo, vm: str, name: str = "", dry_run: bool = False, progress=None) -> PruneReport:

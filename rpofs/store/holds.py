@@ -4,7 +4,7 @@ A VM booted from a point (`rpofs run`) reads that point's disks through the
 mount for as long as it runs on its overlays: pruning the point under it
 would turn the guest's reads into EIO. Such a user records a hold:
 
-    REPO/holds/<holder>.json    {"vm": uuid, "point": number, "why": text}
+    REPO/holds/<holder>.json    {"vm": uuid, "point": number, "why": text, "name": text}
 
 one small file per holder, written to a temporary name, fsync'ed and renamed
 (a crash leaves the old file or the new one). Prune reads the holds while it
@@ -33,6 +33,7 @@ class Hold:
     vm: str       # the held point's VM (uuid)
     point: int    # the held point's number
     why: str = ""
+    name: str = ""  # what a person calls the holder (a run VM's libvirt name); "": the holder
 
 
 def _path(repo_path: str, holder: str) -> str:
@@ -46,7 +47,8 @@ def put(repo, hold: Hold) -> None:
     path = _path(repo.path, hold.holder)
     os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
     with repo.shared():
-        durable.write_file(path, json.dumps({"vm": hold.vm, "point": hold.point, "why": hold.why}).encode())
+        durable.write_file(path, json.dumps({"vm": hold.vm, "point": hold.point, "why": hold.why,
+                                                 "name": hold.name}).encode())
 
 
 def drop(repo_path: str, holder: str) -> None:
@@ -68,7 +70,7 @@ def every(repo_path: str) -> list[Hold]:
         try:
             with open(path) as f:
                 d = json.load(f)
-            out.append(Hold(name[:-5], str(d["vm"]), int(d["point"]), str(d.get("why", ""))))
+            out.append(Hold(name[:-5], str(d["vm"]), int(d["point"]), str(d.get("why", "")), str(d.get("name", ""))))
         except FileNotFoundError:
             continue  # dropped while we listed
         except (OSError, ValueError, KeyError, TypeError) as e:
