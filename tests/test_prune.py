@@ -14,9 +14,9 @@ from rpofs.store import holds
 from rpofs.store import gc as gc_mod
 from rpofs.store import schema
 from rpofs.store.materialize import DiskReader
-from rpofs.store.prune import Retention, choose, entry_is_live, prune
+from rpofs.store.prune import PruneReport, Retention, _ship_fates, choose, entry_is_live, prune
 from rpofs.store.repo import Repository
-from rpofs.store.schema import BLOCK_SIZE, CHUNK_SIZE, ChunkLocation, DiskRecord, PointRecord
+from rpofs.store.schema import BLOCK_SIZE, CHUNK_SIZE, ChunkLocation, DiskRecord, PointRecord, ShipRecord
 from rpofs.timefmt import US, format_time, point_names
 from synth import VM, back_up, write
 from vmlab import mounted, run_rpofs, wait_for
@@ -134,14 +134,14 @@ def three_logs(repo, rnd):
 def test_prune_frees_space_and_compacts(tmp_path):
     repo = Repository.init(str(tmp_path / "r"))
     disk, points = three_logs(repo, random.Random(5))
-    before = repo.stored_bytes()
+    before = repo.pack_bytes()
     report = prune(repo, VM, Retention(last=1))
     assert [p.point for p in report.points_removed] == [points[1].point, points[2].point]
     assert [p.point for p in repo.points(VM)] == [points[0].point, points[3].point]
     # the kept point still reads block 3 from log 1 and block 2 from log 2:
     # those two move to a new pack, the other 5 blocks are gone
     assert (report.log_entries_dropped, report.packs_compacted, report.packs_deleted) == (5, 2, 0)
-    assert report.bytes_freed == before - repo.stored_bytes() > 0
+    assert report.bytes_freed == before - repo.pack_bytes() > 0
     assert DiskReader(repo, points[3], "vda").read(0, len(disk)) == bytes(disk)
     check_repository(repo)
     assert prune(repo, VM, Retention(last=1)).points_removed == []  # nothing more to do
@@ -153,6 +153,32 @@ def test_prune_frees_space_and_compacts(tmp_path):
     assert DiskReader(repo, newest, "vda").read(0, len(disk)) == bytes(disk)
     check_repository(repo)
     repo.close()
+
+
+def test_bytes_freed_counts_pack_files_never_below_zero(tmp_path):
+    """Points removed whose data another point still holds free no pack
+    bytes: the report says 0, not the catalog's growth as a negative."""
+    repo = Repository.init(str(tmp_path / "r"))
+    disk = bytearray(random.Random(8).randbytes(3 * CHUNK_SIZE))
+    for i in range(6):  # equal fulls: every chunk deduplicated, only the catalog grows
+        back_up(repo, [disk], [set()], "full", None, (1 + i) * US)
+    report = prune(repo, VM, Retention(last=1))
+    assert len(report.points_removed) == 5 and report.bytes_freed == 0
+    assert "; 0 bytes freed" in report.summary()
+    repo.close()
+
+
+def test_app_points_a_prune_removes_and_those_it_leaves_waiting():
+    """App points go with their base, but those a kept app point reads stay
+    (without a base, listed as waiting): counted apart, as the summary says."""
+    def ship(no, base, time_us, reads_from=0):
+        return ShipRecord(no, VM, "orders", "sqlite", time_us, f"s{no}", (), base, base, reads_from=reads_from)
+
+    ships = [ship(1, 1, 10), ship(2, 1, 20), ship(3, 1, 30), ship(4, 5, 60, reads_from=20)]
+    fates = _ship_fates(ships, kept={5}, newest_us=50)
+    assert [s.ship for s in fates.deleted] == [1] and [s.ship for s in fates.unbased] == [2, 3]
+    report = PruneReport(ships_removed=len(fates.deleted), ships_unbased=len(fates.unbased))
+    assert "0 points, 1 app points removed, 0 kept (2 app points left without a base" in report.summary()
 
 
 def test_compaction_moves_live_data_and_readers_of_old_places_find_it(tmp_path, monkeypatch):

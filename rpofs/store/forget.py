@@ -42,7 +42,7 @@ def forget(repo, vm: str, name: str = "", dry_run: bool = False, progress=None) 
     db = repo.db
     vm_bytes = uuidlib.UUID(vm).bytes
     with repo.exclusive():  # no backup between finding a chunk stored and committing it; holds are stable
-        before = repo.stored_bytes()
+        before = repo.pack_bytes()
         with repo.write_txn() as txn:
             points = points_in(repo, txn, vm)
             _refuse_held(repo, vm, name, points)
@@ -67,7 +67,7 @@ def forget(repo, vm: str, name: str = "", dry_run: bool = False, progress=None) 
         if sessions:  # the journals go after the commit: a crash before leaves only files
             shutil.rmtree(journal.vm_journal_dir(repo.path, vm), ignore_errors=True)
         report.packs_deleted, report.packs_compacted = gc.collect(repo, progress)
-        report.bytes_freed = before - repo.stored_bytes()
+        report.bytes_freed = before - repo.pack_bytes()
     return report
 
 

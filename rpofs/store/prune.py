@@ -20,11 +20,12 @@ import bisect
 import dataclasses
 import datetime
 import uuid as uuidlib
+from typing import NamedTuple
 from dataclasses import dataclass, field
 
 from . import gc, holds, schema, shipments
 from .repo import fix_names, points_in, second_group
-from .schema import PointRecord
+from .schema import PointRecord, ShipRecord
 from ..timefmt import US
 
 
@@ -87,13 +88,17 @@ class PruneReport:
     chunks_freed: int = 0
     log_entries_dropped: int = 0
     ships_removed: int = 0       # app points (rpofs.apps) gone with their base
+    ships_unbased: int = 0       # app points kept without a base: later ones read their bytes
+    app_points_removed: list[ShipRecord] = field(default_factory=list)
     packs_deleted: int = 0
     packs_compacted: int = 0
-    bytes_freed: int = 0
+    bytes_freed: int = 0         # of pack files (the catalog's freed pages are reused, its file never shrinks)
 
     def summary(self) -> str:
         apps = f", {self.ships_removed} app points" if self.ships_removed else ""
-        return (f"{len(self.points_removed)} points{apps} removed, {self.points_kept} kept; "
+        unbased = (f" ({self.ships_unbased} app points left without a base, waiting: later app points read "
+                   f"them)" if self.ships_unbased else "")
+        return (f"{len(self.points_removed)} points{apps} removed, {self.points_kept} kept{unbased}; "
                 f"{self.log_entries_dropped} log blocks and {self.chunks_freed} chunks freed; "
                 f"{self.packs_deleted} pack files deleted, "
                 f"{self.packs_compacted} compacted; {self.bytes_freed} bytes freed")
@@ -108,9 +113,14 @@ def prune(repo, vm: str, policy: Retention, dry_run: bool = False, progress=None
         keep = choose(points, policy, holds.held_points(repo.path, vm))
         report.points_removed = [p for p in points if p.point not in keep]
         report.points_kept = len(keep)
+        if report.points_removed:
+            fates = _ship_fates(list(shipments.ships(repo, vm)), keep,
+                                max((p.time_us for p in points if p.point in keep), default=0))
+            report.app_points_removed = fates.deleted
+            report.ships_removed, report.ships_unbased = len(fates.deleted), len(fates.unbased)
         return report
     with repo.exclusive():
-        before = repo.stored_bytes()
+        before = repo.pack_bytes()
         with repo.write_txn() as txn:
             _drop_points(repo, txn, vm, policy, report)
             if report.points_removed:
@@ -119,7 +129,7 @@ def prune(repo, vm: str, policy: Retention, dry_run: bool = False, progress=None
                 gc.mark(repo, txn)
         if report.points_removed or gc.pending(repo):  # also what an interrupted collection left
             report.packs_deleted, report.packs_compacted = gc.collect(repo, progress)
-        report.bytes_freed = before - repo.stored_bytes()
+        report.bytes_freed = before - repo.pack_bytes()
     return report
 
 
@@ -146,31 +156,44 @@ def _drop_points(repo, txn, vm: str, policy: Retention, report: PruneReport) -> 
             report.log_entries_dropped += delete_prefix(txn.cursor(db=db["log_index"]), prefix)
         else:
             report.log_entries_dropped += _drop_dead_entries(txn.cursor(db=db["log_index"]), prefix, kept)
-    report.ships_removed = _drop_ships(repo, txn, vm, {p.point for p in points if p.point in keep},
-                                       max((p.time_us for p in points if p.point in keep), default=0))
+    fates = _ship_fates(list(shipments.ships(repo, vm, txn=txn)), {p.point for p in points if p.point in keep},
+                        max((p.time_us for p in points if p.point in keep), default=0))
+    for s in fates.deleted:
+        shipments.delete_ship(repo, txn, s)
+    for s in fates.unbased:
+        shipments.put_ship(repo, txn, dataclasses.replace(
+            s, base=None, chain=None, waiting="its base point was pruned (kept: later app points read it)"))
+    report.app_points_removed = fates.deleted
+    report.ships_removed, report.ships_unbased = len(fates.deleted), len(fates.unbased)
     report.chunks_freed = gc.drop_unused_chunks(repo, txn)
 
 
-def _drop_ships(repo, txn, vm: str, kept: set[int], newest_us: int) -> int:
+class ShipFates(NamedTuple):
+    """What a prune does to a VM's app points."""
+    deleted: list[ShipRecord]    # gone from the catalog (and from listings)
+    unbased: list[ShipRecord]    # kept without their base, waiting: later app points read their bytes
+
+
+def _ship_fates(ships: list[ShipRecord], kept: set[int], newest_us: int) -> ShipFates:
     """App points go with the block point they extend (read without it,
     they would be wrong); one waiting for a base goes once a block point
     newer than it is kept (no base can come any more). What a kept app point
-    reads (its app's shipments from its reads_from on) stays."""
-    ships = list(shipments.ships(repo, vm, txn=txn))
+    reads (its app's shipments from its reads_from on) stays, without a
+    base of its own."""
     stays = [s for s in ships if s.base in kept or (s.base is None and s.time_us >= newest_us)]
     needed = {}
     for s in stays:
         needed[s.app] = min(needed.get(s.app, s.reads_from or s.time_us), s.reads_from or s.time_us)
+    deleted, unbased = [], []
     for s in ships:
         if s in stays:
             continue
         if s.time_us >= needed.get(s.app, 1 << 63):  # its bytes are read by a kept one: no point of its own
             if s.base is not None:
-                shipments.put_ship(repo, txn, dataclasses.replace(
-                    s, base=None, chain=None, waiting="its base point was pruned (kept: later app points read it)"))
+                unbased.append(s)
         else:
-            shipments.delete_ship(repo, txn, s)
-    return sum(1 for s in ships if s.base is not None and s not in stays)
+            deleted.append(s)
+    return ShipFates(deleted, unbased)
 
 
 def delete_prefix(cur, prefix: bytes) -> int:

@@ -322,7 +322,12 @@ class Repository:
     def stored_bytes(self) -> int:
         """Bytes the repository takes on disk (allocated: sparse files count what they use)."""
         catalog = os.stat(os.path.join(self.path, "catalog", "data.mdb")).st_blocks * 512
-        return catalog + sum(self.packs.usage(pack) for pack in self.packs.list())
+        return catalog + self.pack_bytes()
+
+    def pack_bytes(self) -> int:
+        """Bytes the pack files take on disk: what removing data frees (the
+        catalog's file never shrinks; its freed pages are reused)."""
+        return sum(self.packs.usage(pack) for pack in self.packs.list())
 
     def pruned_count(self) -> int:
         """How many prunes removed points: a running mount re-reads its lists when it changes."""
