@@ -337,6 +337,8 @@ def test_qemu_killed_at_random_moments_loses_no_acknowledged_write(tmp_path):
             w.thread.join(timeout=30)
             done = sum(1 for x in w.writes if x[5] is not None)
             assert done > 10, "too few writes before the kill to prove anything"  # ~5 ms each here
+            if round_ == 0:
+                _the_claim_ends_with_the_vm(repo, vm)
             ended = json.loads(run_rpofs("unprotect", vm.name, "--json", repo=repo).stdout)
             assert ended["state"] == "ended"
             newest = points_json(repo, vm.name)[-1]
@@ -378,6 +380,21 @@ def test_qemu_killed_at_random_moments_loses_no_acknowledged_write(tmp_path):
     finally:
         vm.destroy()
         _stop_servers(repo, vm.uuid)
+
+
+def _the_claim_ends_with_the_vm(repo, vm) -> None:
+    """Protected by hand, no ingester: once QEMU is gone its journal server
+    ends by itself (no mirror comes back), and status stops saying
+    "protected" with an RPO of 0."""
+    from rpofs.protect import protector
+    session = _session_count(repo, vm.uuid)[-1]
+    directory = journal.journal_dir(str(repo), session)
+    wait_for(lambda: not protector.server_alive(session.server_pid, directory), timeout=60,
+             what="the journal server to end after its VM")
+    shown = json.loads(run_rpofs("status", "--json", repo=repo).stdout)
+    row = next(v for v in shown["vms"] if v["uuid"] == vm.uuid)
+    assert row["protection"]["state"] == "lost" and "rpofs protect" in row["protection"]["reason"]
+    assert row["rpo_seconds"] > 0
 
 
 def _first_bad(path: str) -> int:

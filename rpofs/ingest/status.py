@@ -73,7 +73,7 @@ def gather(repo: Repository) -> dict:
             if last_full and last_log:
                 break
         d = live.get(uuid, {})
-        protection = _protection(repo, uuid, d, now_us)
+        protection = _protection(repo, uuid, name, d, now_us)
         rpo = round((now_us - newest.time_us) / US, 3) if newest else None
         vms.append({
             "name": name, "uuid": uuid, "points": repo.point_count(uuid),
@@ -97,11 +97,12 @@ def gather(repo: Repository) -> dict:
     return {"ingester": {"running": ingester["running"], "pid": ingester.get("pid")}, "vms": vms}
 
 
-def _protection(repo: Repository, uuid: str, live: dict, now_us: float) -> dict | None:
+def _protection(repo: Repository, uuid: str, name: str, live: dict, now_us: float) -> dict | None:
     """Continuous protection: the ingester's view (state, journal lag,
     bytes/s) when it protects the VM, else the catalog's (a session started
     by hand); None for a VM never protected."""
-    from ..store import protection
+    from ..protect.protector import server_alive
+    from ..store import journal, protection
     found = protection.of_vm(repo, uuid)
     current = next((s for s in reversed(found) if s.state != "ended"), None)
     last = found[-1] if found else None
@@ -109,11 +110,18 @@ def _protection(repo: Repository, uuid: str, live: dict, now_us: float) -> dict 
         return None
     state = live.get("protection") or ("protected" if current and current.state == "protected" else
                                        "starting" if current else "unprotected")
+    lost = ""
+    if not live.get("protection") and current is not None and not server_alive(
+            current.server_pid, journal.journal_dir(repo.path, current)):
+        # by hand, nothing watches: a server that ended (the VM stopped, its mirror failed) ends the claim
+        state, lost = "lost", (f"the journal server is not running (the VM stopped or its mirror failed): "
+                               f"rpofs protect {name} ends the session and folds its journal")
     folded = live.get("journal_folded_us") or (current.folded_us if current else 0)
     return {
         "state": state,
         "by": "ingester" if live.get("protection") else "hand" if current else None,
-        "reason": live.get("protection_reason") or (last.reason if last and last.state == "ended" else "") or None,
+        "reason": lost or live.get("protection_reason") or (last.reason if last and last.state == "ended" else "")
+                  or None,
         "since": _time(live.get("protected_since_us") or (current.ready_us if current else 0)),
         "journal_newest": _time(live.get("journal_newest_us")),
         "journal_folded": _time(folded),

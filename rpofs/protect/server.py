@@ -64,6 +64,7 @@ MAX_PAYLOAD = 32 << 20
 SEGMENT_BYTES = 256 << 20  # a new segment after this many bytes
 INLINE_BATCH = 256 << 10   # a batch up to this size is written and synced on the event loop
 STALL_S = 15.0             # a commit that has not returned after this: the mirror is let go (Watchdog)
+MIRROR_GONE_S = 10.0       # no client attached for this long after the last left: QEMU is gone, so is the server
 
 _REQUEST = struct.Struct(">IHHQQI")
 _OPTION = struct.Struct(">QII")
@@ -202,8 +203,11 @@ class Watchdog:
 
 
 class Connection:
-    def __init__(self, stream: trio.SocketStream, journal: JournalWriter, exports: dict[str, tuple[int, int]]):
+    def __init__(self, stream: trio.SocketStream, journal: JournalWriter, exports: dict[str, tuple[int, int]],
+                 on_attach=None):
         self.stream = stream
+        self.on_attach = on_attach  # called once the client chose an export (a mirror, not a probe)
+        self.attached = False
         self.journal = journal
         self.exports = exports  # name -> (disk index, size)
         self.buffer = bytearray()
@@ -285,6 +289,9 @@ class Connection:
             export = await self.handshake()
             if export is None:
                 return
+            self.attached = True
+            if self.on_attach is not None:
+                self.on_attach()
             disk, size = export
             async with trio.open_nursery() as nursery:
                 while True:
@@ -365,15 +372,20 @@ async def serve(directory: str, path: str, exports: dict[str, tuple[int, int]],
         if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
             nursery.start_soon(stop_on_signal)
 
+        clients = _Clients(nursery.cancel_scope, directory)
+
         async def handle(stream):
             fd = stream.socket.fileno()
             with watchdog.lock:
                 watchdog.fds.add(fd)
+            connection = Connection(stream, journal, exports, clients.attached)
             try:
-                await Connection(stream, journal, exports).serve()
+                await connection.serve()
             finally:
                 with watchdog.lock:
                     watchdog.fds.discard(fd)
+                if connection.attached:
+                    clients.left(nursery)
 
         nursery.start_soon(trio.serve_listeners, handle, [listener])
         task_status.started()
@@ -382,6 +394,36 @@ async def serve(directory: str, path: str, exports: dict[str, tuple[int, int]],
         os.unlink(path)  # nothing answers there any more
     if journal.failed:
         raise SystemExit(f"journal {directory}: {journal.failed}")
+
+
+class _Clients:
+    """The mirrors attached. QEMU's mirror connects once per disk and stays
+    until the job ends: when the last one leaves and none comes back within
+    MIRROR_GONE_S, the VM stopped (or its mirrors failed) and the server
+    ends, so that nothing goes on claiming protection for a VM that is gone
+    (the session is ended, and its journal folded, by the next `rpofs
+    protect` or the ingester, as for any server that stopped)."""
+
+    def __init__(self, scope: trio.CancelScope, directory: str):
+        self.scope, self.directory = scope, directory
+        self.count = 0
+        self.generation = 0
+
+    def attached(self) -> None:
+        self.count += 1
+        self.generation += 1
+
+    def left(self, nursery) -> None:
+        self.count -= 1
+        if self.count == 0:
+            nursery.start_soon(self._end_unless_back, self.generation)
+
+    async def _end_unless_back(self, generation: int) -> None:
+        await trio.sleep(MIRROR_GONE_S)
+        if self.count == 0 and self.generation == generation:
+            log.info("journal %s: every mirror left %gs ago (the VM stopped?): stopping", self.directory,
+                     MIRROR_GONE_S)
+            self.scope.cancel()
 
 
 def parse_exports(args: list[str]) -> dict[str, tuple[int, int]]:
