@@ -437,7 +437,8 @@ def read_log_key(key: bytes) -> tuple[int, int, int, int]:
 def scan(cur, prefix: bytes, start: bytes | None = None):
     """(key, value) of every entry of cursor `cur`'s sub-database whose key
     starts with `prefix`, in key order, from the first key at or after
-    `start` (default: the prefix itself). The cursor is moved."""
+    `start` (a key that starts with `prefix`; default: the prefix itself).
+    The cursor is moved."""
     if cur.set_range(prefix if start is None else start):
         for key, value in cur.iternext():
             key = bytes(key)

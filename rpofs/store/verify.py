@@ -37,7 +37,6 @@ import logging
 import os
 import threading
 import time
-import uuid as uuidlib
 from dataclasses import asdict, dataclass, field
 from typing import NamedTuple
 
@@ -221,7 +220,7 @@ def _relations(repo, txn, cat: _Catalog, vms: set[str] | None) -> list[Problem]:
     listed = set()
     for key in txn.cursor(db=repo.db["vm_points"]).iternext(values=False):
         vm_bytes, time_us, no = schema.read_vm_point_key(key)
-        vm = str(uuidlib.UUID(bytes=vm_bytes))
+        vm = schema.read_vm_key(vm_bytes)
         listed.add(no)
         record = cat.points.get(no)
         if record is None:
@@ -230,7 +229,7 @@ def _relations(repo, txn, cat: _Catalog, vms: set[str] | None) -> list[Problem]:
         elif (record.vm, record.time_us) != (vm, time_us):
             bad(f"point {no} is listed under VM {vm} at {time_us}, its record says {record.vm} at "
                 f"{record.time_us}", record)
-    vm_rows = {str(uuidlib.UUID(bytes=bytes(k))) for k in txn.cursor(db=repo.db["vms"]).iternext(values=False)}
+    vm_rows = {schema.read_vm_key(k) for k in txn.cursor(db=repo.db["vms"]).iternext(values=False)}
     meta = repo.db["meta"]
     next_point = schema.read_u32(txn.get(schema.META_NEXT_POINT, db=meta))
     for no, record in sorted(cat.points.items()):
