@@ -9,6 +9,7 @@ import uuid
 import lmdb
 import pytest
 
+from rpofs.store import schema
 from vmlab import TestVM, make_qcow2, make_raw, mounted, points_json, run_rpofs, seeded_content
 
 pytestmark = pytest.mark.libvirt
@@ -65,7 +66,7 @@ def test_init_twice_refused(repo):
 def test_unknown_format_refused(repo):
     env = lmdb.open(str(repo / "catalog"), max_dbs=8)
     with env.begin(write=True) as txn:
-        txn.put(b"format", b"99", db=env.open_db(b"meta", txn=txn))
+        txn.put(schema.META_FORMAT, b"99", db=env.open_db(b"meta", txn=txn))
     env.close()
     before = repo_digest(repo)
     fails(run_rpofs("points", "x", repo=repo, check=False), "has format 99")

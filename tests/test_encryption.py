@@ -140,8 +140,7 @@ def test_no_plaintext_of_disks_names_or_xml_in_the_repository_files(tmp_path):
 def full_keys(repo, chain) -> list[bytes]:
     with repo.env.begin() as txn:
         cur = txn.cursor(db=repo.db["full_index"])
-        prefix = schema.u32(chain)
-        return [bytes(v) for k, v in cur if k[:4] == prefix]
+        return [bytes(v) for _, v in schema.scan(cur, schema.chain_prefix(chain))]
 
 
 def test_chunk_keys_are_keyed_per_repository_and_dedup_still_works(tmp_path):
@@ -313,7 +312,7 @@ def test_missing_or_wrong_key_is_refused_clearly(tmp_path):
     # a key record this rpofs cannot read is refused, not guessed at
     repo = enc_open(path)
     with repo.env.begin(write=True) as txn:
-        txn.put(schema.ENCRYPTION_KEY, b'{"version": 2, "kdf": "argon2id", "cipher": "x"}', db=repo.db["meta"])
+        txn.put(schema.META_ENCRYPTION, b'{"version": 2, "kdf": "argon2id", "cipher": "x"}', db=repo.db["meta"])
     repo.close()
     with pytest.raises(RpofsError, match="encrypted in a way this rpofs cannot read"):
         enc_open(path)

@@ -31,7 +31,7 @@ US = 1_000_000
 def set_format(path: str, value: bytes) -> None:
     env = lmdb.open(os.path.join(path, "catalog"), max_dbs=16)
     with env.begin(write=True) as txn:
-        txn.put(b"format", value, db=env.open_db(b"meta", txn=txn))
+        txn.put(schema.META_FORMAT, value, db=env.open_db(b"meta", txn=txn))
     env.close()
 
 
@@ -72,7 +72,7 @@ def old_repository(path: str, rnd: random.Random, monkeypatch, fmt: int, size: i
         write(disk, dirty := set(), 7 * BLOCK_SIZE, rnd.randbytes(2 * BLOCK_SIZE))
         truth[back_up(repo, [disk], [dirty], "log", new_full, 4 * US).point] = bytes(disk)
     repo.close()
-    set_format(path, str(fmt).encode())
+    set_format(path, schema.format_value(fmt))
     drop_new_tables(path, fmt)
     return truth
 

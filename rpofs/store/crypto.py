@@ -145,7 +145,7 @@ class Sealer:
 
 
 class CatalogSealer:
-    """Seals the catalog's values that name things (points, vms): AAD is the
+    """Seals the catalog's values that name things (schema.SEALED): AAD is the
     sub-database's name and the entry's LMDB key, so a value moved to
     another entry fails."""
 

@@ -84,18 +84,14 @@ def _newest_blocks(repo, txn, sizes: list[int], chain: int) -> tuple[list[tuple]
     newest point."""
     out, changed = [], set()
     cur = txn.cursor(db=repo.db["log_index"])
-    prefix = schema.u32(chain)
-    if cur.set_range(prefix):
-        for key, value in cur:
-            if key[:4] != prefix:
-                break
-            _, disk, block, _ = schema.read_log_key(key)
-            if (disk, block) in changed:
-                continue
-            changed.add((disk, block))
-            loc = schema.read_log_value(value, min(BLOCK_SIZE, sizes[disk] - block * BLOCK_SIZE))
-            if loc is not None:  # None: zeros, nothing stored to read
-                out.append((disk, block, loc, bytes(key)))
+    for key, value in schema.scan(cur, schema.chain_prefix(chain)):
+        _, disk, block, _ = schema.read_log_key(key)
+        if (disk, block) in changed:
+            continue
+        changed.add((disk, block))
+        loc = schema.read_log_value(value, min(BLOCK_SIZE, sizes[disk] - block * BLOCK_SIZE))
+        if loc is not None:  # None: zeros, nothing stored to read
+            out.append((disk, block, loc, bytes(key)))
     return out, changed
 
 

@@ -12,7 +12,6 @@ rpofs.store.holds) makes forget refuse, naming that VM.
 """
 
 import shutil
-import uuid as uuidlib
 
 from ..errors import RpofsError
 from . import gc, holds, journal, protection, schema
@@ -40,7 +39,7 @@ def forget(repo, vm: str, name: str = "", dry_run: bool = False, progress=None) 
         _refuse_held(repo, vm, name, report.points_removed)
         return report
     db = repo.db
-    vm_bytes = uuidlib.UUID(vm).bytes
+    vm_bytes = schema.vm_key(vm)
     with repo.exclusive():  # no backup between finding a chunk stored and committing it; holds are stable
         before = repo.pack_bytes()
         with repo.write_txn() as txn:
@@ -48,20 +47,20 @@ def forget(repo, vm: str, name: str = "", dry_run: bool = False, progress=None) 
             _refuse_held(repo, vm, name, points)
             if any(s.state != "ended" for s in protection.of_vm(repo, vm, txn)):
                 raise RpofsError(f"cannot forget {name}: it is protected now (rpofs unprotect {name} first)")
-            sessions = delete_prefix(txn.cursor(db=db["protection"]), vm_bytes)
+            sessions = delete_prefix(txn.cursor(db=db["protection"]), schema.vm_prefix(vm_bytes))
             report.points_removed = points
             for p in points:
                 txn.delete(schema.point_key(p.point), db=db["points"])
                 txn.delete(schema.vm_point_key(vm_bytes, p.time_us, p.point), db=db["vm_points"])
             for chain in sorted({p.chain for p in points}):  # chains are the VM's own
-                prefix = schema.u32(chain)
+                prefix = schema.chain_prefix(chain)
                 delete_prefix(txn.cursor(db=db["full_index"]), prefix)
                 report.log_entries_dropped += delete_prefix(txn.cursor(db=db["log_index"]), prefix)
             txn.delete(vm_bytes, db=db["vms"])
-            report.ships_removed = delete_prefix(txn.cursor(db=db["ships"]), vm_bytes)
-            delete_prefix(txn.cursor(db=db["apps"]), vm_bytes)
-            pruned = schema.read_u32(txn.get(b"pruned", default=schema.u32(0), db=db["meta"]))
-            txn.put(b"pruned", schema.u32(pruned + 1), db=db["meta"])  # a running mount reads its lists again
+            report.ships_removed = delete_prefix(txn.cursor(db=db["ships"]), schema.vm_prefix(vm_bytes))
+            delete_prefix(txn.cursor(db=db["apps"]), schema.vm_prefix(vm_bytes))
+            pruned = schema.read_u32(txn.get(schema.META_PRUNED, default=schema.u32(0), db=db["meta"]))
+            txn.put(schema.META_PRUNED, schema.u32(pruned + 1), db=db["meta"])  # a running mount reads its lists again
             report.chunks_freed = gc.drop_unused_chunks(repo, txn)
             gc.mark(repo, txn)
         if sessions:  # the journals go after the commit: a crash before leaves only files

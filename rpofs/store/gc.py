@@ -49,13 +49,13 @@ def new_pack(repo):
 
 def mark(repo, txn) -> None:
     """Step 1: a collection is due; cleared when `collect` finishes."""
-    txn.put(b"gc_pending", schema.u32(1), db=repo.db["meta"])
+    txn.put(schema.META_GC_PENDING, schema.u32(1), db=repo.db["meta"])
 
 
 def pending(repo) -> bool:
     """Whether a collection was started and did not finish (killed, disk full)."""
     with repo.env.begin(db=repo.db["meta"]) as txn:
-        return txn.get(b"gc_pending") is not None
+        return txn.get(schema.META_GC_PENDING) is not None
 
 
 def collect(repo, progress=None) -> tuple[int, int]:
@@ -67,7 +67,7 @@ def collect(repo, progress=None) -> tuple[int, int]:
     deleted = delete_dead_packs(repo, live)
     compacted = compact(repo, live, progress)
     with repo.write_txn() as txn:
-        txn.delete(b"gc_pending", db=repo.db["meta"])
+        txn.delete(schema.META_GC_PENDING, db=repo.db["meta"])
     return deleted, compacted
 
 

@@ -2,7 +2,6 @@
 layout are rpofs.store.schema's; where a session's journal lives is
 rpofs.store.journal's."""
 
-import uuid as uuidlib
 from dataclasses import replace
 
 from . import schema
@@ -15,7 +14,7 @@ def put(repo: Repository, txn, session: ProtectionSession) -> None:
     """Write a session's record. journal_from_us never goes back: retention
     raises it (raise_journal_from) while a fold may hold an older copy, and
     a lower one would let an instant read across dropped records."""
-    key = schema.protection_key(uuidlib.UUID(session.vm).bytes, session.started_us)
+    key = schema.protection_key(schema.vm_key(session.vm), session.started_us)
     stored = _get(repo, txn, key)
     if stored is not None and stored.journal_from_us > session.journal_from_us:
         session = replace(session, journal_from_us=stored.journal_from_us)
@@ -30,7 +29,7 @@ def _get(repo: Repository, txn, key: bytes) -> ProtectionSession | None:
 def raise_journal_from(repo: Repository, session: ProtectionSession, to_us: int) -> ProtectionSession:
     """Record that records up to to_us may be gone, on the stored record (not
     a copy that may be older): the session as stored after."""
-    key = schema.protection_key(uuidlib.UUID(session.vm).bytes, session.started_us)
+    key = schema.protection_key(schema.vm_key(session.vm), session.started_us)
     with repo.write_txn() as txn:
         stored = _get(repo, txn, key) or session
         updated = replace(stored, journal_from_us=max(stored.journal_from_us, to_us))
@@ -45,24 +44,17 @@ def save(repo: Repository, session: ProtectionSession) -> ProtectionSession:
 
 
 def delete(repo: Repository, txn, session: ProtectionSession) -> None:
-    txn.delete(schema.protection_key(uuidlib.UUID(session.vm).bytes, session.started_us),
-               db=repo.db["protection"])
+    txn.delete(schema.protection_key(schema.vm_key(session.vm), session.started_us), db=repo.db["protection"])
 
 
 def of_vm(repo: Repository, vm: str, txn=None) -> list[ProtectionSession]:
     """A VM's sessions, oldest first."""
-    prefix = uuidlib.UUID(vm).bytes
     if txn is None:
         with repo.env.begin() as txn:
             return of_vm(repo, vm, txn)
-    out = []
     cur = txn.cursor(db=repo.db["protection"])
-    if cur.set_range(prefix):
-        for key, value in cur:
-            if bytes(key[:16]) != prefix:
-                break
-            out.append(ProtectionSession.decode(repo.open_value("protection", bytes(key), value)))
-    return out
+    return [ProtectionSession.decode(repo.open_value("protection", key, value))
+            for key, value in schema.scan(cur, schema.vm_prefix(schema.vm_key(vm)))]
 
 
 def current(repo: Repository, vm: str, txn=None) -> ProtectionSession | None:

@@ -19,9 +19,8 @@ removed log point's changes live on when a later kept point still reads them.
 import bisect
 import dataclasses
 import datetime
-import uuid as uuidlib
-from typing import NamedTuple
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from . import gc, holds, schema, shipments
 from .repo import fix_names, points_in, second_group
@@ -124,8 +123,8 @@ def prune(repo, vm: str, policy: Retention, dry_run: bool = False, progress=None
         with repo.write_txn() as txn:
             _drop_points(repo, txn, vm, policy, report)
             if report.points_removed:
-                pruned = schema.read_u32(txn.get(b"pruned", default=schema.u32(0), db=repo.db["meta"]))
-                txn.put(b"pruned", schema.u32(pruned + 1), db=repo.db["meta"])
+                pruned = schema.read_u32(txn.get(schema.META_PRUNED, default=schema.u32(0), db=repo.db["meta"]))
+                txn.put(schema.META_PRUNED, schema.u32(pruned + 1), db=repo.db["meta"])
                 gc.mark(repo, txn)
         if report.points_removed or gc.pending(repo):  # also what an interrupted collection left
             report.packs_deleted, report.packs_compacted = gc.collect(repo, progress)
@@ -141,7 +140,7 @@ def _drop_points(repo, txn, vm: str, policy: Retention, report: PruneReport) -> 
     report.points_removed = [p for p in points if p.point not in keep]
     if not report.points_removed:
         return
-    vm_bytes = uuidlib.UUID(vm).bytes
+    vm_bytes = schema.vm_key(vm)
     for second in {p.time_us // US for p in report.points_removed}:
         fix_names(repo, txn, second_group(repo, txn, vm_bytes, second))  # the survivors keep their names
     for p in report.points_removed:
@@ -150,7 +149,7 @@ def _drop_points(repo, txn, vm: str, policy: Retention, report: PruneReport) -> 
     touched = {p.chain for p in report.points_removed}
     for chain in touched:
         kept = sorted(p.point for p in points if p.chain == chain and p.point in keep)
-        prefix = schema.u32(chain)
+        prefix = schema.chain_prefix(chain)
         if not kept:  # the whole chain goes
             delete_prefix(txn.cursor(db=db["full_index"]), prefix)
             report.log_entries_dropped += delete_prefix(txn.cursor(db=db["log_index"]), prefix)
@@ -197,14 +196,15 @@ def _ship_fates(ships: list[ShipRecord], kept: set[int], newest_us: int) -> Ship
 
 
 def delete_prefix(cur, prefix: bytes) -> int:
-    return _delete(cur, list(_keys_from(cur, prefix)))
+    """Delete every entry whose key starts with prefix (one of schema's); how many."""
+    return _delete(cur, list(schema.scan_keys(cur, prefix)))
 
 
 def _drop_dead_entries(cur, prefix: bytes, kept: list[int]) -> int:
     """Entries of one block come newest first: each one's successor is the
     entry before it."""
     dead, block_of, newer = [], None, None
-    for key in _keys_from(cur, prefix):
+    for key in schema.scan_keys(cur, prefix):
         _, disk, block, changed_at = schema.read_log_key(key)
         if (disk, block) != block_of:
             block_of, newer = (disk, block), None
@@ -214,14 +214,6 @@ def _drop_dead_entries(cur, prefix: bytes, kept: list[int]) -> int:
         # point fell between the two, so the older one serves the same points
         newer = changed_at
     return _delete(cur, dead)
-
-
-def _keys_from(cur, prefix: bytes):
-    if cur.set_range(prefix):
-        for key in cur.iternext(values=False):
-            if key[:len(prefix)] != prefix:
-                break
-            yield bytes(key)
 
 
 def _delete(cur, keys: list[bytes]) -> int:

@@ -13,7 +13,6 @@ import functools
 import json
 import os
 import threading
-import uuid as uuidlib
 
 import lmdb
 
@@ -82,10 +81,13 @@ class Repository:
         return json.loads(bytes(value))["name"]
 
     def seal_value(self, db: str, key: bytes, plain: bytes) -> bytes:
-        """A catalog value as stored under `db`/`key` (sealed when encrypted)."""
+        """A catalog value as stored under `db`/`key` (sealed when encrypted:
+        `db` is one of schema.SEALED)."""
+        assert db in schema.SEALED, db
         return self.keys.catalog.seal(db, key, plain) if self.keys else plain
 
     def open_value(self, db: str, key: bytes, value) -> bytes:
+        assert db in schema.SEALED, db
         return self.keys.catalog.open(db, key, value) if self.keys else bytes(value)
 
     def get_point(self, txn, point: int) -> PointRecord | None:
@@ -169,11 +171,11 @@ class Repository:
             meta = env.open_db(b"meta", txn=txn)
             for name in schema.DATABASES:
                 env.open_db(name.encode(), txn=txn)
-            txn.put(b"format", str(FORMAT).encode(), db=meta)
-            txn.put(b"next_point", schema.u32(1), db=meta)
-            txn.put(b"next_pack", schema.u32(1), db=meta)
+            txn.put(schema.META_FORMAT, schema.format_value(FORMAT), db=meta)
+            txn.put(schema.META_NEXT_POINT, schema.u32(1), db=meta)
+            txn.put(schema.META_NEXT_PACK, schema.u32(1), db=meta)
             if keys is not None:
-                txn.put(schema.ENCRYPTION_KEY, record, db=meta)
+                txn.put(schema.META_ENCRYPTION, record, db=meta)
         return cls(path, env, keys)
 
     @classmethod
@@ -189,10 +191,10 @@ class Repository:
         env = cls._open_env(catalog, create=False)
         with env.begin() as txn:
             meta = env.open_db(b"meta", txn=txn, create=False)
-            found = txn.get(b"format", db=meta)
-            key_record = txn.get(schema.ENCRYPTION_KEY, db=meta)
-        old = [str(f).encode() for f in UPGRADES_FROM]
-        if found != str(FORMAT).encode() and not (upgrading and found in old):
+            found = txn.get(schema.META_FORMAT, db=meta)
+            key_record = txn.get(schema.META_ENCRYPTION, db=meta)
+        old = [schema.format_value(f) for f in UPGRADES_FROM]
+        if found != schema.format_value(FORMAT) and not (upgrading and found in old):
             env.close()
             shown = found.decode(errors="replace") if found else "none"
             if found in old:
@@ -212,7 +214,7 @@ class Repository:
 
     def format(self) -> int:
         with self.env.begin(db=self.db["meta"]) as txn:
-            return int(txn.get(b"format"))
+            return schema.read_format(txn.get(schema.META_FORMAT))
 
     @staticmethod
     def _open_env(catalog: str, create: bool) -> lmdb.Environment:
@@ -231,7 +233,7 @@ class Repository:
     def vms(self) -> list[tuple[str, str]]:
         """(uuid, last known name) of every VM with points."""
         with self.env.begin(db=self.db["vms"]) as txn:
-            return [(str(uuidlib.UUID(bytes=bytes(k))), self.decode_name(bytes(k), v)) for k, v in txn.cursor()]
+            return [(schema.read_vm_key(k), self.decode_name(bytes(k), v)) for k, v in txn.cursor()]
 
     def find_vm(self, ref: str) -> tuple[str, str]:
         """(uuid, name) of the VM with that name or UUID in the repository."""
@@ -267,7 +269,7 @@ class Repository:
         except BadTime:
             return None
         with self.env.begin() as txn:
-            group = second_group(self, txn, uuidlib.UUID(vm).bytes, second)
+            group = second_group(self, txn, schema.vm_key(vm), second)
         for point, effective in zip(group, point_names([p.time_us for p in group], [p.name for p in group])):
             if effective == name:
                 return point
@@ -276,48 +278,34 @@ class Repository:
     def points(self, vm: str, after: PointRecord | None = None) -> list[PointRecord]:
         """A VM's points, oldest first; only those newer than `after` if given
         (a running mount reads just what was added)."""
-        prefix = uuidlib.UUID(vm).bytes
-        start = schema.vm_point_key(prefix, after.time_us, after.point + 1) if after else prefix
+        vm_bytes = schema.vm_key(vm)
+        start = schema.vm_point_key(vm_bytes, after.time_us, after.point + 1) if after else None
         out = []
         with self.env.begin() as txn:
             cur = txn.cursor(db=self.db["vm_points"])
             points = txn.cursor(db=self.db["points"])
-            if cur.set_range(start):
-                for key in cur.iternext(values=False):
-                    if key[:16] != prefix:
-                        break
+            for key in schema.scan_keys(cur, schema.vm_prefix(vm_bytes), start):
                     _, _, no = schema.read_vm_point_key(key)
                     out.append(self.decode_point(schema.point_key(no), points.get(schema.point_key(no))))
         return out
 
     def newest_points(self, vm: str):
         """A VM's points, newest first, read as they are consumed."""
-        prefix = uuidlib.UUID(vm).bytes
         with self.env.begin() as txn:
             cur = txn.cursor(db=self.db["vm_points"])
             points = txn.cursor(db=self.db["points"])
-            found = cur.set_range(prefix + b"\xff" * 12)
-            found = cur.prev() if found else cur.last()
-            while found and cur.key()[:16] == prefix:
-                _, _, no = schema.read_vm_point_key(cur.key())
+            for key in schema.scan_keys_back(cur, schema.vm_prefix(schema.vm_key(vm))):
+                _, _, no = schema.read_vm_point_key(key)
                 yield self.decode_point(schema.point_key(no), points.get(schema.point_key(no)))
-                found = cur.prev()
 
     def has_point(self, point: int) -> bool:
         with self.env.begin(db=self.db["points"]) as txn:
             return txn.get(schema.point_key(point)) is not None
 
     def point_count(self, vm: str) -> int:
-        prefix = uuidlib.UUID(vm).bytes
         with self.env.begin() as txn:
             cur = txn.cursor(db=self.db["vm_points"])
-            n = 0
-            if cur.set_range(prefix):
-                for key in cur.iternext(values=False):
-                    if key[:16] != prefix:
-                        break
-                    n += 1
-        return n
+            return sum(1 for _ in schema.scan_keys(cur, schema.vm_prefix(schema.vm_key(vm))))
 
     def stored_bytes(self) -> int:
         """Bytes the repository takes on disk (allocated: sparse files count what they use)."""
@@ -332,7 +320,7 @@ class Repository:
     def pruned_count(self) -> int:
         """How many prunes removed points: a running mount re-reads its lists when it changes."""
         with self.env.begin(db=self.db["meta"]) as txn:
-            found = txn.get(b"pruned")
+            found = txn.get(schema.META_PRUNED)
         return schema.read_u32(found) if found else 0
 
     def locate(self, key: bytes) -> ChunkLocation:
@@ -370,8 +358,8 @@ class Repository:
 
     def begin_pack(self) -> PackWriter:
         with self.write_txn() as txn:
-            pack = schema.read_u32(txn.get(b"next_pack", db=self.db["meta"]))
-            txn.put(b"next_pack", schema.u32(pack + 1), db=self.db["meta"])
+            pack = schema.read_u32(txn.get(schema.META_NEXT_PACK, db=self.db["meta"]))
+            txn.put(schema.META_NEXT_PACK, schema.u32(pack + 1), db=self.db["meta"])
         return PackWriter(self.packs, pack, self.keys.packs if self.keys else None)
 
     def begin_writer(self) -> "BackupWriter":
@@ -492,10 +480,10 @@ class BackupWriter:
         self.stats["disk_bytes"] = drawn
         self.pack.sync()
         db = self.repo.db
-        vm_bytes = uuidlib.UUID(vm).bytes
+        vm_bytes = schema.vm_key(vm)
         with self.repo.write_txn() as txn:
-            no = schema.read_u32(txn.get(b"next_point", db=db["meta"]))
-            txn.put(b"next_point", schema.u32(no + 1), db=db["meta"])
+            no = schema.read_u32(txn.get(schema.META_NEXT_POINT, db=db["meta"]))
+            txn.put(schema.META_NEXT_POINT, schema.u32(no + 1), db=db["meta"])
             self._put_chunks(txn)
             if kind == "full":
                 chain = no
@@ -558,13 +546,9 @@ class BackupWriter:
 
 def points_in(repo: Repository, txn, vm: str) -> list[PointRecord]:
     """A VM's points, oldest first, as of `txn`."""
-    prefix = uuidlib.UUID(vm).bytes
     cur, records = txn.cursor(db=repo.db["vm_points"]), txn.cursor(db=repo.db["points"])
     out = []
-    if cur.set_range(prefix):
-        for key in cur.iternext(values=False):
-            if key[:16] != prefix:
-                break
+    for key in schema.scan_keys(cur, schema.vm_prefix(schema.vm_key(vm))):
             point_key = schema.point_key(schema.read_vm_point_key(key)[2])
             out.append(repo.decode_point(point_key, records.get(point_key)))
     return out
@@ -574,10 +558,9 @@ def second_group(repo: Repository, txn, vm_bytes: bytes, second: int) -> list[Po
     """The VM's points whose time falls in this second, oldest first."""
     cur = txn.cursor(db=repo.db["vm_points"])
     out = []
-    if cur.set_range(schema.vm_point_key(vm_bytes, second * US, 0)):
-        for key in cur.iternext(values=False):
-            vm, time_us, no = schema.read_vm_point_key(key)
-            if vm != vm_bytes or time_us >= (second + 1) * US:
+    for key in schema.scan_keys(cur, schema.vm_prefix(vm_bytes), schema.vm_point_key(vm_bytes, second * US, 0)):
+        _, time_us, no = schema.read_vm_point_key(key)
+        if time_us >= (second + 1) * US:
                 break
             out.append(repo.get_point(txn, no))
     return out
@@ -600,12 +583,11 @@ def name_new_point(repo: Repository, txn, vm_bytes: bytes, time_us: int) -> str:
     second = time_us // US
     taken = set(fix_names(repo, txn, second_group(repo, txn, vm_bytes, second)))
     cur = txn.cursor(db=repo.db["ships"])
-    if cur.set_range(schema.ship_key(vm_bytes, second * US, 0)):
-        for key, value in cur:
-            vm, when, _ = schema.read_ship_key(key)
-            if vm != vm_bytes or when >= (second + 1) * US:
+    for key, value in schema.scan(cur, schema.vm_prefix(vm_bytes), schema.ship_key(vm_bytes, second * US, 0)):
+        _, when, _ = schema.read_ship_key(key)
+        if when >= (second + 1) * US:
                 break
-            taken.add(json.loads(repo.open_value("ships", bytes(key), value))["name"])
+        taken.add(json.loads(repo.open_value("ships", key, value))["name"])
     return new_point_name(time_us, taken)
 
 

@@ -1,6 +1,11 @@
 """The repository's format, version 6. This module is the spec: every LMDB
 sub-database, its key and value layout, and the invariants. Nothing else builds
-keys by hand.
+or reads keys by hand: every key is made by a function here (point_key,
+vm_point_key, full_key, log_key, app_key, ship_key, protection_key, vm_key)
+and taken apart by its read_* twin; a range scan starts at a prefix made
+here (vm_prefix, chain_prefix, log_block_prefix, or a key) and walks with
+scan / scan_keys / scan_keys_back, which stop where the prefix does; meta's
+keys are the META_* constants.
 
     REPO/catalog/     LMDB environment (the relation store), sub-databases below
     REPO/chunks/      append-only pack files, pack-00000001 ... (rpofs.store.packs
@@ -31,12 +36,22 @@ Granularity
     of a disk are short when the disk size is not a multiple of them.
 
 Sub-databases
-    meta        b"format" -> b"4" (text); b"next_point", b"next_pack",
-                b"pruned" -> u32; b"gc_pending" -> u32 1 while a garbage
-                collection that was started has not finished (rpofs.store.gc);
-                b"encryption" -> the key record (JSON), present only in an
-                encrypted repository (see Encryption)
-    vms         vm uuid (16 bytes) -> JSON {"name": last known name}
+    meta        META_FORMAT b"format" -> the format, decimal text: b"6"
+                    (format_value(FORMAT); read_format)
+                META_NEXT_POINT b"next_point", META_NEXT_PACK b"next_pack"
+                    -> u32: the number the next point, the next pack file
+                    gets; 1 at init
+                META_NEXT_SHIP b"next_ship" -> u32: the next shipment's
+                    number; absent until the first shipment (then 1)
+                META_PRUNED b"pruned" -> u32: bumped by every prune that
+                    removed points and every forget, so that a running mount
+                    reads its lists again; absent: 0
+                META_GC_PENDING b"gc_pending" -> u32 1 while a garbage
+                    collection that was started has not finished
+                    (rpofs.store.gc); absent otherwise
+                META_ENCRYPTION b"encryption" -> the key record (JSON),
+                    present only in an encrypted repository (see Encryption)
+    vms         vm uuid (16 bytes: vm_key) -> JSON {"name": last known name}
                     (sealed in an encrypted repository)
     points      point no (u32) -> JSON point record (see PointRecord)
                     (sealed in an encrypted repository)
@@ -61,12 +76,13 @@ Sub-databases
                     same bytes is stored again); full chunks are.
     chunks      chunk key (32) -> pack (u32) | offset (u64) | stored length (u32)
                               | raw length (u32) | codec (u8)
-                    full chunks, the points' XML and shipped application
+                    full chunks, the points' XML (domain, checkpoint), their
+                    boot state (PointRecord.firmware) and shipped application
                     bytes: what is deduplicated.
                     The codec tells the record kind: CODEC_RAW / CODEC_ZSTD
                     a whole chunk, CODEC_PIECES a pieced full chunk (below)
 
-    apps        vm uuid (16) | app name (UTF-8) -> JSON AppRecord: an
+    apps        vm uuid (16) | app name (UTF-8, the rest of the key) -> JSON AppRecord: an
                     application whose log the ingester ships from inside the
                     guest, with where each of its files' streams stands
                     (sealed in an encrypted repository)
@@ -115,8 +131,9 @@ Pack records (REPO/chunks/pack-*): PACK_HEADER (key, codec, raw length, stored
 length) then the stored bytes; the catalog points at the stored bytes.
     whole (CODEC_RAW, CODEC_ZSTD)
                 the chunk's bytes, zstd-compressed when that is shorter. Key:
-                blake3-256 of the raw bytes. Log blocks, the points' XML, and
-                the full chunks of format 2.
+                blake3-256 of the raw bytes. Log blocks, the points' XML and
+                boot state, shipped application bytes, and the full chunks of
+                formats 2 and 3 (until `rpofs upgrade`).
     pieced (CODEC_PIECES)   a full chunk of format 3
                 cut into PIECE_SIZE (64 KiB) pieces, the last one short when
                 the chunk is; stored: the piece table, then the pieces in order.
@@ -145,8 +162,10 @@ Every read verifies what it returns against the key. All-zero data is never
 stored.
 
 Encryption (optional, chosen at init: `rpofs init --encrypt`)
-    An encrypted repository is format 5 with meta/encryption present; every
-    other byte layout above holds, with these differences. rpofs.store.crypto
+    An encrypted repository is a repository of this format with
+    meta/encryption present (encryption came with format 4 and is not a
+    format of its own); every other byte layout above holds, with these
+    differences. rpofs.store.crypto
     implements all of it; nothing else imports `cryptography`.
     Key record  meta/encryption, JSON: {"version": 1, "repository": 16 random
                 bytes (hex), "kdf": "scrypt", "n": 32768, "r": 8, "p": 1,
@@ -201,15 +220,18 @@ Encryption (optional, chosen at init: `rpofs init --encrypt`)
                 record starts 28 x (i + 1) bytes later than its plaintext
                 place. ChunkReader.record_len is the one function callers
                 use (gc, defrag, materialize's runs, upgrade's room check).
-    Catalog values  `points`, `vms`, `apps` and `ships` values (they hold VM
-                names, disks, XML keys, guest paths) are sealed units under
-                the catalog subkey, AAD =
+    Catalog values  the values of the SEALED sub-databases, `vms`, `points`,
+                `apps`, `ships` and `protection` (they hold VM names, disks,
+                XML keys, guest paths, checkpoint names), are sealed units
+                under the catalog subkey (Repository.seal_value /
+                open_value, encode_point / encode_name), AAD =
                 the sub-database's name | 0x00 | the LMDB key: a value
                 moved to another entry fails. Everything else stays in
                 clear: LMDB keys (VM uuids, point numbers, times, chains, app names,
-                disk and block numbers), `full_index` values (keyed chunk
+                disk and block numbers, protection sessions' start times),
+                `vm_points` values (empty), `full_index` values (keyed chunk
                 keys), `log_index` and `chunks` values (places and plaintext
-                lengths), meta's counters. So the catalog shows how many
+                lengths), meta's format and counters. So the catalog shows how many
                 VMs and points there are, when points were taken, how big
                 disks are and which blocks changed when, but no name, no
                 XML and no content.
@@ -245,14 +267,21 @@ Format history
         only (whole records hold log blocks, the points' XML and boot state).
         Formats 2 and 3 are refused by every command but `rpofs upgrade`
         (rpofs.store.upgrade), which re-pieces their whole full chunks and
-        sets the format in one transaction.
+        sets the format in one transaction. Encryption at rest (optional,
+        meta/encryption) came with format 4; it changed no other layout and
+        no format number.
     5   `apps` and `ships` (application logs shipped from the guest). A
         format-4 repository is upgraded by creating the two empty
         sub-databases and setting the format, in one transaction; 2 and 3
         go through 4's upgrade first.
-    6   `protection` (continuous protection) and PointRecord.origin. A
-        format-4 or -5 repository is upgraded by creating the missing
-        sub-databases and setting the format, in one transaction.
+    6   `protection` (continuous protection, sealed in an encrypted
+        repository) and PointRecord.origin. A format-4 or -5 repository is
+        upgraded by creating the missing sub-databases and setting the
+        format, in one transaction; 2 and 3 go through 4's upgrade first,
+        in the same run. Every command but `rpofs upgrade` refuses a
+        repository of another format than FORMAT (one of UPGRADES_FROM
+        with the command that converts it); `rpofs upgrade` converts
+        UPGRADES_FROM and refuses the rest (format 1 among them).
 
 Commit order: pack data fsync'ed first, then one LMDB write transaction adds
 the chunk locations, the index entries and the point. A crash leaves at most
@@ -261,6 +290,7 @@ unreferenced pack data; a point is visible only when complete.
 
 import json
 import struct
+import uuid as uuidlib
 from dataclasses import asdict, dataclass, field
 
 FORMAT = 6                 # what init writes and Repository.open accepts
@@ -270,6 +300,16 @@ BLOCK_SIZE = 1 << 16
 BLOCKS_PER_CHUNK = CHUNK_SIZE // BLOCK_SIZE
 
 DATABASES = ("meta", "vms", "points", "vm_points", "full_index", "log_index", "chunks", "apps", "ships", "protection")
+SEALED = ("vms", "points", "apps", "ships", "protection")  # values sealed in an encrypted repository
+
+# meta's keys (their values: see the spec above)
+META_FORMAT = b"format"
+META_NEXT_POINT = b"next_point"
+META_NEXT_PACK = b"next_pack"
+META_NEXT_SHIP = b"next_ship"
+META_PRUNED = b"pruned"
+META_GC_PENDING = b"gc_pending"
+META_ENCRYPTION = b"encryption"  # the key record of an encrypted repository
 
 CODEC_RAW = 0
 CODEC_ZSTD = 1
@@ -288,16 +328,48 @@ _CHUNK_LOC = struct.Struct(">IQIIB")
 PACK_HEADER = struct.Struct(">32sBII")  # key, codec, raw length, stored length
 """Each record in a pack file: PACK_HEADER then the stored bytes. The catalog
 points at the stored bytes; the header lets a repair tool rebuild `chunks`."""
-ENCRYPTION_KEY = b"encryption"  # meta: the key record of an encrypted repository
 SEAL_OVERHEAD = 28      # a sealed unit: nonce (12) | AES-256-GCM ciphertext | tag (16)
 
 
 def u32(n: int) -> bytes:
+    """A meta counter's value."""
     return _U32.pack(n)
 
 
 def read_u32(b: bytes) -> int:
     return _U32.unpack(b)[0]
+
+
+def format_value(fmt: int) -> bytes:
+    """meta/format's value for format `fmt`."""
+    return str(fmt).encode()
+
+
+def read_format(value) -> int:
+    return int(value)
+
+
+def vm_key(vm: str) -> bytes:
+    """A VM (its uuid, text) as it is in keys: 16 bytes, its key in `vms`
+    and the first field of its keys in vm_points, apps, ships, protection."""
+    return uuidlib.UUID(vm).bytes
+
+
+def read_vm_key(key) -> str:
+    """The VM (uuid, text) of a `vms` key, or of a key's vm field."""
+    return str(uuidlib.UUID(bytes=bytes(key)))
+
+
+def vm_prefix(vm: bytes) -> bytes:
+    """What every vm_points, apps, ships and protection key of the VM
+    (vm_key) starts with: its entries there, in key order, by one scan."""
+    assert len(vm) == 16
+    return bytes(vm)
+
+
+def chain_prefix(chain: int) -> bytes:
+    """What every full_index and log_index key of the chain starts with."""
+    return _U32.pack(chain)
 
 
 def point_key(point: int) -> bytes:
@@ -351,13 +423,61 @@ def log_key(chain: int, disk: int, block: int, point: int) -> bytes:
 
 def log_block_prefix(chain: int, disk: int, block: int) -> bytes:
     """What every log_index key of one block starts with: its entries, newest first."""
-    return _LOG_KEY.pack(chain, disk, block, 0)[:10]
+    return _LOG_KEY.pack(chain, disk, block, 0)[:_LOG_KEY.size - 4]
 
 
 def read_log_key(key: bytes) -> tuple[int, int, int, int]:
     """(chain, disk, block, point) of a log_index key."""
     chain, disk, block, inverted = _LOG_KEY.unpack(key)
     return chain, disk, block, 0xFFFFFFFF - inverted
+
+
+# -- range scans: the entries whose key starts with a prefix made above -----------
+
+def scan(cur, prefix: bytes, start: bytes | None = None):
+    """(key, value) of every entry of cursor `cur`'s sub-database whose key
+    starts with `prefix`, in key order, from the first key at or after
+    `start` (a key that starts with `prefix`; default: the prefix itself).
+    The cursor is moved."""
+    if cur.set_range(prefix if start is None else start):
+        for key, value in cur.iternext():
+            key = bytes(key)
+            if not key.startswith(prefix):
+                return
+            yield key, value
+
+
+def scan_keys(cur, prefix: bytes, start: bytes | None = None):
+    """The keys `scan` would give, without reading their values."""
+    if cur.set_range(prefix if start is None else start):
+        for key in cur.iternext(values=False):
+            key = bytes(key)
+            if not key.startswith(prefix):
+                return
+            yield key
+
+
+def scan_keys_back(cur, prefix: bytes):
+    """The keys that start with `prefix`, last first (a VM's newest point
+    first). The cursor is moved."""
+    after = _successor(prefix)
+    found = after is not None and cur.set_range(after)
+    found = cur.prev() if found else cur.last()
+    while found:
+        key = bytes(cur.key())
+        if not key.startswith(prefix):
+            return
+        yield key
+        found = cur.prev()
+
+
+def _successor(prefix: bytes) -> bytes | None:
+    """The least key greater than every key that starts with `prefix`;
+    None: there is none (the prefix is all 0xff)."""
+    stripped = prefix.rstrip(b"\xff")
+    if not stripped:
+        return None
+    return stripped[:-1] + bytes([stripped[-1] + 1])
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,6 @@ writing their records, and committing a shipment. The keys and layouts are
 rpofs.store.schema's; this module only uses them."""
 
 import dataclasses
-import uuid as uuidlib
 
 from . import schema
 from .repo import Repository, name_new_point
@@ -11,35 +10,29 @@ from .schema import AppRecord, ShipRecord, ShippedFile
 
 
 def get_app(repo: Repository, txn, vm: str, name: str) -> AppRecord | None:
-    key = schema.app_key(uuidlib.UUID(vm).bytes, name)
+    key = schema.app_key(schema.vm_key(vm), name)
     value = txn.get(key, db=repo.db["apps"])
     return None if value is None else AppRecord.decode(repo.open_value("apps", key, value))
 
 
 def put_app(repo: Repository, txn, vm: str, record: AppRecord) -> None:
-    key = schema.app_key(uuidlib.UUID(vm).bytes, record.name)
+    key = schema.app_key(schema.vm_key(vm), record.name)
     txn.put(key, repo.seal_value("apps", key, record.encode()), db=repo.db["apps"])
 
 
 def apps(repo: Repository, vm: str, txn=None) -> list[AppRecord]:
     """A VM's applications, by name."""
-    prefix = uuidlib.UUID(vm).bytes
     with _reading(repo, txn) as txn:
         cur = txn.cursor(db=repo.db["apps"])
-        out = []
-        if cur.set_range(prefix):
-            for key, value in cur:
-                if bytes(key[:16]) != prefix:
-                    break
-                out.append(AppRecord.decode(repo.open_value("apps", bytes(key), value)))
-        return out
+        return [AppRecord.decode(repo.open_value("apps", key, value))
+                for key, value in schema.scan(cur, schema.vm_prefix(schema.vm_key(vm)))]
 
 
 def ships(repo: Repository, vm: str, since_us: int = 0, until_us: int | None = None, app: str | None = None,
           txn=None, newest_first: bool = False):
     """A VM's shipments with since_us <= time <= until_us (of one app if
     given), oldest first (or newest first), read as consumed."""
-    prefix = uuidlib.UUID(vm).bytes
+    prefix = schema.vm_key(vm)
     until_us = (1 << 64) - 1 if until_us is None else until_us
     with _reading(repo, txn) as txn:
         cur = txn.cursor(db=repo.db["ships"])
@@ -62,12 +55,12 @@ def ships(repo: Repository, vm: str, since_us: int = 0, until_us: int | None = N
 
 
 def put_ship(repo: Repository, txn, record: ShipRecord) -> None:
-    key = schema.ship_key(uuidlib.UUID(record.vm).bytes, record.time_us, record.ship)
+    key = schema.ship_key(schema.vm_key(record.vm), record.time_us, record.ship)
     txn.put(key, repo.seal_value("ships", key, record.encode()), db=repo.db["ships"])
 
 
 def delete_ship(repo: Repository, txn, record: ShipRecord) -> None:
-    txn.delete(schema.ship_key(uuidlib.UUID(record.vm).bytes, record.time_us, record.ship), db=repo.db["ships"])
+    txn.delete(schema.ship_key(schema.vm_key(record.vm), record.time_us, record.ship), db=repo.db["ships"])
 
 
 def all_ships(repo: Repository, txn, unreadable: list | None = None):
@@ -96,11 +89,11 @@ def commit(repo: Repository, vm: str, app: AppRecord, pieces: list[tuple[Shipped
 
         def record(txn) -> ShipRecord:
             meta = repo.db["meta"]
-            found = txn.get(b"next_ship", db=meta)
+            found = txn.get(schema.META_NEXT_SHIP, db=meta)
             no = schema.read_u32(found) if found else 1
-            txn.put(b"next_ship", schema.u32(no + 1), db=meta)
+            txn.put(schema.META_NEXT_SHIP, schema.u32(no + 1), db=meta)
             made = ShipRecord(ship=no, vm=vm, app=app.name, kind=app.kind, time_us=time_us,
-                              name=name_new_point(repo, txn, uuidlib.UUID(vm).bytes, time_us),
+                              name=name_new_point(repo, txn, schema.vm_key(vm), time_us),
                               files=tuple(files), base=relation.base, chain=relation.chain,
                               waiting=relation.waiting, reads_from=relation.reads_from, stats=stats)
             put_ship(repo, txn, made)

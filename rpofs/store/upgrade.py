@@ -35,7 +35,7 @@ import os
 from dataclasses import dataclass
 
 from ..errors import ChunkError, RpofsError
-from . import gc, refs
+from . import gc, refs, schema
 from .chunks import encode_pieces
 from .repo import Repository
 from .schema import CODEC_PIECES, FORMAT, ChunkLocation
@@ -143,4 +143,4 @@ def _convert(repo, whole: dict[bytes, ChunkLocation], report: UpgradeReport, pro
                 txn.put(full_key, new, db=repo.db["full_index"])
             gc.drop_unused_chunks(repo, txn)
             gc.mark(repo, txn)
-            txn.put(b"format", str(FORMAT).encode(), db=repo.db["meta"])
+            txn.put(schema.META_FORMAT, schema.format_value(FORMAT), db=repo.db["meta"])

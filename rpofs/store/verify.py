@@ -37,7 +37,6 @@ import logging
 import os
 import threading
 import time
-import uuid as uuidlib
 from dataclasses import asdict, dataclass, field
 from typing import NamedTuple
 
@@ -159,11 +158,8 @@ def _changes(repo, txn, chain: int, disk: int, block: int) -> list[int]:
     prefix = schema.log_block_prefix(chain, disk, block)
     cur = txn.cursor(db=repo.db["log_index"])
     out = []
-    if cur.set_range(prefix):
-        for key in cur.iternext(values=False):
-            if key[:len(prefix)] != prefix:
-                break
-            out.append(schema.read_log_key(key)[3])
+    for key in schema.scan_keys(cur, prefix):
+        out.append(schema.read_log_key(key)[3])
     return sorted(out)
 
 
@@ -224,7 +220,7 @@ def _relations(repo, txn, cat: _Catalog, vms: set[str] | None) -> list[Problem]:
     listed = set()
     for key in txn.cursor(db=repo.db["vm_points"]).iternext(values=False):
         vm_bytes, time_us, no = schema.read_vm_point_key(key)
-        vm = str(uuidlib.UUID(bytes=vm_bytes))
+        vm = schema.read_vm_key(vm_bytes)
         listed.add(no)
         record = cat.points.get(no)
         if record is None:
@@ -233,9 +229,9 @@ def _relations(repo, txn, cat: _Catalog, vms: set[str] | None) -> list[Problem]:
         elif (record.vm, record.time_us) != (vm, time_us):
             bad(f"point {no} is listed under VM {vm} at {time_us}, its record says {record.vm} at "
                 f"{record.time_us}", record)
-    vm_rows = {str(uuidlib.UUID(bytes=bytes(k))) for k in txn.cursor(db=repo.db["vms"]).iternext(values=False)}
+    vm_rows = {schema.read_vm_key(k) for k in txn.cursor(db=repo.db["vms"]).iternext(values=False)}
     meta = repo.db["meta"]
-    next_point = schema.read_u32(txn.get(b"next_point", db=meta))
+    next_point = schema.read_u32(txn.get(schema.META_NEXT_POINT, db=meta))
     for no, record in sorted(cat.points.items()):
         if not wanted(record.vm):
             continue
@@ -263,7 +259,7 @@ def _relations(repo, txn, cat: _Catalog, vms: set[str] | None) -> list[Problem]:
                 f"which is not an earlier point of chain {record.chain}", record)
     for no, why in cat.bad_ships:
         bad(f"shipment record {no} cannot be read: {why}")
-    next_ship = txn.get(b"next_ship", db=meta)
+    next_ship = txn.get(schema.META_NEXT_SHIP, db=meta)
     for no, ship in sorted(cat.ships.items()):
         if not wanted(ship.vm):
             continue
@@ -466,7 +462,7 @@ def verify(repo, vm: str | None = None, read_data: bool = False, progress=None,
         ship_vm = {no: s.vm for no, s in cat.ships.items()}
         wanted = [r for r in refs.references(repo, txn, []) if vms is None
                   or (ship_vm.get(r.point) if r.kind == "app" else chain_vm.get(r.chain)) in vms]
-        next_pack = schema.read_u32(txn.get(b"next_pack", db=repo.db["meta"]))
+        next_pack = schema.read_u32(txn.get(schema.META_NEXT_PACK, db=repo.db["meta"]))
         in_use = refs.bytes_in_use(repo, txn)
     report.references = len(wanted)
     by_place: dict[tuple[int, int], list[Ref]] = {}
