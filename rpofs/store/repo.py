@@ -285,8 +285,8 @@ class Repository:
             cur = txn.cursor(db=self.db["vm_points"])
             points = txn.cursor(db=self.db["points"])
             for key in schema.scan_keys(cur, schema.vm_prefix(vm_bytes), start):
-                    _, _, no = schema.read_vm_point_key(key)
-                    out.append(self.decode_point(schema.point_key(no), points.get(schema.point_key(no))))
+                _, _, no = schema.read_vm_point_key(key)
+                out.append(self.decode_point(schema.point_key(no), points.get(schema.point_key(no))))
         return out
 
     def newest_points(self, vm: str):
@@ -549,8 +549,8 @@ def points_in(repo: Repository, txn, vm: str) -> list[PointRecord]:
     cur, records = txn.cursor(db=repo.db["vm_points"]), txn.cursor(db=repo.db["points"])
     out = []
     for key in schema.scan_keys(cur, schema.vm_prefix(schema.vm_key(vm))):
-            point_key = schema.point_key(schema.read_vm_point_key(key)[2])
-            out.append(repo.decode_point(point_key, records.get(point_key)))
+        point_key = schema.point_key(schema.read_vm_point_key(key)[2])
+        out.append(repo.decode_point(point_key, records.get(point_key)))
     return out
 
 
@@ -561,8 +561,8 @@ def second_group(repo: Repository, txn, vm_bytes: bytes, second: int) -> list[Po
     for key in schema.scan_keys(cur, schema.vm_prefix(vm_bytes), schema.vm_point_key(vm_bytes, second * US, 0)):
         _, time_us, no = schema.read_vm_point_key(key)
         if time_us >= (second + 1) * US:
-                break
-            out.append(repo.get_point(txn, no))
+            break
+        out.append(repo.get_point(txn, no))
     return out
 
 
@@ -586,7 +586,7 @@ def name_new_point(repo: Repository, txn, vm_bytes: bytes, time_us: int) -> str:
     for key, value in schema.scan(cur, schema.vm_prefix(vm_bytes), schema.ship_key(vm_bytes, second * US, 0)):
         _, when, _ = schema.read_ship_key(key)
         if when >= (second + 1) * US:
-                break
+            break
         taken.add(json.loads(repo.open_value("ships", key, value))["name"])
     return new_point_name(time_us, taken)
 
