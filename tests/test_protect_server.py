@@ -410,6 +410,34 @@ def test_sigterm_stops_the_server_without_tracebacks(tmp_path):
     assert "Traceback" not in log and "abandoned" not in log, log
 
 
+@needs_nbd
+def test_the_server_ends_when_its_mirrors_are_gone(tmp_path):
+    """QEMU's mirror stays connected while the job runs: once every client
+    that chose an export has left and none came back within MIRROR_GONE_S,
+    the VM is gone and the server ends (exit 0, journal intact). A client
+    that leaves and comes back in time, and probes that choose no export,
+    do not end it."""
+    with running(tmp_path / "j", {"vda": 1 << 20, "vdb": 1 << 20}, tmp_path / "server.log") as s:
+        probe = nbd.NBD()
+        probe.set_opt_mode(True)
+        probe.connect_unix(s.socket)
+        probe.opt_abort()
+        started = time.monotonic()
+        h = s.connect("vda")
+        h.pwrite(b"abc", 100)
+        h.shutdown()
+        h = s.connect("vdb")  # back at once: still serving
+        h.pwrite(b"def", 200)
+        time.sleep(1)
+        assert s.proc.poll() is None
+        h.shutdown()
+        left = time.monotonic()
+        assert s.proc.wait(timeout=srv.MIRROR_GONE_S + 20) == 0
+        assert time.monotonic() - left >= srv.MIRROR_GONE_S - 0.5 and time.monotonic() - started > 1
+        assert [(r.disk, r.offset) for r in s.records()] == [(0, 100), (1, 200)]
+        assert "every mirror left" in s.log() and "Traceback" not in s.log()
+
+
 def mount_tmpfs(path: str, size: str) -> None:
     os.makedirs(path, exist_ok=True)
     try:
