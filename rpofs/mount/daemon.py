@@ -23,7 +23,7 @@ from .. import sdnotify
 from ..errors import MountError, RpofsError
 from ..store.repo import Repository
 from .fs import Operations
-from .vfs import Tree
+from .tree import Tree
 
 log = logging.getLogger(__name__)
 
