@@ -329,7 +329,7 @@ def cmd_init(repo_path: str, args) -> None:
 def cmd_backup(repo_path: str, args) -> None:
     from .ingest.backup import BackupRequest, back_up
     from .ingest.config import DiskChoice, Quiesce
-    from .mount.vfs import point_json
+    from .mount.pointfiles import point_json
     from .progress import Progress
     from .virt.client import Connection
     repo = open_repository(repo_path, args)
@@ -419,7 +419,7 @@ def _print_session(name: str, session, as_json: bool) -> None:
 def cmd_points(repo_path: str, args) -> None:
     from .store import shipments
     from .apps.view import app_point_json
-    from .mount.vfs import point_json
+    from .mount.pointfiles import point_json
     repo = open_repository(repo_path, args)
     try:
         vm = repo.find_vm(args.vm)[0]
@@ -762,7 +762,7 @@ def cmd_status(repo_path: str, args) -> None:
 
 
 def cmd_cp(repo_path: str, args) -> None:
-    from .files.copy import copy_out
+    from .mount.copy import copy_out
     repo = open_repository(repo_path, args)
     try:
         copy_out(repo, args.source, args.dest, args.recursive, args.force)

@@ -3,9 +3,12 @@ same BackupWriter the ingester uses."""
 
 import uuid
 
+from rpofs.store.repo import Repository
 from rpofs.store.schema import BLOCK_SIZE, CHUNK_SIZE, DiskRecord
+from rpofs.timefmt import US
 
 VM = str(uuid.UUID(int=7))
+T0 = 1_795_546_770 * US  # 2026-11-24T18:59:30Z
 
 
 def back_up(repo, disks, dirty, kind, parent, time_us, vm_name="m", xml=b"<domain><name>m</name></domain>"):
@@ -42,3 +45,16 @@ def format_2_full(path, disk, monkeypatch, time_us=1_000_000):
         repo = repo_mod.Repository.init(path)
         point = back_up(repo, [disk], [set()], "full", None, time_us)
     return repo, point
+
+
+def three_points(path, rnd):
+    """A repository of one VM "m" with three points of one 2.5 MiB disk: a full
+    at T0, logs at T0 + 10.25 s and T0 + 10.75 s. (repository, disk, points)."""
+    repo = Repository.init(str(path))
+    disk = bytearray(rnd.randbytes(2 * CHUNK_SIZE)) + bytearray(CHUNK_SIZE // 2)
+    full = back_up(repo, [disk], [set()], "full", None, T0)
+    write(disk, dirty := set(), 5000, b"\x01" * 3000)
+    log1 = back_up(repo, [disk], [dirty], "log", full, T0 + 10 * US + 250_000)
+    write(disk, dirty := set(), CHUNK_SIZE + 7, b"\x02" * 100)
+    log2 = back_up(repo, [disk], [dirty], "log", log1, T0 + 10 * US + 750_000)
+    return repo, disk, (full, log1, log2)

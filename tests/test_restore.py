@@ -11,15 +11,14 @@ from rpofs.store import schema
 from rpofs.store.repo import Repository
 from rpofs.store.schema import BLOCK_SIZE, CHUNK_SIZE, ChunkLocation
 from rpofs.timefmt import US, point_names
-from synth import back_up, write
-from test_mount import fill
+from synth import back_up, three_points, write
 from vmlab import RPOFS, run_rpofs
 
 pytestmark = pytest.mark.lmdb
 
 
 def test_every_point_restores_exactly_and_sparse(tmp_path):
-    repo, disk, points = fill(tmp_path / "r", random.Random(4))
+    repo, disk, points = three_points(tmp_path / "r", random.Random(4))
     states = [_read(repo, p, 0, len(disk)) for p in points]  # as the mount tests check them
     repo.close()
     names = point_names([p.time_us for p in points])
@@ -39,7 +38,7 @@ def _read(repo, point, offset, length):
 
 
 def test_restore_refuses_and_leaves_nothing_half_written(tmp_path):
-    repo, disk, points = fill(tmp_path / "r", random.Random(5))
+    repo, disk, points = three_points(tmp_path / "r", random.Random(5))
     with repo.env.begin() as txn:  # damage the full's second chunk
         key = txn.get(schema.full_key(points[0].chain, 0, 1), db=repo.db["full_index"])
         loc = ChunkLocation.decode(txn.get(key, db=repo.db["chunks"]))
@@ -62,7 +61,7 @@ def test_restore_refuses_and_leaves_nothing_half_written(tmp_path):
 
 
 def test_restore_onto_a_block_device(tmp_path):
-    repo, disk, points = fill(tmp_path / "r", random.Random(6))
+    repo, disk, points = three_points(tmp_path / "r", random.Random(6))
     repo.close()
     backing = tmp_path / "dev.img"
     backing.write_bytes(b"\xee" * (len(disk) + 4096))  # old data where the disk has zeros
@@ -78,7 +77,7 @@ def test_restore_onto_a_block_device(tmp_path):
 
 
 def test_restore_names_a_missing_directory_and_refuses_a_directory(tmp_path):
-    repo, disk, points = fill(tmp_path / "r", random.Random(7))
+    repo, disk, points = three_points(tmp_path / "r", random.Random(7))
     repo.close()
     for dest, says in [(tmp_path / "nodir" / "x.raw", f"rpofs: {tmp_path / 'nodir'}: no such directory\n"),
                        (tmp_path, f"rpofs: {tmp_path} is a directory: name the file to write\n")]:
@@ -110,7 +109,7 @@ def on_a_terminal(*args) -> tuple[subprocess.CompletedProcess, str]:
 
 def test_progress_on_a_terminal_for_restore_prune_and_defrag(tmp_path):
     from test_prune import three_logs
-    repo, disk, points = fill(tmp_path / "r", random.Random(8))
+    repo, disk, points = three_points(tmp_path / "r", random.Random(8))
     repo.close()
     r, drawn = on_a_terminal("--repo", tmp_path / "r", "restore", "m@latest:vda", tmp_path / "out.raw")
     assert r.returncode == 0 and (tmp_path / "out.raw").read_bytes() == bytes(disk)

@@ -1,30 +1,27 @@
-"""The guest's own files of a point: for the mount's <point>/files/ and for
-`rpofs cp`.
+"""The guest's own files of a point: for the mount's <point>/files/, for
+`rpofs cp` and for the applications' files (rpofs.apps.relate).
 
-    files/<disk>/<volume>/<path...>    volume: partition number, "0" = whole disk
+    <disk>/<volume>/<path...>    volume: partition number, "0" = whole disk
 
-The mount's nodes (rpofs.mount.vfs.Node; its Tree numbers them):
-    FilesDir(point)                        files/ (vfs): the disks
-    FilesDisk(point, target)               files/<disk>/ (vfs): the disk's volumes
-    GuestNode(point, target, volume, ino)  a guest file or directory, GuestFiles' key
-                                           (outside the mount too); `ino` is the
-                                           filesystem's inode, so hard links share one
-Entries seen by a lookup or a listing are remembered, so getattr and open
-need not walk the filesystem again. A listing gives names, inode numbers and
-types; an entry's other attributes are parsed when first asked (getattr,
-lookup) and kept with the remembered entry. A directory's names are cached
-(a few hundred directories) so that lookups in a big directory do not list it
-again.
+GuestFiles remembers each guest file or directory it has seen under a key,
+GuestKey(point, target, volume, ino) (`ino` is the filesystem's inode, so
+hard links share one), or under a class with the same fields that its user
+passes (the mount's nodes are the keys of its guest files). Entries seen by a lookup or
+a listing are remembered, so getattr and open need not walk the filesystem
+again. A listing gives names, inode numbers and types; an entry's other
+attributes are parsed when first asked (getattr, lookup) and kept with the
+remembered entry. A directory's names are cached (a few hundred
+directories) so that lookups in a big directory do not list it again.
 """
 
 import collections
 import threading
 from dataclasses import dataclass
+from typing import Callable, Hashable
 
 from ..errors import RpofsError
 from .filesystems import Entry, Filesystem
 from .volumes import DiskFiles, Volume, one_line
-from ..mount.vfs import Attr, Node, NotADirectory, Tree, guest_attr
 from ..store.materialize import DiskReader
 from ..store.repo import Repository
 from ..store.schema import PointRecord
@@ -43,54 +40,26 @@ class GuestFileError(RpofsError):
 
 
 @dataclass(frozen=True, slots=True)
-class GuestNode(Node):
-    """A guest file or directory: made and remembered by GuestFiles, which
-    holds its entry and filesystem."""
+class GuestKey:
+    """A guest file or directory GuestFiles has seen: it holds its entry and
+    filesystem."""
     point: int
     target: str
     volume: str
-    ino: int  # the guest filesystem's, not the mount's
-
-    def attr(self, tree: Tree, ino: int) -> Attr:
-        tree.point(self.point)  # NoSuchEntry once the point is pruned
-        return guest_attr(ino, tree.guest.entry(self))  # parses the inode the first time
-
-    def children(self, tree: Tree, name: str | None = None) -> list[tuple[str, Node]]:
-        _, point = tree.point(self.point)
-        guest = tree.guest
-        entry = guest.entry(self)
-        if not entry.is_dir:
-            raise NotADirectory(entry.name)
-        listing, fs = guest.children(self), guest.fs_of(self)
-        wanted = listing if name is None else ({name: listing[name]} if name in listing else {})
-        return [(n, guest.remember(fs, point, self.target, self.volume, e)[0]) for n, e in wanted.items()]
-
-    def lookup(self, tree: Tree, name: str) -> Node:
-        child = Node.lookup(self, tree, name)
-        tree.guest.looked_up(self, child)  # before getattr reads its inode
-        return child
-
-    def readlink(self, tree: Tree) -> str:
-        if not tree.guest.entry(self).is_link:
-            return Node.readlink(self, tree)  # refused
-        return tree.guest.readlink(self)
-
-    def open(self, tree: Tree) -> "GuestFile":
-        if tree.guest.entry(self).is_dir:
-            return Node.open(self, tree)  # refused
-        return tree.guest.open(self)
+    ino: int  # the guest filesystem's
 
 
 class GuestFiles:
-    def __init__(self, repo: Repository):
+    def __init__(self, repo: Repository, key: Callable[[int, str, str, int], Hashable] = GuestKey):
         self.repo = repo
+        self._key = key  # key(point, target, volume, ino): what remember() makes
         self._lock = threading.RLock()
         self._disks: collections.OrderedDict[tuple, DiskFiles] = collections.OrderedDict()
         # node -> (entry, the filesystem that made it): its dissect handle is only
         # valid with that filesystem (and its lock), even if the disk's cache entry went
-        self._entries: dict[GuestNode, tuple[Entry, Filesystem]] = {}
-        self._dirs: collections.OrderedDict[GuestNode, dict[str, Entry]] = collections.OrderedDict()
-        self._stat_lookups: dict[GuestNode, int] = {}  # directory -> lookups that read an inode
+        self._entries: dict[GuestKey, tuple[Entry, Filesystem]] = {}
+        self._dirs: collections.OrderedDict[GuestKey, dict[str, Entry]] = collections.OrderedDict()
+        self._stat_lookups: dict[GuestKey, int] = {}  # directory -> lookups that read an inode
 
     def disk(self, point: PointRecord, target: str) -> DiskFiles:
         key = (point.point, target)
@@ -133,30 +102,30 @@ class GuestFiles:
             raise GuestFileError(vol.note if vol else f"no volume {volume}")
         return fs
 
-    def root(self, point: PointRecord, target: str, volume: str) -> tuple[GuestNode, Entry]:
+    def root(self, point: PointRecord, target: str, volume: str) -> tuple[GuestKey, Entry]:
         fs = self.filesystem(point, target, volume)
         with fs.lock:
             entry = _guarded(fs.root, "the root directory")
         return self.remember(fs, point, target, volume, entry)
 
     def remember(self, fs: Filesystem, point: PointRecord, target: str, volume: str,
-                 entry: Entry) -> tuple[GuestNode, Entry]:
-        node = GuestNode(point.point, target, volume, entry.ino)
+                 entry: Entry) -> tuple[GuestKey, Entry]:
+        node = self._key(point.point, target, volume, entry.ino)
         with self._lock:
             self._entries.setdefault(node, (entry, fs))
         return node, entry
 
-    def entry(self, node: GuestNode) -> Entry:
+    def entry(self, node: GuestKey) -> Entry:
         return self._known(node)[0]
 
-    def looked_up(self, directory: GuestNode, child: GuestNode) -> None:
+    def looked_up(self, directory: GuestKey, child: GuestKey) -> None:
         """A lookup of `child` in `directory`, before its inode is read."""
         entry = self.remembered(child)
         if entry is not None and not entry.known:
             with self._lock:
                 self._stat_lookups[directory] = self._stat_lookups.get(directory, 0) + 1
 
-    def stats_wanted(self, directory: GuestNode) -> bool:
+    def stats_wanted(self, directory: GuestKey) -> bool:
         """Whether the directory's entries get stat'ed one by one (STAT_STORM);
         takes no lock."""
         return self._stat_lookups.get(directory, 0) >= STAT_STORM
@@ -167,14 +136,14 @@ class GuestFiles:
         known = self._entries.get(node)
         return known[0] if known else None
 
-    def _known(self, node: GuestNode) -> tuple[Entry, Filesystem]:
+    def _known(self, node: GuestKey) -> tuple[Entry, Filesystem]:
         with self._lock:
             known = self._entries.get(node)
         if known is None:
             raise GuestFileError(f"guest file {node} was not looked up")
         return known
 
-    def children(self, node: GuestNode) -> dict[str, Entry]:
+    def children(self, node: GuestKey) -> dict[str, Entry]:
         """A directory's entries by name, in the filesystem's order; remember()
         them with fs_of(node)."""
         with self._lock:
@@ -191,15 +160,15 @@ class GuestFiles:
                 self._dirs.popitem(last=False)
         return listing
 
-    def fs_of(self, node: GuestNode) -> Filesystem:
+    def fs_of(self, node: GuestKey) -> Filesystem:
         return self._known(node)[1]
 
-    def readlink(self, node: GuestNode) -> str:
+    def readlink(self, node: GuestKey) -> str:
         entry, fs = self._known(node)
         with fs.lock:
             return _guarded(lambda: fs.readlink(entry), "a symbolic link")
 
-    def open(self, node: GuestNode) -> "GuestFile":
+    def open(self, node: GuestKey) -> "GuestFile":
         entry, fs = self._known(node)
         with fs.lock:
             stream = _guarded(lambda: fs.open(entry), f"file {entry.name!r}")

@@ -24,7 +24,7 @@ from ..children import child_env
 from ..errors import MountError, RpofsError
 from ..store.repo import Repository
 from .fs import Operations
-from .vfs import Tree
+from .tree import Tree
 
 log = logging.getLogger(__name__)
 

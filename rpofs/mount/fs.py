@@ -1,4 +1,4 @@
-"""pyfuse3, and only here: a thin adapter from FUSE requests to vfs.Tree.
+"""pyfuse3, and only here: a thin adapter from FUSE requests to tree.Tree.
 
 Every handler runs the tree's blocking work (LMDB, pack files, hashing) on a
 worker thread through a named limiter, and every handler goes through
@@ -16,7 +16,8 @@ import pyfuse3
 import trio
 
 from ..errors import ChunkError, RpofsError
-from .vfs import Attr, NoSuchEntry, NotADirectory, NotASymlink, Tree
+from .nodes import Attr, NoSuchEntry, NotADirectory, NotASymlink
+from .tree import Tree
 
 log = logging.getLogger(__name__)
 

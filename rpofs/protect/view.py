@@ -1,5 +1,5 @@
 """A protected VM's disks as of any instant its journal covers, for the
-mount (rpofs.mount.vfs).
+mount (rpofs.mount.journalnodes).
 
 An instant T of a session (from its first fold to its newest record) reads
 as the newest point at or before T, which must be one of the session's

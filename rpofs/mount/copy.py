@@ -1,16 +1,22 @@
 """`rpofs cp VM@TIME:DISK/VOLUME/PATH DEST`: a guest file (or, with -r, a
 directory) out of a recovery point, without a mount, through the same reader
 as the mount's files/. `VM@TIME:apps/APP/FILE` (or `apps/APP` with -r): an
-application's file as of TIME, as the mount's apps/ shows it (rpofs.apps)."""
+application's file as of TIME, as the mount's apps/ shows it (rpofs.apps),
+through the mount's own tree: this sits above the tree, beside the FUSE
+adapter."""
 
 import os
 import stat
 
 from ..errors import RpofsError
+from ..files.filesystems import Entry
+from ..files.guest import GuestFiles, GuestKey
 from ..store.repo import Repository
 from ..store.schema import PointRecord
-from .filesystems import Entry
-from .guest import GuestFiles, GuestNode
+from .appnodes import AppDir
+from .nodes import NoSuchEntry
+from .points import VmDir
+from .tree import Tree
 
 COPY_BLOCK = 1 << 20
 
@@ -63,8 +69,7 @@ def copy_out(repo: Repository, source: str, dest: str, recursive: bool = False, 
 def _copy_app(repo: Repository, source: str, vm: str, when: str, parts: list[str], dest: str,
               recursive: bool, force: bool) -> int:
     """apps/APP/FILE (or apps/APP with -r) as of `when`: the point at/ would
-    name, walked through the mount's own tree (rpofs.mount.vfs), without a mount."""
-    from ..mount.vfs import AppDir, NoSuchEntry, Tree, VmDir
+    name, walked through the mount's own tree (rpofs.mount.tree), without a mount."""
     tree = Tree(repo)
     uuid, _ = repo.find_vm(vm)
     try:
@@ -107,7 +112,7 @@ def _make_room(dest: str, is_dir: bool) -> None:
         raise RpofsError(f"{dest} is a directory: it is not replaced by a file")
 
 
-def _copy(guest: GuestFiles, point: PointRecord, key: GuestNode, entry: Entry, dest: str) -> int:
+def _copy(guest: GuestFiles, point: PointRecord, key: GuestKey, entry: Entry, dest: str) -> int:
     written = 0
     if os.path.lexists(dest):
         _make_room(dest, entry.is_dir)

@@ -1,0 +1,143 @@
+"""The floors of rpofs: no import circle among its modules (imports inside
+functions count: a lazy import is still a dependency), and the lower floors
+import nothing from those above them. Read from the source with ast: nothing
+is imported."""
+
+import ast
+import pathlib
+
+import pytest
+
+pytestmark = pytest.mark.pure
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent / "rpofs"
+
+# floor -> the floors above it, which it must not import
+NOT_FROM = {
+    "rpofs.store": ("rpofs.apps", "rpofs.protect", "rpofs.ingest", "rpofs.recover", "rpofs.mount",
+                    "rpofs.files", "rpofs.cli"),
+    "rpofs.files": ("rpofs.mount",),
+}
+
+
+def _module_name(path: pathlib.Path, root: pathlib.Path) -> str:
+    parts = path.relative_to(root.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: pathlib.Path, name: str, modules: set[str]) -> set[str]:
+    """The rpofs modules `path` imports anywhere in it (not those only under
+    `if TYPE_CHECKING:`, which never run). `from X import y` counts as
+    X.y when that is a module, else as X."""
+    tree = ast.parse(path.read_text(), str(path))
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    typing_only = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If)
+                   and ast.unparse(node.test) in ("TYPE_CHECKING", "typing.TYPE_CHECKING")
+                   for n in ast.walk(node)}
+    found = set()
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[:len(base) - (node.level - 1)]
+                source = ".".join(base + ([node.module] if node.module else []))
+            else:
+                source = node.module or ""
+            targets = [f"{source}.{a.name}" if f"{source}.{a.name}" in modules else source for a in node.names]
+        else:
+            continue
+        for target in targets:
+            while target and target not in modules:  # import rpofs.x.y.z as far as it is ours
+                target = target.rpartition(".")[0]
+            if target and target != name:
+                found.add(target)
+    return found
+
+
+def import_graph(root: pathlib.Path = ROOT) -> dict[str, set[str]]:
+    paths = {_module_name(p, root): p for p in sorted(root.rglob("*.py"))}
+    modules = set(paths)
+    return {name: _imports(path, name, modules) for name, path in paths.items()}
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """One circle through each strongly connected set of modules (Tarjan)."""
+    index, low, stack, on_stack, out = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            members = set()
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                members.add(w)
+                if w == v:
+                    break
+            if len(members) > 1:
+                out.append(_circle(graph, sorted(members)))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def _circle(graph: dict[str, set[str]], members: list[str]) -> list[str]:
+    """A path from the first member back to itself within the set."""
+    start, inside = members[0], set(members)
+    paths, seen = [[start]], {start}
+    while paths:
+        path = paths.pop(0)
+        for w in sorted(graph[path[-1]] & inside):
+            if w == start:
+                return path + [start]
+            if w not in seen:
+                seen.add(w)
+                paths.append(path + [w])
+    return members
+
+
+def _under(module: str, package: str) -> bool:
+    return module == package or module.startswith(package + ".")
+
+
+def test_no_import_circle():
+    found = cycles(import_graph())
+    assert not found, "import circles:\n" + "\n".join(" -> ".join(c) for c in found)
+
+
+def test_lower_floors_import_nothing_from_above():
+    wrong = []
+    for module, imported in sorted(import_graph().items()):
+        for floor, above in NOT_FROM.items():
+            if _under(module, floor):
+                wrong += [(module, target) for target in sorted(imported)
+                          if any(_under(target, a) for a in above)]
+    assert not wrong, "\n".join(f"{m} imports {t}" for m, t in wrong)
+
+
+def test_a_circle_is_found(tmp_path):
+    """The check itself: a lazy import that closes a circle, a relative one."""
+    pkg = tmp_path / "rpofs"
+    (pkg / "low").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "low" / "__init__.py").write_text("")
+    (pkg / "low" / "a.py").write_text("def f():\n    from ..high import b\n")
+    (pkg / "high.py").write_text("from .low.a import f\n")
+    (pkg / "typed.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from . import high\n")
+    graph = import_graph(pkg)
+    assert graph["rpofs.high"] == {"rpofs.low.a"} and graph["rpofs.typed"] == set()
+    assert cycles(graph) == [["rpofs.high", "rpofs.low.a", "rpofs.high"]]
