@@ -55,6 +55,7 @@ SOCKET_DIR = "/run/rpofs"
 CONFIRM_S = 2.0          # a checkpoint is confirmed once the mirror ran this long after it
 READY_TIMEOUT_S = 600.0  # the mirrors' first pass, at least
 SERVER_START_S = 10.0
+LOCK_WAIT_S = 30.0       # how long protect and unprotect (by hand) wait for another job on the VM
 
 
 class NotProtectable(RpofsError):
@@ -142,7 +143,7 @@ def _zombie(pid: int) -> bool:
 # -- a session's life ----------------------------------------------------------------
 
 def protect(repo: Repository, dom: Domain, choice: DiskChoice = DiskChoice(), progress=None,
-            lock_wait_s: float = 30.0) -> ProtectionSession:
+            lock_wait_s: float = LOCK_WAIT_S) -> ProtectionSession:
     """Start protecting the VM (or find its session still running); the
     session once protected. progress: set(done, total) with the mirrors'
     first pass in bytes."""
@@ -363,13 +364,33 @@ def end(repo: Repository, dom: Domain, session: ProtectionSession, reason: str,
     return ended, point
 
 
-def unprotect(repo: Repository, dom: Domain, lock_wait_s: float = 30.0) -> ProtectionSession | None:
+def unprotect(repo: Repository, dom: Domain, lock_wait_s: float = LOCK_WAIT_S) -> ProtectionSession | None:
     """End the VM's session (its journal folded); None if it had none."""
     with vm_lock(repo.path, dom.uuid, dom.name, "unprotect", lock_wait_s):
         live = protection.current(repo, dom.uuid)
         if live is None:
             return None
         return end(repo, dom, live, "stopped by rpofs unprotect")[0]
+
+
+def protect_by_hand(repo: Repository, dom: Domain, choice: DiskChoice = DiskChoice(),
+                    progress=None) -> ProtectionSession:
+    """`rpofs protect`: start protecting the VM (protect); of one protected
+    already, fold what its journal holds now, under the VM's lock (never
+    beside the ingester's fold). progress(name): a Progress for the
+    mirrors' first pass, or None. A session the fold finds broken is ended
+    (its journal folded) and an RpofsError says what to do."""
+    live = protection.current(repo, dom.uuid)
+    with progress(dom.name) if progress is not None else contextlib.nullcontext() as shown:
+        session = protect(repo, dom, choice, shown)
+    if live is None or live.started_us != session.started_us:
+        return session
+    with vm_lock(repo.path, dom.uuid, dom.name, "protect", LOCK_WAIT_S):
+        session, _, broken = tick(repo, dom, protection.current(repo, dom.uuid) or session,
+                                  journal_reader(repo.path, session), True)
+    if broken:
+        raise RpofsError(f"{dom.name}: protection ended: {broken}; back it up now with: rpofs backup {dom.name}")
+    return session
 
 
 def drop_journal(repo: Repository, session: ProtectionSession, keep_within_us: int, now: int | None = None) -> int:

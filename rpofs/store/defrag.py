@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 MIN_RUN = 16           # blocks: 1 MiB, a full chunk and a FUSE read; shorter runs are scattered
 MIN_SCATTERED = 64     # blocks (or 1/16 of a small chain's disks): fewer cost too little to move
 BUDGET = 256 << 20     # bytes of blocks moved per pass
+BY_HAND = 1 << 62      # `rpofs defrag` by hand: all of it in one pass
 
 
 @dataclass

@@ -228,6 +228,12 @@ class Repository:
         self.reader.close()
         self.env.close()
 
+    def __enter__(self) -> "Repository":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     # -- reading the relations ----------------------------------------------
 
     def vms(self) -> list[tuple[str, str]]:

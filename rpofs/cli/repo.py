@@ -1,0 +1,79 @@
+"""The repository itself: rpofs init (encrypted or not), rpofs upgrade."""
+
+import getpass
+import json
+import os
+import sys
+
+from ..errors import RpofsError
+from ..store.repo import Repository
+from .common import EXIT_ERROR, key_source, read_key_file
+
+
+def add_init(sub) -> None:
+    ini = sub.add_parser("init", help="create an empty repository",
+                         description="With --encrypt, everything stored is encrypted (AES-256-GCM) under a "
+                         "random key that the passphrase unlocks: from --key-file (its first line), else "
+                         "$RPOFS_KEY_FILE, else $RPOFS_PASSPHRASE, else asked twice on a terminal. Without "
+                         "the passphrase the repository cannot be read: keep it safe.")
+    ini.add_argument("--encrypt", action="store_true", help="encrypt the repository")
+    ini.add_argument("--key-file", dest="init_key_file", default=None, metavar="FILE",
+                     help="--encrypt: the passphrase is this file's first line")
+    ini.set_defaults(func=cmd_init)
+
+
+def add_upgrade(sub) -> None:
+    ug = sub.add_parser("upgrade", help="convert a repository of an earlier format (2, 3, 4 or 5) to this rpofs's, in place",
+                        description="Re-pieces the full chunks earlier formats stored whole, then sets the new "
+                        "format in one transaction, under the repository's exclusive lock. Killed at any moment, "
+                        "the repository is the old format intact or the new one complete; run it again to "
+                        "finish. Needs free space for the converted chunks (checked first).")
+    ug.add_argument("--json", action="store_true", help="print the report as JSON")
+    ug.set_defaults(func=cmd_upgrade)
+
+
+PARSERS = {"init": add_init, "upgrade": add_upgrade}
+
+
+def cmd_init(repo_path: str, args) -> None:
+    if not args.encrypt:
+        if args.init_key_file:
+            raise RpofsError("init: --key-file goes with --encrypt")
+        Repository.init(repo_path).close()
+        print(f"created repository {repo_path}")
+        return
+    if os.path.exists(os.path.join(repo_path, "catalog")):
+        raise RpofsError(f"{repo_path} already holds a repository")
+    key_file = args.init_key_file or args.key_file or os.environ.get("RPOFS_KEY_FILE")
+    if key_file:
+        passphrase = read_key_file(key_file)
+    elif os.environ.get("RPOFS_PASSPHRASE"):
+        passphrase = os.environ["RPOFS_PASSPHRASE"]
+    elif sys.stdin.isatty():
+        passphrase = getpass.getpass(f"new passphrase for {repo_path}: ")
+        if not passphrase:
+            raise RpofsError("init: the passphrase is empty: nothing created")
+        if getpass.getpass("the same again: ") != passphrase:
+            raise RpofsError("init: the two passphrases differ: nothing created")
+    else:
+        raise RpofsError("init --encrypt: give the passphrase with --key-file, $RPOFS_KEY_FILE or $RPOFS_PASSPHRASE")
+    with Repository.init(repo_path, passphrase) as repo:
+        fingerprint = repo.keys.fingerprint
+    print(f"created encrypted repository {repo_path} (key fingerprint {fingerprint}); "
+          f"without its passphrase it cannot be read")
+
+
+def cmd_upgrade(repo_path: str, args) -> int | None:
+    import dataclasses
+
+    from ..progress import Progress
+    from ..store.upgrade import upgrade
+    with Progress("upgrade", 0) as progress:
+        report = upgrade(repo_path, progress, key_source(repo_path, args))
+    if args.json:
+        print(json.dumps(dataclasses.asdict(report)))
+    else:
+        print(f"{repo_path}: {report.summary()}")
+    if report.chunks_damaged:
+        return EXIT_ERROR
+    return None
