@@ -5,6 +5,7 @@ acknowledgement are timed on the host around the monitor call, so an
 instant T must show exactly the first k writes with every write acked
 before T in and none issued after T out."""
 
+import contextlib
 import json
 import os
 import random
@@ -444,3 +445,58 @@ def test_a_full_repository_fails_the_mirror_not_the_guest(tmp_path):
             vm.destroy()
             _stop_servers(tmpfs / "repo", vm.uuid)
         subprocess.run(["umount", "-l", str(tmpfs)], check=False)
+
+
+def test_every_command_takes_a_journal_instant_as_at_does(tmp_path):
+    """At a time that names a journal instant newer than any fold, at/ in
+    the mount, `cp`, `restore` and `restore --vm` give the same bytes (the
+    disk as the guest's acknowledged writes left it then), and `run`
+    refuses in one line: no command answers with the older fold."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "log.txt").write_bytes(b"A" * 65536)
+    raw = tmp_path / "fs.raw"
+    with open(raw, "wb") as f:
+        f.truncate(16 << 20)
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-b", "4096", "-d", str(src), str(raw)], check=True)
+    bmap = subprocess.run(["debugfs", "-R", "bmap /log.txt 0", str(raw)], capture_output=True, text=True, check=True)
+    offset = int(bmap.stdout.split()[0]) * 4096  # the file's first block on the disk
+    base = raw.read_bytes()
+    disk = tmp_path / "fs.qcow2"
+    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(disk)], check=True)
+    repo = tmp_path / "repo"
+    run_rpofs("init", repo=repo)
+    vm = TestVM(f"rpofs-pti-{os.getpid()}", [(str(disk), "qcow2")])
+    restored = f"rpofs-pti-restored-{os.getpid()}"
+    try:
+        run_rpofs("protect", vm.name, repo=repo)
+        vm.write(0, offset, 4096, ord("B"))
+        instant = time.time()
+        while time.time() <= instant + 0.002:  # the next write is issued after the instant
+            pass
+        vm.write(0, offset + 4096, 4096, ord("C"))
+        text = format_time(int(instant * 1e6), 6)
+        want_disk = bytearray(base)
+        want_disk[offset:offset + 4096] = b"B" * 4096
+        want_file = b"B" * 4096 + b"A" * 61440
+        assert [p["origin"] for p in points_json(repo, vm.name)] == ["journal"]  # only the first pass's fold
+        with mounted(repo, tmp_path / "mnt") as mnt:
+            at = mnt / vm.name / "at" / text
+            assert (at / "point.json").exists() and json.loads((at / "point.json").read_text())["kind"] == "journal"
+            assert (at / "vda.raw").read_bytes() == want_disk
+            assert (at / "files" / "vda" / "0" / "log.txt").read_bytes() == want_file
+        run_rpofs("cp", f"{vm.name}@{text}:vda/0/log.txt", tmp_path / "cp.txt", repo=repo)
+        assert (tmp_path / "cp.txt").read_bytes() == want_file
+        out = run_rpofs("restore", f"{vm.name}@{text}:vda", tmp_path / "vda.raw", repo=repo)
+        assert (tmp_path / "vda.raw").read_bytes() == want_disk and "journal instant" in out.stderr
+        refused = run_rpofs("run", f"{vm.name}@{text}", repo=repo, check=False)
+        assert refused.returncode != 0 and refused.stderr.count("\n") == 1 and "journal instant" in refused.stderr
+        (tmp_path / "vmdir").mkdir()
+        run_rpofs("restore", f"{vm.name}@{text}", "--vm", "--name", restored, "--dir", tmp_path / "vmdir",
+                  "--format", "raw", repo=repo)
+        assert (tmp_path / "vmdir" / f"{restored}-vda.raw").read_bytes() == want_disk
+    finally:
+        with contextlib.suppress(libvirt.libvirtError):
+            vm.conn.lookupByName(restored).undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
+        vm.destroy()
+        _stop_servers(repo, vm.uuid)

@@ -78,10 +78,13 @@ def cmd_restore(repo_path: str, args) -> None:
     if not args.dest:
         raise RpofsError("restore: give DEST (or --vm to restore the whole VM)")
     from ..progress import Progress
-    from ..store.restore import parse_disk_ref, restore_disk
+    from ..recover.disk import restore_disk
+    from ..store.restore import parse_disk_ref
     with open_repository(repo_path, args) as repo:
         with Progress(f"restore {parse_disk_ref(args.source)[2]}", 0) as progress:
-            size, written = restore_disk(repo, args.source, args.dest, args.force, progress)
+            moment, size, written = restore_disk(repo, args.source, args.dest, args.force, progress)
+    if moment.note():
+        print(f"rpofs: note: {moment.note()}", file=sys.stderr)
     print(f"{args.dest}: {size} bytes, {written} written")
 
 

@@ -50,9 +50,13 @@ class GuestKey:
 
 
 class GuestFiles:
-    def __init__(self, repo: Repository, key: Callable[[int, str, str, int], Hashable] = GuestKey):
+    def __init__(self, repo: Repository, key: Callable[[int, str, str, int], Hashable] = GuestKey,
+                 open_disk: Callable[[PointRecord, str], object] | None = None):
         self.repo = repo
         self._key = key  # key(point, target, volume, ino): what remember() makes
+        # open_disk(point, target): a reader of the disk (read, size); a point's own by default,
+        # the mount's tree gives one that also reads journal instants (their stand-in points)
+        self._open_disk = open_disk or (lambda point, target: DiskReader(repo, point, target))
         self._lock = threading.RLock()
         self._disks: collections.OrderedDict[tuple, DiskFiles] = collections.OrderedDict()
         # node -> (entry, the filesystem that made it): its dissect handle is only
@@ -66,7 +70,7 @@ class GuestFiles:
         with self._lock:
             files = self._disks.get(key)
             if files is None:
-                reader = DiskReader(self.repo, point, target)
+                reader = self._open_disk(point, target)
                 files = self._disks[key] = DiskFiles(reader.read, reader.size,
                                                      f"point {point.point} ({point.vm_name}) disk {target}",
                                                      point.consistency != "filesystems-frozen")

@@ -16,7 +16,7 @@ from ..store.schema import PointRecord
 from .appnodes import AppDir
 from .nodes import NoSuchEntry
 from .points import VmDir
-from .tree import Tree
+from .tree import Moment, Tree, resolve
 
 COPY_BLOCK = 1 << 20
 
@@ -39,13 +39,15 @@ def copy_out(repo: Repository, source: str, dest: str, recursive: bool = False, 
     """Copy; the number of files written. An existing DEST (or DEST/NAME when
     DEST is a directory) is refused unless force, as `rpofs restore` does."""
     vm, when, parts = parse_source(source)
+    tree = Tree(repo)
+    moment = resolve(repo, vm, when, tree)  # exactly what at/<when> shows, journal instants included
     if parts[0] == "apps":
-        return _copy_app(repo, source, vm, when, parts[1:], dest, recursive, force)
-    point = repo.point_at(vm, when)
+        return _copy_app(tree, moment, source, parts[1:], dest, recursive, force)
+    point = moment.point
     disk, volume, path = parts[0], parts[1], parts[2:]
     if disk not in [d.target for d in point.disks]:
         raise RpofsError(f"the point has no disk {disk} (it has {', '.join(d.target for d in point.disks)})")
-    guest = GuestFiles(repo)
+    guest = GuestFiles(repo, GuestKey, tree.disk_reader)
     key, entry = guest.root(point, disk, volume)
     for name in path:
         if not entry.is_dir:
@@ -66,14 +68,12 @@ def copy_out(repo: Repository, source: str, dest: str, recursive: bool = False, 
     return _copy(guest, point, key, entry, dest)
 
 
-def _copy_app(repo: Repository, source: str, vm: str, when: str, parts: list[str], dest: str,
+def _copy_app(tree: Tree, moment: Moment, source: str, parts: list[str], dest: str,
               recursive: bool, force: bool) -> int:
-    """apps/APP/FILE (or apps/APP with -r) as of `when`: the point at/ would
-    name, walked through the mount's own tree (rpofs.mount.tree), without a mount."""
-    tree = Tree(repo)
-    uuid, _ = repo.find_vm(vm)
+    """apps/APP/FILE (or apps/APP with -r) as of the moment at/ names,
+    walked through the mount's own tree (rpofs.mount.tree), without a mount."""
     try:
-        node = VmDir(uuid).lookup(tree, tree.as_of(uuid, when))
+        node = VmDir(moment.point.vm).lookup(tree, moment.name)
         node = node.lookup(tree, "apps")
         for name in parts:
             node = node.lookup(tree, name)

@@ -3,8 +3,10 @@ mount shows them, read through rpofs.protect.view (Tree.journal).
 
     /<vm>/<time to the us>/    JournalPointDir: the VM's disks as of an instant of
                                its journal: JournalDisk images, JournalPointJson,
-                               the base's domain.xml; one listed per journal_spacing
-                               of writes, any record's by name
+                               the base's domain.xml, files/ and apps/ as the
+                               disks hold them at the instant (through its stand-in
+                               point, Tree.instant_point); one listed per
+                               journal_spacing of writes, any record's by name
 """
 
 import json
@@ -12,6 +14,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .nodes import DIR_MODE, FILE_MODE, IMMUTABLE_TTL, VOLATILE_TTL, Attr, Bytes, Node
+from .appnodes import AppsDir
+from .guestnodes import FilesDir
 from .pointfiles import DomainXml
 
 if TYPE_CHECKING:
@@ -30,9 +34,13 @@ class JournalPointDir(Node):
 
     def children(self, tree: "Tree", name: str | None = None) -> list[tuple[str, Node]]:
         session, base = tree.journal_base(self.uuid, self.time_us)
+        stand_in = tree.instant_point(self.uuid, self.time_us).point
         disks = [(f"{d.target}.raw", JournalDisk(self.uuid, self.time_us, d.target)) for d in session.session.disks]
-        return disks + [("point.json", JournalPointJson(self.uuid, self.time_us)),
-                        ("domain.xml", DomainXml(base.point))]
+        out = disks + [("point.json", JournalPointJson(self.uuid, self.time_us)),
+                       ("domain.xml", DomainXml(base.point)), ("files", FilesDir(stand_in))]
+        if tree.view(self.uuid).has_apps:
+            out.append(("apps", AppsDir(stand_in, 0)))
+        return out
 
 
 @dataclass(frozen=True, slots=True)

@@ -39,12 +39,14 @@ running mount, and read whole again after a prune, so removed ones go (a
 point directory's name is revalidated like the VM directory for that).
 """
 
+import dataclasses
 import threading
 import time
 from dataclasses import dataclass, field
 
 from ..errors import BadTime, RpofsError
 from ..store import protection, shipments
+from ..store.materialize import DiskReader
 from ..store.repo import Repository
 from ..store.schema import PointRecord, ShipRecord
 from ..timefmt import US, format_time, parse_as_of, point_names
@@ -110,6 +112,43 @@ class VmView:
         return group
 
 
+@dataclass(frozen=True)
+class Moment:
+    """What VM@TIME names, resolved exactly as at/ resolves it: `rpofs cp`,
+    `restore`, `restore --vm` and `run` all take TIME through this, so no
+    command answers with another instant than the mount shows."""
+    tree: "Tree"
+    text: str              # as given
+    name: str              # the entry at/<text> links to
+    kind: str              # "point" (a block point), "app" (an app point), "journal" (a journal instant)
+    point: PointRecord     # whose disks and domain.xml it shows: the block point; an app point's base;
+                           # for a journal instant its stand-in (Tree.instant_point)
+    ship: ShipRecord | None = None
+
+    def reader(self, target: str):
+        """The disk `target` as of this moment (read(offset, length), size, extents)."""
+        return self.tree.disk_reader(self.point, target)
+
+    @property
+    def exact(self) -> bool:
+        """Whether TIME was this moment's own name (else: the newest at or before it)."""
+        return self.text == self.name
+
+    def described(self) -> str:
+        what = {"point": "the point", "app": "the app point", "journal": "the journal instant"}[self.kind]
+        return f"{what} {self.name}"
+
+    def note(self) -> str:
+        """What TIME was taken as, for a person ("" when it named it exactly)."""
+        if (self.exact or self.text == "latest") and self.kind == "point":
+            return ""  # what was asked for, by its name or as the newest
+        said = (f"{self.text} is {self.described()}, the newest at or before it" if not self.exact
+                else f"{self.text} is {self.described()}")
+        if self.kind == "app":
+            said += f" (its disks are its base point's, {self.point.name or self.point.point})"
+        return said
+
+
 class Tree:
     def __init__(self, repo: Repository, refresh_s: float = REFRESH_S, journal_spacing_s: float = 1.0):
         self.repo = repo
@@ -129,6 +168,10 @@ class Tree:
         self._ships: dict[int, ShipRecord] = {}  # app points by shipment number
         self._guest = None
         self._apps = None
+        # journal instants read as points (files/, apps/, cp, restore): stand-in
+        # point numbers below zero, stable for the tree's life
+        self._instant_no: dict[tuple[str, int], int] = {}
+        self._instant_of: dict[int, tuple[str, int]] = {}
 
     @property
     def apps(self):
@@ -161,7 +204,8 @@ class Tree:
             with self._lock:
                 if self._guest is None:
                     from ..files.guest import GuestFiles
-                    self._guest = GuestFiles(self.repo, GuestNode)  # its keys: the nodes of files/
+                    # its keys: the nodes of files/; its disks: points' and journal instants'
+                    self._guest = GuestFiles(self.repo, GuestNode, self.disk_reader)
                 guest = self._guest
         return guest
 
@@ -245,7 +289,15 @@ class Tree:
             return self._vms[name]
 
     def point(self, no: int) -> tuple[str, PointRecord]:
-        """A point's name and record; NoSuchEntry once it is pruned."""
+        """A point's name and record; NoSuchEntry once it is pruned. A
+        number below zero is a journal instant's stand-in (instant_point)."""
+        if no < 0:
+            with self._lock:
+                found = self._instant_of.get(no)
+            if found is None:
+                raise NoSuchEntry(f"point {no}")
+            record = self.instant_point(*found)
+            return record.name, record
         with self._lock:
             found = self._points.get(no)
         if found is None:
@@ -304,6 +356,49 @@ class Tree:
         if best is None:
             raise NoSuchEntry(f"no point of {uuid} at or before {text}")
         return best
+
+    def instant_point(self, uuid: str, time_us: int) -> PointRecord:
+        """A journal instant as a point: its base point's record with the
+        instant's time and disks, numbered below zero (never a stored
+        point's number), so that files/, apps/ and the readers take it as
+        they take a point; disk_reader reads it through the journal.
+        NoSuchEntry when no journal covers it."""
+        session, base = self.journal_base(uuid, time_us)
+        with self._lock:
+            no = self._instant_no.get((uuid, time_us))
+            if no is None:
+                no = self._instant_no[(uuid, time_us)] = -(len(self._instant_no) + 1)
+                self._instant_of[no] = (uuid, time_us)
+        return dataclasses.replace(base, point=no, time_us=time_us, name=format_time(time_us, 6),
+                                   consistency="crash-consistent", disks=session.session.disks, origin="journal",
+                                   checkpoint="", checkpoint_xml="")
+
+    def disk_reader(self, point: PointRecord, target: str):
+        """A disk of a point, or of a journal instant's stand-in."""
+        if point.point >= 0:
+            return DiskReader(self.repo, point, target)
+        uuid, time_us = self._instant_of[point.point]
+        session, base = self.journal_base(uuid, time_us)
+        return self.journal.reader(session, base, time_us, target)
+
+    def moment(self, uuid: str, text: str) -> Moment:
+        """What `text` names for the VM, as at/<text> does ("latest": the
+        newest of any kind). BadTime when text is not a time, NoSuchEntry
+        when nothing is at or before it."""
+        view = self.view(uuid)
+        if text != "latest" and text not in view.by_name and text not in view.ship_by_name \
+                and self.instant(view, text) is None:
+            parse_as_of(text)  # BadTime, as the commands have always said it
+        name = self.as_of(uuid, text)
+        if name in view.by_name:
+            return Moment(self, text, name, "point", view.by_name[name])
+        if name in view.ship_by_name:
+            ship = view.ship_by_name[name]
+            return Moment(self, text, name, "app", self.point(ship.base)[1], ship)
+        t = self.instant(view, name)
+        if t is None:
+            raise NoSuchEntry(f"no point of {uuid} at or before {text}")
+        return Moment(self, text, name, "journal", self.instant_point(uuid, t))
 
     def journal_base(self, uuid: str, time_us: int):
         """(session view, base point) an instant of the VM's journal reads
@@ -419,6 +514,18 @@ class Tree:
         already, else None: takes no lock, and never makes the guest files."""
         guest = self._guest
         return guest.remembered(node) if guest is not None and node is not None else None
+
+
+def resolve(repo: Repository, vm_ref: str, when: str, tree: Tree | None = None) -> Moment:
+    """VM@TIME as every command takes it: the VM by name or UUID, TIME as
+    at/ resolves it (a point's name, "latest", or any time: the newest point
+    of any kind at or before it). UnknownVM, BadTime or one clear line."""
+    uuid, name = repo.find_vm(vm_ref)
+    tree = tree or Tree(repo)
+    try:
+        return tree.moment(uuid, when)
+    except NoSuchEntry:
+        raise BadTime(f"{name} has no point at or before {when}") from None
 
 
 def safe_name(name: str, uuid: str) -> str:

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 
 from ..store import journal as rec, protection
 from ..store.journal import JournalReader
-from ..store.materialize import DiskReader
+from ..store.materialize import DiskReader, Extent
 from ..store.repo import Repository
-from ..store.schema import PointRecord, ProtectionSession
+from ..store.schema import BLOCK_SIZE, PointRecord, ProtectionSession
 from ..timefmt import format_time
 
 
@@ -128,6 +128,9 @@ class JournalViews:
                                  [r for r in v.records[lo:hi] if r.disk == disk], self.cache)
 
 
+JOURNALED = object()  # an extent's place when the journal's records are applied over it
+
+
 class JournalDiskReader:
     """A disk as of an instant: its base point's bytes with the records
     after it applied, in journal order. read() like DiskReader's."""
@@ -139,14 +142,38 @@ class JournalDiskReader:
         self.cache = cache
         self.index = collections.defaultdict(list)   # 64 KiB block -> records touching it, in order
         for i, r in enumerate(records):
-            for b in range(r.offset >> 16, ((r.end - 1) >> 16) + 1):
+            for b in range(r.offset // BLOCK_SIZE, (r.end - 1) // BLOCK_SIZE + 1):
                 self.index[b].append(i)
+
+    def extents(self, offset: int, end: int) -> list[Extent]:
+        """The base's extents, those the journal's records touch marked
+        JOURNALED (read through read(), records applied): what a restore's
+        copy walks (rpofs.store.restore.copy_disk)."""
+        out = []
+        for e in self.base.extents(offset, end):
+            if self._touching(e.pos, e.stop):
+                e = e._replace(loc=JOURNALED)
+            out.append(e)
+        return out
+
+    def extent_bytes(self, extent: Extent):
+        if extent.loc is JOURNALED:
+            return memoryview(bytes(self.read(extent.pos, extent.stop - extent.pos)))
+        return self.base.extent_bytes(extent)
+
+    def prefetch(self, extents: list[Extent]) -> None:
+        self.base.prefetch([e for e in extents if e.loc is not JOURNALED])
+
+    def _touching(self, offset: int, end: int) -> list[int]:
+        """The records touching [offset, end), in journal order."""
+        return sorted({i for b in range(offset // BLOCK_SIZE, (end - 1) // BLOCK_SIZE + 1)
+                       for i in self.index.get(b, ()) if self.records[i].offset < end and self.records[i].end > offset})
 
     def read(self, offset: int, length: int):
         end = min(offset + length, self.size)
         if offset >= end:
             return b""
-        touching = sorted({i for b in range(offset >> 16, ((end - 1) >> 16) + 1) for i in self.index.get(b, ())})
+        touching = self._touching(offset, end)
         data = self.base.read(offset, end - offset)
         if not touching:
             return data

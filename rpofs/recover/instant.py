@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 
 from .. import durable
 from ..errors import RpofsError, UnknownVM, VirtError
+from ..mount.tree import resolve
 from ..progress import Progress
 from ..store import holds
 from ..store.materialize import DiskReader
@@ -149,7 +150,13 @@ def run(repo: Repository, conn: Connection, vm: str, when: str, opts: RunOptions
     if opts.name is not None:
         check_name(opts.name)
     disk_dir = check_dir(opts.dir) if opts.dir else ""
-    point = repo.point_at(vm, when)
+    moment = resolve(repo, vm, when)  # as at/ does
+    if moment.kind == "journal":
+        base = moment.tree.journal_base(moment.point.vm, moment.point.time_us)[1]
+        raise RpofsError(f"{vm}@{when} is {moment.described()}: rpofs run boots points only (run "
+                         f"{vm}@{base.name or base.point}, the point it extends, or restore {vm}@{moment.name} "
+                         f"--vm for the VM as of the instant)")
+    point = moment.point
     captured = repo.read_chunk(bytes.fromhex(point.domain_xml)).decode()
     with _run_lock(repo):
         taken = {r.name for r in records(repo)}
@@ -177,7 +184,8 @@ def run(repo: Repository, conn: Connection, vm: str, when: str, opts: RunOptions
             _abandon_mount(mountpoint, starting)
             raise
         try:
-            notes = _make(repo, conn, rec, point, captured, overlays, opts, starting)
+            notes = ([moment.note()] if moment.note() else []) + _make(repo, conn, rec, point, captured,
+                                                                       overlays, opts, starting)
         except BaseException:
             if starting is not None:
                 with contextlib.suppress(RpofsError):

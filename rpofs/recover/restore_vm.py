@@ -29,8 +29,8 @@ from dataclasses import dataclass
 
 from .. import durable
 from ..errors import RpofsError
+from ..mount.tree import Moment, resolve
 from ..progress import Progress
-from ..store.materialize import DiskReader
 from ..store.repo import Repository
 from ..store.schema import PointRecord
 from ..virt.client import Connection
@@ -61,6 +61,7 @@ class VmRestored:
     disks: dict[str, str]      # target -> image written
     bytes_written: int
     notes: tuple[str, ...]
+    moment: Moment               # what VM@TIME named
 
 
 def restore_vm(repo: Repository, conn: Connection, vm: str, when: str, opts: VmRestoreOptions) -> VmRestored:
@@ -71,7 +72,8 @@ def restore_vm(repo: Repository, conn: Connection, vm: str, when: str, opts: VmR
     if opts.name is not None:
         check_name(opts.name)
     folder = check_dir(opts.dir or DEFAULT_DIR) if not opts.replace else ""
-    point = repo.point_at(vm, when)
+    moment = resolve(repo, vm, when)  # as at/ does: a journal instant's disks are read through its journal
+    point = moment.point
     captured = repo.read_chunk(bytes.fromhex(point.domain_xml)).decode()
     if opts.replace:
         name, dom_uuid = point.vm_name, point.vm
@@ -93,7 +95,7 @@ def restore_vm(repo: Repository, conn: Connection, vm: str, when: str, opts: VmR
         name=name, uuid=dom_uuid, new_identity=not opts.replace,
         disks=tuple(domainxml.NewDisk(t, p, opts.format) for t, p in paths.items()),
         workdir=workdir, nvram=nvram_path if domainxml.uses_nvram(captured) else ""))
-    readers = {d.target: DiskReader(repo, point, d.target) for d in point.disks}
+    readers = {d.target: moment.reader(d.target) for d in point.disks}
     _check_room(readers, paths)
     written, made = 0, []
     try:
@@ -111,13 +113,13 @@ def restore_vm(repo: Repository, conn: Connection, vm: str, when: str, opts: VmR
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
         raise
-    notes = list(prepared.notes) + boot.notes
+    notes = ([moment.note()] if moment.note() else []) + list(prepared.notes) + boot.notes
     tpm = boot.place_tpm(dom.uuid)
     if tpm:
         log.info("%s: TPM state placed at %s", name, tpm)
     if opts.start:
         dom.start()
-    return VmRestored(name, dom.uuid, paths, written, tuple(notes))
+    return VmRestored(name, dom.uuid, paths, written, tuple(notes), moment)
 
 
 def _replaceable(conn: Connection, point: PointRecord, force: bool):
@@ -157,7 +159,7 @@ def _is_block_device(path: str) -> bool:
         return False
 
 
-def _check_room(readers: dict[str, DiskReader], paths: dict[str, str]) -> None:
+def _check_room(readers: dict, paths: dict[str, str]) -> None:
     """Before writing anything: each filesystem has room for the data its
     disks hold at the point (read from the index; zeros take no room)."""
     need: dict[int, int] = {}

@@ -161,6 +161,10 @@ class DiskReader:
             found = logs.set_range(schema.log_key(chain, disk, block + 1, point))
         return out
 
+    def prefetch(self, extents: list[Extent]) -> None:
+        """Start fetching the stored extents among these (a copy's window)."""
+        self.repo.reader.prefetch([e.wanted() for e in extents if e.loc is not None])
+
     def extent_bytes(self, extent: Extent):
         """The bytes of an extent that has a chunk (or a log block), verified:
         of a pieced full chunk only the pieces it covers are read."""

@@ -1,5 +1,6 @@
-"""`rpofs restore VM@TIME:DISK DEST`: a whole disk at a point, written to a
-file or a block device without a mount.
+"""`rpofs restore VM@TIME:DISK DEST`: a whole disk, written to a file or a
+block device without a mount (rpofs.recover.disk resolves VM@TIME; this
+writes what a reader reads).
 
 The index says where the disk holds data and where it is zeros, so zeros are
 neither read nor written: a file stays sparse there (a device gets them
@@ -15,7 +16,7 @@ import stat
 
 from ..errors import RpofsError
 from .materialize import DiskReader, Extent
-from .repo import Repository, any_nonzero
+from .repo import any_nonzero
 from .schema import BLOCK_SIZE
 
 WINDOW = 64 << 20      # located together, read in parallel
@@ -45,16 +46,12 @@ def check_destination(dest: str, force: bool) -> None:
         raise RpofsError(f"{dest} exists (--force to replace it)")
 
 
-def restore_disk(repo: Repository, source: str, dest: str, force: bool = False, progress=None) -> tuple[int, int]:
-    """Write the disk; (its size, bytes written). progress: a
-    rpofs.progress.Progress (or anything with set and add), told the size and
-    each extent done."""
-    vm, when, target = parse_disk_ref(source)
+def write_disk(reader: DiskReader, dest: str, force: bool = False, progress=None) -> tuple[int, int]:
+    """Write the disk `reader` reads (a point's DiskReader, or anything with
+    its size, extents, extent_bytes and prefetch: a journal instant's);
+    (its size, bytes written). progress: a rpofs.progress.Progress (or
+    anything with set and add), told the size and each extent done."""
     check_destination(dest, force)
-    point = repo.point_at(vm, when)
-    if target not in [d.target for d in point.disks]:
-        raise RpofsError(f"the point has no disk {target} (it has {', '.join(d.target for d in point.disks)})")
-    reader = DiskReader(repo, point, target)
     device = os.path.exists(dest) and stat.S_ISBLK(os.stat(dest).st_mode)
     if device:
         fd = os.open(dest, os.O_WRONLY | os.O_CLOEXEC)
@@ -118,7 +115,7 @@ def copy_disk(reader: DiskReader, pwrite, zero_fill: bool, progress=None) -> int
     with concurrent.futures.ThreadPoolExecutor(THREADS) as pool:
         for start in range(0, reader.size, WINDOW):
             extents = reader.extents(start, min(start + WINDOW, reader.size))
-            reader.repo.reader.prefetch([e.wanted() for e in extents if e.loc is not None])
+            reader.prefetch(extents)
             written += sum(pool.map(copy, extents))
     return written
 
