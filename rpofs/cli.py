@@ -328,10 +328,11 @@ def cmd_init(repo_path: str, args) -> None:
 
 def cmd_backup(repo_path: str, args) -> None:
     from .ingest.backup import BackupRequest, back_up
-    from .ingest.config import DiskChoice, Quiesce
+    from .ingest.config import Quiesce
     from .mount.vfs import point_json
     from .progress import Progress
     from .virt.client import Connection
+    from .virt.disks import DiskChoice
     repo = open_repository(repo_path, args)
     conn = Connection(args.connect)
     try:
@@ -362,12 +363,12 @@ def cmd_backup(repo_path: str, args) -> None:
 
 
 def cmd_protect(repo_path: str, args) -> None:
-    from .ingest.config import DiskChoice
     from .progress import Progress
     from .protect import protector
     from .store import journal, protection
     from .store.vmlock import vm_lock
     from .virt.client import Connection
+    from .virt.disks import DiskChoice
     repo = open_repository(repo_path, args)
     conn = Connection(args.connect)
     try:

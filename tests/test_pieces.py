@@ -231,7 +231,7 @@ def test_compaction_moves_pieced_records_and_keeps_them_pieced(tmp_path, monkeyp
     disk = mixed_disk(rnd, 3 * CHUNK_SIZE)
     p1 = back_up(repo, [disk], [set()], "full", None, US)
     before = [full_location(repo, p1, c) for c in range(3)]
-    write(disk, d := set(), 0, rnd.randbytes(2 * CHUNK_SIZE))
+    write(disk, set(), 0, rnd.randbytes(2 * CHUNK_SIZE))
     p2 = back_up(repo, [disk], [set()], "full", None, 2 * US)
     report = prune(repo, VM, Retention(last=1))
     assert report.packs_compacted == 1

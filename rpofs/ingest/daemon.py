@@ -35,7 +35,6 @@ from dataclasses import asdict, dataclass, field
 import trio
 
 from ..errors import RpofsError, UnknownVM
-from ..recover.domainxml import marker_of
 from ..store.defrag import defrag
 from ..store import journal, verify
 from ..store.prune import prune
@@ -43,6 +42,7 @@ from ..store.repo import Repository
 from ..store.schema import PointRecord
 from ..timefmt import US
 from ..virt.client import Connection
+from ..virt.marker import marker_of
 from .. import sdnotify
 from . import metrics
 from ..store.vmlock import VmBusy

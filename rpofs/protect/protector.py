@@ -36,14 +36,13 @@ import time
 from dataclasses import replace
 
 from ..errors import RpofsError
-from ..ingest.backup import chosen_disks
-from ..ingest.config import DiskChoice
-from ..recover.domainxml import marker_of
 from ..store.repo import Repository
 from ..store.schema import DiskRecord, PointRecord, ProtectionSession
 from ..store.vmlock import vm_lock
 from ..timefmt import now_us
 from ..virt.client import CHECKPOINT_PREFIX, Domain, DomainInfo
+from ..virt.disks import DiskChoice, chosen_disks
+from ..virt.marker import marker_of
 from ..store import protection
 from ..store.journal import JournalReader, journal_dir, reader as journal_reader, scan, segment_start, segments
 from .fold import FoldInput, fold
