@@ -378,10 +378,12 @@ def cmd_protect(repo_path: str, args) -> None:
             session = protector.protect(repo, dom, DiskChoice(tuple(args.disk)), progress)
         if live is not None and live.started_us == session.started_us:
             with vm_lock(repo.path, dom.uuid, dom.name, "protect", 30.0):  # never beside the daemon's fold
-                session, point, broken = protector.tick(repo, dom, protection.current(repo, dom.uuid) or session,
-                                                        journal.reader(repo.path, session), True)
-            if broken:
-                raise RpofsError(f"{dom.name}: protection ended: {broken}; back it up now with: rpofs backup {dom.name}")
+                outcome = protector.tick(repo, dom, protection.current(repo, dom.uuid) or session,
+                                         journal.reader(repo.path, session), True)
+            session = outcome.session
+            if outcome.ended:
+                raise RpofsError(f"{dom.name}: protection ended: {outcome.ended}; back it up now with: "
+                                 f"rpofs backup {dom.name}")
         _print_session(dom.name, session, args.json)
     finally:
         conn.close()

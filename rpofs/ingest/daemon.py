@@ -344,7 +344,7 @@ class Ingester:
             await trio.sleep(WATCH_S)
             due = time.monotonic() >= next_fold
             try:
-                session, point, broken = await trio.to_thread.run_sync(self._tick, dom, session, reader, due)
+                outcome = await trio.to_thread.run_sync(self._tick, dom, session, reader, due)
             except VmBusy:
                 continue  # `rpofs protect` or `unprotect` by hand holds the VM: look again next time
             except RpofsError as e:  # libvirtd restarting, say: the domain is looked up anew
@@ -355,6 +355,7 @@ class Ingester:
                 except RpofsError:
                     pass
                 continue
+            session, point = outcome.session, outcome.point
             if point is not None:
                 st.last_job_s = 0.0
                 self._record(st, point)
@@ -366,8 +367,8 @@ class Ingester:
             size = reader.size()
             st.journal_bytes_per_s = (size - seen[1]) / max(time.monotonic() - seen[0], 1e-3)
             st.journal_bytes, seen = size, (time.monotonic(), size)
-            if broken:
-                return broken
+            if outcome.ended:
+                return outcome.ended
             if due:
                 next_fold = time.monotonic() + policy.journal_fold_s
                 await self._drop_journal(st, policy)
@@ -382,7 +383,7 @@ class Ingester:
             from ..store import protection
             live = protection.current(self.repo, dom.uuid)
             if live is None or live.started_us != session.started_us:
-                return session, None, "the session was ended by hand"
+                return protector.Outcome(session, None, "the session was ended by hand")
             return protector.tick(self.repo, dom, live, journal, fold_due)
 
     def _protection_off(self, st: VmStatus, sched: _Schedule, reason: str) -> None:

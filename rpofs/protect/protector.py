@@ -34,6 +34,7 @@ import subprocess
 import sys
 import time
 from dataclasses import replace
+from typing import NamedTuple
 
 from ..errors import RpofsError
 from ..store.repo import Repository
@@ -57,6 +58,13 @@ SERVER_START_S = 10.0
 
 class NotProtectable(RpofsError):
     pass
+
+
+class Outcome(NamedTuple):
+    """What a look at a session (tick, fold_now) or its end came to."""
+    session: ProtectionSession       # as recorded after it
+    point: PointRecord | None        # the fold it made, if any
+    ended: str = ""                  # why the session ended; "" while it goes on
 
 
 def socket_path(vm: str) -> str:
@@ -208,7 +216,7 @@ def _wait_ready(dom: Domain, disks, progress) -> int:
             if job is None:
                 raise RpofsError(f"the mirror of disk {d.target} ended during its first pass "
                                  f"(the journal server failed?)")
-            done += job[0] * d.size // job[1] if job[1] else 0
+            done += job.done * d.size // job.total if job.total else 0
             ready = ready and dom.block_job_ready(d.target)
         if progress is not None:
             progress.set(done, total)
@@ -239,20 +247,19 @@ def health(repo: Repository, dom: Domain, session: ProtectionSession, journal: "
 
 
 def tick(repo: Repository, dom: Domain, session: ProtectionSession, journal: JournalReader,
-         fold_due: bool) -> tuple[ProtectionSession, PointRecord | None, str]:
-    """One look at a protected session: (the session, a fold made, why it
-    ended or ""). A broken session is ended (its journal folded)."""
+         fold_due: bool) -> Outcome:
+    """One look at a protected session, folding when fold_due. A broken
+    session is ended (its journal folded)."""
     broken = health(repo, dom, session, journal)
     if broken:
-        session, point = end(repo, dom, session, broken, journal=journal)
-        return session, point, broken
+        return end(repo, dom, session, broken, journal=journal)
     if not fold_due:
-        return session, None, ""
+        return Outcome(session, None)
     return fold_now(repo, dom, session, journal)
 
 
 def fold_now(repo: Repository, dom: Domain, session: ProtectionSession,
-             journal: JournalReader) -> tuple[ProtectionSession, PointRecord | None, str]:
+             journal: JournalReader) -> Outcome:
     """Fold what the journal holds since the last fold (called while the
     mirror is seen running: pending checkpoints old enough are confirmed),
     then make the next checkpoint."""
@@ -286,7 +293,7 @@ def fold_now(repo: Repository, dom: Domain, session: ProtectionSession,
         _drop_old_checkpoints(dom, session)
     else:
         session = protection.save(repo, session)
-    return session, point, ""
+    return Outcome(session, point)
 
 
 def _fold_records(repo: Repository, dom: Domain, session: ProtectionSession, journal: JournalReader,
@@ -337,7 +344,7 @@ def _drop_old_checkpoints(dom: Domain, session: ProtectionSession) -> None:
 
 
 def end(repo: Repository, dom: Domain, session: ProtectionSession, reason: str,
-        journal: JournalReader | None = None, fold_journal: bool = True) -> tuple[ProtectionSession, PointRecord | None]:
+        journal: JournalReader | None = None, fold_journal: bool = True) -> Outcome:
     """Stop the mirrors and the server, fold what the journal holds, and
     record the session as ended (why, and up to when its journal reads)."""
     for d in session.disks:
@@ -358,7 +365,7 @@ def end(repo: Repository, dom: Domain, session: ProtectionSession, reason: str,
             ended = replace(ended, last_us=session.folded_us)
     protection.save(repo, ended)
     log.info("%s: protection ended: %s", dom.name, reason)
-    return ended, point
+    return Outcome(ended, point, reason)
 
 
 def unprotect(repo: Repository, dom: Domain, lock_wait_s: float = 30.0) -> ProtectionSession | None:
@@ -367,7 +374,7 @@ def unprotect(repo: Repository, dom: Domain, lock_wait_s: float = 30.0) -> Prote
         live = protection.current(repo, dom.uuid)
         if live is None:
             return None
-        return end(repo, dom, live, "stopped by rpofs unprotect")[0]
+        return end(repo, dom, live, "stopped by rpofs unprotect").session
 
 
 def drop_journal(repo: Repository, session: ProtectionSession, keep_within_us: int, now: int | None = None) -> int:
