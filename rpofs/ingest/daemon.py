@@ -43,7 +43,7 @@ from ..store.schema import PointRecord
 from ..timefmt import US
 from ..virt.client import Connection
 from ..virt.marker import marker_of
-from .. import sdnotify
+from .. import durable, sdnotify
 from . import metrics
 from ..store.vmlock import VmBusy
 from .backup import BackupRequest, VmNotRunning, back_up, end_leftovers
@@ -595,7 +595,8 @@ class Ingester:
             body = json.dumps({"pid": os.getpid(), "started_us": self._started_us,
                                "written_us": int(time.time() * US),
                                "vms": [asdict(s) for s in self.status.values()]}, indent=1)
-            await trio.to_thread.run_sync(_write_atomically, path, body)
+            # mode as open() makes it (the umask decides): rpofs status and monitoring read it
+            await trio.to_thread.run_sync(durable.write_file, path, body.encode(), 0o666)
             await trio.sleep(1.0)
 
     def _metrics_text(self) -> str:
@@ -626,13 +627,6 @@ def _next_due(now: float, last: PointRecord | None, last_full: PointRecord | Non
     if full_due <= log_due:
         return full_due, "full interval elapsed: a new chain starts"
     return log_due, ""
-
-
-def _write_atomically(path: str, body: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(body)
-    os.replace(tmp, path)
 
 
 async def run(cfg: IngestConfig, keys=None) -> None:

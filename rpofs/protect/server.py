@@ -21,8 +21,9 @@ with an error: QEMU then fails the mirror job and the guest runs on (the
 write is in its disk; the daemon's repair backup takes it, docs/PROTECT.md).
 The server exits after such an error: a journal with a hole must not grow.
 
-Run by rpofs.protect.mirror (detached from the daemon: it outlives a daemon
-killed with -9, and the mirror with it):
+Started by rpofs.protect.protector (start_server), detached from the
+process that starts it: it outlives a daemon killed with -9, and the mirror
+with it:
     python -m rpofs.protect.server DIR SOCKET vda=SIZE [vdb=SIZE ...]
 """
 

@@ -24,7 +24,7 @@ from ..store import journal as rec, protection
 from ..store.journal import JournalReader
 from ..store.materialize import DiskReader
 from ..store.repo import Repository
-from ..store.schema import PointRecord, ProtectionSession
+from ..store.schema import BLOCK_SIZE, PointRecord, ProtectionSession
 from ..timefmt import format_time
 
 
@@ -137,16 +137,17 @@ class JournalDiskReader:
         self.size = base.size
         self.records = records
         self.cache = cache
-        self.index = collections.defaultdict(list)   # 64 KiB block -> records touching it, in order
+        self.index = collections.defaultdict(list)   # block (BLOCK_SIZE) -> records touching it, in order
         for i, r in enumerate(records):
-            for b in range(r.offset >> 16, ((r.end - 1) >> 16) + 1):
+            for b in range(r.offset // BLOCK_SIZE, (r.end - 1) // BLOCK_SIZE + 1):
                 self.index[b].append(i)
 
     def read(self, offset: int, length: int):
         end = min(offset + length, self.size)
         if offset >= end:
             return b""
-        touching = sorted({i for b in range(offset >> 16, ((end - 1) >> 16) + 1) for i in self.index.get(b, ())})
+        touching = sorted({i for b in range(offset // BLOCK_SIZE, (end - 1) // BLOCK_SIZE + 1)
+                           for i in self.index.get(b, ())})
         data = self.base.read(offset, end - offset)
         if not touching:
             return data
