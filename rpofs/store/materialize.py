@@ -148,9 +148,10 @@ class DiskReader:
 
     def _changes(self, logs, first: int, last: int) -> dict[int, bytes]:
         """block -> the log_index value (where its bytes are) of its newest
-        change at or before the point, for the blocks first..last that have one. Blocks no log touched cost
-        nothing: the scan jumps from one changed block to the next; a changed
-        block costs one seek past the changes newer than the point."""
+        change at or before the point, for the blocks first..last that have
+        one. Blocks no log touched cost nothing: the scan jumps from one
+        changed block to the next; a changed block costs one seek past the
+        changes newer than the point."""
         chain, disk, point = self.point.chain, self.disk, self.point.point
         out = {}
         found = logs.set_range(schema.log_key(chain, disk, first, point))
