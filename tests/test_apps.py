@@ -23,12 +23,12 @@ import pytest
 from guestlab import Guest, build_guest, guest_run
 from rpofs.store import shipments
 from rpofs.apps.shipper import Shipper
-from rpofs.ingest.config import AppConfig
 from rpofs.store.crypto import Passphrase
 from rpofs.store.prune import Retention, prune
 from rpofs.store.repo import Repository
 from rpofs.store.verify import verify
 from rpofs.virt.client import AgentUnavailable, Connection
+from rpofs.vmconfig import AppConfig
 from vmlab import RPOFS, TestVM, mounted, run_rpofs, wait_for
 
 pytestmark = pytest.mark.libvirt

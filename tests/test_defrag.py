@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from rpofs.errors import CorruptChunk
 from rpofs.store import defrag as defrag_mod
 from rpofs.store import schema
-from rpofs.store.defrag import MIN_RUN, defrag, scattered_blocks
+from rpofs.store.defrag import MIN_RUN, LogBlock, defrag, scattered_blocks
 from rpofs.store.materialize import DiskReader
 from rpofs.store.repo import Repository
 from rpofs.store.schema import BLOCK_SIZE, CHUNK_SIZE, PACK_HEADER, ChunkLocation
@@ -31,15 +31,19 @@ def loc(pack, offset, length=BLOCK_SIZE):
     return ChunkLocation(pack, offset, length, length, schema.CODEC_RAW)
 
 
+def stored(disk, block, where):
+    return LogBlock(disk, block, schema.log_key(1, disk, block, 2), where)
+
+
 def test_scattered_blocks_are_those_in_short_runs():
     step = BLOCK_SIZE + HEAD
-    long_run = [(0, 100 + i, loc(5, HEAD + i * step)) for i in range(MIN_RUN)]
-    short_run = [(0, 200 + i, loc(6, HEAD + i * step)) for i in range(MIN_RUN - 1)]
+    long_run = [stored(0, 100 + i, loc(5, HEAD + i * step)) for i in range(MIN_RUN)]
+    short_run = [stored(0, 200 + i, loc(6, HEAD + i * step)) for i in range(MIN_RUN - 1)]
     # disk-adjacent but not one after another in the pack: every block its own run
-    reversed_order = [(0, 300 + i, loc(7, HEAD + (MIN_RUN - i) * step)) for i in range(MIN_RUN)]
+    reversed_order = [stored(0, 300 + i, loc(7, HEAD + (MIN_RUN - i) * step)) for i in range(MIN_RUN)]
     # unchanged blocks between, or the next disk: still one run of the pack
-    gaps = [(0, 400 + 3 * i, loc(8, HEAD + i * step)) for i in range(MIN_RUN // 2)]
-    gaps += [(1, i, loc(8, HEAD + (MIN_RUN // 2 + i) * step)) for i in range(MIN_RUN // 2)]
+    gaps = [stored(0, 400 + 3 * i, loc(8, HEAD + i * step)) for i in range(MIN_RUN // 2)]
+    gaps += [stored(1, i, loc(8, HEAD + (MIN_RUN // 2 + i) * step)) for i in range(MIN_RUN // 2)]
     entries = long_run + short_run + reversed_order + gaps
     plain = lambda loc: HEAD + loc.stored_len  # noqa: E731 - an unencrypted repository's records
     assert scattered_blocks(entries, plain) == short_run + reversed_order
@@ -279,9 +283,9 @@ def test_mostly_changed_chunks_are_filled_so_the_newest_point_skips_the_full(tmp
     chunk_of = {e.pos // CHUNK_SIZE: [] for e in extents}
     for e in extents:
         chunk_of[e.pos // CHUNK_SIZE].append(e)
-    assert all(e.key is None for e in chunk_of[0])         # chunk 0 now read from logs only ...
+    assert all(e.kind == "log" for e in chunk_of[0])       # chunk 0 now read from logs only ...
     assert [e.loc for e in chunk_of[0]].count(None) == 1   # ... its zero block from no stored bytes
-    assert any(e.key is not None for e in chunk_of[1])     # chunk 1 (3 of 16 changed) still uses the full
+    assert any(e.kind == "full" for e in chunk_of[1])      # chunk 1 (3 of 16 changed) still uses the full
     for p in points:
         assert DiskReader(repo, p, "vda").read(0, len(disk)) == truth[p.point]
     check_repository(repo)

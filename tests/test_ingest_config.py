@@ -6,8 +6,9 @@ import subprocess
 
 import pytest
 
-from rpofs.ingest.config import AppConfig, ConfigError, load
+from rpofs.ingest.config import ConfigError, load
 from rpofs.store.prune import Retention
+from rpofs.vmconfig import AppConfig
 
 pytestmark = pytest.mark.pure
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -191,7 +191,7 @@ def test_compaction_moves_live_data_and_readers_of_old_places_find_it(tmp_path, 
     assert report.packs_compacted >= 1
     after = newest.extents(0, len(disk))
     moved = [(old, new) for old, new in zip(before, after) if old.loc != new.loc]
-    assert moved and all(old[:5] == new[:5] for old, new in moved)
+    assert moved and all(old._replace(loc=None) == new._replace(loc=None) for old, new in moved)
     repo.reader._cache_limit = 0
     for old, new in moved:  # a read planned before the move finds the data at its new place
         assert bytes(newest.extent_bytes(old)) == bytes(disk[old.pos:old.stop])

@@ -1,5 +1,6 @@
 """Pure: the domain XML of a recovered VM, made from the one captured with a
-point (rpofs.recover.domainxml), and the names recovery picks."""
+point (rpofs.recover.domainxml), the marker read back from it
+(rpofs.virt.marker), and the names recovery picks."""
 
 from xml.etree import ElementTree as ET
 
@@ -10,6 +11,7 @@ from rpofs.recover import domainxml
 from rpofs.recover.boot import default_name
 from rpofs.recover.domainxml import BadDomainXml, NewDisk, Recovery, prepare
 from rpofs.store.schema import PointRecord
+from rpofs.virt.marker import marker_of
 
 pytestmark = pytest.mark.pure
 
@@ -61,7 +63,7 @@ def test_a_copy_gets_a_new_identity_its_disks_and_its_own_files():
     vnc = root.find("./devices/graphics")
     assert vnc.get("autoport") == "yes" and vnc.get("port") is None
     assert root.findtext("./os/nvram") == "/run/db1-0941_VARS.fd"
-    assert domainxml.marker_of(done.xml) == {"kind": "run", "vm": "11111111-2222-3333-4444-555555555555",
+    assert marker_of(done.xml) == {"kind": "run", "vm": "11111111-2222-3333-4444-555555555555",
                                              "point": "7"}
 
 
@@ -94,7 +96,7 @@ def test_relocate_moves_the_run_s_files_and_drops_the_marker():
     root = ET.fromstring(moved)
     assert root.findtext("./os/nvram") == "/images/db1-0941_VARS.fd"
     assert root.find("./devices/serial/source").get("path") == "/images/db1-0941-db1-console.log"
-    assert domainxml.marker_of(moved) is None
+    assert marker_of(moved) is None
     assert ("/run/db1-0941_VARS.fd", "/images/db1-0941_VARS.fd") in pairs
 
 

@@ -10,11 +10,11 @@ import re
 from typing import NamedTuple
 
 from ..errors import RpofsError
-from ..ingest.config import AppConfig
 from ..store import shipments
 from ..store.schema import AppRecord, ShipRecord
 from ..timefmt import now_us
 from ..virt.client import Domain
+from ..vmconfig import AppConfig
 from . import guestio, relate
 from .ship import file_round, wal_round
 

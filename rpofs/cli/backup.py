@@ -66,7 +66,8 @@ PARSERS = {"backup": add_backup, "ship": add_ship, "ingest": add_ingest, "status
 
 def cmd_backup(repo_path: str, args) -> None:
     from ..ingest.backup import BackupRequest, back_up
-    from ..ingest.config import DiskChoice, Quiesce
+    from ..ingest.config import Quiesce
+    from ..virt.disks import DiskChoice
     from ..mount.pointfiles import point_json
     from ..progress import Progress
     with open_repository(repo_path, args) as repo, connect(args) as conn:

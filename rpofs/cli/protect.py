@@ -39,15 +39,15 @@ PARSERS = {"protect": add_protect, "unprotect": add_unprotect}
 
 
 def cmd_protect(repo_path: str, args) -> None:
-    from ..ingest.config import DiskChoice
     from ..progress import Progress
     from ..protect import protector
+    from ..virt.disks import DiskChoice
     with open_repository(repo_path, args) as repo, connect(args) as conn:
         dom = conn.domain(args.vm)
-        session = protector.protect_by_hand(
+        outcome = protector.protect_by_hand(
             repo, dom, DiskChoice(tuple(args.disk)),
             progress=lambda name: Progress(f"protect {name}: the mirror's first pass", 0))
-        _print_session(dom.name, session, args.json)
+        _print_session(dom.name, outcome.session, args.json, outcome.point)
 
 
 def cmd_unprotect(repo_path: str, args) -> None:
@@ -60,14 +60,20 @@ def cmd_unprotect(repo_path: str, args) -> None:
         _print_session(dom.name, session, args.json)
 
 
-def _print_session(name: str, session, as_json: bool) -> None:
+def _print_session(name: str, session, as_json: bool, point=None) -> None:
     from dataclasses import asdict
+    from ..protect.protector import readable_span
     from ..timefmt import format_time
     if as_json:
-        print(json.dumps(asdict(session), indent=2))
-    elif session.state == "ended":
-        print(f"{name}: protection ended ({session.reason}); its journal reads from "
-              f"{format_time(session.ready_us, 6)} to {format_time(session.last_us, 6)}")
+        print(json.dumps(dict(asdict(session), point=point.name if point else None), indent=2))
+        return
+    if session.state == "ended":
+        span = readable_span(session)
+        print(f"{name}: protection ended ({session.reason}); " + (
+            f"its journal reads from {format_time(span[0], 6)} to {format_time(span[1], 6)}" if span
+            else "its journal holds no write after protection began"))
     else:
         print(f"{name}: protected since {format_time(session.ready_us, 6)} "
               f"({', '.join(d.target for d in session.disks)})")
+    if point is not None:
+        print(f"{name}: folded into point {point.name}")

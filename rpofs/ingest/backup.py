@@ -15,15 +15,16 @@ import logging
 import os
 from dataclasses import dataclass
 
-from ..errors import RpofsError, UnsupportedDisk, VirtError
+from ..errors import RpofsError, VirtError
 from ..store.repo import BackupWriter, Repository, any_nonzero
 from ..store.schema import BLOCK_SIZE, CHUNK_SIZE, DiskRecord, PointRecord
 from ..store.vmlock import vm_lock
 from ..timefmt import now_us
 from ..virt.client import (CHECKPOINT_PREFIX, AgentUnavailable, CheckpointUnusable, Connection, Domain,
                            DomainInfo)
+from ..virt.disks import DiskChoice, chosen_disks
 from ..virt.nbdexport import Export
-from .config import DiskChoice, Quiesce
+from .config import Quiesce
 
 log = logging.getLogger(__name__)
 
@@ -74,29 +75,6 @@ def back_up(repo: Repository, conn: Connection, req: BackupRequest, progress=Non
                 reason = f"the chain's checkpoint cannot be used ({e})"
         log.info("%s: full backup: %s", info.name, reason)
         return _run(repo, dom, info, disks, None, reason, req.quiesce, progress)
-
-
-def chosen_disks(dom: Domain, info: DomainInfo, choice: DiskChoice, purpose: str) -> list[DiskRecord]:
-    """The disks a VM's chains cover (backups, and continuous protection:
-    purpose "back up" or "protect"), each qcow2: log backups and protection's
-    fallback need its dirty bitmaps."""
-    targets = choice.targets
-    if choice.mountpoint:
-        targets = tuple(dom.disks_of_mountpoint(choice.mountpoint))
-    by_target = {d.target: d for d in info.disks}
-    for t in targets:
-        if t not in by_target:
-            raise RpofsError(f"VM {info.name} has no disk {t} (it has {', '.join(by_target) or 'none'})")
-    chosen = [d for d in info.disks if not targets or d.target in targets]
-    if not chosen:
-        raise RpofsError(f"VM {info.name} has no disks to {purpose}")
-    for d in chosen:
-        if d.format != "qcow2":
-            raise UnsupportedDisk(
-                f"disk {d.target} of {info.name} is {d.format}: log backups need qcow2 (dirty bitmaps); "
-                f"convert it with 'qemu-img convert -O qcow2' and point the VM at the copy, "
-                f"or leave it out with --disk")
-    return [DiskRecord(d.target, d.size, d.source) for d in chosen]
 
 
 def _why_not_log(repo: Repository, dom: Domain, disks: list[DiskRecord], last: PointRecord | None) -> str:

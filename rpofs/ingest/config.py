@@ -1,6 +1,11 @@
 """The ingester's configuration: TOML, parsed once into frozen dataclasses.
 A bad file is refused with the file, the key and what is wrong. The format
-is documented in docs/INGEST.md, with an example in systemd/rpofs.toml."""
+is documented in docs/INGEST.md, with an example in systemd/rpofs.toml.
+
+The per-VM settings that floors below the ingester take are built here and
+declared there: DiskChoice (rpofs.virt.disks, for backups and protection)
+and AppConfig (rpofs.vmconfig, for rpofs.apps). Quiesce, which only the
+backup machinery (rpofs.ingest.backup) reads, is declared here."""
 
 import dataclasses
 import fnmatch
@@ -10,20 +15,14 @@ from dataclasses import dataclass, field
 
 from ..errors import RpofsError
 from ..store.prune import Retention
+from ..virt.disks import DiskChoice
+from ..vmconfig import AppConfig
 
 DEFAULT_CONFIG = "/etc/rpofs/rpofs.toml"
 
 
 class ConfigError(RpofsError):
     pass
-
-
-@dataclass(frozen=True)
-class DiskChoice:
-    """Which disks a VM's chains cover: every disk, chosen targets, or the
-    disk(s) holding a guest mountpoint (asked of the guest agent)."""
-    targets: tuple[str, ...] = ()       # empty with no mountpoint: every disk
-    mountpoint: str = ""
 
 
 @dataclass(frozen=True)
@@ -34,17 +33,6 @@ class Quiesce:
     timeout_s: float = 10.0
     strict: bool = False                # a mountpoint the guest lacks fails the backup (the command
                                         # line); else the point is crash-consistent, with a warning
-
-
-@dataclass(frozen=True)
-class AppConfig:
-    """An application whose log the ingester ships from inside the guest
-    through its agent (rpofs.apps): a SQLite database in WAL mode, or
-    append-only files (a glob)."""
-    name: str
-    kind: str                           # "sqlite" | "files"
-    path: str                           # absolute guest path; for files a glob (* ? [...] in the last part)
-    interval_s: float = 1.0
 
 
 STALE_INTERVALS = 3      # an app's newest readable app point older than this many intervals...

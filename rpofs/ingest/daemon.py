@@ -35,7 +35,6 @@ from dataclasses import asdict, dataclass, field
 import trio
 
 from ..errors import RpofsError, UnknownVM
-from ..recover.domainxml import marker_of
 from ..store.defrag import defrag
 from ..store import journal, shipments, verify
 from ..store.prune import prune
@@ -43,7 +42,8 @@ from ..store.repo import Repository
 from ..store.schema import PointRecord
 from ..timefmt import US
 from ..virt.client import Connection
-from .. import sdnotify
+from ..virt.marker import marker_of
+from .. import durable, sdnotify
 from . import metrics
 from ..store.vmlock import VmBusy
 from .backup import BackupRequest, VmNotRunning, back_up, end_leftovers
@@ -346,7 +346,7 @@ class Ingester:
             await trio.sleep(WATCH_S)
             due = time.monotonic() >= next_fold
             try:
-                session, point, broken = await trio.to_thread.run_sync(self._tick, dom, session, reader, due)
+                outcome = await trio.to_thread.run_sync(self._tick, dom, session, reader, due)
             except VmBusy:
                 continue  # `rpofs protect` or `unprotect` by hand holds the VM: look again next time
             except RpofsError as e:  # libvirtd restarting, say: the domain is looked up anew
@@ -357,6 +357,7 @@ class Ingester:
                 except RpofsError:
                     pass
                 continue
+            session, point = outcome.session, outcome.point
             if point is not None:
                 st.last_job_s = 0.0
                 self._record(st, point)
@@ -368,8 +369,8 @@ class Ingester:
             size = reader.size()
             st.journal_bytes_per_s = (size - seen[1]) / max(time.monotonic() - seen[0], 1e-3)
             st.journal_bytes, seen = size, (time.monotonic(), size)
-            if broken:
-                return broken
+            if outcome.ended:
+                return outcome.ended
             if due:
                 next_fold = time.monotonic() + policy.journal_fold_s
                 await self._drop_journal(st, policy)
@@ -384,7 +385,7 @@ class Ingester:
             from ..store import protection
             live = protection.current(self.repo, dom.uuid)
             if live is None or live.started_us != session.started_us:
-                return session, None, "the session was ended by hand"
+                return protector.Outcome(session, None, "the session was ended by hand")
             return protector.tick(self.repo, dom, live, journal, fold_due)
 
     def _protection_off(self, st: VmStatus, sched: _Schedule, reason: str) -> None:
@@ -603,7 +604,8 @@ class Ingester:
             body = json.dumps({"pid": os.getpid(), "started_us": self._started_us,
                                "written_us": int(time.time() * US),
                                "vms": [asdict(s) for s in self.status.values()]}, indent=1)
-            await trio.to_thread.run_sync(_write_atomically, path, body)
+            # mode as open() makes it (the umask decides): rpofs status and monitoring read it
+            await trio.to_thread.run_sync(durable.write_file, path, body.encode(), 0o666)
             await trio.sleep(1.0)
 
     def _metrics_text(self) -> str:
@@ -634,13 +636,6 @@ def _next_due(now: float, last: PointRecord | None, last_full: PointRecord | Non
     if full_due <= log_due:
         return full_due, "full interval elapsed: a new chain starts"
     return log_due, ""
-
-
-def _write_atomically(path: str, body: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(body)
-    os.replace(tmp, path)
 
 
 async def run(cfg: IngestConfig, keys=None) -> None:

@@ -34,17 +34,17 @@ import subprocess
 import sys
 import time
 from dataclasses import replace
+from typing import NamedTuple
 
 from ..children import child_env
 from ..errors import RpofsError
-from ..ingest.backup import chosen_disks
-from ..ingest.config import DiskChoice
-from ..recover.domainxml import marker_of
 from ..store.repo import Repository
 from ..store.schema import DiskRecord, PointRecord, ProtectionSession
 from ..store.vmlock import vm_lock
 from ..timefmt import now_us
 from ..virt.client import CHECKPOINT_PREFIX, Domain, DomainInfo
+from ..virt.disks import DiskChoice, chosen_disks
+from ..virt.marker import marker_of
 from ..store import protection
 from ..store.journal import JournalReader, journal_dir, reader as journal_reader, scan, segment_start, segments
 from .fold import FoldInput, fold
@@ -60,6 +60,13 @@ LOCK_WAIT_S = 30.0       # how long protect and unprotect (by hand) wait for ano
 
 class NotProtectable(RpofsError):
     pass
+
+
+class Outcome(NamedTuple):
+    """What a look at a session (tick, fold_now) or its end came to."""
+    session: ProtectionSession       # as recorded after it
+    point: PointRecord | None        # the fold it made, if any
+    ended: str = ""                  # why the session ended; "" while it goes on
 
 
 def socket_path(vm: str) -> str:
@@ -211,7 +218,7 @@ def _wait_ready(dom: Domain, disks, progress) -> int:
             if job is None:
                 raise RpofsError(f"the mirror of disk {d.target} ended during its first pass "
                                  f"(the journal server failed?)")
-            done += job[0] * d.size // job[1] if job[1] else 0
+            done += job.done * d.size // job.total if job.total else 0
             ready = ready and dom.block_job_ready(d.target)
         if progress is not None:
             progress.set(done, total)
@@ -242,20 +249,19 @@ def health(repo: Repository, dom: Domain, session: ProtectionSession, journal: "
 
 
 def tick(repo: Repository, dom: Domain, session: ProtectionSession, journal: JournalReader,
-         fold_due: bool) -> tuple[ProtectionSession, PointRecord | None, str]:
-    """One look at a protected session: (the session, a fold made, why it
-    ended or ""). A broken session is ended (its journal folded)."""
+         fold_due: bool) -> Outcome:
+    """One look at a protected session, folding when fold_due. A broken
+    session is ended (its journal folded)."""
     broken = health(repo, dom, session, journal)
     if broken:
-        session, point = end(repo, dom, session, broken, journal=journal)
-        return session, point, broken
+        return end(repo, dom, session, broken, journal=journal)
     if not fold_due:
-        return session, None, ""
+        return Outcome(session, None)
     return fold_now(repo, dom, session, journal)
 
 
 def fold_now(repo: Repository, dom: Domain, session: ProtectionSession,
-             journal: JournalReader) -> tuple[ProtectionSession, PointRecord | None, str]:
+             journal: JournalReader) -> Outcome:
     """Fold what the journal holds since the last fold (called while the
     mirror is seen running: pending checkpoints old enough are confirmed),
     then make the next checkpoint."""
@@ -289,7 +295,7 @@ def fold_now(repo: Repository, dom: Domain, session: ProtectionSession,
         _drop_old_checkpoints(dom, session)
     else:
         session = protection.save(repo, session)
-    return session, point, ""
+    return Outcome(session, point)
 
 
 def _fold_records(repo: Repository, dom: Domain, session: ProtectionSession, journal: JournalReader,
@@ -340,7 +346,7 @@ def _drop_old_checkpoints(dom: Domain, session: ProtectionSession) -> None:
 
 
 def end(repo: Repository, dom: Domain, session: ProtectionSession, reason: str,
-        journal: JournalReader | None = None, fold_journal: bool = True) -> tuple[ProtectionSession, PointRecord | None]:
+        journal: JournalReader | None = None, fold_journal: bool = True) -> Outcome:
     """Stop the mirrors and the server, fold what the journal holds, and
     record the session as ended (why, and up to when its journal reads)."""
     for d in session.disks:
@@ -361,7 +367,7 @@ def end(repo: Repository, dom: Domain, session: ProtectionSession, reason: str,
             ended = replace(ended, last_us=session.folded_us)
     protection.save(repo, ended)
     log.info("%s: protection ended: %s", dom.name, reason)
-    return ended, point
+    return Outcome(ended, point, reason)
 
 
 def unprotect(repo: Repository, dom: Domain, lock_wait_s: float = LOCK_WAIT_S) -> ProtectionSession | None:
@@ -370,27 +376,38 @@ def unprotect(repo: Repository, dom: Domain, lock_wait_s: float = LOCK_WAIT_S) -
         live = protection.current(repo, dom.uuid)
         if live is None:
             return None
-        return end(repo, dom, live, "stopped by rpofs unprotect")[0]
+        return end(repo, dom, live, "stopped by rpofs unprotect").session
 
 
 def protect_by_hand(repo: Repository, dom: Domain, choice: DiskChoice = DiskChoice(),
-                    progress=None) -> ProtectionSession:
-    """`rpofs protect`: start protecting the VM (protect); of one protected
-    already, fold what its journal holds now, under the VM's lock (never
-    beside the ingester's fold). progress(name): a Progress for the
-    mirrors' first pass, or None. A session the fold finds broken is ended
-    (its journal folded) and an RpofsError says what to do."""
+                    progress=None) -> Outcome:
+    """`rpofs protect`: start protecting the VM (protect; its first fold is
+    the outcome's point); of one protected already, fold what its journal
+    holds now, under the VM's lock (never beside the ingester's fold): the
+    new point, or None when nothing was written since. progress(name): a
+    Progress for the mirrors' first pass, or None. A session the fold finds
+    broken is ended (its journal folded) and an RpofsError says what to do."""
     live = protection.current(repo, dom.uuid)
     with progress(dom.name) if progress is not None else contextlib.nullcontext() as shown:
         session = protect(repo, dom, choice, shown)
     if live is None or live.started_us != session.started_us:
-        return session
+        first = next((p for p in repo.newest_points(dom.uuid)), None)
+        return Outcome(session, first if first is not None and first.origin == "journal" else None)
     with vm_lock(repo.path, dom.uuid, dom.name, "protect", LOCK_WAIT_S):
-        session, _, broken = tick(repo, dom, protection.current(repo, dom.uuid) or session,
-                                  journal_reader(repo.path, session), True)
-    if broken:
-        raise RpofsError(f"{dom.name}: protection ended: {broken}; back it up now with: rpofs backup {dom.name}")
-    return session
+        outcome = tick(repo, dom, protection.current(repo, dom.uuid) or session,
+                       journal_reader(repo.path, session), True)
+    if outcome.ended:
+        raise RpofsError(f"{dom.name}: protection ended: {outcome.ended}; back it up now with: "
+                         f"rpofs backup {dom.name}")
+    return outcome
+
+
+def readable_span(session: ProtectionSession) -> tuple[int, int] | None:
+    """(from, to) µs: the instants a session's journal can be read at,
+    beyond its points; None when it holds no write after protection began
+    (or retention dropped them all)."""
+    start = max(session.ready_us, session.journal_from_us)
+    return (start, session.last_us) if session.last_us > start else None
 
 
 def drop_journal(repo: Repository, session: ProtectionSession, keep_within_us: int, now: int | None = None) -> int:

@@ -21,8 +21,9 @@ with an error: QEMU then fails the mirror job and the guest runs on (the
 write is in its disk; the daemon's repair backup takes it, docs/PROTECT.md).
 The server exits after such an error: a journal with a hole must not grow.
 
-Run by rpofs.protect.mirror (detached from the daemon: it outlives a daemon
-killed with -9, and the mirror with it):
+Started by rpofs.protect.protector (start_server), detached from the
+process that starts it: it outlives a daemon killed with -9, and the mirror
+with it:
     python -m rpofs.protect.server DIR SOCKET vda=SIZE [vdb=SIZE ...]
 """
 
@@ -36,6 +37,7 @@ import struct
 import sys
 import threading
 import time
+from typing import NamedTuple
 
 import trio
 
@@ -69,6 +71,12 @@ MIRROR_GONE_S = 10.0       # no client attached for this long after the last lef
 _REQUEST = struct.Struct(">IHHQQI")
 _OPTION = struct.Struct(">QII")
 _REPLY = struct.Struct(">IIQ")
+
+
+class Export(NamedTuple):
+    """One disk served: what its writes are journaled as, and its size."""
+    disk: int        # the disk's number in the journal's records (its place on the command line)
+    size: int        # bytes; a write past it is refused
 
 
 class JournalWriter:
@@ -203,13 +211,13 @@ class Watchdog:
 
 
 class Connection:
-    def __init__(self, stream: trio.SocketStream, journal: JournalWriter, exports: dict[str, tuple[int, int]],
+    def __init__(self, stream: trio.SocketStream, journal: JournalWriter, exports: dict[str, Export],
                  on_attach=None):
         self.stream = stream
         self.on_attach = on_attach  # called once the client chose an export (a mirror, not a probe)
         self.attached = False
         self.journal = journal
-        self.exports = exports  # name -> (disk index, size)
+        self.exports = exports  # by name ("vda")
         self.buffer = bytearray()
         self.send_lock = trio.Lock()
 
@@ -244,8 +252,8 @@ class Connection:
     async def option_reply(self, option: int, reply: int, data: bytes = b"") -> None:
         await self.send(_OPTION.pack(REPLY_MAGIC, option, reply) + struct.pack(">I", len(data)) + data)
 
-    async def handshake(self) -> tuple[int, int] | None:
-        """Negotiate; the chosen export's (disk, size), or None when the client left."""
+    async def handshake(self) -> Export | None:
+        """Negotiate; the chosen export, or None when the client left."""
         await self.send(struct.pack(">QQH", NBDMAGIC, IHAVEOPT, FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES))
         client_flags = struct.unpack(">I", await self.recv_exactly(4))[0]
         while True:
@@ -258,7 +266,7 @@ class Connection:
                 if export is None:
                     return None  # the protocol's only answer: close
                 tail = b"" if client_flags & FLAG_NO_ZEROES else bytes(124)
-                await self.send(struct.pack(">QH", export[1], TRANSMISSION_FLAGS) + tail)
+                await self.send(struct.pack(">QH", export.size, TRANSMISSION_FLAGS) + tail)
                 return export
             if option in (OPT_INFO, OPT_GO):
                 (name_len,) = struct.unpack(">I", data[:4])
@@ -267,7 +275,7 @@ class Connection:
                 if export is None:
                     await self.option_reply(option, REP_ERR_UNKNOWN, f"no export {name!r}".encode())
                     continue
-                await self.option_reply(option, REP_INFO, struct.pack(">HQH", INFO_EXPORT, export[1],
+                await self.option_reply(option, REP_INFO, struct.pack(">HQH", INFO_EXPORT, export.size,
                                                                       TRANSMISSION_FLAGS))
                 await self.option_reply(option, REP_INFO, struct.pack(">HIII", INFO_BLOCK_SIZE, 1, 4096,
                                                                       MAX_PAYLOAD))
@@ -292,7 +300,6 @@ class Connection:
             self.attached = True
             if self.on_attach is not None:
                 self.on_attach()
-            disk, size = export
             async with trio.open_nursery() as nursery:
                 while True:
                     magic, flags, command, handle, offset, length = _REQUEST.unpack(
@@ -306,7 +313,7 @@ class Connection:
                             return  # the client broke the protocol: its data cannot be skipped safely
                         data = await self.recv_payload(length)
                     if command in (CMD_WRITE, CMD_WRITE_ZEROES):
-                        if offset + length > size:
+                        if offset + length > export.size:
                             await self.reply(handle, errno.ENOSPC)  # the NBD spec's answer past the end
                             continue
                         if self.journal.failed:
@@ -316,7 +323,8 @@ class Connection:
                             await self.reply(handle, 0)
                             continue
                         kind = KIND_WRITE if command == CMD_WRITE else KIND_ZERO
-                        done = self.journal.take(kind, disk, offset, data if command == CMD_WRITE else b"", length)
+                        done = self.journal.take(kind, export.disk, offset,
+                                                 data if command == CMD_WRITE else b"", length)
                         nursery.start_soon(self.answer_when_durable, handle, done)
                     elif command == CMD_FLUSH:
                         # Every write answered is durable already; one not answered yet is
@@ -341,7 +349,7 @@ class Connection:
         await self.send(_REPLY.pack(SIMPLE_REPLY_MAGIC, error, handle))
 
 
-async def serve(directory: str, path: str, exports: dict[str, tuple[int, int]],
+async def serve(directory: str, path: str, exports: dict[str, Export],
                 task_status=trio.TASK_STATUS_IGNORED, stall_s: float = STALL_S, on_stall=None) -> None:
     """Serve until the journal fails (then exit: the mirror fails over), a
     commit stalls (Watchdog), or the process is told to stop."""
@@ -426,12 +434,12 @@ class _Clients:
             self.scope.cancel()
 
 
-def parse_exports(args: list[str]) -> dict[str, tuple[int, int]]:
-    """["vda=SIZE", ...] -> {"vda": (0, SIZE), ...}: disk numbers by position."""
+def parse_exports(args: list[str]) -> dict[str, Export]:
+    """["vda=SIZE", ...] -> {"vda": Export(0, SIZE), ...}: disk numbers by position."""
     out = {}
     for i, arg in enumerate(args):
         name, _, size = arg.partition("=")
-        out[name] = (i, int(size))
+        out[name] = Export(i, int(size))
     return out
 
 

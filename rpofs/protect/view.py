@@ -140,7 +140,7 @@ class JournalDiskReader:
         self.size = base.size
         self.records = records
         self.cache = cache
-        self.index = collections.defaultdict(list)   # 64 KiB block -> records touching it, in order
+        self.index = collections.defaultdict(list)   # block (BLOCK_SIZE) -> records touching it, in order
         for i, r in enumerate(records):
             for b in range(r.offset // BLOCK_SIZE, (r.end - 1) // BLOCK_SIZE + 1):
                 self.index[b].append(i)

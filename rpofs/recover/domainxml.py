@@ -18,7 +18,8 @@ What changes, and why:
 * kernel and initrd files the XML names must exist: QEMU would fail later
   with a message about neither;
 * a marker in <metadata> says which point a VM was recovered from, so the
-  ingester and `rpofs run --list` know it without the repository.
+  ingester and `rpofs run --list` know it without the repository (its
+  namespace and its reader: rpofs.virt.marker).
 """
 
 import os
@@ -26,10 +27,7 @@ from dataclasses import dataclass, field
 from xml.etree import ElementTree as ET
 
 from ..errors import RpofsError
-
-MARKER_NS = "https://rpofs.dev/xmlns/recovery/1"
-MARKER_TAG = f"{{{MARKER_NS}}}recovery"
-ET.register_namespace("rpofs", MARKER_NS)
+from ..virt.marker import MARKER_TAG
 
 
 class BadDomainXml(RpofsError):
@@ -169,15 +167,6 @@ def _mark(root: ET.Element, attrs: dict) -> None:
     for old in metadata.findall(MARKER_TAG):
         metadata.remove(old)
     ET.SubElement(metadata, MARKER_TAG, {k: str(v) for k, v in attrs.items()})
-
-
-def marker_of(xml: str) -> dict | None:
-    """The rpofs:recovery attributes of a domain's XML, or None."""
-    try:
-        el = ET.fromstring(xml).find(f"./metadata/{MARKER_TAG}")
-    except ET.ParseError:
-        return None
-    return dict(el.attrib) if el is not None else None
 
 
 def uses_nvram(xml: str) -> bool:

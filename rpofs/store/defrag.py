@@ -23,6 +23,7 @@ A reader holding an older snapshot finds a moved block again (PackMissing).
 
 import logging
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from ..errors import ChunkError
 from . import gc, schema
@@ -55,34 +56,53 @@ class DefragReport:
                 f"{self.packs_compacted} compacted")
 
 
-def scattered_blocks(entries: list[tuple], record_len) -> list[tuple]:
-    """Of a point's log blocks [(disk, block, location, ...), ...] in (disk,
-    block) order, those in runs shorter than MIN_RUN; record_len(location):
-    the bytes a record takes in its pack (ChunkReader.record_len). A run: blocks whose
-    records follow one another in one pack, in disk order. Unchanged blocks
-    between two do not end a run: they come from the full, and the reads of
-    the pack still go forward."""
+class LogBlock(NamedTuple):
+    """A stored log block the chain's newest point reads. Moved when it is
+    scattered: its record copied to the new pack (checked against the key in
+    its header first) and its log entry pointed at the copy."""
+    disk: int
+    block: int
+    entry: bytes            # its log_index key
+    loc: ChunkLocation      # where its record is now
+
+
+class Fill(NamedTuple):
+    """An unchanged block of a full chunk that logs changed at least half of:
+    copied out of the chunk to the new pack, under a new log entry at the
+    chain's newest point (an empty one when the block is zeros)."""
+    disk: int
+    block: int
+    entry: bytes            # the log_index key it is written under
+    chunk: bytes            # the full chunk's key
+
+
+def scattered_blocks(blocks: list[LogBlock], record_len) -> list[LogBlock]:
+    """Of a point's stored log blocks in (disk, block) order, those in runs
+    shorter than MIN_RUN; record_len(location): the bytes a record takes in
+    its pack (ChunkReader.record_len). A run: blocks whose records follow one
+    another in one pack, in disk order. Unchanged blocks between two do not
+    end a run: they come from the full, and the reads of the pack still go
+    forward."""
     out, run = [], []
-    for entry in entries:
+    for item in blocks:
         if run:
-            loc = run[-1][2]
-            follows = entry[2].pack == loc.pack and entry[2].offset == loc.offset + record_len(loc)
+            loc = run[-1].loc
+            follows = item.loc.pack == loc.pack and item.loc.offset == loc.offset + record_len(loc)
             if not follows:
                 if len(run) < MIN_RUN:
                     out.extend(run)
                 run = []
-        run.append(entry)
+        run.append(item)
     if len(run) < MIN_RUN:
         out.extend(run)
     return out
 
 
-def _newest_blocks(repo, txn, sizes: list[int], chain: int) -> tuple[list[tuple], set[tuple[int, int]]]:
-    """What the chain's newest point reads from its logs: (disk, block,
-    location, log_index key) of every stored block, in (disk, block) order, and
-    the (disk, block) of every block a log changed (zeros too). A block's
-    entries come newest first, and every entry of a chain is at or before its
-    newest point."""
+def _newest_blocks(repo, txn, sizes: list[int], chain: int) -> tuple[list[LogBlock], set[tuple[int, int]]]:
+    """What the chain's newest point reads from its logs: every stored
+    block, in (disk, block) order, and the (disk, block) of every block a log
+    changed (zeros too). A block's entries come newest first, and every entry
+    of a chain is at or before its newest point."""
     out, changed = [], set()
     cur = txn.cursor(db=repo.db["log_index"])
     for key, value in schema.scan(cur, schema.chain_prefix(chain)):
@@ -92,14 +112,14 @@ def _newest_blocks(repo, txn, sizes: list[int], chain: int) -> tuple[list[tuple]
         changed.add((disk, block))
         loc = schema.read_log_value(value, min(BLOCK_SIZE, sizes[disk] - block * BLOCK_SIZE))
         if loc is not None:  # None: zeros, nothing stored to read
-            out.append((disk, block, loc, bytes(key)))
+            out.append(LogBlock(disk, block, bytes(key), loc))
     return out, changed
 
 
-def _fills(repo, txn, chain: int, sizes: list[int], changed: set[tuple[int, int]]) -> list[tuple]:
-    """(disk, block, chunk key) for the unchanged blocks of the full's chunks
-    that logs changed at least half of: read as they are, such a chunk is read
-    and verified whole for the few blocks still its own."""
+def _fills(repo, txn, chain: int, newest: int, sizes: list[int], changed: set[tuple[int, int]]) -> list[Fill]:
+    """The unchanged blocks of the full's chunks that logs changed at least
+    half of, to be written as of the chain's newest point: read as they are,
+    such a chunk is read and verified whole for the few blocks still its own."""
     per_chunk: dict[tuple[int, int], int] = {}
     for disk, block in changed:
         chunk = (disk, block // BLOCKS_PER_CHUNK)
@@ -114,7 +134,8 @@ def _fills(repo, txn, chain: int, sizes: list[int], changed: set[tuple[int, int]
         key = fulls.get(schema.full_key(chain, disk, chunk_no))
         if key is None:  # the full has zeros there: reading them costs nothing
             continue
-        out.extend((disk, b, bytes(key)) for b in blocks if (disk, b) not in changed)
+        out.extend(Fill(disk, b, schema.log_key(chain, disk, b, newest), bytes(key))
+                   for b in blocks if (disk, b) not in changed)
     return out
 
 
@@ -122,10 +143,7 @@ def defrag(repo, vm: str, budget: int = BUDGET, progress=None) -> DefragReport:
     """progress: a rpofs.progress.Progress (set, add), told the bytes moved."""
     report = DefragReport()
     with repo.exclusive():
-        # what goes to the new pack, in disk order: (disk, block, log_index key,
-        # its stored location) to move, or (disk, block, new log_index key,
-        # full chunk key) to fill
-        work = []
+        work: list[LogBlock | Fill] = []   # what goes to the new pack, in disk order
         with repo.env.begin() as txn:
             points = points_in(repo, txn, vm)
             newest_of = {p.chain: p.point for p in points}  # oldest first: the last one wins
@@ -135,13 +153,12 @@ def defrag(repo, vm: str, budget: int = BUDGET, progress=None) -> DefragReport:
                     continue  # no logs: it reads like a full
                 sizes = [d.size for d in full.disks]
                 stored, changed = _newest_blocks(repo, txn, sizes, full.chain)
-                moves = [(d, b, key, loc) for d, b, loc, key in scattered_blocks(stored, repo.reader.record_len)]
-                fills = [(d, b, schema.log_key(full.chain, d, b, newest), chunk)
-                         for d, b, chunk in _fills(repo, txn, full.chain, sizes, changed)]
+                moves = scattered_blocks(stored, repo.reader.record_len)
+                fills = _fills(repo, txn, full.chain, newest, sizes, changed)
                 if len(moves) + len(fills) < min(MIN_SCATTERED, sum(sizes) // BLOCK_SIZE // 16):
                     continue
                 report.chains += 1
-                for item in sorted(moves + fills, key=lambda item: item[:2]):
+                for item in sorted(moves + fills, key=lambda item: (item.disk, item.block)):
                     if budget < BLOCK_SIZE:
                         report.scattered_left += 1
                         continue
@@ -152,30 +169,31 @@ def defrag(repo, vm: str, budget: int = BUDGET, progress=None) -> DefragReport:
     return report
 
 
-def _write(repo, work: list[tuple], report: DefragReport, progress=None) -> None:
+def _write(repo, work: list[LogBlock | Fill], report: DefragReport, progress=None) -> None:
     """Copy the blocks, in the order given, to one new pack; point their
     entries there in one transaction; then drop what that left dead."""
     placed = {}  # log_index key -> its new value
     if progress is not None:
         progress.set(0, len(work) * BLOCK_SIZE)
     with gc.new_pack(repo) as writer:
-        for disk, block, key, source in work:
+        for item in work:
             if progress is not None:
                 progress.add(BLOCK_SIZE)
             try:
-                if isinstance(source, ChunkLocation):  # a stored log block, moved
-                    block_key, stored = repo.reader.verified(None, source)
-                    placed[key] = schema.log_value(writer.append(block_key, source.codec, source.raw_len, stored))
+                if isinstance(item, LogBlock):  # moved; the catalog keeps no key for it, its header does
+                    block_key, stored = repo.reader.verified(None, item.loc)
+                    placed[item.entry] = schema.log_value(writer.append(block_key, item.loc.codec,
+                                                                        item.loc.raw_len, stored))
                     report.blocks_moved += 1
-                    report.bytes_moved += source.raw_len
-                else:  # an unchanged block, copied out of the full's chunk
-                    start = (block % BLOCKS_PER_CHUNK) * BLOCK_SIZE  # of a pieced chunk, its one piece is read
-                    data = repo.read_chunk_range(source, start, start + BLOCK_SIZE)
+                    report.bytes_moved += item.loc.raw_len
+                else:  # a Fill: copied out of the full's chunk
+                    start = (item.block % BLOCKS_PER_CHUNK) * BLOCK_SIZE  # of a pieced chunk, its one piece is read
+                    data = repo.read_chunk_range(item.chunk, start, start + BLOCK_SIZE)
                     loc = None
                     if any_nonzero(data):  # an all-zero block needs no bytes: an empty entry says zeros
                         codec, stored = encode(data)
                         loc = writer.append(repo.ids.chunk_key(data), codec, len(data), stored)
-                    placed[key] = schema.log_value(loc)
+                    placed[item.entry] = schema.log_value(loc)
                     report.blocks_filled += 1
                     report.bytes_moved += len(data)
             except ChunkError as e:  # damage stays where it is, and says so when read

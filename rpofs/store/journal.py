@@ -34,7 +34,6 @@ import os
 import struct
 import threading
 from dataclasses import dataclass
-from typing import Iterator
 
 import blake3
 
@@ -174,14 +173,6 @@ def read_data(record: Record) -> bytes:
     if len(data) != record.length or h.digest() != record.digest:
         raise ChunkError(f"journal record at {record.data_pos} of {record.segment} does not verify")
     return data
-
-
-def records_between(scans: list[Scan], after_us: int, until_us: int) -> Iterator[Record]:
-    """Every record with after_us < time_us <= until_us, in journal order."""
-    for s in scans:
-        for r in s.records:
-            if after_us < r.time_us <= until_us:
-                yield r
 
 
 class RecordCache:

@@ -25,7 +25,9 @@ class Extent(NamedTuple):
     stop: int                   # disk offset just past its last
     base: int                   # disk offset of the chunk's (or block's) first byte
     span: int                   # CHUNK_SIZE or BLOCK_SIZE: what the chunk covers, less at the disk's end
-    key: bytes | None           # the full chunk's key; None for a log block (its key is in its record)
+    kind: str                   # "full": the full's chunk serves it; "log": a log's record of the block
+    key: bytes | None           # the full chunk's key; None when the catalog has none (a log block's is in
+                                # its record's header, checked on reading; a full's zeros have none)
     loc: ChunkLocation | None   # where it is stored; None: zeros
 
     def wanted(self) -> tuple[bytes | None, ChunkLocation, int, int]:
@@ -119,11 +121,13 @@ class DiskReader:
             while pos < end:
                 block = pos // BLOCK_SIZE
                 if block in changes:  # a log's record of the block, or None: zeros
+                    kind = "log"
                     base, span = block * BLOCK_SIZE, BLOCK_SIZE
                     stop = min(base + BLOCK_SIZE, end)
                     key = None
                     loc = schema.read_log_value(changes[block], min(span, self.size - base))
                 else:
+                    kind = "full"
                     chunk_no = pos // CHUNK_SIZE
                     base, span = chunk_no * CHUNK_SIZE, CHUNK_SIZE
                     stop = min(base + CHUNK_SIZE, end)
@@ -138,15 +142,16 @@ class DiskReader:
                         if raw is None:
                             raise ChunkMissing(f"{self._where()}: chunk {key.hex()[:16]} is not in the catalog")
                         loc = ChunkLocation.decode(raw)
-                out.append(Extent(pos, stop, base, span, key, loc))
+                out.append(Extent(pos, stop, base, span, kind, key, loc))
                 pos = stop
         return out
 
     def _changes(self, logs, first: int, last: int) -> dict[int, bytes]:
-        """block -> chunk key of its newest change at or before the point, for
-        the blocks first..last that have one. Blocks no log touched cost
-        nothing: the scan jumps from one changed block to the next; a changed
-        block costs one seek past the changes newer than the point."""
+        """block -> the log_index value (where its bytes are) of its newest
+        change at or before the point, for the blocks first..last that have
+        one. Blocks no log touched cost nothing: the scan jumps from one
+        changed block to the next; a changed block costs one seek past the
+        changes newer than the point."""
         chain, disk, point = self.point.chain, self.disk, self.point.point
         out = {}
         found = logs.set_range(schema.log_key(chain, disk, first, point))
@@ -178,11 +183,11 @@ class DiskReader:
 
 
     def _bytes(self, extent: Extent):
-        pos, stop, base, span, key, loc = extent
-        if loc.raw_len != min(span, self.size - base):
-            raise ChunkError(f"{self._where()}: {_what(key)} does not fit its place")
+        loc, base = extent.loc, extent.base
+        if loc.raw_len != min(extent.span, self.size - base):
+            raise ChunkError(f"{self._where()}: {_what(extent)} does not fit its place")
         try:
-            return self.repo.reader.read_range(key, loc, pos - base, stop - base)
+            return self.repo.reader.read_range(extent.key, loc, extent.pos - base, extent.stop - base)
         except PackMissing:
             raise
         except ChunkError as e:
@@ -198,7 +203,7 @@ def _run_from(extents: list[Extent], i: int, record_len) -> list[Extent]:
     run = []
     for e in itertools.islice(extents, i, None):
         loc = e.loc
-        if e.key is not None or loc is None or loc.codec != CODEC_RAW or e.pos != e.base or e.stop - e.pos != loc.raw_len:
+        if e.kind != "log" or loc is None or loc.codec != CODEC_RAW or e.pos != e.base or e.stop - e.pos != loc.raw_len:
             break
         if run:
             prev = run[-1].loc
@@ -208,5 +213,5 @@ def _run_from(extents: list[Extent], i: int, record_len) -> list[Extent]:
     return run
 
 
-def _what(key: bytes | None) -> str:
-    return f"chunk {key.hex()[:16]}" if key else "log block"
+def _what(extent: Extent) -> str:
+    return "log block" if extent.kind == "log" else f"chunk {extent.key.hex()[:16]}"

@@ -43,10 +43,6 @@ def save(repo: Repository, session: ProtectionSession) -> ProtectionSession:
     return session
 
 
-def delete(repo: Repository, txn, session: ProtectionSession) -> None:
-    txn.delete(schema.protection_key(schema.vm_key(session.vm), session.started_us), db=repo.db["protection"])
-
-
 def of_vm(repo: Repository, vm: str, txn=None) -> list[ProtectionSession]:
     """A VM's sessions, oldest first."""
     if txn is None:

@@ -25,8 +25,8 @@ from .shipments import all_ships
 
 class Ref(NamedTuple):
     """One reference to stored bytes, with who makes it. `key` is the chunk
-    key (None for a log block: its key is in its record header); `loc` is
-    where the record is (None: the key has no row in `chunks`)."""
+    key the catalog names them by (see `keyed`); `loc` is where the record is
+    (None: the key has no row in `chunks`)."""
     kind: str          # "full" | "log" | a point's own ("domain_xml", "checkpoint_xml", "firmware/nvram", ...)
                        # | "app" (a shipment's bytes)
     chain: int         # the chain the referring entry or point belongs to (app: its base's; -1 waiting)
@@ -34,8 +34,15 @@ class Ref(NamedTuple):
     index: int         # full: chunk no; log: block no; -1 for a point's own; app: the file's place in the shipment
     point: int         # log: the point that changed the block; full: the chain; a point's own: that
                        # point; app: the shipment's number
-    key: bytes | None
+    key: bytes | None  # None when not keyed
     loc: ChunkLocation | None
+
+    @property
+    def keyed(self) -> bool:
+        """Whether the catalog names the bytes by their key: every kind but
+        "log" (a log entry keeps only the block's place; its key is in its
+        record's header, which a read checks the bytes against)."""
+        return self.kind != "log"
 
 
 def point_chunks(record: PointRecord) -> dict[str, bytes]:

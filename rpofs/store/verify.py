@@ -79,6 +79,15 @@ class Problem:
     affects: list = field(default_factory=list)
 
 
+class Finding(NamedTuple):
+    """A problem one reference seems to have, in the snapshot checked: a
+    Problem once _confirm finds it still there."""
+    kind: str                         # as Problem.kind (not "relation", "journal")
+    ref: Ref
+    detail: str                       # what is wrong with the record
+    pieces: frozenset | None = None   # a pieced record's damaged pieces; None: all of it
+
+
 @dataclass
 class Garbage:
     packs: int = 0       # packs nothing refers to
@@ -299,7 +308,7 @@ def _check_header(repo, ref: Ref, header: bytes, size: int) -> str:
         return "truncated"
     key, codec, raw_len, stored_len = PACK_HEADER.unpack(header)
     if (codec, raw_len, stored_len) != (loc.codec, loc.raw_len, loc.stored_len) or \
-            (ref.key is not None and key != ref.key):
+            (ref.keyed and key != ref.key):
         return "header"
     return ""
 
@@ -439,7 +448,7 @@ def _still_wrong(repo, ref: Ref, read_data: bool) -> _Record | None:
         return _Record(ref.key, ref.loc, problem, _WHY[problem])
     if not read_data:
         return None
-    record = _check_record(repo, ref.key or PACK_HEADER.unpack(header)[0], ref.loc)
+    record = _check_record(repo, ref.key if ref.keyed else PACK_HEADER.unpack(header)[0], ref.loc)
     return record if record.kind else None
 
 
@@ -452,7 +461,7 @@ def verify(repo, vm: str | None = None, read_data: bool = False, progress=None,
     started = time.monotonic()
     vms = {vm} if vm else None
     report = VerifyReport(time_us=time.time_ns() // 1000, read_data=read_data, vms=[], repository_wide=vm is None)
-    found: list[tuple] = []   # (kind, reference, detail, damaged pieces or None)
+    found: list[Finding] = []
     with repo.env.begin() as txn:
         cat = _Catalog(repo, txn)
         report.vms = sorted({p.vm for p in cat.points.values() if vms is None or p.vm in vms})
@@ -468,7 +477,7 @@ def verify(repo, vm: str | None = None, read_data: bool = False, progress=None,
     by_place: dict[tuple[int, int], list[Ref]] = {}
     for ref in wanted:
         if ref.loc is None:
-            found.append(("missing-chunk", ref, f"chunk {ref.key.hex()[:16]} has no row in chunks", None))
+            found.append(Finding("missing-chunk", ref, f"chunk {ref.key.hex()[:16]} has no row in chunks"))
         else:
             by_place.setdefault((ref.loc.pack, ref.loc.offset), []).append(ref)
     packs = sorted({pack for pack, _ in by_place})
@@ -514,24 +523,24 @@ def _journals(repo, vms: list[str]) -> list[Problem]:
     return problems
 
 
-def _check_headers(repo, on_disk: set[int], by_place) -> list[tuple]:
+def _check_headers(repo, on_disk: set[int], by_place) -> list[Finding]:
     found = []
     sizes: dict[int, int] = {}
     for (pack, offset), users in sorted(by_place.items()):
         if pack not in on_disk:
-            found.extend(("missing-pack", ref, _WHY["missing-pack"], None) for ref in users)
+            found.extend(Finding("missing-pack", ref, _WHY["missing-pack"]) for ref in users)
             continue
         if pack not in sizes:
             sizes[pack] = repo.packs.size(pack)
         header = repo.packs.read(pack, offset - PACK_HEADER.size, PACK_HEADER.size)
         for ref in users:
             if problem := _check_header(repo, ref, header, sizes[pack]):
-                found.append((problem, ref, _WHY[problem], None))
+                found.append(Finding(problem, ref, _WHY[problem]))
     return found
 
 
 def _check_data(repo, packs: list[int], on_disk: set[int], by_place, report: VerifyReport,
-                progress) -> list[tuple]:
+                progress) -> list[Finding]:
     """Read every record of `packs` on WORKERS threads, a pack in ranges of
     about RANGE bytes (a backup writes one pack: one walk would leave the
     other cores idle); match the references."""
@@ -565,22 +574,22 @@ def _check_data(repo, packs: list[int], on_disk: set[int], by_place, report: Ver
     for (pack, offset), users in sorted(by_place.items()):
         referenced.add((pack, offset))
         if pack not in on_disk or pack not in sizes:
-            found.extend(("missing-pack", ref, _WHY["missing-pack"], None) for ref in users)
+            found.extend(Finding("missing-pack", ref, _WHY["missing-pack"]) for ref in users)
             continue
         record = scans.get(pack, {}).get(offset)
         for ref in users:
             if record is None:  # the walk lost its way before it (a header that lies): checked where it is
                 if problem := _still_wrong(repo, ref, True):
-                    found.append((problem.kind, ref, problem.error, problem.pieces))
+                    found.append(Finding(problem.kind, ref, problem.error, problem.pieces))
             elif (record.loc.codec, record.loc.raw_len, record.loc.stored_len) != \
-                    (ref.loc.codec, ref.loc.raw_len, ref.loc.stored_len) or (ref.key not in (None, record.key)):
-                checked = _check_record(repo, ref.key, ref.loc) if ref.key is not None else None
+                    (ref.loc.codec, ref.loc.raw_len, ref.loc.stored_len) or (ref.keyed and ref.key != record.key):
+                checked = _check_record(repo, ref.key, ref.loc) if ref.keyed else None
                 if checked is not None and checked.kind:  # read by key and place: is the content there?
-                    found.append((checked.kind, ref, checked.error, checked.pieces))
+                    found.append(Finding(checked.kind, ref, checked.error, checked.pieces))
                 else:
-                    found.append(("header", ref, _WHY["header"], None))
+                    found.append(Finding("header", ref, _WHY["header"]))
             elif record.kind:
-                found.append((record.kind, ref, record.error, record.pieces))
+                found.append(Finding(record.kind, ref, record.error, record.pieces))
     for pack, records in scans.items():
         for offset, record in records.items():
             if (pack, offset) not in referenced:
@@ -589,7 +598,7 @@ def _check_data(repo, packs: list[int], on_disk: set[int], by_place, report: Ver
     return found
 
 
-def _confirm(repo, found: list[tuple], read_data: bool, report: VerifyReport) -> None:
+def _confirm(repo, found: list[Finding], read_data: bool, report: VerifyReport) -> None:
     """Each problem checked again against a fresh snapshot (prune or defrag
     may have moved the record meanwhile), then grouped by the damaged place
     with everything that reads it."""
@@ -598,26 +607,27 @@ def _confirm(repo, found: list[tuple], read_data: bool, report: VerifyReport) ->
     groups: dict[tuple, Problem] = {}
     with repo.env.begin() as txn:
         cat = _Catalog(repo, txn)
-        for kind, ref, detail, pieces in found:
-            now = _locate(repo, txn, ref)
+        for finding in found:
+            now = _locate(repo, txn, finding.ref)
             if now is None:
                 continue  # no longer referenced: nothing reads it
-            if now != ref:
+            if now != finding.ref:
                 record = _still_wrong(repo, now, read_data)
                 if record is None:
                     continue
-                ref, kind, detail, pieces = now, record.kind, record.error, record.pieces
+                finding = Finding(record.kind, now, record.error, record.pieces)
+            kind, ref = finding.kind, finding.ref
             place = (kind, ref.loc.pack, ref.loc.offset) if ref.loc else (kind, ref.key)
             problem = groups.get(place)
             if problem is None:
                 if ref.loc is None:
                     message = f"chunk {ref.key.hex()[:16]} is not in the catalog's chunks"
                 else:
-                    message = f"{schema.pack_name(ref.loc.pack)} at {ref.loc.offset}: {detail}"
+                    message = f"{schema.pack_name(ref.loc.pack)} at {ref.loc.offset}: {finding.detail}"
                 problem = groups[place] = Problem(kind, message, ref.loc.pack if ref.loc else None,
                                                   ref.loc.offset if ref.loc else None)
-            if not (kind == "header" and ref.key is not None):  # a keyed read never looks at the header
-                problem.affects.extend(affects(repo, txn, cat, ref, pieces))
+            if not (kind == "header" and ref.keyed):  # a keyed read never looks at the header
+                problem.affects.extend(affects(repo, txn, cat, ref, finding.pieces))
     for problem in groups.values():
         merged: dict[tuple, Affected] = {}
         for a in problem.affects:

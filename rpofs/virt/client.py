@@ -8,6 +8,7 @@ import logging
 import time
 import os
 from dataclasses import dataclass
+from typing import NamedTuple
 from xml.etree import ElementTree as ET
 from xml.sax.saxutils import quoteattr
 
@@ -49,6 +50,12 @@ class DiskInfo:
     format: str    # "qcow2", "raw", ...
     source: str    # host path (file or block device)
     size: int      # virtual size in bytes
+
+
+class BlockJob(NamedTuple):
+    """How far a disk's block job (a copy, a mirror, a merge) has come."""
+    done: int      # bytes
+    total: int     # bytes (a mirror's grows while the guest writes); 0 until libvirt knows it
 
 
 @dataclass(frozen=True)
@@ -277,11 +284,11 @@ class Domain:
         with _translated(f"starting to merge disk {target} of {self.name}"):
             self._dom.blockCommit(target, None, None, 0, libvirt.VIR_DOMAIN_BLOCK_COMMIT_ACTIVE)
 
-    def block_job(self, target: str) -> tuple[int, int] | None:
-        """(done, total) bytes of the disk's block job, or None without one."""
+    def block_job(self, target: str) -> BlockJob | None:
+        """How far the disk's block job has come, or None without one."""
         with _translated(f"reading the block job of {self.name} disk {target}"):
             info = self._dom.blockJobInfo(target, 0)
-        return (info["cur"], info["end"]) if info else None
+        return BlockJob(info["cur"], info["end"]) if info else None
 
     def block_job_ready(self, target: str) -> bool:
         """Whether the copy may pivot: every byte copied and mirrored since."""
