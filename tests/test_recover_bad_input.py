@@ -89,13 +89,17 @@ def read_only_dir(path):
 
 def test_run_mount_goes_with_the_last_run_vm(lab):
     """run A starts REPO/run/mnt, run B uses it too; stopping A keeps it for
-    B, stopping B unmounts it (whichever run started it)."""
+    B, stopping B unmounts it (whichever run started it). A running run VM
+    is neither backed up nor protected."""
     repo, vm = lab["repo"], lab["vm"]
     before = domains(lab)
-    names = [run_rpofs("run", f"{vm.name}@latest", "--no-start", "--name", f"rpofs-rb-run{i}",
+    names = [run_rpofs("run", f"{vm.name}@latest", *(["--no-start"] if i else []), "--name", f"rpofs-rb-run{i}",
                        repo=repo).stdout.strip() for i in range(2)]
     mnt = str(repo / "run" / "mnt")
     assert _mounted(mnt)
+    # a VM on a point reads the repository: one rule for backup and protect alike
+    for command in ("backup", "protect"):
+        fails(run_rpofs(command, names[0], repo=repo, check=False), "runs on a recovery point (rpofs run)")
     run_rpofs("run", "--stop", names[0], repo=repo)
     assert _mounted(mnt)
     run_rpofs("run", "--stop", names[1], repo=repo)

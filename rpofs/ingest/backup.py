@@ -23,6 +23,7 @@ from ..timefmt import now_us
 from ..virt.client import (CHECKPOINT_PREFIX, AgentUnavailable, CheckpointUnusable, Connection, Domain,
                            DomainInfo)
 from ..virt.disks import DiskChoice, chosen_disks
+from ..virt.marker import run_vm_refused, runs_on_a_point
 from ..virt.nbdexport import Export
 from .config import Quiesce
 
@@ -61,6 +62,8 @@ def back_up(repo: Repository, conn: Connection, req: BackupRequest, progress=Non
         if not info.running:
             raise VmNotRunning(f"VM {info.name} is not running: rpofs backs up running VMs through libvirt's "
                                f"backup API")
+        if runs_on_a_point(dom.xml()):
+            raise RpofsError(run_vm_refused(info.name, "back up"))
         from ..store import protection
         if protection.current(repo, info.uuid) is not None:  # libvirt refuses a backup of a mirrored disk
             raise RpofsError(f"VM {info.name} is protected continuously: its points come from the journal "

@@ -42,7 +42,7 @@ from ..store.repo import Repository
 from ..store.schema import PointRecord
 from ..timefmt import US
 from ..virt.client import Connection
-from ..virt.marker import marker_of
+from ..virt.marker import runs_on_a_point
 from .. import durable, sdnotify
 from . import metrics
 from ..store.vmlock import VmBusy
@@ -137,11 +137,8 @@ class _JobProgress:
 
 
 def _runs_on_a_point(dom) -> bool:
-    """A VM `rpofs run` booted from a point reads its disks from the
-    repository until it is moved: backing it up would copy the repository
-    into itself. It is backed up once moved (its first point a full)."""
-    marker = marker_of(dom.xml())
-    return bool(marker) and marker.get("kind") == "run"
+    """rpofs.virt.marker's rule: left alone until moved (then its first point is a full)."""
+    return runs_on_a_point(dom.xml())
 
 
 class Ingester:

@@ -44,7 +44,7 @@ from ..store.vmlock import vm_lock
 from ..timefmt import now_us
 from ..virt.client import CHECKPOINT_PREFIX, Domain, DomainInfo
 from ..virt.disks import DiskChoice, chosen_disks
-from ..virt.marker import marker_of
+from ..virt.marker import run_vm_refused, runs_on_a_point
 from ..store import protection
 from ..store.journal import JournalReader, journal_dir, reader as journal_reader, scan, segment_start, segments
 from .fold import FoldInput, fold
@@ -164,10 +164,8 @@ def protect(repo: Repository, dom: Domain, choice: DiskChoice = DiskChoice(), pr
             if live is not None:  # QEMU stopped while no one watched: its journal is folded now
                 end(repo, dom, live, "the VM stopped")
             raise NotProtectable(f"VM {info.name} is not running")
-        marker = marker_of(dom.xml())
-        if marker and marker.get("kind") == "run":
-            raise NotProtectable(f"VM {info.name} runs on a recovery point (rpofs run): its disks read the "
-                                 f"repository; protect it once moved (rpofs run --move)")
+        if runs_on_a_point(dom.xml()):
+            raise NotProtectable(run_vm_refused(info.name, "protect"))
         disks = tuple(chosen_disks(dom, info, choice, "protect"))
         live = protection.current(repo, dom.uuid)
         if live is not None:
