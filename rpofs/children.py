@@ -18,7 +18,7 @@ def child_env() -> dict[str, str]:
     return {name: value for name, value in os.environ.items() if name not in SECRETS}
 
 
-def forget_secrets() -> None:
-    """Remove the secrets from this process's environment (once they are read)."""
-    for name in SECRETS:
-        os.environ.pop(name, None)
+def take_secrets() -> dict[str, str]:
+    """Remove the secrets from this process's environment and return them:
+    the command line takes them once, before anything can start a child."""
+    return {name: os.environ.pop(name) for name in SECRETS if name in os.environ}

@@ -18,7 +18,7 @@ from .. import memory
 from ..errors import RpofsError
 from ..store.repo import default_repo_path
 from . import backup, browse, maintain, protect, recover, repo
-from .common import EXIT_ERROR, EXIT_USAGE
+from .common import EXIT_ERROR, EXIT_USAGE, take_secrets
 
 FAMILIES = (repo, backup, browse, recover, protect, maintain)
 # the order `rpofs --help` lists them in
@@ -42,6 +42,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    take_secrets()  # no child of rpofs (nor a library's) inherits the passphrase
     parser = _parser()
     if not (sys.argv[1:] if argv is None else argv):
         parser.print_help()

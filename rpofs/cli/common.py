@@ -7,6 +7,7 @@ import getpass
 import os
 import sys
 
+from .. import children
 from ..errors import RpofsError
 from ..store import crypto
 from ..store.repo import Repository
@@ -35,14 +36,26 @@ def read_key_file(path: str) -> str:
     return text
 
 
+_SECRETS: dict[str, str] = {}   # taken out of the environment by main() (rpofs.children)
+
+
+def take_secrets() -> None:
+    _SECRETS.update(children.take_secrets())
+
+
+def env_passphrase() -> str | None:
+    """$RPOFS_PASSPHRASE as it was when rpofs started."""
+    return _SECRETS.get("RPOFS_PASSPHRASE")
+
+
 def passphrase_of(repo_path: str, args, config_key_file: str = "") -> str | None:
     """The passphrase from --key-file, the ingester's key_file, $RPOFS_KEY_FILE,
     $RPOFS_PASSPHRASE, or asked on a terminal; None: none to be had."""
     for path in (args.key_file, config_key_file, os.environ.get("RPOFS_KEY_FILE")):
         if path:
             return read_key_file(path)
-    if os.environ.get("RPOFS_PASSPHRASE"):
-        return os.environ["RPOFS_PASSPHRASE"]
+    if env_passphrase():
+        return env_passphrase()
     if sys.stdin.isatty():
         return getpass.getpass(f"passphrase for {repo_path}: ")
     return None

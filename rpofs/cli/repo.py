@@ -7,7 +7,7 @@ import sys
 
 from ..errors import RpofsError
 from ..store.repo import Repository
-from .common import EXIT_ERROR, key_source, read_key_file
+from .common import EXIT_ERROR, env_passphrase, key_source, read_key_file
 
 
 def add_init(sub) -> None:
@@ -47,8 +47,8 @@ def cmd_init(repo_path: str, args) -> None:
     key_file = args.init_key_file or args.key_file or os.environ.get("RPOFS_KEY_FILE")
     if key_file:
         passphrase = read_key_file(key_file)
-    elif os.environ.get("RPOFS_PASSPHRASE"):
-        passphrase = os.environ["RPOFS_PASSPHRASE"]
+    elif env_passphrase():
+        passphrase = env_passphrase()
     elif sys.stdin.isatty():
         passphrase = getpass.getpass(f"new passphrase for {repo_path}: ")
         if not passphrase:
