@@ -230,10 +230,17 @@ def test_prune_and_verify_with_app_points(shipping, tmp_path):
     report = verify(run.repo, read_data=True)
     assert report.ok, report.problems
     # keep the newest point (and its chain's full): the middle log goes, and the app points on it
+    planned = prune(run.repo, run.uuid, Retention(last=1), dry_run=True)
     pruned = prune(run.repo, run.uuid, Retention(last=1))
     assert [p.point for p in pruned.points_removed] == [bases[1]]
-    left = [s for s in shipments.ships(run.repo, run.uuid) if s.base is not None]
-    assert {s.base for s in left} == {bases[0], bases[2]} and pruned.ships_removed == len(ships) - len(left)
+    now = list(shipments.ships(run.repo, run.uuid))
+    left = [s for s in now if s.base is not None]
+    assert {s.base for s in left} == {bases[0], bases[2]}
+    # counted as they went: deleted, or kept without a base (later app points read them)
+    assert pruned.ships_removed == len(ships) - len(now) > 0
+    assert pruned.ships_unbased == sum(1 for s in now if s.base is None and "pruned" in s.waiting)
+    assert (planned.ships_removed, planned.ships_unbased) == (pruned.ships_removed, pruned.ships_unbased)
+    assert [s.ship for s in planned.app_points_removed] == [s.ship for s in pruned.app_points_removed]
     assert verify(run.repo, read_data=True).ok
     with mounted(run.repo_path, tmp_path / "mnt") as mnt:
         check_every_point(run, mnt)

@@ -97,9 +97,14 @@ def cmd_prune(repo_path: str, args) -> None:
                                          progress=lambda name: Progress(f"prune {name}: compacting", 0))
             if args.dry_run:
                 gone = point_names_of(repo, report.points_removed)
-                print(f"{name}: would remove {len(gone)} points, keep {report.points_kept}")
+                apps = (f" and {report.ships_removed} app points" if report.ships_removed else "")
+                unbased = (f" ({report.ships_unbased} app points would be left without a base, waiting)"
+                           if report.ships_unbased else "")
+                print(f"{name}: would remove {len(gone)} points{apps}, keep {report.points_kept}{unbased}")
                 for n in gone:
                     print(f"  {n}")
+                for ship in report.app_points_removed:
+                    print(f"  {ship.name} (app point of {ship.app})")
             else:
                 print(f"{name}: {report.summary()}")
 
