@@ -107,3 +107,25 @@ def test_listing_a_point_opens_no_guest_filesystem(tmp_path, monkeypatch):
     after = tree.getattr(listed["point.json"].ino)  # worked out once read: its own size from then on
     assert not after.unsized and after.size == len(body)
     repo.close()
+
+
+def test_commands_resolve_a_time_as_at_does_and_say_which_point(tmp_path):
+    """rpofs.mount.tree.resolve is what cp, restore and run take TIME by:
+    the same name at/ links to; a time that is not a point's own name says
+    which point it was taken as; a disk with no filesystem is one line."""
+    from rpofs.mount.tree import resolve
+    from vmlab import run_rpofs
+    repo, disk, (full, log1, log2) = three_points(tmp_path / "r", random.Random(3))
+    tree = Tree(repo, refresh_s=0)
+    uuid = repo.find_vm("m")[0]
+    for text in ("2026-11-24T18:59:40.2Z", "2026-11-24T18:59:35Z", "2030-01-01T00:00:00Z", "latest",
+                 "2026-11-24T18:59:40.7Z"):
+        moment = resolve(repo, "m", text)
+        assert moment.name == tree.as_of(uuid, text) and moment.kind == "point"
+        assert (moment.note() == "") == (text in ("latest", "2026-11-24T18:59:40.7Z")), text
+    assert resolve(repo, "m", "2030-01-01T00:00:00Z").note() == (
+        "2030-01-01T00:00:00Z is the point 2026-11-24T18:59:40.7Z, the newest at or before it")
+    repo.close()
+    out = run_rpofs("cp", "m@latest:vda/0/etc/hosts", tmp_path / "x", repo=tmp_path / "r", check=False)
+    assert out.returncode == 1 and out.stderr.count("\n") == 1 and "WARNING" not in out.stderr, out.stderr
+    assert out.stderr.startswith("rpofs: disk vda has no volume 0: no partition table or filesystem found")

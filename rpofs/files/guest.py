@@ -103,8 +103,15 @@ class GuestFiles:
         vol = self.volume(point, target, volume)
         fs = self.disk(point, target).filesystem(vol) if vol else None
         if fs is None:
-            raise GuestFileError(vol.note if vol else f"no volume {volume}")
+            raise GuestFileError(vol.note if vol else self._no_volume(point, target, volume))
         return fs
+
+    def _no_volume(self, point: PointRecord, target: str, volume: str) -> str:
+        files = self.disk(point, target)
+        shown = [v.name for v in files.volumes()]
+        why = f": {'; '.join(files.notes)}" if files.notes else ""
+        return (f"disk {target} has no volume {volume}" + (f" (it has {', '.join(shown)})" if shown else "")
+                + why)
 
     def root(self, point: PointRecord, target: str, volume: str) -> tuple[GuestKey, Entry]:
         fs = self.filesystem(point, target, volume)

@@ -127,9 +127,10 @@ class DiskFiles:
         return volumes + self._logical(self._lvm(pvs)) if pvs else volumes
 
     def _problem(self, note: str) -> list:
-        """Logged once and kept for point.json; no volumes from there."""
+        """Kept for point.json and the error a command gives (logged at info:
+        `rpofs cp` says it in its one line, the mount's log has it)."""
         note = one_line(note)
-        log.warning("%s: %s", self.where, note)
+        log.info("%s: %s", self.where, note)
         self.notes.append(note)
         return []
 
@@ -153,7 +154,7 @@ class DiskFiles:
         if volume._fs is not None or volume.note.startswith("cannot"):
             if volume.note.startswith("cannot") and not volume._logged:
                 volume._logged = True
-                log.warning("%s volume %s: %s", self.where, volume.name, volume.note)
+                log.info("%s volume %s: %s", self.where, volume.name, volume.note)
             return volume._fs
         read = volume.read
         if read is None:
@@ -185,7 +186,7 @@ class DiskFiles:
             volume.note = one_line(f"cannot show files: {type(e).__name__}: {e}")
         if volume.note.startswith("cannot"):
             volume._logged = True
-            log.warning("%s volume %s: %s", self.where, volume.name, volume.note)
+            log.info("%s volume %s: %s", self.where, volume.name, volume.note)
         return volume._fs
 
 
