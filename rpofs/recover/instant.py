@@ -375,8 +375,9 @@ def move(repo: Repository, conn: Connection, name: str, dest_dir: str) -> RunRec
         if not dom.is_running():
             raise RpofsError(f"{rec.name} is not running: a move copies a running VM's disks "
                              f"(virsh start {rec.name} first)")
-        point = repo.point_at(rec.vm, format_time(rec.time_us, 6))
-        if point.point != rec.point:
+        with repo.env.begin() as txn:
+            point = repo.get_point(txn, rec.point)
+        if point is None:
             raise RpofsError(f"the point {rec.name} runs on is gone from the repository")
         plan = _plan_move(dom, rec, dest_dir)
         rec.moving = sorted(set(rec.moving) | {p for d in plan for p in (d.final, d.top)})

@@ -252,8 +252,10 @@ class Repository:
         return matches[0]
 
     def point_at(self, ref: str, when: str) -> PointRecord:
-        """The point named `when`; else the VM's newest point at or before
-        `when` (as in the mount's at/); its newest for "latest"."""
+        """The block point named `when`; else the VM's newest block point at
+        or before `when`; its newest for "latest". Block points only: what a
+        command's VM@TIME names (app points and journal instants too, as
+        at/ shows them) is rpofs.mount.tree.resolve's."""
         uuid, name = self.find_vm(ref)
         newest = self.newest_points(uuid)
         if when == "latest":
