@@ -34,6 +34,7 @@ import collections
 import concurrent.futures
 import contextlib
 import fcntl
+import itertools
 import logging
 import os
 import threading
@@ -55,6 +56,7 @@ UPLOADERS = 2            # PUTs at once: 1 thread 90-150 MiB/s, 4 threads 100-22
 PACK_TARGET = 16 << 20   # a pack's size in the store: see docs/OBJECTSTORE.md ("Pack size")
 PACKS_DIR = "packs/"
 HASH = 32                # a cache file starts with its block's blake3
+DIR_BYTES = 4096         # what a pack's directory in the cache takes
 
 
 def pack_key(pack: int) -> str:
@@ -158,7 +160,7 @@ class BlockCache:
         self._used_path = os.path.join(directory, ".used")
         self._lock = threading.Lock()
         self._checked: collections.OrderedDict[tuple, tuple] = collections.OrderedDict()
-        self._tmp = 0
+        self._tmp = itertools.count(1)
         self.hits = self.misses = self.refetched = 0
 
     def _path(self, pack: int, block: int) -> str:
@@ -205,21 +207,18 @@ class BlockCache:
 
     def put(self, pack: int, block: int, data: bytes) -> None:
         """Keep a block just fetched (not when the cache cannot hold it)."""
-        need = _alloc(HASH + len(data))
+        path = self._path(pack, block)
+        need = _alloc(HASH + len(data)) + (0 if os.path.isdir(os.path.dirname(path)) else DIR_BYTES)
         if need > self.limit * 9 // 10:
             return
-        self._reserve(need)
-        with self._lock:
-            self._tmp += 1
-            tmp = os.path.join(self.directory, f".tmp-{os.getpid()}-{threading.get_ident()}-{self._tmp}")
+        tmp = self._reserve(need)
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CLOEXEC)
             try:
                 pwrite_all(fd, [blake3.blake3(data).digest(), data], 0, tmp)
                 st = os.fstat(fd)
             finally:
                 os.close(fd)
-            path = self._path(pack, block)
             for _ in range(3):  # an eviction may remove the pack's directory once it is empty
                 os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
                 try:
@@ -277,35 +276,44 @@ class BlockCache:
             finally:
                 fcntl.flock(self._lockfd, fcntl.LOCK_UN)
 
-    def _reserve(self, need: int) -> None:
+    def _reserve(self, need: int) -> str:
+        """Count `need` bytes, evicting first if they would pass the limit;
+        returns the temporary file to write the block to, made while the
+        count is locked and named with `need`: a scan by any process
+        counts it at that size however much of it is written yet."""
         with self._counted() as used:
             if used[0] + need > self.limit:
                 used[0] = self._scan(self.limit * 9 // 10 - need)
             used[0] += need
+            n = next(self._tmp)  # (self._lock is held: _counted)
+            tmp = os.path.join(self.directory, f".tmp-{os.getpid()}-{threading.get_ident()}-{n}-{need}")
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
+            return tmp
 
     def _release(self, freed: int) -> None:
         with self._counted() as used:
             used[0] -= freed
 
     def used(self) -> int:
-        """Bytes the cache's files take now (a scan)."""
+        """Bytes the cache takes now (a scan): its blocks' files, the
+        directories of their packs, the blocks being written."""
         with self._counted() as used:
             used[0] = self._scan(1 << 62)
             return used[0]
 
     def _scan(self, goal: int) -> int:
-        """Every block's allocated bytes counted; the least recently used
-        removed until at most `goal` remain; temporary files of writers that
-        died (an hour old) removed. Returns the bytes left."""
+        """Every block's allocated bytes counted (and each pack's directory);
+        the least recently used removed until at most `goal` remain;
+        temporary files counted at the size they were reserved for, those
+        of writers that died (an hour old) removed. Returns the bytes left."""
         blocks, total, now = [], 0, time.time()
         for top in os.scandir(self.directory):
             if top.name.startswith(".tmp-"):
                 with contextlib.suppress(FileNotFoundError):
-                    st = top.stat()
-                    if now - st.st_mtime > 3600:
+                    if now - top.stat().st_mtime > 3600:
                         os.unlink(top.path)
                     else:
-                        total += st.st_blocks * 512
+                        total += int(top.name.rsplit("-", 1)[1])
                 continue
             if not top.is_dir():
                 continue
@@ -319,6 +327,8 @@ class BlockCache:
             if empty:
                 with contextlib.suppress(OSError):
                     os.rmdir(top.path)
+                    continue
+            total += DIR_BYTES
         if total > goal:
             blocks.sort()
             for _, path, size in blocks:
@@ -537,6 +547,7 @@ class ObjectPacks(PackStore):
         self._fetchers.shutdown(wait=True, cancel_futures=True)
         self._uploads.shutdown(wait=True)
         self.cache.close()
+        self.bucket.close()
 
 
 class _Direct(PackStore):
@@ -622,17 +633,21 @@ def claim_store(url: str, format: int) -> Bucket:
     import json
     from .s3 import StoreUrl
     bucket = Bucket(StoreUrl.parse(url))
-    bucket.ensure_bucket()
-    _refuse_held(bucket, format)
-    if bucket.any() is not None:
-        raise RpofsError(f"{bucket.url} is not empty and holds no rpofs repository: give an empty prefix")
-    marker = json.dumps({"rpofs": "repository", "format": format, "packs": PACKS_DIR,
-                         "pack_target": PACK_TARGET, "created": int(time.time())}, indent=1).encode()
     try:
-        bucket.put_new(MARKER, marker)
-    except StoreError as e:
-        if e.code == "PreconditionFailed":  # written meanwhile
-            _refuse_held(bucket, format)
+        bucket.ensure_bucket()
+        _refuse_held(bucket, format)
+        if bucket.any() is not None:
+            raise RpofsError(f"{bucket.url} is not empty and holds no rpofs repository: give an empty prefix")
+        marker = json.dumps({"rpofs": "repository", "format": format, "packs": PACKS_DIR,
+                             "pack_target": PACK_TARGET, "created": int(time.time())}, indent=1).encode()
+        try:
+            bucket.put_new(MARKER, marker)
+        except StoreError as e:
+            if e.code == "PreconditionFailed":  # written meanwhile
+                _refuse_held(bucket, format)
+            raise
+    except BaseException:
+        bucket.close()
         raise
     return bucket
 
@@ -660,6 +675,7 @@ def release_store(bucket: Bucket) -> None:
     """Undo claim_store when the local half of init failed (best effort)."""
     with contextlib.suppress(StoreError):
         bucket.delete(MARKER)
+    bucket.close()
 
 
 def write_config(repo_path: str, url: str, cache_size: int) -> None:

@@ -193,6 +193,8 @@ class Repository:
             if bucket is not None:
                 objectpacks.release_store(bucket)
             raise
+        if bucket is not None:
+            bucket.close()
         return cls(path, env, keys)
 
     @classmethod

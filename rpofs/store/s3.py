@@ -90,6 +90,16 @@ class Bucket:
     def __str__(self) -> str:
         return str(self.url)
 
+    def close(self) -> None:
+        """Close the connections (else the garbage collector does, with a ResourceWarning)."""
+        self._client.close()
+
+    def __enter__(self) -> "Bucket":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     # -- the operations --------------------------------------------------------
 
     def ensure_bucket(self) -> None:
