@@ -60,3 +60,36 @@ class KeyRequired(RpofsError):
 
 class WrongKey(RpofsError):
     """The passphrase (or key) is not the repository's."""
+
+
+class StoreError(RpofsError):
+    """An object store (rpofs.store.s3) failed a request, after its retries.
+    code: the store's error code ("" for a connection failure), reason: its
+    code and message as shown."""
+
+    errno = 5  # EIO
+
+    def __init__(self, message: str, code: str = "", reason: str = ""):
+        super().__init__(message)
+        self.code = code
+        self.reason = reason or message
+
+
+class StoreUnreachable(StoreError):
+    """No answer (refused, timed out) or only 5xx/SlowDown within the bound."""
+
+
+class StoreAuthError(StoreError):
+    """No credentials, or the store refused them."""
+
+    errno = 13  # EACCES
+
+
+class StoreConflict(StoreError):
+    """A conditional write found the object already there."""
+
+
+class StoreFull(StoreError):
+    """The store's quota is reached: what a full disk is to a local repository."""
+
+    errno = 28  # ENOSPC

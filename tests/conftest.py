@@ -6,6 +6,8 @@ import pytest
 # tests import their helpers (vmlab, synth) by name
 sys.path.insert(0, os.path.dirname(__file__))
 
+from objectstore import rgw, store_url  # noqa: E402,F401  (fixtures of the objstore tests: a real Ceph RGW)
+
 
 def pytest_sessionfinish(session, exitstatus):
     """In CI a skipped test proves nothing: count it as a failure."""
@@ -16,7 +18,7 @@ def pytest_sessionfinish(session, exitstatus):
         session.exitstatus = 1
 
 
-LEVELS = ("pure", "lmdb", "fuse", "libvirt")
+LEVELS = ("pure", "lmdb", "fuse", "objstore", "libvirt")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -160,3 +160,24 @@ def test_a_circle_is_found(tmp_path):
     graph = import_graph(pkg)
     assert graph["rpofs.high"] == {"rpofs.low.a"} and graph["rpofs.typed"] == set()
     assert cycles(graph) == [["rpofs.high", "rpofs.low.a", "rpofs.high"]]
+
+
+# third-party libraries imported in one place each (habit 6: narrow boundaries)
+ONLY_IN = {"boto3": "rpofs.store.s3", "botocore": "rpofs.store.s3"}
+
+
+def test_an_object_store_library_is_imported_in_one_module():
+    """boto3/botocore only in rpofs/store/s3.py, which turns their errors
+    into rpofs's; nothing else knows the library (and a repository without a
+    store never imports it)."""
+    for path in sorted(ROOT.rglob("*.py")):
+        name = _module_name(path, ROOT)
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                roots = [a.name.split(".")[0] for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                roots = [(node.module or "").split(".")[0]]
+            else:
+                continue
+            for lib in roots:
+                assert ONLY_IN.get(lib, name) == name, f"{name} imports {lib} (only {ONLY_IN[lib]} may)"

@@ -17,6 +17,13 @@ def add_init(sub) -> None:
                          "$RPOFS_KEY_FILE, else $RPOFS_PASSPHRASE, else asked twice on a terminal. Without "
                          "the passphrase the repository cannot be read: keep it safe.")
     ini.add_argument("--encrypt", action="store_true", help="encrypt the repository")
+    ini.add_argument("--store", default=None, metavar="s3://BUCKET/PREFIX",
+                     help="keep the packs in this S3 object store (endpoint and credentials as for any S3 "
+                     "tool: AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_PROFILE); the "
+                     "bucket is created when missing, the prefix must be empty (docs/OBJECTSTORE.md)")
+    ini.add_argument("--cache-size", default=None, metavar="SIZE", type=parse_size,
+                     help="--store: the local cache of pack data never grows past this (e.g. 50G; default "
+                     "10G; the key cache_size in REPO/store.json)")
     ini.add_argument("--key-file", dest="init_key_file", default=None, metavar="FILE",
                      help="--encrypt: the passphrase is this file's first line")
     ini.set_defaults(func=cmd_init)
@@ -35,12 +42,30 @@ def add_upgrade(sub) -> None:
 PARSERS = {"init": add_init, "upgrade": add_upgrade}
 
 
+def parse_size(text: str) -> int:
+    """Bytes from "50G", "512M", "1T", "4096" (powers of 1024)."""
+    import argparse
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    unit = t[-1:] if t[-1:] in units else ""
+    try:
+        value = float(t[:len(t) - len(unit)])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 50G, 512M)") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r}")
+    return int(value * units[unit])
+
+
 def cmd_init(repo_path: str, args) -> None:
+    if args.cache_size is not None and args.store is None:
+        raise RpofsError("init: --cache-size goes with --store")
+    where = f" with its packs in {args.store}" if args.store else ""
     if not args.encrypt:
         if args.init_key_file:
             raise RpofsError("init: --key-file goes with --encrypt")
-        Repository.init(repo_path).close()
-        print(f"created repository {repo_path}")
+        Repository.init(repo_path, store=args.store, cache_size=args.cache_size).close()
+        print(f"created repository {repo_path}{where}")
         return
     if os.path.exists(os.path.join(repo_path, "catalog")):
         raise RpofsError(f"{repo_path} already holds a repository")
@@ -57,9 +82,9 @@ def cmd_init(repo_path: str, args) -> None:
             raise RpofsError("init: the two passphrases differ: nothing created")
     else:
         raise RpofsError("init --encrypt: give the passphrase with --key-file, $RPOFS_KEY_FILE or $RPOFS_PASSPHRASE")
-    with Repository.init(repo_path, passphrase) as repo:
+    with Repository.init(repo_path, passphrase, store=args.store, cache_size=args.cache_size) as repo:
         fingerprint = repo.keys.fingerprint
-    print(f"created encrypted repository {repo_path} (key fingerprint {fingerprint}); "
+    print(f"created encrypted repository {repo_path}{where} (key fingerprint {fingerprint}); "
           f"without its passphrase it cannot be read")
 
 

@@ -150,18 +150,41 @@ def encode(data) -> tuple[int, bytes]:
     return CODEC_RAW, bytes(data)
 
 
-class PackWriter:
-    """Appends chunk records to one new pack. Thread-safe: a record's place
-    is reserved under the lock, and it is sealed (encrypted repositories)
-    and written outside it, so threads seal in parallel."""
+class _Open:
+    """One pack of a PackWriter: its file, where the next record goes, how
+    many writes are under way, whether the writer has moved on from it."""
+    __slots__ = ("number", "file", "end", "writing", "full")
 
-    def __init__(self, packs: PackStore, pack: int, sealer: Sealer | None = None):
-        self.pack = pack
-        self._file = packs.create(pack)
+    def __init__(self, number: int, file):
+        self.number, self.file, self.end, self.writing, self.full = number, file, 0, 0, False
+
+
+class PackWriter:
+    """Appends chunk records to new packs: one, or as many as the PackStore's
+    `target` size asks for (the next pack is numbered by `allocate()`, the
+    repository's meta/next_pack). Thread-safe: a record's place is reserved
+    under the lock, and it is sealed (encrypted repositories) and written
+    outside it, so threads seal in parallel; a full pack is finished (an
+    object store starts its upload) when its last write is done."""
+
+    def __init__(self, packs: PackStore, pack: int, sealer: Sealer | None = None, allocate=None):
+        self._packs = packs
+        self._allocate = allocate
+        self._target = packs.target if allocate is not None else None
         self._lock = threading.Lock()
         self._sealer = sealer
-        self._end = 0
+        self._all = [_Open(pack, packs.create(pack))]
         self.bytes_written = 0
+
+    @property
+    def pack(self) -> int:
+        """The pack records go to now."""
+        return self._all[-1].number
+
+    @property
+    def packs(self) -> list[int]:
+        """Every pack this writer made."""
+        return [p.number for p in self._all]
 
     def append(self, key: bytes, codec: int, raw_len: int, stored) -> ChunkLocation:
         """A record of the stored bytes in plaintext (as encode or
@@ -169,42 +192,73 @@ class PackWriter:
         encrypted repository's writer seals them here, bound to where they
         go, so whatever copies records (compaction, defrag) re-seals them."""
         header = PACK_HEADER.pack(key, codec, raw_len, len(stored))
-        size = record_span(ChunkLocation(self.pack, 0, len(stored), raw_len, codec), self._sealer.overhead if self._sealer else 0)
+        size = record_span(ChunkLocation(0, 0, len(stored), raw_len, codec), self._sealer.overhead if self._sealer else 0)
+        full = None
         with self._lock:
-            start = self._end
-            self._end += size
+            cur = self._all[-1]
+            assert not cur.full, "append after sync"
+            if self._target and cur.end and cur.end + size > self._target:
+                cur.full = True
+                if not cur.writing:
+                    full = cur
+                number = self._allocate()
+                cur = _Open(number, self._packs.create(number))
+                self._all.append(cur)
+            start = cur.end
+            cur.end += size
+            cur.writing += 1
             self.bytes_written += size
+        if full is not None:
+            full.file.finish()
         offset = start + len(header)
-        parts = [header] + (self._seal(key, codec, raw_len, offset, stored) if self._sealer else [stored])
-        self._file.write_at(start, parts)
-        return ChunkLocation(self.pack, offset, len(stored), raw_len, codec)
+        try:
+            parts = [header] + (self._seal(key, codec, raw_len, cur.number, offset, stored) if self._sealer
+                                else [stored])
+            cur.file.write_at(start, parts)
+        finally:
+            with self._lock:
+                cur.writing -= 1
+                done = cur.full and not cur.writing
+            if done:
+                cur.file.finish()
+        return ChunkLocation(cur.number, offset, len(stored), raw_len, codec)
 
-    def _seal(self, key: bytes, codec: int, raw_len: int, offset: int, stored) -> list[bytes]:
+    def _seal(self, key: bytes, codec: int, raw_len: int, pack: int, offset: int, stored) -> list[bytes]:
         """The record's sealed units: the whole stored bytes, or a pieced
         record's table and then each piece."""
         seal, view = self._sealer.seal, memoryview(stored)
         if codec != CODEC_PIECES:
-            return [seal(key, self.pack, offset, view)]
+            return [seal(key, pack, offset, view)]
         table_len = piece_table_len(raw_len)
-        units = [seal(key, self.pack, offset, view[:table_len])]
+        units = [seal(key, pack, offset, view[:table_len])]
         pos, at = table_len, offset + table_len + self._sealer.overhead
         for _, stored_minus_1, _ in PIECE_ENTRY.iter_unpack(view[:table_len]):
             n = stored_minus_1 + 1
-            units.append(seal(key, self.pack, at, view[pos:pos + n]))
+            units.append(seal(key, pack, at, view[pos:pos + n]))
             pos, at = pos + n, at + n + self._sealer.overhead
         assert pos == len(view)
         return units
 
     def sync(self) -> None:
-        """Make the pack durable; the catalog may refer to it afterwards."""
-        self._file.sync()
+        """Make every pack durable; the catalog may refer to them afterwards.
+        The writer takes no more records."""
+        with self._lock:
+            opened = list(self._all)
+            for p in opened:
+                p.full = True
+        for p in opened:
+            p.file.finish()
+        for p in opened:
+            p.file.sync()
 
     def close(self) -> None:
-        self._file.close()
+        for p in self._all:
+            p.file.close()
 
     def discard(self) -> None:
-        """Remove the pack: nothing refers to it (the backup was not committed)."""
-        self._file.discard()
+        """Remove the packs: nothing refers to them (the backup was not committed)."""
+        for p in self._all:
+            p.file.discard()
 
 
 class ChunkReader:

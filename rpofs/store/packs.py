@@ -4,9 +4,14 @@ written, read, listed and deleted.
 A pack is an append-only sequence of records (rpofs.store.schema: PACK_HEADER
 then the stored bytes) numbered by `meta/next_pack`. Nothing above this module
 knows that a pack is a file: the chunk reader and writer, prune, defrag,
-verify and upgrade all go through a PackStore, so a second backend (an object
-store keeping one object per pack) implements these nine operations and
-nothing else changes.
+verify and upgrade all go through a PackStore, so a second backend
+(rpofs.store.objectpacks: one object per pack in an S3 store) implements
+these operations and nothing else changes.
+
+A PackStore may want packs of a bounded size (`target`): PackWriter then
+starts a new pack once the current one would pass it, and tells the full
+one's PackFile `finish()` so it can start making it durable (an object store
+uploads it while the next one fills).
 
 LocalPacks keeps packs as files REPO/chunks/pack-NNNNNNNN. A process keeps at
 most OPEN_PACKS of them open (a repository holds a pack per backup session,
@@ -36,6 +41,9 @@ class PackFile:
         it; the pack is complete once every reserved place is written."""
         raise NotImplementedError
 
+    def finish(self) -> None:
+        """No more writes will come: durability may start (sync() waits for it)."""
+
     def sync(self) -> None:
         raise NotImplementedError
 
@@ -48,7 +56,11 @@ class PackFile:
 
 
 class PackStore:
-    """The operations on packs. Reads of a pack that is gone raise PackMissing."""
+    """The operations on packs. Reads of a pack that is gone raise PackMissing.
+    target: the size a pack should not grow past (None: a writer keeps one
+    pack, however large)."""
+
+    target: int | None = None
 
     def create(self, pack: int) -> PackFile:
         raise NotImplementedError
@@ -80,8 +92,27 @@ class PackStore:
         """Gone for new readers; a reader that already has it open may finish."""
         raise NotImplementedError
 
+    def uncached(self) -> "PackStore":
+        """The same packs read where they are kept, past any local cache
+        (verify --read-data checks what another reader would get)."""
+        return self
+
     def close(self) -> None:
         raise NotImplementedError
+
+
+def pwrite_all(fd: int, parts: list, offset: int, path: str) -> None:
+    """Write `parts` one after another at `offset`, all of them or an RpofsError."""
+    total = sum(len(p) for p in parts)
+    try:
+        done = os.pwritev(fd, parts, offset)
+        if done < total:  # a short write: the next one raises the reason (e.g. ENOSPC)
+            rest = memoryview(b"".join(parts))[done:]
+            while rest:
+                n = os.pwrite(fd, rest, offset + total - len(rest))
+                rest = rest[n:]
+    except OSError as e:
+        raise RpofsError(f"writing {path}: {e.strerror}") from None
 
 
 class LocalPackFile(PackFile):
@@ -94,16 +125,7 @@ class LocalPackFile(PackFile):
             raise RpofsError(f"creating {path}: {e.strerror}") from None
 
     def write_at(self, offset: int, parts: list) -> None:
-        total = sum(len(p) for p in parts)
-        try:
-            done = os.pwritev(self._fd, parts, offset)
-            if done < total:  # a short write: the next one raises the reason (e.g. ENOSPC)
-                rest = memoryview(b"".join(parts))[done:]
-                while rest:
-                    n = os.pwrite(self._fd, rest, offset + total - len(rest))
-                    rest = rest[n:]
-        except OSError as e:
-            raise RpofsError(f"writing {self.path}: {e.strerror}") from None
+        pwrite_all(self._fd, parts, offset, self.path)
 
     def sync(self) -> None:
         try:

@@ -39,14 +39,15 @@ class Repository:
     `vms` value made and read by encode_point / decode_point / encode_name /
     decode_name: those are the places that know whether it is encrypted."""
 
-    def __init__(self, path: str, env: lmdb.Environment, keys: "crypto.Keys | None" = None):
+    def __init__(self, path: str, env: lmdb.Environment, keys: "crypto.Keys | None" = None,
+                 packs: PackStore | None = None):
         self.path = path
         self.env = env
         self.keys = keys
         self.ids: crypto.Ids = keys.ids if keys else crypto.PLAIN_IDS
         self.db = {name: env.open_db(name.encode()) for name in schema.DATABASES}
         self.chunks_dir = os.path.join(path, "chunks")
-        self.packs: PackStore = LocalPacks(self.chunks_dir)
+        self.packs: PackStore = packs if packs is not None else _open_packs(path, self.chunks_dir)
         self.reader = ChunkReader(self.packs, ids=self.ids, sealer=keys.packs if keys else None)
         self._write_lock = threading.Lock()
 
@@ -156,26 +157,44 @@ class Repository:
     # -- opening -------------------------------------------------------------
 
     @classmethod
-    def init(cls, path: str, passphrase: str | None = None) -> "Repository":
-        """A new repository; encrypted under `passphrase` if one is given."""
+    def init(cls, path: str, passphrase: str | None = None, store: str | None = None,
+             cache_size: int | None = None) -> "Repository":
+        """A new repository; encrypted under `passphrase` if one is given;
+        its packs in the object store `store` (s3://BUCKET/PREFIX, with a
+        local cache of `cache_size` bytes) if one is given. The store is
+        claimed first, so a store that cannot be used leaves nothing written."""
         catalog = os.path.join(path, "catalog")
         if os.path.exists(catalog):
             raise RpofsError(f"{path} already holds a repository")
-        keys = None
-        if passphrase is not None:
-            record, keys = crypto.new_key_record(passphrase, path)
-        for sub in ("catalog", "chunks"):
-            os.makedirs(os.path.join(path, sub), mode=0o700, exist_ok=True)
-        env = cls._open_env(catalog, create=True)
-        with env.begin(write=True) as txn:
-            meta = env.open_db(b"meta", txn=txn)
-            for name in schema.DATABASES:
-                env.open_db(name.encode(), txn=txn)
-            txn.put(schema.META_FORMAT, schema.format_value(FORMAT), db=meta)
-            txn.put(schema.META_NEXT_POINT, schema.u32(1), db=meta)
-            txn.put(schema.META_NEXT_PACK, schema.u32(1), db=meta)
-            if keys is not None:
-                txn.put(schema.META_ENCRYPTION, record, db=meta)
+        bucket = None
+        if store is not None:
+            from . import objectpacks
+            bucket = objectpacks.claim_store(store, FORMAT)
+        try:
+            keys = None
+            if passphrase is not None:
+                record, keys = crypto.new_key_record(passphrase, path)
+            for sub in ("catalog", "chunks"):
+                os.makedirs(os.path.join(path, sub), mode=0o700, exist_ok=True)
+            if bucket is not None:
+                objectpacks.write_config(path, str(bucket.url),
+                                         objectpacks.DEFAULT_CACHE if cache_size is None else cache_size)
+            env = cls._open_env(catalog, create=True)
+            with env.begin(write=True) as txn:
+                meta = env.open_db(b"meta", txn=txn)
+                for name in schema.DATABASES:
+                    env.open_db(name.encode(), txn=txn)
+                txn.put(schema.META_FORMAT, schema.format_value(FORMAT), db=meta)
+                txn.put(schema.META_NEXT_POINT, schema.u32(1), db=meta)
+                txn.put(schema.META_NEXT_PACK, schema.u32(1), db=meta)
+                if keys is not None:
+                    txn.put(schema.META_ENCRYPTION, record, db=meta)
+        except BaseException:
+            if bucket is not None:
+                objectpacks.release_store(bucket)
+            raise
+        if bucket is not None:
+            bucket.close()
         return cls(path, env, keys)
 
     @classmethod
@@ -364,11 +383,16 @@ class Repository:
 
     # -- writing ---------------------------------------------------------------
 
-    def begin_pack(self) -> PackWriter:
+    def new_pack_number(self) -> int:
         with self.write_txn() as txn:
             pack = schema.read_u32(txn.get(schema.META_NEXT_PACK, db=self.db["meta"]))
             txn.put(schema.META_NEXT_PACK, schema.u32(pack + 1), db=self.db["meta"])
-        return PackWriter(self.packs, pack, self.keys.packs if self.keys else None)
+        return pack
+
+    def begin_pack(self) -> PackWriter:
+        """A writer of new packs: one, or one per `packs.target` bytes."""
+        return PackWriter(self.packs, self.new_pack_number(), self.keys.packs if self.keys else None,
+                          allocate=self.new_pack_number)
 
     def begin_writer(self) -> "BackupWriter":
         lock = self._flock(fcntl.LOCK_SH)
@@ -380,7 +404,8 @@ class Repository:
 
 
 class BackupWriter:
-    """Stages one point: chunks go to a new pack file, index entries to memory.
+    """Stages one point: chunks go to new packs (one, or one per
+    `packs.target` bytes), index entries to memory.
 
     put_* are thread-safe (hashing and compression run in the caller's
     thread). commit() makes the point visible atomically; abort() or an
@@ -550,6 +575,15 @@ class BackupWriter:
         if self._lock_fd >= 0:
             os.close(self._lock_fd)
             self._lock_fd = -1
+
+
+def _open_packs(path: str, chunks_dir: str) -> PackStore:
+    """Where the repository's packs are: REPO/chunks, or the object store
+    REPO/store.json names (rpofs.store.objectpacks; boto3 is imported only then)."""
+    if not os.path.exists(os.path.join(path, "store.json")):
+        return LocalPacks(chunks_dir)
+    from . import objectpacks
+    return objectpacks.open_packs(path, objectpacks.read_config(path))
 
 
 def points_in(repo: Repository, txn, vm: str) -> list[PointRecord]:

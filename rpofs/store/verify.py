@@ -11,7 +11,8 @@ What is checked (every reference comes from rpofs.store.refs):
   * references: every chunk a full or a point names has its `chunks` row;
     every place (a `chunks` row, a stored log block) is the start of a pack
     record whose header says what the catalog says (key, codec, lengths);
-  * with read_data, every record of every pack read and checked against its
+  * with read_data, every record of every pack read where it is kept (an
+    object store itself, never its local cache) and checked against its
     key (the content's blake3, each piece of a pieced record): packs are
     cut into ranges of about RANGE bytes at record starts the catalog knows,
     each walked front to back in WINDOW-sized reads by one of WORKERS
@@ -343,11 +344,14 @@ def _checked(repo, key: bytes, loc: ChunkLocation, stored) -> _Record:
 
 
 def _check_record(repo, key: bytes, loc: ChunkLocation) -> _Record:
-    """Read and check one record where the catalog says it is."""
+    """Read and check one record where the catalog says it is (in the
+    store itself, past any cache)."""
     try:
-        stored = repo.reader.stored(loc)
+        stored = repo.packs.uncached().read(loc.pack, loc.offset, repo.reader.sealed_len(loc))
     except ChunkError as e:
         return _Record(key, loc, "truncated", str(e))
+    if len(stored) != repo.reader.sealed_len(loc):
+        return _Record(key, loc, "truncated", f"{schema.pack_name(loc.pack)} at {loc.offset}: pack file is truncated")
     return _checked(repo, key, loc, stored)
 
 
@@ -394,7 +398,9 @@ class _Walk:
         return out
 
     def _fill(self, repo, pack: int, at: int, size: int) -> int:
-        return repo.packs.read_into(pack, at, [self.buffer[:min(WINDOW, size - at)]])
+        """The next window, read from where the pack is kept (an object
+        store itself, not the local cache: what another reader would get)."""
+        return repo.packs.uncached().read_into(pack, at, [self.buffer[:min(WINDOW, size - at)]])
 
 
 class _Range(NamedTuple):
