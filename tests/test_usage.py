@@ -145,6 +145,25 @@ def test_an_app_behind_its_interval_is_stale_in_status_and_metrics():
            "interval allows" in shown
 
 
+def test_an_ended_sessions_span_never_ends_before_it_starts(capsys):
+    """unprotect printed "reads from 16:20:05.075121Z to 16:20:05.027038Z":
+    the last record older than the ready instant (nothing written after it).
+    The span said is where instants can be read, or that there are none."""
+    from rpofs.cli.protect import _print_session
+    from rpofs.protect.protector import readable_span
+    from rpofs.store.schema import ProtectionSession
+    quiet = ProtectionSession("u1", 10, (), "ended", ready_us=5_075_121, last_us=5_027_038, reason="asked")
+    busy = ProtectionSession("u1", 10, (), "ended", ready_us=5_000_000, last_us=9_000_000, reason="asked",
+                             journal_from_us=6_000_000)
+    assert readable_span(quiet) is None and readable_span(busy) == (6_000_000, 9_000_000)
+    _print_session("db1", quiet, False)
+    _print_session("db1", busy, False)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "db1: protection ended (asked); its journal holds no write after protection began"
+    assert lines[1] == ("db1: protection ended (asked); its journal reads from 1970-01-01T00:00:06.000000Z "
+                        "to 1970-01-01T00:00:09.000000Z")
+
+
 def test_notes_are_one_line_each_said_once():
     message = ("Unable to detect a valid partition scheme:\n- Invalid MBR boot signature. Expected 0xaa55, got 0x0.\n"
                "- Invalid MBR boot signature. Expected 0xaa55, got 0x0.\n- Invalid APM signature.")
