@@ -232,8 +232,11 @@ def corrupt_lab(crashed, tmp_path_factory):
     before k (its descriptor zeroed)."""
     image = crashed["db"]
     work = tmp_path_factory.mktemp("corrupt")
-    dump = subprocess.run(["debugfs", "-R", "logdump -a", image.path], capture_output=True,
-                          text=True, check=True).stdout
+    found = subprocess.run(["debugfs", "-R", "logdump -a", image.path], capture_output=True,
+                           text=True, check=True)
+    dump = found.stdout
+    # debugfs exits 0 when it cannot open the image: an empty dump, and stderr says why
+    assert "Journal starts at block" in dump, f"debugfs on {image.path}: {found.stderr}"
     txs = {}  # sequence -> {"descriptor": j, "data": j, "commit": j}, journal block numbers
     seq = None
     for line in dump.splitlines():

@@ -456,17 +456,17 @@ def _block_job(dom: Domain, rec: RunRecord, target: str, begin, what: str) -> No
 def _finish_move(repo: Repository, conn: Connection, dom: Domain, rec: RunRecord, dest_dir: str) -> None:
     """The VM no longer reads its overlays: redefine it for its next boot
     without rpofs's marker and with its console files and variable store
-    beside its disks, then remove the overlays, the hold and the record."""
+    beside its disks, then remove the overlays, what a move interrupted
+    after its pivot left (a merged top image), the hold and the record."""
     xml, moved = domainxml.relocate(dom.xml(inactive=True), rec.workdir, dest_dir)
     for old, new in moved:
         if os.path.exists(old) and old.endswith("_VARS.fd"):  # the variable store carries over
             shutil.copy2(old, new)
     conn.define(xml)
     still = set(dom.disk_sources().values())
-    for path in rec.made:
-        if path.endswith(".qcow2") and path not in still:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
+    for path in [p for p in rec.made if p.endswith(".qcow2")] + rec.moving:
+        if path not in still:
+            _unlink(path)
     holds.drop(repo.path, rec.holder)
     shutil.rmtree(rec.workdir, ignore_errors=True)
     _release_mount(repo, rec)
