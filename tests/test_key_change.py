@@ -248,8 +248,11 @@ def on_a_terminal(argv: list[str], answers: list[str], env: dict) -> tuple[int, 
     (exit status, everything shown on the terminal)."""
     import pty
     pid, fd = pty.fork()
-    if pid == 0:  # the child: nothing but exec
-        os.execve(argv[0], argv, env)
+    if pid == 0:  # the child: nothing but exec (never back into pytest)
+        try:
+            os.execve(argv[0], argv, env)
+        finally:
+            os._exit(127)
     import select
     import time
     shown, pending = b"", list(answers)
