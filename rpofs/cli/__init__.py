@@ -23,7 +23,7 @@ from .common import EXIT_ERROR, EXIT_USAGE, take_secrets
 FAMILIES = (repo, backup, browse, recover, protect, maintain)
 # the order `rpofs --help` lists them in
 ORDER = ("init", "backup", "points", "ship", "mount", "umount", "ingest", "cp", "prune", "forget", "verify",
-         "upgrade", "defrag", "restore", "run", "protect", "unprotect", "status")
+         "upgrade", "key", "defrag", "restore", "run", "protect", "unprotect", "status")
 
 
 def _parser() -> argparse.ArgumentParser:

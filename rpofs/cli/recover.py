@@ -1,12 +1,13 @@
 """Getting things back whole: rpofs restore (a disk, or a VM with --vm),
-rpofs run (boot a VM from a point now; --move, --stop, --list)."""
+rpofs run (boot a VM from a point now; --move, --stop, --list, and after a
+reboot --resume, --serve-mount)."""
 
 import json
 import os
 import sys
 
 from ..errors import RpofsError
-from .common import add_connect, connect, open_repository
+from .common import EXIT_ERROR, add_connect, connect, key_source, open_repository
 
 
 def add_restore(sub) -> None:
@@ -40,17 +41,27 @@ def add_run(sub) -> None:
                        "qcow2 overlays over the point's disks in an rpofs mount (one is started when the "
                        "repository is not mounted); the point is never written and is kept by prune while the "
                        "VM runs on it. --move copies its disks into standalone qcow2 images while it runs and "
-                       "switches to them; --stop destroys and removes it.")
+                       "switches to them; --stop destroys and removes it. After a reboot (or a mount daemon "
+                       "that died) run VMs cannot start until the mount they read is back: --list says so, "
+                       "--resume mounts it again and starts them; systemd's rpofs-run-mount.service runs "
+                       "--serve-mount at boot, before libvirt.")
     r.add_argument("source", metavar="VM@TIME", nargs="?", help="TIME as in the mount's at/, or 'latest'")
     what = r.add_mutually_exclusive_group()
     what.add_argument("--move", metavar="NAME", help="copy NAME's disks to --dir while it runs, then switch")
     what.add_argument("--stop", metavar="NAME", help="destroy NAME, undefine it, remove its overlays")
     what.add_argument("--list", action="store_true", help="the VMs rpofs run started")
+    what.add_argument("--resume", metavar="NAME", nargs="?", const="",
+                      help="after a reboot: mount again what the run VMs (or NAME) read, then start those "
+                      "shut off (not with --no-start)")
+    what.add_argument("--serve-mount", action="store_true",
+                      help="serve REPO/run/mnt in the foreground while a run VM reads through it (for "
+                      "rpofs-run-mount.service, before libvirt starts); exits at once when none does")
     r.add_argument("--name", default=None, help="the new VM's name (default: VM-HHMM of the point, made unique)")
     r.add_argument("--dir", default="", metavar="DIR",
                    help="where the overlays go (default REPO/run/<uuid>/); for --move, where the disks go "
                    "(default /var/lib/libvirt/images)")
-    r.add_argument("--no-start", action="store_true", help="define the VM but do not start it")
+    r.add_argument("--no-start", action="store_true",
+                   help="define the VM but do not start it (--resume: only mount again)")
     r.add_argument("--no-network", action="store_true", help="leave out the VM's network interfaces")
     r.add_argument("--json", action="store_true", help="--list: one JSON array")
     add_connect(r)
@@ -103,15 +114,20 @@ def restore_vm(repo_path: str, args) -> None:
         print(f"  {target}: {path}")
 
 
-def cmd_run(repo_path: str, args) -> None:
+def cmd_run(repo_path: str, args) -> int | None:
     from ..recover import instant
-    if not (args.source or args.move or args.stop or args.list):
-        raise RpofsError("run: give VM@TIME, or --move NAME, --stop NAME or --list")
-    if args.source and (args.move or args.stop or args.list):
-        raise RpofsError("run: VM@TIME does not go with --move, --stop or --list")
+    resuming = args.resume is not None
+    if not (args.source or args.move or args.stop or args.list or resuming or args.serve_mount):
+        raise RpofsError("run: give VM@TIME, or --move NAME, --stop NAME, --list, --resume or --serve-mount")
+    if args.source and (args.move or args.stop or args.list or resuming or args.serve_mount):
+        raise RpofsError("run: VM@TIME does not go with --move, --stop, --list, --resume or --serve-mount")
+    if args.serve_mount:
+        return _serve_run_mount(repo_path, args)  # before libvirt runs: it opens neither
     with open_repository(repo_path, args) as repo, connect(args) as conn:
         if args.list:
             _print_runs(instant.listing(repo, conn), args.json)
+        elif resuming:
+            return _print_resumed(instant.resume(repo, conn, args.resume or None, not args.no_start))
         elif args.stop:
             rec = instant.stop(repo, conn, args.stop)
             print(f"{rec.name}: stopped and removed")
@@ -129,15 +145,53 @@ def cmd_run(repo_path: str, args) -> None:
             print(rec.name)
 
 
+def _serve_run_mount(repo_path: str, args) -> None:
+    """What rpofs-run-mount.service runs at boot, ordered before libvirt:
+    REPO/run/mnt served in this process (systemd is told when it is ready)
+    while a run VM reads through it; else READY and exit 0, so the unit is
+    done and libvirt need not wait. It talks to no libvirt (libvirtd waits
+    for this unit) and opens the repository only in the mount itself."""
+    from .. import sdnotify
+    from ..mount.daemon import mount_foreground
+    from ..recover import instant
+    mountpoint = instant.run_mountpoint(repo_path)
+    if not instant.needs_run_mount(repo_path):
+        print(f"rpofs: no VM started by rpofs run reads {mountpoint}: nothing to serve", file=sys.stderr)
+        sdnotify.ready("nothing to serve")
+        return
+    if instant.mount_serves(repo_path, mountpoint):
+        print(f"rpofs: {mountpoint} is mounted already", file=sys.stderr)
+        sdnotify.ready("mounted already")
+        return
+    instant.clear_dead_mount(repo_path, mountpoint)
+    mount_foreground(instant.run_mount_options(repo_path), None, key_source(repo_path, args))
+
+
+def _print_resumed(done) -> int | None:
+    failed = False
+    for r in done:
+        again = f" (its mount at {r.record.mountpoint} made again)" if r.mounted else ""
+        if r.state == "gone":
+            print(f"{r.record.name}: gone from libvirt: rpofs run --stop {r.record.name} removes what is left")
+        elif r.state == "failed":
+            failed = True
+            print(f"{r.record.name}: not resumed: {r.error}", file=sys.stderr)
+        elif r.state == "shut off":
+            print(f"{r.record.name}: shut off{again}, ready to start")
+        else:
+            print(f"{r.record.name}: {r.state}{again}")
+    return EXIT_ERROR if failed else None
+
+
 def _print_runs(states, as_json: bool) -> None:
     from ..timefmt import format_time
     rows = [{"name": s.record.name, "uuid": s.record.uuid, "state": s.state, "on_overlays": s.on_overlays,
              "vm": {"uuid": s.record.vm, "name": s.record.vm_name}, "point": s.record.point,
              "time": format_time(s.record.time_us, 6), "mountpoint": s.record.mountpoint,
-             "files": s.record.made} for s in states]
+             "mounted": s.mounted, "todo": s.todo or None, "files": s.record.made} for s in states]
     if as_json:
         print(json.dumps(rows, indent=2))
         return
     for row in rows:
         print(f"{row['name']:20} {row['state']:9} from {row['vm']['name']}@{row['time']}"
-              f"{'  (on overlays)' if row['on_overlays'] else ''}")
+              f"{'  (on overlays)' if row['on_overlays'] else ''}{'  ' + row['todo'] if row['todo'] else ''}")

@@ -1,4 +1,5 @@
-"""The repository itself: rpofs init (encrypted or not), rpofs upgrade."""
+"""The repository itself: rpofs init (encrypted or not), rpofs upgrade,
+rpofs key change (an encrypted repository's passphrase)."""
 
 import getpass
 import json
@@ -7,7 +8,7 @@ import sys
 
 from ..errors import RpofsError
 from ..store.repo import Repository
-from .common import EXIT_ERROR, env_passphrase, key_source, read_key_file
+from .common import EXIT_ERROR, env_passphrase, key_source, open_repository, read_key_file
 
 
 def add_init(sub) -> None:
@@ -39,7 +40,22 @@ def add_upgrade(sub) -> None:
     ug.set_defaults(func=cmd_upgrade)
 
 
-PARSERS = {"init": add_init, "upgrade": add_upgrade}
+def add_key(sub) -> None:
+    k = sub.add_parser("key", help="an encrypted repository's passphrase: rpofs key change",
+                       description="rpofs key change: the repository's master key is wrapped anew under a "
+                       "new passphrase; nothing else is rewritten (no data, no catalog entry), the key "
+                       "fingerprint stays. The old passphrase comes as for every command (--key-file, "
+                       "$RPOFS_KEY_FILE, $RPOFS_PASSPHRASE, or asked on a terminal); the new one from "
+                       "--new-key-file, or asked twice on a terminal. One transaction replaces the key "
+                       "record: interrupted, the old passphrase opens the repository, or the new one.")
+    actions = k.add_subparsers(dest="key_action", required=True, metavar="ACTION")
+    change = actions.add_parser("change", help="change the passphrase (the master key rewrapped)")
+    change.add_argument("--new-key-file", default=None, metavar="FILE",
+                        help="the new passphrase is this file's first line (default: asked twice on a terminal)")
+    change.set_defaults(func=cmd_key_change)
+
+
+PARSERS = {"init": add_init, "upgrade": add_upgrade, "key": add_key}
 
 
 def parse_size(text: str) -> int:
@@ -86,6 +102,27 @@ def cmd_init(repo_path: str, args) -> None:
         fingerprint = repo.keys.fingerprint
     print(f"created encrypted repository {repo_path}{where} (key fingerprint {fingerprint}); "
           f"without its passphrase it cannot be read")
+
+
+def cmd_key_change(repo_path: str, args) -> None:
+    # the old passphrase is checked first: a wrong one is said before a new one is asked for
+    with open_repository(repo_path, args) as repo:
+        if not repo.encrypted:
+            raise RpofsError(f"repository {repo_path} is not encrypted: it has no passphrase to change")
+        if args.new_key_file:
+            new = read_key_file(args.new_key_file)
+        elif sys.stdin.isatty():
+            new = getpass.getpass(f"new passphrase for {repo_path}: ")
+            if not new:
+                raise RpofsError("key change: the new passphrase is empty: nothing changed")
+            if getpass.getpass("the same again: ") != new:
+                raise RpofsError("key change: the two passphrases differ: nothing changed")
+        else:
+            raise RpofsError("key change: give the new passphrase with --new-key-file (or run it on a terminal)")
+        repo.change_passphrase(new)
+        fingerprint = repo.keys.fingerprint
+    print(f"changed the passphrase of repository {repo_path} (key fingerprint {fingerprint}, unchanged); "
+          f"the old one no longer opens it")
 
 
 def cmd_upgrade(repo_path: str, args) -> int | None:

@@ -32,6 +32,13 @@ moved VM is an ordinary VM: its run record, hold and overlays go.
 Everything `run` makes is listed in REPO/run/<uuid>/run.json, written
 before it is made, so `run --stop` (or a failed `run`) removes exactly that
 and nothing else.
+
+After a reboot (or a mount daemon that died) a run VM's overlays name
+backing files in a mount that is not there: QEMU cannot open them, and the
+VM cannot start. `run --list` says so in one line, `run --resume` mounts
+again what the records name and starts the VMs, and the systemd unit
+rpofs-run-mount.service serves REPO/run/mnt before libvirt starts at boot
+(`run --serve-mount`), so VMs libvirt brings back itself find it.
 """
 
 import contextlib
@@ -119,8 +126,10 @@ def _run_lock(repo: Repository):
         os.close(fd)
 
 
-def records(repo: Repository) -> list[RunRecord]:
-    folder = os.path.join(repo.path, RUN_DIR)
+def records(repo: Repository | str) -> list[RunRecord]:
+    """The run records of the repository (a Repository or its path: the
+    systemd unit reads them before the repository is opened)."""
+    folder = os.path.join(repo if isinstance(repo, str) else repo.path, RUN_DIR)
     out = []
     with contextlib.suppress(FileNotFoundError):
         for entry in sorted(os.scandir(folder), key=lambda e: e.name):
@@ -197,7 +206,13 @@ def run(repo: Repository, conn: Connection, vm: str, when: str, opts: RunOptions
 
 def backing_path(mountpoint: str, point: PointRecord, target: str) -> str:
     """The point's disk through the mount, by a path that keeps naming it."""
-    return os.path.join(mountpoint, ".by-uuid", point.vm, "at", format_time(point.time_us, 6), f"{target}.raw")
+    return os.path.join(point_dir(mountpoint, point.vm, point.time_us), f"{target}.raw")
+
+
+def point_dir(mountpoint: str, vm: str, time_us: int) -> str:
+    """The point's directory through the mount: .by-uuid/ and a microsecond
+    at/ time keep naming it whatever names come and go around it."""
+    return os.path.join(mountpoint, ".by-uuid", vm, "at", format_time(time_us, 6))
 
 
 def _make(repo: Repository, conn: Connection, rec: RunRecord, point: PointRecord, captured: str,
@@ -241,18 +256,67 @@ def _make(repo: Repository, conn: Connection, rec: RunRecord, point: PointRecord
 
 
 def _ensure_mount(repo: Repository):
-    """A mount of the repository that QEMU will see: one that exists, or a
-    new one at REPO/run/mnt, started and not waited for. (mountpoint, the
-    StartingMount to wait for, or None when it was mounted already)."""
-    from ..mount.daemon import MountOptions, check_mountpoint, mounts_of, start_mount
-    found = mounts_of(repo.path)
+    """A mount of the repository that QEMU will see: one that exists and
+    answers, or a new one at REPO/run/mnt, started and not waited for.
+    (mountpoint, the StartingMount to wait for, or None when it was mounted
+    already)."""
+    from ..mount.daemon import mounts_of
+    found = [m for m in mounts_of(repo.path) if mount_serves(repo.path, m)]
     if found:
         return found[0], None
-    mountpoint = os.path.join(repo.path, RUN_DIR, MOUNT_DIR)
-    os.makedirs(mountpoint, mode=0o700, exist_ok=True)
+    mountpoint = run_mountpoint(repo.path)
+    return mountpoint, _mount_again(repo.path, mountpoint, repo.master_key())
+
+
+def run_mountpoint(repo_path: str) -> str:
+    """REPO/run/mnt: the mount run starts when the repository is not mounted."""
+    return os.path.join(repo_path, RUN_DIR, MOUNT_DIR)
+
+
+def mount_serves(repo_path: str, mountpoint: str) -> bool:
+    """Whether the repository is mounted at `mountpoint` and the mount
+    answers. A mount whose daemon died (killed, crashed) stays in the mount
+    table and fails every call with ENOTCONN; after a reboot it is simply
+    not there."""
+    from ..mount.daemon import mounts_of
+    if mountpoint not in mounts_of(repo_path):
+        return False
+    try:
+        os.stat(os.path.join(mountpoint, ".by-uuid"))
+    except OSError:
+        return False
+    return True
+
+
+def run_mount_options(repo_path: str):
+    """How run's own mount is made (MountOptions): QEMU must be able to read
+    it."""
+    from ..mount.daemon import MountOptions
+    return MountOptions(repo=repo_path, mountpoint=run_mountpoint(repo_path), allow_other=not _qemu_is_root())
+
+
+def clear_dead_mount(repo_path: str, mountpoint: str) -> None:
+    """Take away the repository's mount at `mountpoint` when its daemon is
+    gone (it would make the mountpoint 'busy' for a new one)."""
+    from ..mount.daemon import mounts_of, unmount
+    if mountpoint in mounts_of(repo_path) and not mount_serves(repo_path, mountpoint):
+        log.info("unmounting %s: its mount daemon is gone", mountpoint)
+        unmount(mountpoint)
+
+
+def _mount_again(repo_path: str, mountpoint: str, master_key: bytes | None):
+    """Start a mount of the repository at `mountpoint` (REPO/run/mnt, or the
+    mount a run record names) unless one answers there: the StartingMount,
+    or None. A dead one is unmounted first; run's own directory is made."""
+    from ..mount.daemon import MountOptions, check_mountpoint, start_mount
+    if mount_serves(repo_path, mountpoint):
+        return None
+    clear_dead_mount(repo_path, mountpoint)
+    if mountpoint == run_mountpoint(repo_path):
+        os.makedirs(mountpoint, mode=0o700, exist_ok=True)
     check_mountpoint(mountpoint)
-    return mountpoint, start_mount(MountOptions(repo=repo.path, mountpoint=mountpoint,
-                                                allow_other=not _qemu_is_root()), repo.master_key())
+    return start_mount(MountOptions(repo=repo_path, mountpoint=mountpoint, allow_other=not _qemu_is_root()),
+                       master_key)
 
 
 def _abandon_mount(mountpoint: str, starting) -> None:
@@ -479,16 +543,89 @@ class RunState:
     record: RunRecord
     state: str          # "running", "shut off", "gone"
     on_overlays: bool
+    mounted: bool = True    # the mount its overlays read through is there and answers
+
+    @property
+    def todo(self) -> str:
+        """What to do, in one line, when the VM cannot run as it is ("": nothing)."""
+        if self.state == "gone":
+            return f"gone from libvirt: rpofs run --stop {self.record.name} removes what is left"
+        if not self.mounted:
+            return f"mount missing ({self.record.mountpoint}): rpofs run --resume {self.record.name}"
+        return ""
 
 
 def listing(repo: Repository, conn: Connection) -> list[RunState]:
     out = []
+    serving: dict[str, bool] = {}
     for rec in records(repo):
+        if rec.mountpoint not in serving:
+            serving[rec.mountpoint] = mount_serves(repo.path, rec.mountpoint)
         dom = _domain(conn, rec)
         if dom is None:
-            out.append(RunState(rec, "gone", False))
+            out.append(RunState(rec, "gone", False, serving[rec.mountpoint]))
             continue
         state = "running" if dom.is_running() else "shut off"
         overlays = {p for p in rec.made if p.endswith(".qcow2")}
-        out.append(RunState(rec, state, bool(overlays & set(dom.disk_sources().values()))))
+        out.append(RunState(rec, state, bool(overlays & set(dom.disk_sources().values())), serving[rec.mountpoint]))
     return out
+
+
+# -- after a reboot ----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Resumed:
+    record: RunRecord
+    mounted: bool       # its mount was made again
+    state: str          # "started", "running", "shut off" (not asked to start), "gone", "failed"
+    error: str = ""
+
+
+def resume(repo: Repository, conn: Connection, name: str | None = None, start: bool = True) -> list[Resumed]:
+    """Bring run VMs back after a reboot (or a mount daemon that died): every
+    mount their records name that is not there and answering is made again
+    (REPO/run/mnt, or a mount of the user's at its recorded place: the
+    overlays name their backing files by that path), waited for, each
+    point checked to be in it; then each VM that is defined and shut off is
+    started (not with start=False). name: that VM only, else every run VM.
+    One VM's failure to start is its own result, not the others'."""
+    with _run_lock(repo):
+        recs = [find(repo, name)] if name else records(repo)
+        if not recs:
+            raise RpofsError(f"no VM was started by rpofs run from {repo.path}: nothing to resume")
+        starting = {}
+        for mountpoint in dict.fromkeys(r.mountpoint for r in recs):
+            pending = _mount_again(repo.path, mountpoint, repo.master_key())
+            if pending is not None:
+                starting[mountpoint] = pending
+        for pending in starting.values():
+            pending.wait()
+        out = []
+        for rec in recs:
+            remounted = rec.mountpoint in starting
+            dom = _domain(conn, rec) if rec.defined else None
+            if dom is None:
+                out.append(Resumed(rec, remounted, "gone"))
+                continue
+            where = point_dir(rec.mountpoint, rec.vm, rec.time_us)
+            if not os.path.isdir(where):
+                out.append(Resumed(rec, remounted, "failed", f"the mount at {rec.mountpoint} does not show its "
+                                   f"point {where} (gone from the repository?)"))
+                continue
+            if dom.is_running():
+                out.append(Resumed(rec, remounted, "running"))
+            elif not start:
+                out.append(Resumed(rec, remounted, "shut off"))
+            else:
+                try:
+                    dom.start()
+                except RpofsError as e:
+                    out.append(Resumed(rec, remounted, "failed", str(e)))
+                    continue
+                out.append(Resumed(rec, remounted, "started"))
+        return out
+
+
+def needs_run_mount(repo_path: str) -> bool:
+    """Whether a run VM reads through REPO/run/mnt (the systemd unit serves it then)."""
+    return any(r.mountpoint == run_mountpoint(repo_path) for r in records(repo_path))

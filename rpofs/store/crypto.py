@@ -191,11 +191,12 @@ def _kek(passphrase: str, salt: bytes, n: int, r: int, p: int) -> bytes:
     return hashlib.scrypt(passphrase.encode(), salt=salt, n=n, r=r, p=p, maxmem=SCRYPT_MAXMEM, dklen=32)
 
 
-def new_key_record(passphrase: str, path: str) -> tuple[bytes, Keys]:
-    """(meta/encryption's value, the keys) for a new repository."""
+def _wrap(master: bytes, repo_id: bytes, passphrase: str) -> bytes:
+    """A key record: `master` sealed under a key scrypt derives from
+    `passphrase` with a new random salt, for the repository `repo_id`."""
     if not passphrase:
         raise RpofsError("the passphrase is empty")
-    master, salt, repo_id = os.urandom(32), os.urandom(16), os.urandom(16)
+    salt = os.urandom(16)
     kek = _kek(passphrase, salt, SCRYPT_N, SCRYPT_R, SCRYPT_P)
     record = {
         "version": KEY_RECORD_VERSION, "repository": repo_id.hex(),
@@ -203,7 +204,30 @@ def new_key_record(passphrase: str, path: str) -> tuple[bytes, Keys]:
         "cipher": "aes-256-gcm", "wrapped": _seal(AESGCM(kek), master, WRAP_AAD + repo_id).hex(),
         "fingerprint": fingerprint(master),
     }
-    return json.dumps(record, sort_keys=True).encode(), Keys(master, path)
+    return json.dumps(record, sort_keys=True).encode()
+
+
+def new_key_record(passphrase: str, path: str) -> tuple[bytes, Keys]:
+    """(meta/encryption's value, the keys) for a new repository."""
+    master, repo_id = os.urandom(32), os.urandom(16)
+    return _wrap(master, repo_id, passphrase), Keys(master, path)
+
+
+def rewrap(value: bytes, keys: Keys, new_passphrase: str, path: str) -> bytes:
+    """The key record `value` with the same master key wrapped under
+    `new_passphrase` (a new salt; scrypt's parameters as a new repository's
+    get): only this record changes, every subkey, chunk key and sealed byte
+    stays valid, and so does the fingerprint. `keys` must be the ones
+    `value` unwraps to (they were unlocked from it): a record replaced
+    meanwhile is refused, not overwritten."""
+    record = _read_record(value, path)
+    if not hmac.compare_digest(str(record.get("fingerprint", "")), keys.fingerprint):
+        raise WrongKey(f"repository {path}: its key record is not the one its key was unlocked from")
+    try:
+        repo_id = bytes.fromhex(record["repository"])
+    except (ValueError, KeyError, TypeError):
+        raise RpofsError(f"repository {path}: its key record (meta/encryption) is damaged") from None
+    return _wrap(keys.master, repo_id, new_passphrase)
 
 
 def _read_record(value: bytes, path: str) -> dict:

@@ -50,6 +50,7 @@ class Repository:
         self.packs: PackStore = packs if packs is not None else _open_packs(path, self.chunks_dir)
         self.reader = ChunkReader(self.packs, ids=self.ids, sealer=keys.packs if keys else None)
         self._write_lock = threading.Lock()
+        self.key_record: bytes | None = None   # meta/encryption as the keys were unlocked from it
 
     @property
     def encrypted(self) -> bool:
@@ -195,7 +196,9 @@ class Repository:
             raise
         if bucket is not None:
             bucket.close()
-        return cls(path, env, keys)
+        repo = cls(path, env, keys)
+        repo.key_record = record if keys is not None else None
+        return repo
 
     @classmethod
     def open(cls, path: str, upgrading: bool = False, keys: "crypto.KeySource | None" = None) -> "Repository":
@@ -229,7 +232,28 @@ class Repository:
             except BaseException:
                 env.close()
                 raise
-        return cls(path, env, unlocked)
+        repo = cls(path, env, unlocked)
+        repo.key_record = bytes(key_record) if unlocked is not None else None
+        return repo
+
+    def change_passphrase(self, new_passphrase: str) -> None:
+        """Wrap the master key under `new_passphrase` (rpofs key change).
+        Nothing but meta/encryption is rewritten: the master key, hence
+        every subkey, chunk key and sealed byte, stays. The new record is
+        made first (scrypt, outside the write transaction), then one write
+        transaction replaces the record these keys were unlocked from: a
+        crash before its commit leaves the old passphrase working, after it
+        the new one, never neither (LMDB's commit is atomic and synced). A
+        record changed meanwhile (another key change) is not overwritten."""
+        if self.keys is None or self.key_record is None:
+            raise RpofsError(f"repository {self.path} is not encrypted: it has no passphrase to change")
+        record = crypto.rewrap(self.key_record, self.keys, new_passphrase, self.path)
+        with self.write_txn() as txn:
+            if bytes(txn.get(schema.META_ENCRYPTION, db=self.db["meta"]) or b"") != self.key_record:
+                raise RpofsError(f"repository {self.path}: its passphrase was changed meanwhile; "
+                                 f"nothing changed by this command")
+            txn.put(schema.META_ENCRYPTION, record, db=self.db["meta"])
+        self.key_record = record
 
     def format(self) -> int:
         with self.env.begin(db=self.db["meta"]) as txn:

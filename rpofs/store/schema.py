@@ -179,8 +179,9 @@ Encryption (optional, chosen at init: `rpofs init --encrypt`)
                 [:8]: it names the key (rpofs status) and checks a master key
                 handed over directly (the mount's --key-fd). A record of
                 another version, kdf or cipher is refused, never guessed at.
-                Changing the passphrase rewraps the master key only (no
-                command does it yet).
+                Changing the passphrase (rpofs key change) rewraps the
+                master key only: a new salt and wrapped, the same
+                repository and fingerprint, replaced in one transaction.
     Subkeys     blake3 derive_key(context, master), contexts "rpofs 2025
                 chunk ids v1" (id key), "... pieces key v1", "... pack
                 records v1" (packs key), "... catalog values v1".
