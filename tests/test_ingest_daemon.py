@@ -268,9 +268,9 @@ def test_libvirtd_restart_and_vms_that_go_away(lab):
         alive.conn.close()
         alive.conn = libvirt.open("qemu:///system")
         alive.dom = alive.conn.lookupByUUIDString(alive.uuid)
-        kept = point_count(repo, gone.name)
         gone.dom.destroy()
-        time.sleep(3)
+        wait_for(lambda: _state(repo, gone.name) in ("not running", "gone"), timeout=30,
+                 what="the daemon to see the destroyed VM stopped")  # from then on it takes no point of it
         kept = point_count(repo, gone.name)
         counts = point_count(repo, alive.name)
         wait_for(lambda: point_count(repo, alive.name) >= counts + 2, timeout=30,
@@ -328,3 +328,9 @@ def test_retention_and_defrag_run_as_it_goes_and_survive_kill_9(lab):
         check_repository(r)
     finally:
         r.close()
+
+
+def _state(repo, name: str) -> str:
+    """The daemon's state of a VM, as `rpofs status` shows it."""
+    shown = json.loads(run_rpofs("status", "--json", repo=repo).stdout)["vms"]
+    return next((v["state"] for v in shown if v["name"] == name), "")

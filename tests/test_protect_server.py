@@ -121,6 +121,18 @@ class Write:
                  self.data[i:i + rec.MAX_RECORD]) for i in range(0, self.length, rec.MAX_RECORD)]
 
 
+def wait_listening(sock: str, timeout_s: float = 10.0) -> None:
+    """Until the server accepts connections: its socket file appears at
+    bind(), before listen(), so the file alone does not say it answers."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with contextlib.suppress(OSError), socketlib.socket(socketlib.AF_UNIX) as s:
+            s.connect(sock)
+            return
+        assert time.monotonic() < deadline, f"nothing listens on {sock}"
+        time.sleep(0.01)
+
+
 def random_writes(rnd: random.Random, disk: int, size: int, n: int, big: bool = False) -> list[Write]:
     out = []
     for _ in range(n):
@@ -548,10 +560,7 @@ def test_every_write_of_a_failed_journal_is_answered_with_an_error(tmp_path, mon
     t = threading.Thread(target=in_process_server, args=(str(tmp_path / "j"), sock, ["vda=1048576"], outcome))
     t.start()
     try:
-        deadline = time.monotonic() + 10
-        while not os.path.exists(sock) and time.monotonic() < deadline:
-            time.sleep(0.01)
-        time.sleep(0.05)
+        wait_listening(sock)
         h = nbd.NBD()
         h.set_export_name("vda")
         h.connect_unix(sock)
@@ -605,10 +614,7 @@ def test_a_commit_that_hangs_lets_the_mirror_go(tmp_path, monkeypatch):
                          kwargs={"stall_s": 0.5, "on_stall": stalled.set}, daemon=True)
     t.start()
     try:
-        deadline = time.monotonic() + 10
-        while not os.path.exists(sock) and time.monotonic() < deadline:
-            time.sleep(0.01)
-        time.sleep(0.05)
+        wait_listening(sock)
         h = nbd.NBD()
         h.set_export_name("vda")
         h.connect_unix(sock)
