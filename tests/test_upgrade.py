@@ -188,3 +188,26 @@ def test_killed_at_any_moment_it_leaves_the_old_format_or_the_new_one_complete(t
     assert full_codecs(repo) == {CODEC_PIECES}
     repo.close()
     assert "old" in outcomes
+
+
+def test_upgrade_finishes_the_collection_a_killed_run_left(tmp_path):
+    """A run killed after its commit (the format is new, a collection is
+    marked) and before its collection leaves garbage packs: `upgrade` again
+    finds nothing to convert but finishes that collection."""
+    from rpofs.store import gc
+    path = str(tmp_path / "r")
+    repo = Repository.init(path)
+    disk = bytearray(random.Random(2).randbytes(2 * CHUNK_SIZE))
+    back_up(repo, [disk], [set()], "full", None, 10**6)
+    orphan = os.path.join(repo.chunks_dir, schema.pack_name(99))
+    with open(orphan, "wb") as f:  # what the killed run had written and no longer refers to
+        f.write(os.urandom(4096))
+    with repo.write_txn() as txn:
+        gc.mark(repo, txn)
+    repo.close()
+    report = upgrade(path)
+    assert report.packs_deleted == 1 and not os.path.exists(orphan)
+    with Repository.open(path) as repo:
+        check_repository(repo)
+        assert not gc.pending(repo)
+        assert DiskReader(repo, repo.points(VM)[0], "vda").read(0, len(disk)) == bytes(disk)

@@ -97,6 +97,8 @@ def upgrade(path: str, progress=None, keys=None) -> UpgradeReport:
         with repo.exclusive():
             report = UpgradeReport(repo.format(), FORMAT)
             if report.old_format == FORMAT:
+                if gc.pending(repo):  # a run killed between its commit and its collection: finish that
+                    report.packs_deleted, report.packs_compacted = gc.collect(repo)
                 return report
             with repo.env.begin() as txn:
                 whole = whole_full_chunks(repo, txn)
