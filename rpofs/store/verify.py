@@ -32,6 +32,7 @@ Results of the last run are kept in REPO/verify.json (per VM: when, whether
 damaged, how many points) for `rpofs status` and the metrics.
 """
 
+import contextlib
 import concurrent.futures
 import json
 import logging
@@ -491,8 +492,9 @@ def verify(repo, vm: str | None = None, read_data: bool = False, progress=None,
     if vms is None:  # a pack nothing refers to (and no backup newer than the snapshot writes): garbage
         for pack in on_disk:
             if pack not in in_use and pack < next_pack:
-                report.garbage.packs += 1
-                report.garbage.bytes += repo.packs.size(pack)
+                with contextlib.suppress(PackMissing):  # collected since it was listed: garbage no more
+                    report.garbage.bytes += repo.packs.size(pack)
+                    report.garbage.packs += 1
     if read_data:
         scan_packs = [p for p in on_disk if ((vms is None and p < next_pack and p in in_use) or p in packs)
                       and (only_packs is None or p in only_packs)]
@@ -536,9 +538,13 @@ def _check_headers(repo, on_disk: set[int], by_place) -> list[Finding]:
         if pack not in on_disk:
             found.extend(Finding("missing-pack", ref, _WHY["missing-pack"]) for ref in users)
             continue
-        if pack not in sizes:
-            sizes[pack] = repo.packs.size(pack)
-        header = repo.packs.read(pack, offset - PACK_HEADER.size, PACK_HEADER.size)
+        try:
+            if pack not in sizes:
+                sizes[pack] = repo.packs.size(pack)
+            header = repo.packs.read(pack, offset - PACK_HEADER.size, PACK_HEADER.size)
+        except PackMissing:  # deleted since it was listed (a compaction): _confirm asks a fresh snapshot
+            found.extend(Finding("missing-pack", ref, _WHY["missing-pack"]) for ref in users)
+            continue
         for ref in users:
             if problem := _check_header(repo, ref, header, sizes[pack]):
                 found.append(Finding(problem, ref, _WHY[problem]))
@@ -655,11 +661,15 @@ def verify_slice(repo, cursor: int, budget: int) -> tuple[VerifyReport, int]:
     for pack in repo.packs.list():
         if pack < cursor:
             continue
-        if chosen and total + repo.packs.size(pack) > budget:
+        try:
+            size = repo.packs.size(pack)
+        except PackMissing:  # collected since it was listed
+            continue
+        if chosen and total + size > budget:
             following = pack
             break
         chosen.add(pack)
-        total += repo.packs.size(pack)
+        total += size
     return verify(repo, read_data=True, only_packs=chosen), following
 
 
