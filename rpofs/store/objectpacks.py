@@ -345,6 +345,18 @@ class BlockCache:
             self._lockfd = -1
 
 
+def _scatter(data: bytes, buffers: list) -> int:
+    """Copy data into buffers in order (read_into over a read); the bytes copied."""
+    view, done = memoryview(data), 0
+    for buf in buffers:
+        n = min(len(buf), len(view) - done)
+        if n <= 0:
+            break
+        memoryview(buf).cast("B")[:n] = view[done:done + n]
+        done += n
+    return done
+
+
 def _alloc(n: int) -> int:
     return (n + 4095) // 4096 * 4096
 
@@ -425,15 +437,7 @@ class ObjectPacks(PackStore):
         return out[0] if len(out) == 1 else b"".join(out)
 
     def read_into(self, pack: int, offset: int, buffers: list) -> int:
-        data = memoryview(self.read(pack, offset, sum(len(buf) for buf in buffers)))
-        done = 0
-        for buf in buffers:
-            n = min(len(buf), len(data) - done)
-            if n <= 0:
-                break
-            memoryview(buf).cast("B")[:n] = data[done:done + n]
-            done += n
-        return done
+        return _scatter(self.read(pack, offset, sum(len(buf) for buf in buffers)), buffers)
 
     def _blocks(self, pack: int, wanted: list[int]) -> dict[int, bytes]:
         """The blocks, fetched now (runs of them by one GET each, on the
@@ -565,15 +569,7 @@ class _Direct(PackStore):
         return self._packs.bucket.get(pack_key(pack), offset, offset + length)[0]
 
     def read_into(self, pack: int, offset: int, buffers: list) -> int:
-        data = memoryview(self.read(pack, offset, sum(len(buf) for buf in buffers)))
-        done = 0
-        for buf in buffers:
-            n = min(len(buf), len(data) - done)
-            if n <= 0:
-                break
-            memoryview(buf).cast("B")[:n] = data[done:done + n]
-            done += n
-        return done
+        return _scatter(self.read(pack, offset, sum(len(buf) for buf in buffers)), buffers)
 
     def size(self, pack: int) -> int:
         return self._packs.bucket.size(pack_key(pack))
