@@ -93,3 +93,8 @@ class StoreFull(StoreError):
     """The store's quota is reached: what a full disk is to a local repository."""
 
     errno = 28  # ENOSPC
+
+
+class TakenOver(RpofsError):
+    """Another machine took this repository's host over (init --take-over):
+    this one must write to the store no more (rpofs.store.hosts)."""

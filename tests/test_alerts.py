@@ -83,7 +83,8 @@ def served_labels() -> dict[str, set[str]]:
                                    readable_us=5 * 10**6)}
     verified = {"vms": {"u-db1": {"time_us": 3 * 10**6, "points_damaged": 0}}, "repository": {"garbage_bytes": 0}}
     labels: dict[str, set[str]] = {}
-    for line in metrics.render([vm], 12345, 6 * 10**6, verified).splitlines():
+    published = {"pending": 2, "oldest_pending_us": 5 * 10**6, "error": ""}
+    for line in metrics.render([vm], 12345, 6 * 10**6, verified, published).splitlines():
         if line.startswith("#"):
             continue
         m = re.match(r"([A-Za-z_:][\w:]*)(?:\{(.*)\})? \S+$", line)
@@ -113,7 +114,7 @@ def test_promtool_fails_a_rule_whose_alert_does_not_fire_as_the_tests_say(tmp_pa
 def test_rules_read_only_metrics_the_ingester_serves():
     rules = [r for g in yaml.safe_load(RULES.read_text())["groups"] for r in g["rules"]]
     names = [r["alert"] for r in rules]
-    assert len(names) == len(set(names)) == 12
+    assert len(names) == len(set(names)) == 13
     for rule in rules:
         assert metric_names(rule["expr"]) <= set(metrics.METRICS), rule["alert"]
         assert metric_names(rule["expr"]), rule["alert"]
@@ -123,7 +124,7 @@ def test_rules_read_only_metrics_the_ingester_serves():
     reads = {r["alert"]: metric_names(r["expr"]) for r in rules}
     for metric in ("rpofs_rpo_age_seconds", "rpofs_protected", "rpofs_journal_unfolded_seconds",
                    "rpofs_verify_damaged_points", "rpofs_last_success_timestamp_seconds", "rpofs_failures_total",
-                   "rpofs_app_stale"):
+                   "rpofs_app_stale", "rpofs_publication_lag_seconds"):
         assert any(metric in r for r in reads.values()), metric
 
 

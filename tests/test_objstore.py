@@ -65,6 +65,7 @@ def test_backups_read_back_byte_exact_through_the_store_with_an_empty_cache(tmp_
     shutil.rmtree(path / "cache")
     with Repository.open(str(path)) as repo:
         packs = repo.packs.list()
+        keys = {repo.packs.key(p) for p in packs}
         sizes = [repo.packs.size(p) for p in packs]
         # a 40 MiB full rolls over at the target size: packs of at most ~16 MiB
         assert len(packs) >= 4 and max(sizes) <= objectpacks.PACK_TARGET + 2 * CHUNK_SIZE, sizes
@@ -75,7 +76,7 @@ def test_backups_read_back_byte_exact_through_the_store_with_an_empty_cache(tmp_
         assert report.ok and report.problems == [] and report.garbage.packs == 0
     with Bucket(StoreUrl.parse(store_url)) as bucket:
         held = bucket.list()
-    assert "config" in held and {f"packs/pack-{p:08d}" for p in packs} <= set(held)
+    assert "config" in held and keys <= set(held) and all(k.startswith("hosts/") for k in keys)
 
 
 def test_a_random_4k_read_fetches_blocks_not_packs(tmp_path, store_url):
@@ -148,9 +149,10 @@ def test_a_pack_object_deleted_is_named_by_verify_and_reads_fail(tmp_path, store
     path = tmp_path / "repo"
     repo, points, truth = three_points(path, store_url, random.Random(6), mib=8)
     full_pack = repo.packs.list()[0]
+    full_key = repo.packs.key(full_pack)
     repo.close()
     with Bucket(StoreUrl.parse(store_url)) as bucket:
-        bucket.delete(f"packs/pack-{full_pack:08d}")
+        bucket.delete(full_key)
     shutil.rmtree(path / "cache")
     with Repository.open(str(path)) as repo:
         report = verify.verify(repo, read_data=True)
@@ -241,11 +243,12 @@ def nothing_written(path) -> bool:
 
 def test_init_in_the_store_then_backups_and_a_second_init_refused(tmp_path, store_url):
     path = tmp_path / "repo"
-    done = rpofs("init", "--store", store_url, "--cache-size", "1G", repo=path)
+    done = rpofs("init", "--store", store_url, "--cache-size", "1G", "--host", "kvm1", repo=path)
     assert done.returncode == 0, done.stderr
-    assert json.loads((path / "store.json").read_text()) == {"store": store_url, "cache_size": 1 << 30}
+    conf = json.loads((path / "store.json").read_text())
+    assert conf["store"] == store_url and conf["cache_size"] == 1 << 30 and conf["host"] == "kvm1"
     other = tmp_path / "other"
-    fails_in_one_line(rpofs("init", "--store", store_url, repo=other), "already holds an rpofs repository")
+    fails_in_one_line(rpofs("init", "--store", store_url, "--host", "kvm1", repo=other), "already has a host kvm1")
     assert nothing_written(other)
 
 

@@ -156,7 +156,28 @@ def test_a_damaged_whole_chunk_is_left_and_the_rest_converted(tmp_path, monkeypa
     repo.close()
 
 
-UPGRADE = "import sys; from rpofs.store.upgrade import upgrade; upgrade(sys.argv[1])"
+# the conversion, saying "converting" on stdout once it starts converting chunks
+UPGRADE = """
+import sys
+from rpofs.store.upgrade import upgrade
+class Told:
+    said = False
+    def set(self, done, total=None):
+        if not self.said:
+            print("converting", flush=True)
+            self.said = True
+    def add(self, n):
+        pass
+upgrade(sys.argv[1], Told())
+"""
+
+
+def start_upgrade(path: str) -> subprocess.Popen:
+    """The conversion in a process of its own, returned once it converts
+    (its start, opening and planning done: a kill before would prove nothing)."""
+    proc = subprocess.Popen([sys.executable, "-c", UPGRADE, path], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == "converting\n"
+    return proc
 
 
 def test_killed_at_any_moment_it_leaves_the_old_format_or_the_new_one_complete(tmp_path, monkeypatch):
@@ -164,15 +185,20 @@ def test_killed_at_any_moment_it_leaves_the_old_format_or_the_new_one_complete(t
     path = str(tmp_path / "r")
     truth = old_repository(path, rnd, monkeypatch, 3, size=24 * CHUNK_SIZE)
     shutil.copytree(path, tmp_path / "probe")
+    proc = start_upgrade(str(tmp_path / "probe"))
     start = time.monotonic()
-    subprocess.run([sys.executable, "-c", UPGRADE, str(tmp_path / "probe")], check=True)
-    whole_run = time.monotonic() - start  # the interpreter's start and the whole conversion
+    assert proc.wait() == 0
+    converting = time.monotonic() - start  # from its first chunk to its exit
+    proc.stdout.close()
     outcomes = set()
     for attempt in range(8):
-        proc = subprocess.Popen([sys.executable, "-c", UPGRADE, path])
-        time.sleep(rnd.uniform(0.3, 1.0) * whole_run)
+        proc = start_upgrade(path)
+        # the first kill within the first third of the conversion: the old
+        # format is seen even when this run goes quicker than the probe did
+        time.sleep(rnd.uniform(0.0, 0.3 if attempt == 0 else 1.0) * converting)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+        proc.stdout.close()
         try:
             Repository.open(path).close()
             outcomes.add("new")

@@ -22,7 +22,7 @@ from .common import EXIT_ERROR, EXIT_USAGE, take_secrets
 
 FAMILIES = (repo, backup, browse, recover, protect, maintain)
 # the order `rpofs --help` lists them in
-ORDER = ("init", "backup", "points", "ship", "mount", "umount", "ingest", "cp", "prune", "forget", "verify",
+ORDER = ("init", "hosts", "backup", "points", "ship", "mount", "umount", "ingest", "cp", "prune", "forget", "verify",
          "upgrade", "key", "defrag", "restore", "run", "protect", "unprotect", "status")
 
 
@@ -33,6 +33,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--key-file", default=None, metavar="FILE",
                    help="an encrypted repository's passphrase: the file's first line (default "
                    "$RPOFS_KEY_FILE, else $RPOFS_PASSPHRASE, else asked on a terminal)")
+    p.add_argument("--host", default=None, metavar="NAME",
+                   help="in an object store: the VMs of host NAME (its catalog as this machine follows it "
+                   "from the store); by default a VM's host is found by its name")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress on stderr")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     parsers = {name: add for family in FAMILIES for name, add in family.PARSERS.items()}
@@ -55,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if getattr(args, "needs_repo", True) and os.path.exists(repo_path) and not os.path.isdir(repo_path):
             raise RpofsError(f"{repo_path} is a file, not a repository directory")
+        if args.host and args.command != "init":
+            from ..store.anyhost import path_of_host
+            repo_path = path_of_host(repo_path, args.host)
         return args.func(repo_path, args) or 0
     except RpofsError as e:
         print(f"rpofs: {e}", file=sys.stderr)

@@ -8,7 +8,7 @@ import os
 
 from ..errors import RpofsError
 from ..timefmt import point_names
-from .common import key_source, open_repository
+from .common import key_source, open_repository_of_vm
 
 
 def add_points(sub) -> None:
@@ -59,7 +59,7 @@ def cmd_points(repo_path: str, args) -> None:
     from ..store import shipments
     from ..apps.view import app_point_json
     from ..mount.pointfiles import point_json
-    with open_repository(repo_path, args) as repo:
+    with open_repository_of_vm(repo_path, args, args.vm) as repo:
         vm = repo.find_vm(args.vm)[0]
         points = repo.points(vm)
         names = point_names([p.time_us for p in points], [p.name for p in points])
@@ -101,5 +101,5 @@ def cmd_umount(repo_path: str, args) -> None:
 
 def cmd_cp(repo_path: str, args) -> None:
     from ..mount.copy import copy_out
-    with open_repository(repo_path, args) as repo:
+    with open_repository_of_vm(repo_path, args, args.source) as repo:
         copy_out(repo, args.source, args.dest, args.recursive, args.force)

@@ -80,6 +80,17 @@ def open_repository(repo_path: str, args) -> Repository:
     return Repository.open(repo_path, keys=key_source(repo_path, args))
 
 
+def open_repository_of_vm(repo_path: str, args, vm_ref: str) -> Repository:
+    """The repository that holds VM `vm_ref` (a name or UUID, or VM@...):
+    this host's, or in an object store another host's that has it
+    (rpofs.store.anyhost); the one --host names when it is given."""
+    from ..store import anyhost
+    keys = key_source(repo_path, args)
+    if getattr(args, "host", None):  # main() made repo_path that host's
+        return Repository.open(repo_path, keys=keys)
+    return anyhost.repository_of_vm(repo_path, vm_ref.partition("@")[0], keys)
+
+
 def connect(args) -> "contextlib.closing":
     """libvirt at --connect, closed at the end of a `with`."""
     from ..virt.client import Connection

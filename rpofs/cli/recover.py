@@ -7,7 +7,7 @@ import os
 import sys
 
 from ..errors import RpofsError
-from .common import EXIT_ERROR, add_connect, connect, key_source, open_repository
+from .common import EXIT_ERROR, add_connect, connect, key_source, open_repository, open_repository_of_vm
 
 
 def add_restore(sub) -> None:
@@ -91,7 +91,7 @@ def cmd_restore(repo_path: str, args) -> None:
     from ..progress import Progress
     from ..recover.disk import restore_disk
     from ..store.restore import parse_disk_ref
-    with open_repository(repo_path, args) as repo:
+    with open_repository_of_vm(repo_path, args, args.source) as repo:
         with Progress(f"restore {parse_disk_ref(args.source)[2]}", 0) as progress:
             moment, size, written = restore_disk(repo, args.source, args.dest, args.force, progress)
     if moment.note():
@@ -104,7 +104,7 @@ def restore_vm(repo_path: str, args) -> None:
     if args.dest:
         raise RpofsError("restore --vm: no DEST: the disks go into --dir")
     vm, when = split_vm_time(args.source)
-    with open_repository(repo_path, args) as repo, connect(args) as conn:
+    with open_repository_of_vm(repo_path, args, vm) as repo, connect(args) as conn:
         done = restore(repo, conn, vm, when, VmRestoreOptions(args.name, args.dir, args.format, args.replace,
                                                               args.force, args.start))
     for note in done.notes:
@@ -123,7 +123,8 @@ def cmd_run(repo_path: str, args) -> int | None:
         raise RpofsError("run: VM@TIME does not go with --move, --stop, --list, --resume or --serve-mount")
     if args.serve_mount:
         return _serve_run_mount(repo_path, args)  # before libvirt runs: it opens neither
-    with open_repository(repo_path, args) as repo, connect(args) as conn:
+    with (open_repository_of_vm(repo_path, args, args.source) if args.source else
+          open_repository(repo_path, args)) as repo, connect(args) as conn:
         if args.list:
             _print_runs(instant.listing(repo, conn), args.json)
         elif resuming:

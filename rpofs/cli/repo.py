@@ -25,6 +25,15 @@ def add_init(sub) -> None:
     ini.add_argument("--cache-size", default=None, metavar="SIZE", type=parse_size,
                      help="--store: the local cache of pack data never grows past this (e.g. 50G; default "
                      "10G; the key cache_size in REPO/store.json)")
+    ini.add_argument("--host", dest="init_host", default=None, metavar="NAME",
+                     help="--store: this machine's name in the store (default: its short host name); each "
+                     "host writes its own chains, every host reads all of them (docs/OBJECTSTORE.md)")
+    ini.add_argument("--take-over", action="store_true",
+                     help="--store: carry on host NAME's chains on this machine (its catalog is read back "
+                     "from the store; refused while its lease is younger than 5 minutes)")
+    ini.add_argument("--force", action="store_true",
+                     help="--take-over: even while its lease is young (the machine that held it is gone "
+                     "for good; it stops publishing if it comes back)")
     ini.add_argument("--key-file", dest="init_key_file", default=None, metavar="FILE",
                      help="--encrypt: the passphrase is this file's first line")
     ini.set_defaults(func=cmd_init)
@@ -55,7 +64,16 @@ def add_key(sub) -> None:
     change.set_defaults(func=cmd_key_change)
 
 
-PARSERS = {"init": add_init, "upgrade": add_upgrade, "key": add_key}
+def add_hosts(sub) -> None:
+    h = sub.add_parser("hosts", help="the hosts of the object store this repository is in, and what each holds",
+                       description="Every host of the store: its VMs and points (as published to the store "
+                       "and followed here), its newest point, who holds its lease and how fresh it is, and "
+                       "for this host the catalog changes not published yet.")
+    h.add_argument("--json", action="store_true", help="one JSON array")
+    h.set_defaults(func=cmd_hosts)
+
+
+PARSERS = {"init": add_init, "hosts": add_hosts, "upgrade": add_upgrade, "key": add_key}
 
 
 def parse_size(text: str) -> int:
@@ -74,14 +92,22 @@ def parse_size(text: str) -> int:
 
 
 def cmd_init(repo_path: str, args) -> None:
-    if args.cache_size is not None and args.store is None:
-        raise RpofsError("init: --cache-size goes with --store")
+    args.init_host = args.init_host or args.host
+    for flag, given in (("--cache-size", args.cache_size is not None), ("--host", args.init_host is not None),
+                        ("--take-over", args.take_over)):
+        if given and args.store is None:
+            raise RpofsError(f"init: {flag} goes with --store")
+    if args.force and not args.take_over:
+        raise RpofsError("init: --force goes with --take-over")
     where = f" with its packs in {args.store}" if args.store else ""
+    store = dict(store=args.store, cache_size=args.cache_size, host=args.init_host, take_over=args.take_over,
+                 force=args.force)
     if not args.encrypt:
         if args.init_key_file:
             raise RpofsError("init: --key-file goes with --encrypt")
-        Repository.init(repo_path, store=args.store, cache_size=args.cache_size).close()
-        print(f"created repository {repo_path}{where}")
+        with Repository.init(repo_path, **store) as repo:
+            told = _told_host(repo, args.take_over)
+        print(f"created repository {repo_path}{where}{told}")
         return
     if os.path.exists(os.path.join(repo_path, "catalog")):
         raise RpofsError(f"{repo_path} already holds a repository")
@@ -98,10 +124,41 @@ def cmd_init(repo_path: str, args) -> None:
             raise RpofsError("init: the two passphrases differ: nothing created")
     else:
         raise RpofsError("init --encrypt: give the passphrase with --key-file, $RPOFS_KEY_FILE or $RPOFS_PASSPHRASE")
-    with Repository.init(repo_path, passphrase, store=args.store, cache_size=args.cache_size) as repo:
+    with Repository.init(repo_path, passphrase, **store) as repo:
         fingerprint = repo.keys.fingerprint
-    print(f"created encrypted repository {repo_path}{where} (key fingerprint {fingerprint}); "
+        told = _told_host(repo, args.take_over)
+    print(f"created encrypted repository {repo_path}{where}{told} (key fingerprint {fingerprint}); "
           f"without its passphrase it cannot be read")
+
+
+def _told_host(repo, took_over: bool) -> str:
+    if not repo.host:
+        return ""
+    if took_over:
+        return f" as host {repo.host}, taken over with its {len(repo.vms())} VMs"
+    return f" as host {repo.host}"
+
+
+def cmd_hosts(repo_path: str, args) -> int | None:
+    import dataclasses
+
+    from ..store.anyhost import host_rows
+    from ..timefmt import format_time
+    rows = host_rows(repo_path, key_source(repo_path, args))
+    if args.json:
+        print(json.dumps([dict(dataclasses.asdict(r), newest=format_time(r.newest_us, 6) if r.newest_us else None)
+                          for r in rows], indent=2))
+    else:
+        for r in rows:
+            lease = (f"lease {r.lease_machine or '?'} {r.lease_age_s:.0f} s ago" if r.lease_age_s is not None
+                     else "no lease")
+            newest = format_time(r.newest_us, 0) if r.newest_us else "-"
+            extra = f"  {r.unpublished} changes not published yet" if r.unpublished else ""
+            if r.error:
+                extra += f"  (not readable here: {r.error})"
+            print(f"{r.name + (' (this host)' if r.this else ''):24} {r.vms:4} VMs {r.points:7} points  "
+                  f"newest {newest:20}  {lease}{extra}")
+    return EXIT_ERROR if any(r.error for r in rows) else None
 
 
 def cmd_key_change(repo_path: str, args) -> None:

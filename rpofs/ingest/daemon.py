@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass, field
 
 import trio
 
-from ..errors import RpofsError, UnknownVM
+from ..errors import RpofsError, TakenOver, UnknownVM
 from ..store.defrag import defrag
 from ..store import journal, shipments, verify
 from ..store.prune import prune
@@ -54,6 +54,7 @@ log = logging.getLogger("rpofs.ingest")
 DISCOVER_S = 2.0
 LOCK_WAIT_S = 2.0   # a VM's backup by hand is waited for this long, then this round is skipped
 STATUS_FILE = "ingest-status.json"
+PUBLISH_S = 1.0           # a repository in an object store publishes its commits this often
 MAX_BACKOFF_S = 60.0
 WATCH_S = 1.0             # how often a protected VM's mirror and server are checked
 PROTECT_RETRY_S = (10.0, 600.0)  # protection tried again after this, doubling to the most
@@ -154,6 +155,7 @@ class Ingester:
         self._conn: Connection | None = None
         self._conn_lock = trio.Lock()
         self._started_us = int(time.time() * US)
+        self.publication = {"host": repo.host, "pending": 0, "oldest_pending_us": None, "error": ""}
 
     async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
@@ -161,6 +163,8 @@ class Ingester:
             nursery.start_soon(self._discover, nursery)
             nursery.start_soon(self._write_status)
             nursery.start_soon(self._verify_loop)
+            if self.repo.publishes:
+                nursery.start_soon(self._publish_loop)
             if self.cfg.metrics:
                 await nursery.start(metrics.serve, self.cfg.metrics, self._metrics_text)
             log.info("event=started vms=%s max_jobs=%d", ",".join(self.cfg.vms) or "running", self.cfg.max_jobs)
@@ -593,6 +597,30 @@ class Ingester:
             for line in verify.describe(report)[:-1] if not report.ok else ():
                 log.error("event=damage %s", line.strip())
 
+    async def _publish_loop(self) -> None:
+        """A repository in an object store: every PUBLISH_S, what was
+        committed is put in the store (rpofs.store.publish), so the store
+        alone holds every point within about that much. A store that
+        cannot be reached is tried again; another machine that took this
+        host over ends the daemon (it must write no more)."""
+        from ..store import publish
+        while True:
+            try:
+                done = await trio.to_thread.run_sync(publish.publish, self.repo)
+                if done.batches:
+                    log.info("event=published batches=%d objects=%d bytes=%d snapshot=%s", done.batches,
+                             done.objects, done.bytes, done.snapshot)
+                self.publication["error"] = ""
+            except TakenOver as e:
+                log.error("event=taken-over error=%r", str(e))
+                raise
+            except RpofsError as e:
+                log.warning("event=publish-failed error=%r", str(e))
+                self.publication["error"] = str(e)
+            backlog = await trio.to_thread.run_sync(publish.backlog, self.repo)
+            self.publication.update(pending=backlog.batches, oldest_pending_us=backlog.oldest_us)
+            await trio.sleep(PUBLISH_S)
+
     # -- what others see -----------------------------------------------------------
 
     async def _write_status(self) -> None:
@@ -600,7 +628,8 @@ class Ingester:
         while True:
             body = json.dumps({"pid": os.getpid(), "started_us": self._started_us,
                                "written_us": int(time.time() * US),
-                               "vms": [asdict(s) for s in self.status.values()]}, indent=1)
+                               "vms": [asdict(s) for s in self.status.values()],
+                               **({"publication": self.publication} if self.repo.publishes else {})}, indent=1)
             # mode as open() makes it (the umask decides): rpofs status and monitoring read it
             await trio.to_thread.run_sync(durable.write_file, path, body.encode(), 0o666)
             await trio.sleep(1.0)
@@ -611,7 +640,8 @@ class Ingester:
             size = self.repo.stored_bytes()
         except OSError:  # a pack deleted while it was counted (prune): left out of this scrape
             size = None
-        return metrics.render(list(self.status.values()), size, time.time() * US, verify.load(self.repo.path))
+        return metrics.render(list(self.status.values()), size, time.time() * US, verify.load(self.repo.path),
+                              self.publication if self.repo.publishes else None)
 
 
 def newest_and_full(repo: Repository, uuid: str) -> tuple[PointRecord | None, PointRecord | None]:

@@ -62,6 +62,10 @@ METRICS = {
     "rpofs_verify_timestamp_seconds": ("gauge", "when rpofs verify last checked the VM's points (Unix time)"),
     "rpofs_verify_damaged_points": ("gauge", "the VM's points that read EIO somewhere, as the last verify found"),
     "rpofs_verify_garbage_bytes": ("gauge", "pack bytes nothing refers to, as the last repository-wide verify found"),
+    "rpofs_publication_lag_seconds": ("gauge", "in an object store: how long the oldest commit not yet published "
+                                      "to the store has waited (0: everything is published)"),
+    "rpofs_publication_pending": ("gauge", "in an object store: catalog batches not yet published"),
+    "rpofs_publication_failing": ("gauge", "in an object store: 1 while the last publication failed"),
     "rpofs_app_point_age_seconds": ("gauge", "age of the app's newest app point (its log shipped from the guest)"),
     "rpofs_app_ships_total": ("counter", "app points this daemon recorded for the app"),
     "rpofs_app_shipped_bytes_total": ("counter", "log bytes this daemon shipped for the app"),
@@ -90,9 +94,11 @@ def _label(value: str) -> str:
     return value.replace("\\", "\\\\").replace("\"", "\\\"").replace("\n", "\\n")
 
 
-def render(vms, repository_bytes: int | None, now_us: float, verified: dict | None = None) -> str:
+def render(vms, repository_bytes: int | None, now_us: float, verified: dict | None = None,
+           publication: dict | None = None) -> str:
     """The exposition. vms: the daemon's per-VM status (rpofs.ingest.daemon.VmStatus);
-    verified: the kept verify results (rpofs.store.verify.load)."""
+    verified: the kept verify results (rpofs.store.verify.load); publication:
+    a repository in an object store's (the daemon's `publication`)."""
     verified = verified or {"vms": {}}
     samples: dict[str, list[str]] = {name: [] for name in METRICS}
     samples["rpofs_build_info"].append(f'rpofs_build_info{{version="{_label(version())}"}} 1')
@@ -146,6 +152,12 @@ def render(vms, repository_bytes: int | None, now_us: float, verified: dict | No
     if "repository" in verified:
         samples["rpofs_verify_garbage_bytes"].append(
             f"rpofs_verify_garbage_bytes {verified['repository'].get('garbage_bytes', 0)}")
+    if publication is not None:
+        oldest = publication.get("oldest_pending_us")
+        samples["rpofs_publication_lag_seconds"].append(
+            f"rpofs_publication_lag_seconds {max(0.0, (now_us - oldest) / 1e6) if oldest else 0.0:.3f}")
+        samples["rpofs_publication_pending"].append(f"rpofs_publication_pending {publication.get('pending', 0)}")
+        samples["rpofs_publication_failing"].append(f"rpofs_publication_failing {int(bool(publication.get('error')))}")
     lines = []
     for name, (kind, text) in METRICS.items():
         lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}", *samples[name]]

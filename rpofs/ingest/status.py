@@ -28,7 +28,8 @@ def _ingester(repo: Repository) -> dict:
     except OSError:
         alive = False
     fresh = time.time() - body["written_us"] / US < STALE_S
-    return {"running": alive and fresh, "pid": body["pid"], "vms": {v["uuid"]: v for v in body["vms"]}}
+    return {"running": alive and fresh, "pid": body["pid"], "vms": {v["uuid"]: v for v in body["vms"]},
+            "publication": body.get("publication") or {}}
 
 
 def _time(us: int | None) -> str | None:
@@ -94,7 +95,20 @@ def gather(repo: Repository) -> dict:
             "apps": _apps(repo, uuid, d.get("apps", {}), now_us),
             "protection": protection,
         })
-    return {"ingester": {"running": ingester["running"], "pid": ingester.get("pid")}, "vms": vms}
+    report = {"ingester": {"running": ingester["running"], "pid": ingester.get("pid")}, "vms": vms}
+    if repo.publishes:
+        report["publication"] = _publication(repo, ingester, now_us)
+    return report
+
+
+def _publication(repo: Repository, ingester: dict, now_us: float) -> dict:
+    """A repository in an object store: what of its catalog the store does not hold yet."""
+    from ..store import publish
+    backlog = publish.backlog(repo)
+    error = ingester.get("publication", {}).get("error") if ingester["running"] else ""
+    return {"store": repo.store_conf.store, "host": repo.host, "pending": backlog.batches,
+            "lag_seconds": round(max(0.0, (now_us - backlog.oldest_us) / US), 3) if backlog.oldest_us else 0.0,
+            "last_error": error or None}
 
 
 def _protection(repo: Repository, uuid: str, name: str, live: dict, now_us: float) -> dict | None:
@@ -192,6 +206,12 @@ def _verify_text(checked: dict | None) -> str:
 def render(report: dict) -> str:
     ing = report["ingester"]
     lines = [f"ingester: {'running, pid ' + str(ing['pid']) if ing['running'] else 'not running'}"]
+    pub = report.get("publication")
+    if pub:
+        lines.append(f"store: {pub['store']} as host {pub['host']}, "
+                     + (f"{pub['pending']} catalog changes not published yet, the oldest {pub['lag_seconds']:.1f}s ago"
+                        if pub["pending"] else "everything published")
+                     + (f", last error: {pub['last_error']}" if pub["last_error"] else ""))
     for v in report["vms"]:
         rpo = f"{v['rpo_seconds']:.1f}s" if v["rpo_seconds"] is not None else "-"
         lines.append(f"{v['name']}: rpo {rpo}, {v['points']} points, last full {v['last_full'] or '-'}, "

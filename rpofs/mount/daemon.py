@@ -29,6 +29,7 @@ from .tree import Tree
 log = logging.getLogger(__name__)
 
 READ_AHEAD_KB = 4096  # FUSE's default 128 KiB window caps sequential reads
+FOLLOW_S = 5          # a mount of another host's VMs reads its new publications this often
 
 
 @dataclass(frozen=True)
@@ -151,7 +152,7 @@ def mount_foreground(opts: MountOptions, ready_fd: int | None = None, keys=None)
         except RuntimeError as e:
             raise MountError(f"cannot mount at {opts.mountpoint}: {e}") from None
         try:
-            trio.run(_serve, opts, tell)
+            trio.run(_serve, opts, tell, repo)
         finally:
             pyfuse3.close(unmount=True)
     except RpofsError as e:
@@ -161,8 +162,17 @@ def mount_foreground(opts: MountOptions, ready_fd: int | None = None, keys=None)
         repo.close()
 
 
-async def _serve(opts: MountOptions, tell) -> None:
+async def _serve(opts: MountOptions, tell, repo: Repository) -> None:
     async with trio.open_nursery() as nursery:
+        async def follow_the_host():
+            # another host's VMs (a replica): its new points within FOLLOW_S of their publication
+            while True:
+                await trio.sleep(FOLLOW_S)
+                try:
+                    await trio.to_thread.run_sync(repo.follow)
+                except RpofsError as e:
+                    log.warning("host %s: its new publications are not read yet: %s", repo.host, e)
+
         async def stop_on_signal():
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
                 async for _ in signals:
@@ -181,6 +191,8 @@ async def _serve(opts: MountOptions, tell) -> None:
 
         nursery.start_soon(stop_on_signal)
         nursery.start_soon(announce_when_serving)
+        if repo.replica:
+            nursery.start_soon(follow_the_host)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
 

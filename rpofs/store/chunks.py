@@ -142,6 +142,19 @@ def _decompressor() -> zstandard.ZstdDecompressor:
     return d
 
 
+def compress(data) -> bytes:
+    """zstd of data, with its size in the frame (for rpofs.store.publish)."""
+    return _compressor().compress(data)
+
+
+def decompress(data, limit: int) -> bytes:
+    """What compress() made; ValueError for anything else or more than `limit` bytes."""
+    try:
+        return _decompressor().decompress(data, max_output_size=limit)
+    except zstandard.ZstdError as e:
+        raise ValueError(f"not zstd: {e}") from None
+
+
 def encode(data) -> tuple[int, bytes]:
     """(codec, stored bytes): zstd only when it saves space."""
     packed = _compressor().compress(data)

@@ -1,7 +1,8 @@
 """Packs as objects in an S3 store, behind the PackStore seam.
 
-A pack is one immutable object `PREFIX/packs/pack-NNNNNNNN`. The catalog
-stays local (REPO/catalog); docs/OBJECTSTORE.md is the design.
+A pack is one immutable object `PREFIX/hosts/HOST/packs/pack-NNNNNNNN` (each
+host its own, rpofs.store.hosts); the catalog is local and published
+(rpofs.store.publish); docs/OBJECTSTORE.md is the design.
 
 Writing. A pack being written is a local file in REPO/staging/ (records land
 at the places their writer reserved, from several threads, as in a local
@@ -42,7 +43,7 @@ import time
 
 import blake3
 
-from ..errors import PackMissing, RpofsError, StoreError
+from ..errors import PackMissing, RpofsError, StoreConflict, StoreError
 from .packs import PackFile, PackStore, pwrite_all
 from .s3 import Bucket
 from .schema import pack_name
@@ -54,13 +55,8 @@ MAX_FETCH = 4 << 20      # bytes one GET fetches at most (a run of missing block
 FETCHERS = 8             # GETs at once (prefetch and the blocks of one read)
 UPLOADERS = 2            # PUTs at once: 1 thread 90-150 MiB/s, 4 threads 100-220 MiB/s on 2 cores
 PACK_TARGET = 16 << 20   # a pack's size in the store: see docs/OBJECTSTORE.md ("Pack size")
-PACKS_DIR = "packs/"
 HASH = 32                # a cache file starts with its block's blake3
 DIR_BYTES = 4096         # what a pack's directory in the cache takes
-
-
-def pack_key(pack: int) -> str:
-    return PACKS_DIR + pack_name(pack)
 
 
 class ObjectPackFile(PackFile):
@@ -91,7 +87,12 @@ class ObjectPackFile(PackFile):
         got = os.preadv(self._fd, [data], 0)
         if got != size:
             raise RpofsError(f"reading {self.path}: {got} of {size} bytes")
-        self._store.bucket.put_new(pack_key(self.pack), bytes(data))
+        try:
+            self._store.bucket.put_new(self._store.key(self.pack), bytes(data))
+        except StoreConflict:
+            raise StoreConflict(f"{self._store.bucket.url}: {self._store.key(self.pack)} exists already: another "
+                                f"machine writes this host now (taken over?); nothing of this backup is "
+                                f"recorded", "PreconditionFailed", "") from None
         self._store._sizes[self.pack] = size
 
     def sync(self) -> None:
@@ -152,9 +153,10 @@ class BlockCache:
     TOUCH_S = 10
     CHECKED = 1 << 17     # blocks whose check a process remembers (32 GiB of blocks)
 
-    def __init__(self, directory: str, limit: int):
+    def __init__(self, directory: str, limit: int, space: str = ""):
         self.directory = directory
         self.limit = limit
+        self.space = space            # what this store's pack directories here start with
         os.makedirs(directory, mode=0o700, exist_ok=True)
         self._lockfd = os.open(os.path.join(directory, ".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         self._used_path = os.path.join(directory, ".used")
@@ -164,7 +166,7 @@ class BlockCache:
         self.hits = self.misses = self.refetched = 0
 
     def _path(self, pack: int, block: int) -> str:
-        return os.path.join(self.directory, f"{pack:08d}", f"{block:06d}")
+        return os.path.join(self.directory, f"{self.space}{pack:08d}", f"{block:06d}")
 
     def has(self, pack: int, block: int) -> bool:
         return os.path.exists(self._path(pack, block))
@@ -230,7 +232,7 @@ class BlockCache:
 
     def drop_pack(self, pack: int) -> None:
         """Forget every block of a pack (deleted from the store)."""
-        directory = os.path.join(self.directory, f"{pack:08d}")
+        directory = os.path.join(self.directory, f"{self.space}{pack:08d}")
         with self._counted() as used, contextlib.suppress(FileNotFoundError):
             for entry in os.scandir(directory):
                 with contextlib.suppress(FileNotFoundError):
@@ -374,12 +376,17 @@ class ObjectPacks(PackStore):
 
     target = PACK_TARGET
 
-    def __init__(self, bucket: Bucket, repo_path: str, cache_size: int, block: int = BLOCK):
+    def __init__(self, bucket: Bucket, repo_path: str, cache_size: int, packs_dir: str, cache_dir: str,
+                 cache_space: str = "", block: int = BLOCK):
+        """packs_dir: where in the store the packs are (a host's, rpofs.store.hosts);
+        cache_space: what the cache's names of these packs start with
+        (several hosts' packs share one cache)."""
         self.bucket = bucket
         self.block = block
+        self.packs_dir = packs_dir
         self.staging = os.path.join(repo_path, "staging")
         os.makedirs(self.staging, mode=0o700, exist_ok=True)
-        self.cache = BlockCache(os.path.join(repo_path, "cache"), cache_size)
+        self.cache = BlockCache(cache_dir, cache_size, cache_space)
         self._sizes: dict[int, int] = {}       # pack -> size: packs are immutable once in the store
         self._lock = threading.Lock()
         self._inflight: dict[tuple[int, int], concurrent.futures.Future] = {}
@@ -478,7 +485,7 @@ class ObjectPacks(PackStore):
         b = self.block
         try:
             self.gets += 1
-            data, size = self.bucket.get(pack_key(pack), run[0] * b, (run[-1] + 1) * b)
+            data, size = self.bucket.get(self.key(pack), run[0] * b, (run[-1] + 1) * b)
             self._sizes[pack] = size
             blocks = [data[k * b:(k + 1) * b] for k in range(len(run))]
             for i, block in zip(run, blocks):
@@ -529,7 +536,7 @@ class ObjectPacks(PackStore):
     def size(self, pack: int) -> int:
         size = self._sizes.get(pack)
         if size is None:
-            size = self._sizes[pack] = self.bucket.size(pack_key(pack))
+            size = self._sizes[pack] = self.bucket.size(self.key(pack))
         return size
 
     def usage(self, pack: int) -> int:
@@ -540,15 +547,18 @@ class ObjectPacks(PackStore):
 
     def list(self) -> list[int]:
         found = {}
-        for name, size in self.bucket.list(PACKS_DIR).items():
-            number = name[len(PACKS_DIR) + 5:]
-            if name.startswith(PACKS_DIR + "pack-") and number.isdigit():
+        for name, size in self.bucket.list(self.packs_dir).items():
+            number = name[len(self.packs_dir) + 5:]
+            if name.startswith(self.packs_dir + "pack-") and number.isdigit():
                 found[int(number)] = size
         self._sizes = dict(found)
         return sorted(found)
 
+    def key(self, pack: int) -> str:
+        return self.packs_dir + pack_name(pack)
+
     def delete(self, pack: int) -> None:
-        self.bucket.delete(pack_key(pack))
+        self.bucket.delete(self.key(pack))
         self._sizes.pop(pack, None)
         self.cache.drop_pack(pack)
 
@@ -574,13 +584,13 @@ class _Direct(PackStore):
         if length <= 0:
             return b""
         self._packs.gets += 1
-        return self._packs.bucket.get(pack_key(pack), offset, offset + length)[0]
+        return self._packs.bucket.get(self._packs.key(pack), offset, offset + length)[0]
 
     def read_into(self, pack: int, offset: int, buffers: list) -> int:
         return _scatter(self.read(pack, offset, sum(len(buf) for buf in buffers)), buffers)
 
     def size(self, pack: int) -> int:
-        return self._packs.bucket.size(pack_key(pack))
+        return self._packs.bucket.size(self._packs.key(pack))
 
     def list(self) -> list[int]:
         return self._packs.list()
@@ -600,90 +610,4 @@ def _runs(blocks: list[int], longest: int) -> list[list[int]]:
     return runs
 
 
-# -- a repository whose packs are in a store ----------------------------------------
-
-CONFIG = "store.json"         # REPO/store.json: {"store": "s3://…", "cache_size": bytes}
-MARKER = "config"             # PREFIX/config: what the store holds, written once (If-None-Match)
-DEFAULT_CACHE = 10 << 30
-
-
-def read_config(repo_path: str) -> dict | None:
-    """REPO/store.json, or None for a repository whose packs are local."""
-    import json
-    try:
-        with open(os.path.join(repo_path, CONFIG)) as f:
-            conf = json.load(f)
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as e:
-        raise RpofsError(f"{repo_path}/{CONFIG} cannot be read: {e}") from None
-    if not isinstance(conf, dict) or not isinstance(conf.get("store"), str) or \
-            not isinstance(conf.get("cache_size"), int) or conf["cache_size"] < 0:
-        raise RpofsError(f"{repo_path}/{CONFIG} is not a store configuration "
-                         f'(expected {{"store": "s3://BUCKET/PREFIX", "cache_size": BYTES}})')
-    return conf
-
-
-def open_packs(repo_path: str, conf: dict) -> ObjectPacks:
-    from .s3 import StoreUrl
-    return ObjectPacks(Bucket(StoreUrl.parse(conf["store"])), repo_path, conf["cache_size"])
-
-
-def claim_store(url: str, format: int) -> Bucket:
-    """The store for a new repository: its bucket (created when missing),
-    its prefix empty, then its marker written only if absent. Refused, with
-    nothing written, when the prefix holds a repository (of any format: one
-    catalog per store until hosts can share one) or anything else."""
-    import json
-    from .s3 import StoreUrl
-    bucket = Bucket(StoreUrl.parse(url))
-    try:
-        bucket.ensure_bucket()
-        _refuse_held(bucket, format)
-        if bucket.any() is not None:
-            raise RpofsError(f"{bucket.url} is not empty and holds no rpofs repository: give an empty prefix")
-        marker = json.dumps({"rpofs": "repository", "format": format, "packs": PACKS_DIR,
-                             "pack_target": PACK_TARGET, "created": int(time.time())}, indent=1).encode()
-        try:
-            bucket.put_new(MARKER, marker)
-        except StoreError as e:
-            if e.code == "PreconditionFailed":  # written meanwhile
-                _refuse_held(bucket, format)
-            raise
-    except BaseException:
-        bucket.close()
-        raise
-    return bucket
-
-
-def _refuse_held(bucket: Bucket, format: int) -> None:
-    import json
-    try:
-        raw = bucket.get(MARKER)[0]
-    except PackMissing:
-        return
-    try:
-        held = json.loads(raw)
-        kind, found = held["rpofs"], held["format"]
-    except (ValueError, KeyError, TypeError):
-        raise RpofsError(f"{bucket.url} holds a {MARKER} object that is not an rpofs repository's: "
-                         f"nothing written") from None
-    if kind != "repository" or found != format:
-        raise RpofsError(f"{bucket.url} holds an rpofs repository of format {found}; this rpofs writes "
-                         f"format {format}: nothing written")
-    raise RpofsError(f"{bucket.url} already holds an rpofs repository; a second host joining a store is not "
-                     f"built yet (docs/OBJECTSTORE.md): nothing written")
-
-
-def release_store(bucket: Bucket) -> None:
-    """Undo claim_store when the local half of init failed (best effort)."""
-    with contextlib.suppress(StoreError):
-        bucket.delete(MARKER)
-    bucket.close()
-
-
-def write_config(repo_path: str, url: str, cache_size: int) -> None:
-    import json
-    from ..durable import write_file
-    write_file(os.path.join(repo_path, CONFIG),
-               json.dumps({"store": url, "cache_size": cache_size}).encode() + b"\n", mode=0o644)
+DEFAULT_CACHE = 10 << 30   # bytes: the cache's bound when init is given none

@@ -11,18 +11,21 @@ import dataclasses
 import fcntl
 import functools
 import json
+import logging
 import os
 import threading
 
 import lmdb
 
-from ..errors import (BadTime, ChunkMissing, NeedsUpgrade, NoRepository, PackMissing, RpofsError, UnknownFormat,
-                      UnknownVM)
-from . import crypto, schema
+from ..errors import (BadTime, ChunkMissing, NeedsUpgrade, NoRepository, PackMissing, RpofsError, StoreError,
+                      UnknownFormat, UnknownVM)
+from . import crypto, schema, storeconf
 from .packs import LocalPacks, PackStore
 from .chunks import ChunkReader, PackWriter, encode, encode_pieces
 from .schema import CODEC_PIECES, FORMAT, UPGRADES_FROM, ChunkLocation, DiskRecord, PointRecord
 from ..timefmt import US, new_point_name, parse_as_of, point_names
+
+log = logging.getLogger(__name__)
 
 DEFAULT_REPO = "/var/lib/rpofs"
 MAP_SIZE = 1 << 40  # address space only; the file grows as needed
@@ -46,8 +49,13 @@ class Repository:
         self.keys = keys
         self.ids: crypto.Ids = keys.ids if keys else crypto.PLAIN_IDS
         self.db = {name: env.open_db(name.encode()) for name in schema.DATABASES}
+        self._db_names = {id(handle): name for name, handle in self.db.items()}
         self.chunks_dir = os.path.join(path, "chunks")
-        self.packs: PackStore = packs if packs is not None else _open_packs(path, self.chunks_dir)
+        # in an object store: whose catalog this is, and whether it publishes (rpofs.store.hosts)
+        self.store_conf: storeconf.StoreConf | None = storeconf.read(path)
+        self.publishes = self.store_conf is not None and not self.store_conf.replica
+        self.lease_checked = float("-inf")
+        self.packs: PackStore = packs if packs is not None else _open_packs(path, self.chunks_dir, self.store_conf)
         self.reader = ChunkReader(self.packs, ids=self.ids, sealer=keys.packs if keys else None)
         self._write_lock = threading.Lock()
         self.key_record: bytes | None = None   # meta/encryption as the keys were unlocked from it
@@ -113,19 +121,43 @@ class Repository:
                     raise RpofsError(f"point record {schema.read_u32(key)} cannot be read: {e}") from None
                 unreadable.append((schema.read_u32(key), str(e)))
 
+    @property
+    def host(self) -> str:
+        """The host whose catalog this is ("" for a local repository)."""
+        return self.store_conf.host if self.store_conf else ""
+
+    @property
+    def replica(self) -> bool:
+        return self.store_conf is not None and self.store_conf.replica
+
     @contextlib.contextmanager
-    def write_txn(self):
+    def write_txn(self, publish: bool = True):
         """The one write transaction at a time: LMDB allows one per
         environment, and py-lmdb raises rather than waits for a second one
         in the same process (concurrent backups in the ingester). First the
         reader slots of processes that died inside a read transaction are
         freed: a dead reader pins every page freed after its snapshot, and
         while another process keeps the catalog open (the daemon, a mount)
-        it would grow with every commit."""
+        it would grow with every commit.
+        In a repository that publishes (in an object store), the changes
+        made through the transaction are queued for publication in it
+        (rpofs.store.publish); publish=False is the publisher's own
+        bookkeeping. A replica of another host's catalog is never written."""
+        if self.replica:
+            raise RpofsError(f"{self.path} is host {self.host}'s catalog as this machine follows it from the "
+                             f"store: only {self.host} writes it (or a machine that takes it over: "
+                             f"init --host {self.host} --take-over)")
         with self._write_lock, _catalog_errors(self.path):
             self.env.reader_check()
             with self.env.begin(write=True) as txn:
-                yield txn
+                if not (self.publishes and publish):
+                    yield txn
+                    return
+                from . import publish as publication
+                recorder = publication.Recorder(txn, self._db_names)
+                yield recorder
+                if recorder.changes:
+                    publication.enqueue(txn, self.db, recorder.changes)
 
     def _flock(self, mode: int) -> int:
         """A lock on REPO/lock shared by backups and held alone by prune (see
@@ -159,45 +191,109 @@ class Repository:
 
     @classmethod
     def init(cls, path: str, passphrase: str | None = None, store: str | None = None,
-             cache_size: int | None = None) -> "Repository":
+             cache_size: int | None = None, host: str | None = None, take_over: bool = False,
+             force: bool = False) -> "Repository":
         """A new repository; encrypted under `passphrase` if one is given;
-        its packs in the object store `store` (s3://BUCKET/PREFIX, with a
-        local cache of `cache_size` bytes) if one is given. The store is
-        claimed first, so a store that cannot be used leaves nothing written."""
+        with its packs and its published catalog in the object store
+        `store` (s3://BUCKET/PREFIX, a local cache of `cache_size` bytes)
+        as host `host` if one is given (rpofs.store.hosts): a new host, or
+        with take_over an existing one whose catalog is read back from the
+        store and whose chains this repository carries on."""
         catalog = os.path.join(path, "catalog")
         if os.path.exists(catalog):
             raise RpofsError(f"{path} already holds a repository")
-        bucket = None
         if store is not None:
-            from . import objectpacks
-            bucket = objectpacks.claim_store(store, FORMAT)
+            return cls._init_in_store(path, passphrase, store, cache_size, host, take_over, force)
+        if host is not None or take_over:
+            raise RpofsError("init: --host and --take-over go with --store")
+        keys = None
+        if passphrase is not None:
+            record, keys = crypto.new_key_record(passphrase, path)
+        for sub in ("catalog", "chunks"):
+            os.makedirs(os.path.join(path, sub), mode=0o700, exist_ok=True)
+        env = cls._open_env(catalog, create=True)
+        with env.begin(write=True) as txn:
+            db = {name: env.open_db(name.encode(), txn=txn) for name in schema.DATABASES}
+            _first_meta(txn, db, record if keys is not None else None)
+        repo = cls(path, env, keys)
+        repo.key_record = record if keys is not None else None
+        return repo
+
+    @classmethod
+    def _init_in_store(cls, path, passphrase, store, cache_size, host, take_over, force) -> "Repository":
+        """The store and the host are claimed first, so a store that cannot
+        be used leaves nothing written; then the local catalog is made (a
+        new one whose first batch is published at once, or the host's as
+        the store holds it)."""
+        from . import hosts, publish as publication
+        from .objectpacks import DEFAULT_CACHE
+        name = hosts.check_name(host) if host is not None else hosts.default_name()
+        instance = hosts.new_instance()
+        bucket = hosts.open_bucket(store)
+        made, claimed, keys, record = [], False, None, None
         try:
-            keys = None
-            if passphrase is not None:
-                record, keys = crypto.new_key_record(passphrase, path)
+            hosts.claim_store(bucket, FORMAT)
+            if take_over:
+                found = hosts.take_over(bucket, name, instance, force)
+                if found.key is not None:
+                    if passphrase is None:
+                        raise RpofsError(f"host {name} is encrypted: take it over with --encrypt and its passphrase")
+                    keys = crypto.unwrap(found.key, passphrase, path)
+            else:
+                if passphrase is not None:
+                    record, keys = crypto.new_key_record(passphrase, path)
+                hosts.claim_host(bucket, name, instance, record)
+                claimed = True
             for sub in ("catalog", "chunks"):
                 os.makedirs(os.path.join(path, sub), mode=0o700, exist_ok=True)
-            if bucket is not None:
-                objectpacks.write_config(path, str(bucket.url),
-                                         objectpacks.DEFAULT_CACHE if cache_size is None else cache_size)
-            env = cls._open_env(catalog, create=True)
+                made.append(os.path.join(path, sub))
+            made.append(os.path.join(path, storeconf.NAME))
+            storeconf.write(path, storeconf.StoreConf(str(bucket.url), DEFAULT_CACHE if cache_size is None
+                                                      else cache_size, name, instance))
+            env = cls._open_env(os.path.join(path, "catalog"), create=True)
             with env.begin(write=True) as txn:
-                meta = env.open_db(b"meta", txn=txn)
-                for name in schema.DATABASES:
-                    env.open_db(name.encode(), txn=txn)
-                txn.put(schema.META_FORMAT, schema.format_value(FORMAT), db=meta)
-                txn.put(schema.META_NEXT_POINT, schema.u32(1), db=meta)
-                txn.put(schema.META_NEXT_PACK, schema.u32(1), db=meta)
-                if keys is not None:
-                    txn.put(schema.META_ENCRYPTION, record, db=meta)
+                db = {n: env.open_db(n.encode(), txn=txn) for n in schema.DATABASES}
+            if take_over:
+                through = publication.follow(env, db, bucket, name, keys).through
+                with env.begin(write=True) as txn:
+                    found_format = txn.get(schema.META_FORMAT, db=db["meta"])
+                    if found_format != schema.format_value(FORMAT):
+                        raise RpofsError(f"host {name}'s published catalog has format "
+                                         f"{bytes(found_format or b'none').decode(errors='replace')}: this rpofs "
+                                         f"takes over format {FORMAT}")
+                    txn.put(schema.META_NEXT_SEQ, schema.u64(through + 1), db=db["meta"])
+                    record = txn.get(schema.META_ENCRYPTION, db=db["meta"])
+                    record = bytes(record) if record is not None else None
+            else:
+                with env.begin(write=True) as txn:
+                    recorder = publication.Recorder(txn, {id(h): n for n, h in db.items()})
+                    _first_meta(recorder, db, record)
+                    publication.enqueue(txn, db, recorder.changes)
         except BaseException:
-            if bucket is not None:
-                objectpacks.release_store(bucket)
+            if claimed:
+                hosts.release_host(bucket, name)
+            for made_path in reversed(made):
+                with contextlib.suppress(OSError):
+                    if os.path.isdir(made_path):
+                        import shutil
+                        shutil.rmtree(made_path)
+                    else:
+                        os.unlink(made_path)
             raise
-        if bucket is not None:
+        finally:
             bucket.close()
         repo = cls(path, env, keys)
         repo.key_record = record if keys is not None else None
+        if take_over:
+            with repo.write_txn() as txn:  # packs a previous machine left past its last published commit
+                listed = repo.packs.list()
+                stored = schema.read_u32(txn.get(schema.META_NEXT_PACK, db=repo.db["meta"]))
+                if listed and listed[-1] >= stored:
+                    txn.put(schema.META_NEXT_PACK, schema.u32(listed[-1] + 1), db=repo.db["meta"])
+        try:
+            repo.publish()
+        except RpofsError as e:
+            log.warning("the new catalog is not published yet: %s", e)
         return repo
 
     @classmethod
@@ -208,6 +304,9 @@ class Repository:
         it is encrypted); KeyRequired if it is and none is given, WrongKey
         if the one given is not its."""
         catalog = os.path.join(path, "catalog")
+        conf = storeconf.read(path)
+        if conf is not None and conf.replica:
+            cls._follow(path, conf, keys)
         if not os.path.isfile(os.path.join(catalog, "data.mdb")):
             raise NoRepository(f"no rpofs repository at {path} (create one with: rpofs --repo {path} init)")
         env = cls._open_env(catalog, create=False)
@@ -236,6 +335,37 @@ class Repository:
         repo.key_record = bytes(key_record) if unlocked is not None else None
         return repo
 
+    @classmethod
+    def _follow(cls, path: str, conf: "storeconf.StoreConf", keys: "crypto.KeySource | None") -> None:
+        """A replica (another host's catalog) brought up to what the store
+        holds of it. When the store cannot be reached, a replica that
+        followed before is read as it is, with a warning."""
+        from . import hosts, publish as publication
+        os.makedirs(os.path.join(path, "catalog"), mode=0o700, exist_ok=True)
+        env = cls._open_env(os.path.join(path, "catalog"), create=True)
+        try:
+            db = {n: env.open_db(n.encode()) for n in schema.DATABASES}
+            with env.begin(db=db["meta"]) as txn:
+                record = txn.get(schema.META_ENCRYPTION)
+                record = bytes(record) if record is not None else None
+            try:
+                with hosts.open_bucket(conf.store) as bucket:
+                    if record is None:
+                        found = hosts.read_host(bucket, conf.host)
+                        record = found.key if found is not None else None
+                    unlocked = None
+                    if record is not None:
+                        unlocked = keys.unlock(record, path) if keys is not None else None
+                        if unlocked is None:
+                            raise crypto.key_required(path)
+                    publication.follow(env, db, bucket, conf.host, unlocked)
+            except StoreError as e:
+                if not publication.followed(env, db):
+                    raise
+                log.warning("host %s's catalog is read as this machine last followed it: %s", conf.host, e)
+        finally:
+            env.close()
+
     def change_passphrase(self, new_passphrase: str) -> None:
         """Wrap the master key under `new_passphrase` (rpofs key change).
         Nothing but meta/encryption is rewritten: the master key, hence
@@ -254,6 +384,9 @@ class Repository:
                                  f"nothing changed by this command")
             txn.put(schema.META_ENCRYPTION, record, db=self.db["meta"])
         self.key_record = record
+        if self.publishes:
+            from . import hosts
+            hosts.set_host_key(self.packs.bucket, self.host, record)
 
     def format(self) -> int:
         with self.env.begin(db=self.db["meta"]) as txn:
@@ -267,9 +400,33 @@ class Repository:
         except lmdb.Error as e:
             raise NoRepository(f"cannot open catalog {catalog}: {e}") from None
 
+    def follow(self):
+        """A replica: what its host published since it was opened, applied
+        (a mount of another host's VMs calls it every few seconds)."""
+        from . import publish as publication
+        assert self.replica
+        return publication.follow(self.env, self.db, self.packs.bucket, self.host, self.keys)
+
+    def publish(self):
+        """What this process committed, put in the store (rpofs.store.publish)."""
+        from . import publish as publication
+        return publication.publish(self)
+
     def close(self) -> None:
-        self.reader.close()
-        self.env.close()
+        """Closed; in a repository that publishes, what is queued is put in
+        the store first (left queued, with a warning, when it cannot be)."""
+        try:
+            if self.publishes:
+                from . import publish as publication
+                if publication.backlog(self).batches:
+                    try:
+                        publication.publish(self)
+                    except RpofsError as e:
+                        log.warning("catalog changes not published yet (the next command or the ingester "
+                                    "publishes them): %s", e)
+        finally:
+            self.reader.close()
+            self.env.close()
 
     def __enter__(self) -> "Repository":
         return self
@@ -601,13 +758,22 @@ class BackupWriter:
             self._lock_fd = -1
 
 
-def _open_packs(path: str, chunks_dir: str) -> PackStore:
+def _first_meta(txn, db: dict, key_record: bytes | None) -> None:
+    """A new catalog's meta: its format, the first numbers, its key record."""
+    txn.put(schema.META_FORMAT, schema.format_value(FORMAT), db=db["meta"])
+    txn.put(schema.META_NEXT_POINT, schema.u32(1), db=db["meta"])
+    txn.put(schema.META_NEXT_PACK, schema.u32(1), db=db["meta"])
+    if key_record is not None:
+        txn.put(schema.META_ENCRYPTION, key_record, db=db["meta"])
+
+
+def _open_packs(path: str, chunks_dir: str, conf: "storeconf.StoreConf | None") -> PackStore:
     """Where the repository's packs are: REPO/chunks, or the object store
-    REPO/store.json names (rpofs.store.objectpacks; boto3 is imported only then)."""
-    if not os.path.exists(os.path.join(path, "store.json")):
+    REPO/store.json names (rpofs.store.hosts; boto3 is imported only then)."""
+    if conf is None:
         return LocalPacks(chunks_dir)
-    from . import objectpacks
-    return objectpacks.open_packs(path, objectpacks.read_config(path))
+    from . import hosts
+    return hosts.open_packs(path, conf)
 
 
 def points_in(repo: Repository, txn, vm: str) -> list[PointRecord]:

@@ -127,6 +127,11 @@ class Bucket:
         self._call(f"writing {name}", self._client.put_object, Bucket=self.url.bucket, Key=self.url.key(name),
                    Body=body, IfNoneMatch="*")
 
+    def put(self, name: str, body: bytes) -> None:
+        """Store `body` under `name`, replacing what is there (a lease)."""
+        self._call(f"writing {name}", self._client.put_object, Bucket=self.url.bucket, Key=self.url.key(name),
+                   Body=body)
+
     def get(self, name: str, start: int | None = None, stop: int | None = None) -> tuple[bytes, int]:
         """(bytes [start, stop) of the object, or all of it; the object's
         size). A range starting at or past its end gives b"". PackMissing
@@ -167,6 +172,20 @@ class Bucket:
             for item in page.get("Contents", ()):
                 out[item["Key"][strip:]] = item["Size"]
         return out
+
+    def dirs(self, under: str) -> "list[str]":
+        """The names one level below `under` (which ends with "/") that
+        objects are under, e.g. dirs("hosts/") -> ["kvm1", "kvm2"]."""
+        base = self.url.key(under)
+        paginator = self._client.get_paginator("list_objects_v2")
+
+        def pages():
+            return list(paginator.paginate(Bucket=self.url.bucket, Prefix=base, Delimiter="/"))
+        out = []
+        for page in self._call(f"listing {base}", pages):
+            for item in page.get("CommonPrefixes", ()):
+                out.append(item["Prefix"][len(base):].rstrip("/"))
+        return sorted(out)
 
     def any(self, under: str = "") -> str | None:
         """The name of one object whose name starts with `under`, or None."""

@@ -91,11 +91,35 @@ Sub-databases
                     vm_points; ship numbers come from meta b"next_ship"
                     (sealed in an encrypted repository)
 
+    outbox      seq (u64) -> a batch (below): the changes of one write
+                    transaction of a repository in an object store, queued
+                    in that same transaction until rpofs.store.publish has
+                    put them in the store; empty in a local repository
+                    (present in every repository of this format, it came
+                    with hosts and changed no other layout)
+
     protection  vm uuid (16) | session start time_us (u64) -> JSON
                     ProtectionSession: one period of continuous protection
                     (an active mirror into the journal server), its state and
                     the span of time its journal can be read at
                     (sealed in an encrypted repository)
+
+Publication (a repository in an object store; rpofs.store.publish,
+docs/OBJECTSTORE.md)
+    meta META_NEXT_SEQ b"next_seq" -> u64: the next batch's seq (absent: 1)
+         META_PUBLISHING b"publishing" -> JSON {"snapshot": seq, "bytes":
+             its size, "since": bytes of logs published after it}: when
+             the next compacted snapshot is due (local: never published)
+         META_FOLLOWED b"followed" -> u64: in a replica of another host's
+             catalog (or a catalog taken over), the last seq applied
+    A batch (encode_batch / decode_batch) is seq (u64) | time_us (u64) |
+    count (u32) then `count` changes, each kind (u8: 1 put, 2 delete) | the
+    sub-database's index in DATABASES (u8) | key length (u16) | key, and for
+    a put value length (u32) | value. Every change a write transaction
+    made through Repository.write_txn is in its batch, in order, except
+    the outbox's own and the meta keys above: applied in seq order to a
+    copy of the catalog as of the previous batch, it gives the catalog as
+    of this one.
 
 Continuous protection (format 6; rpofs.protect, docs/PROTECT.md)
     While a session is protected, every write QEMU completed for the guest
@@ -300,7 +324,8 @@ CHUNK_SIZE = 1 << 20
 BLOCK_SIZE = 1 << 16
 BLOCKS_PER_CHUNK = CHUNK_SIZE // BLOCK_SIZE
 
-DATABASES = ("meta", "vms", "points", "vm_points", "full_index", "log_index", "chunks", "apps", "ships", "protection")
+DATABASES = ("meta", "vms", "points", "vm_points", "full_index", "log_index", "chunks", "apps", "ships", "protection",
+             "outbox")
 SEALED = ("vms", "points", "apps", "ships", "protection")  # values sealed in an encrypted repository
 
 # meta's keys (their values: see the spec above)
@@ -311,6 +336,11 @@ META_NEXT_SHIP = b"next_ship"
 META_PRUNED = b"pruned"
 META_GC_PENDING = b"gc_pending"
 META_ENCRYPTION = b"encryption"  # the key record of an encrypted repository
+META_NEXT_SEQ = b"next_seq"      # publication (see "Publication")
+META_PUBLISHING = b"publishing"
+META_FOLLOWED = b"followed"
+UNPUBLISHED = ("outbox",)        # sub-databases whose changes are never published
+UNPUBLISHED_META = (META_NEXT_SEQ, META_PUBLISHING, META_FOLLOWED)
 
 CODEC_RAW = 0
 CODEC_ZSTD = 1
@@ -321,6 +351,10 @@ PIECE_ENTRY = struct.Struct(">32sHB")  # blake3 of the raw piece, stored length 
 PIECES_KEY_CONTEXT = "rpofs full chunk pieces v1"
 
 _U32 = struct.Struct(">I")
+_U64 = struct.Struct(">Q")
+_BATCH = struct.Struct(">QQI")
+_CHANGE = struct.Struct(">BBH")
+PUT, DELETE = 1, 2
 _VM_POINT = struct.Struct(">16sQI")
 _FULL_KEY = struct.Struct(">IHI")
 _PROTECTION = struct.Struct(">16sQ")
@@ -339,6 +373,71 @@ def u32(n: int) -> bytes:
 
 def read_u32(b: bytes) -> int:
     return _U32.unpack(b)[0]
+
+
+def u64(n: int) -> bytes:
+    """A u64 meta counter's value; an outbox key (a batch's seq)."""
+    return _U64.pack(n)
+
+
+def read_u64(b) -> int:
+    return _U64.unpack(bytes(b))[0]
+
+
+outbox_key, read_outbox_key = u64, read_u64
+
+
+@dataclass(frozen=True)
+class Change:
+    """One put (value set) or delete (value None) of a write transaction."""
+    db: str
+    key: bytes
+    value: bytes | None
+
+
+@dataclass(frozen=True)
+class Batch:
+    seq: int
+    time_us: int
+    changes: list
+
+
+def encode_batch(batch: Batch) -> bytes:
+    out = [_BATCH.pack(batch.seq, batch.time_us, len(batch.changes))]
+    for c in batch.changes:
+        out.append(_CHANGE.pack(PUT if c.value is not None else DELETE, DATABASES.index(c.db), len(c.key)))
+        out.append(c.key)
+        if c.value is not None:
+            out += [_U32.pack(len(c.value)), c.value]
+    return b"".join(out)
+
+
+def decode_batch(data) -> Batch:
+    """The batch in `data` (exactly); ValueError if it is not one."""
+    view = memoryview(data)
+    try:
+        seq, time_us, count = _BATCH.unpack_from(view, 0)
+        at, changes = _BATCH.size, []
+        for _ in range(count):
+            kind, db, klen = _CHANGE.unpack_from(view, at)
+            at += _CHANGE.size
+            key = bytes(view[at:at + klen])
+            at += klen
+            value = None
+            if kind == PUT:
+                (vlen,) = _U32.unpack_from(view, at)
+                value = bytes(view[at + 4:at + 4 + vlen])
+                at += 4 + vlen
+            elif kind != DELETE:
+                raise ValueError(f"change kind {kind}")
+            if len(key) != klen or (value is not None and len(value) != vlen):
+                raise ValueError("truncated")
+            changes.append(Change(DATABASES[db], key, value))
+    except (struct.error, IndexError) as e:
+        raise ValueError(str(e)) from None
+    if at != len(view):
+        raise ValueError(f"{len(view) - at} bytes after the last change")
+    return Batch(seq, time_us, changes)
 
 
 def format_value(fmt: int) -> bytes:

@@ -1,0 +1,63 @@
+"""REPO/store.json: where a repository's packs are when they are in an
+object store, and which host's they are. Read without the S3 library, so
+that opening a local repository never imports it.
+
+    {"store": "s3://BUCKET/PREFIX", "cache_size": BYTES,
+     "host": NAME,              the host whose catalog this is
+     "instance": HEX,           this machine's claim on that host (its lease);
+                                absent in a replica
+     "replica": true,           a copy of another host's catalog that this
+                                machine follows and never writes
+     "cache": PATH}             the cache directory (default REPO/cache; a
+                                replica shares its repository's)
+"""
+
+import dataclasses
+import json
+import os
+
+from ..durable import write_file
+from ..errors import RpofsError
+
+NAME = "store.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class StoreConf:
+    store: str
+    cache_size: int
+    host: str = ""
+    instance: str = ""
+    replica: bool = False
+    cache: str = ""
+
+    def cache_dir(self, repo_path: str) -> str:
+        return os.path.join(repo_path, self.cache or "cache")
+
+
+def read(repo_path: str) -> StoreConf | None:
+    """REPO/store.json, or None for a repository whose packs are local."""
+    where = os.path.join(repo_path, NAME)
+    try:
+        with open(where) as f:
+            raw = json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise RpofsError(f"{where} cannot be read: {e}") from None
+    try:
+        conf = StoreConf(**raw)
+        ok = isinstance(conf.store, str) and isinstance(conf.cache_size, int) and conf.cache_size >= 0 and \
+            all(isinstance(v, str) for v in (conf.host, conf.instance, conf.cache)) and \
+            isinstance(conf.replica, bool)
+    except TypeError:
+        ok = False
+    if not ok:
+        raise RpofsError(f"{where} is not a store configuration "
+                         f'(expected {{"store": "s3://BUCKET/PREFIX", "cache_size": BYTES, "host": NAME}})')
+    return conf
+
+
+def write(repo_path: str, conf: StoreConf) -> None:
+    body = {k: v for k, v in dataclasses.asdict(conf).items() if v not in ("", False)}
+    write_file(os.path.join(repo_path, NAME), json.dumps(body).encode() + b"\n", mode=0o644)
