@@ -8,7 +8,7 @@ import os
 
 from ..errors import RpofsError
 from ..timefmt import point_names
-from .common import key_source, open_repository_of_vm
+from .common import key_source, open_repository_of_vm, vm_of
 
 
 def add_points(sub) -> None:
@@ -101,5 +101,5 @@ def cmd_umount(repo_path: str, args) -> None:
 
 def cmd_cp(repo_path: str, args) -> None:
     from ..mount.copy import copy_out
-    with open_repository_of_vm(repo_path, args, args.source) as repo:
+    with open_repository_of_vm(repo_path, args, vm_of(args.source)) as repo:
         copy_out(repo, args.source, args.dest, args.recursive, args.force)

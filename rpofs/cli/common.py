@@ -80,15 +80,22 @@ def open_repository(repo_path: str, args) -> Repository:
     return Repository.open(repo_path, keys=key_source(repo_path, args))
 
 
-def open_repository_of_vm(repo_path: str, args, vm_ref: str) -> Repository:
-    """The repository that holds VM `vm_ref` (a name or UUID, or VM@...):
-    this host's, or in an object store another host's that has it
-    (rpofs.store.anyhost); the one --host names when it is given."""
+def open_repository_of_vm(repo_path: str, args, vm: str | None) -> Repository:
+    """The repository that holds VM `vm` (a name or UUID): this host's, or
+    in an object store another host's that has it (rpofs.store.anyhost);
+    the one --host names when it is given. None (a source that names no VM,
+    which the command then refuses in its own words): this host's."""
     from ..store import anyhost
     keys = key_source(repo_path, args)
-    if getattr(args, "host", None):  # main() made repo_path that host's
+    if getattr(args, "host", None) or not vm:  # main() made repo_path that host's
         return Repository.open(repo_path, keys=keys)
-    return anyhost.repository_of_vm(repo_path, vm_ref.partition("@")[0], keys)
+    return anyhost.repository_of_vm(repo_path, vm, keys)
+
+
+def vm_of(source: str) -> str | None:
+    """The VM a VM@TIME... source names, None if it names none."""
+    vm, at, _ = source.partition("@")
+    return vm if at and vm else None
 
 
 def connect(args) -> "contextlib.closing":

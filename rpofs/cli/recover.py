@@ -7,7 +7,8 @@ import os
 import sys
 
 from ..errors import RpofsError
-from .common import EXIT_ERROR, add_connect, connect, key_source, open_repository, open_repository_of_vm
+from .common import (EXIT_ERROR, add_connect, connect, key_source, open_repository, open_repository_of_vm,
+                     vm_of)
 
 
 def add_restore(sub) -> None:
@@ -91,7 +92,7 @@ def cmd_restore(repo_path: str, args) -> None:
     from ..progress import Progress
     from ..recover.disk import restore_disk
     from ..store.restore import parse_disk_ref
-    with open_repository_of_vm(repo_path, args, args.source) as repo:
+    with open_repository_of_vm(repo_path, args, vm_of(args.source)) as repo:
         with Progress(f"restore {parse_disk_ref(args.source)[2]}", 0) as progress:
             moment, size, written = restore_disk(repo, args.source, args.dest, args.force, progress)
     if moment.note():
@@ -123,7 +124,7 @@ def cmd_run(repo_path: str, args) -> int | None:
         raise RpofsError("run: VM@TIME does not go with --move, --stop, --list, --resume or --serve-mount")
     if args.serve_mount:
         return _serve_run_mount(repo_path, args)  # before libvirt runs: it opens neither
-    with (open_repository_of_vm(repo_path, args, args.source) if args.source else
+    with (open_repository_of_vm(repo_path, args, vm_of(args.source)) if args.source else
           open_repository(repo_path, args)) as repo, connect(args) as conn:
         if args.list:
             _print_runs(instant.listing(repo, conn), args.json)

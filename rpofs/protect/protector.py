@@ -20,6 +20,10 @@ A session:
    once (the "repair"), which extends the last fold from its confirmed
    checkpoint and so takes every block written since.
 
+A guard process (rpofs.protect.guard) started with the mirrors lets them go
+when the server stops answering, so the guest never waits on rpofs for
+more than its bound (~5 s measured, 10 s documented), with no daemon.
+
 libvirt refuses a backup job on a disk that is being mirrored; checkpoints
 can be made meanwhile. So while a VM is protected its points come from the
 journal only.
@@ -48,6 +52,7 @@ from ..virt.marker import run_vm_refused, runs_on_a_point
 from ..store import protection
 from ..store.journal import JournalReader, journal_dir, reader as journal_reader, scan, segment_start, segments
 from .fold import FoldInput, fold
+from .guard import note as guard_note
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +98,18 @@ def start_server(directory: str, socket: str, disks: tuple[DiskRecord, ...]) -> 
             stop_server(proc.pid)
             raise RpofsError(f"the journal server did not start (see {directory}/server.log)")
         time.sleep(0.02)
+    return proc.pid
+
+
+def start_guard(dom: Domain, socket: str, directory: str, server_pid: int, disks) -> int:
+    """The guard of the mirrors into `socket` (rpofs.protect.guard), detached
+    like the server: it lets them go when the server stops answering, so
+    the guest never waits on rpofs longer than its bound, with no daemon."""
+    with open(os.path.join(directory, "guard.log"), "ab") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "rpofs.protect.guard", dom.uri(), dom.uuid, socket, directory, str(server_pid)]
+            + [d.target for d in disks],
+            stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True, close_fds=True, env=child_env())
     return proc.pid
 
 
@@ -191,6 +208,7 @@ def _start(repo: Repository, dom: Domain, info: DomainInfo, disks, progress) -> 
         dom.create_checkpoint(checkpoint, [d.target for d in disks], [d.target for d in info.disks])
         for d in disks:
             dom.start_mirror(d.target, socket)
+        start_guard(dom, socket, directory, pid, disks)
         ready_us = _wait_ready(dom, disks, progress)
         journal = journal_reader(repo.path, session)
         session = replace(session, state="protected", ready_us=ready_us, folded_us=ready_us,
@@ -231,6 +249,9 @@ def health(repo: Repository, dom: Domain, session: ProtectionSession, journal: "
     """"" while the session's server runs and every disk is mirrored into
     it; else what is wrong."""
     directory = journal_dir(repo.path, session)
+    let_go = guard_note(directory)
+    if let_go:
+        return let_go
     if not dom.is_running():
         return "the VM stopped"
     if journal is not None and journal.damage:
@@ -374,7 +395,9 @@ def unprotect(repo: Repository, dom: Domain, lock_wait_s: float = LOCK_WAIT_S) -
         live = protection.current(repo, dom.uuid)
         if live is None:
             return None
-        return end(repo, dom, live, "stopped by rpofs unprotect").session
+        # a session already broken (its guard let the mirror go, its server died) ends for that reason
+        broken = health(repo, dom, live) if dom.is_running() else ""
+        return end(repo, dom, live, broken or "stopped by rpofs unprotect").session
 
 
 def protect_by_hand(repo: Repository, dom: Domain, choice: DiskChoice = DiskChoice(),

@@ -65,7 +65,7 @@ TRANSMISSION_FLAGS = 1 | 4 | 8 | 64 | 256
 MAX_PAYLOAD = 32 << 20
 SEGMENT_BYTES = 256 << 20  # a new segment after this many bytes
 INLINE_BATCH = 256 << 10   # a batch up to this size is written and synced on the event loop
-STALL_S = 15.0             # a commit that has not returned after this: the mirror is let go (Watchdog)
+STALL_S = 8.0              # a commit that has not returned after this: the mirror is let go (Watchdog; within the guest's 10 s bound)
 MIRROR_GONE_S = 10.0       # no client attached for this long after the last left: QEMU is gone, so is the server
 
 _REQUEST = struct.Struct(">IHHQQI")
