@@ -22,8 +22,10 @@ from .common import EXIT_ERROR, EXIT_USAGE, take_secrets
 
 FAMILIES = (repo, backup, browse, recover, protect, maintain)
 # the order `rpofs --help` lists them in
-ORDER = ("init", "hosts", "backup", "points", "ship", "mount", "umount", "ingest", "cp", "prune", "forget", "verify",
+ORDER = ("init", "hosts", "store", "backup", "points", "ship", "mount", "umount", "ingest", "cp", "prune", "forget", "verify",
          "upgrade", "key", "defrag", "restore", "run", "protect", "unprotect", "status")
+# the commands whose --host names this machine's host in a store (not another host's catalog to read)
+OWN_HOST = ("init", "store")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -58,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if getattr(args, "needs_repo", True) and os.path.exists(repo_path) and not os.path.isdir(repo_path):
             raise RpofsError(f"{repo_path} is a file, not a repository directory")
-        if args.host and args.command != "init":
+        if args.host and args.command not in OWN_HOST:
             from ..store.anyhost import path_of_host
             repo_path = path_of_host(repo_path, args.host)
         return args.func(repo_path, args) or 0

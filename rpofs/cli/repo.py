@@ -1,5 +1,6 @@
 """The repository itself: rpofs init (encrypted or not), rpofs upgrade,
-rpofs key change (an encrypted repository's passphrase)."""
+rpofs key change (an encrypted repository's passphrase), rpofs store push
+(a local repository moved into an object store)."""
 
 import getpass
 import json
@@ -73,7 +74,30 @@ def add_hosts(sub) -> None:
     h.set_defaults(func=cmd_hosts)
 
 
-PARSERS = {"init": add_init, "hosts": add_hosts, "upgrade": add_upgrade, "key": add_key}
+def add_store(sub) -> None:
+    described = ("rpofs store push s3://BUCKET/PREFIX: this local repository becomes host NAME of the store, "
+                 "as if made there by init --store: its packs uploaded (one PUT each), its catalog published, "
+                 "then its local pack files removed (reads go through a bounded cache). Backups go on while the "
+                 "packs are uploaded; the last step waits for a moment without one and needs every other "
+                 "process that has the repository open (the ingester, a mount) stopped. Killed at any moment, "
+                 "run it again: it carries on (docs/OBJECTSTORE.md).")
+    s = sub.add_parser("store", help="a local repository moved into an S3 object store: rpofs store push",
+                       description=described)
+    actions = s.add_subparsers(dest="store_action", required=True, metavar="ACTION")
+    p = actions.add_parser("push", help="move this local repository into the store, as host NAME",
+                           description=described)
+    p.add_argument("store", metavar="s3://BUCKET/PREFIX",
+                   help="the store (endpoint and credentials as for init --store); the bucket is created when "
+                   "missing; the prefix is empty or holds a store of this rpofs's format")
+    p.add_argument("--host", dest="push_host", default=None, metavar="NAME",
+                   help="this machine's name in the store (default: its short host name); refused when the "
+                   "store has a host by that name")
+    p.add_argument("--cache-size", default=None, metavar="SIZE", type=parse_size,
+                   help="the local cache of pack data never grows past this (e.g. 50G; default 10G)")
+    p.set_defaults(func=cmd_store_push)
+
+
+PARSERS = {"init": add_init, "hosts": add_hosts, "store": add_store, "upgrade": add_upgrade, "key": add_key}
 
 
 def parse_size(text: str) -> int:
@@ -180,6 +204,15 @@ def cmd_key_change(repo_path: str, args) -> None:
         fingerprint = repo.keys.fingerprint
     print(f"changed the passphrase of repository {repo_path} (key fingerprint {fingerprint}, unchanged); "
           f"the old one no longer opens it")
+
+
+def cmd_store_push(repo_path: str, args) -> None:
+    from ..progress import Progress
+    from ..store.push import push
+    with Progress("push", 0) as progress:
+        report = push(repo_path, args.store, args.push_host or args.host, args.cache_size,
+                      key_source(repo_path, args), progress)
+    print(report.summary())
 
 
 def cmd_upgrade(repo_path: str, args) -> int | None:

@@ -4,7 +4,8 @@ catalogs kept under REPO/hosts/.
 
     PREFIX/config                   what the store holds (format), written once
     PREFIX/hosts/NAME/host.json     a host's claim: written once (If-None-Match)
-                                    when `init --host NAME` creates it; an
+                                    when `init --host NAME` (or `store push`)
+                                    creates it, with the claiming instance; an
                                     encrypted host's key record (wrapped: as
                                     safe to publish as the local catalog's)
     PREFIX/hosts/NAME/lease         {"instance", "machine", "refreshed"}: the
@@ -130,13 +131,15 @@ class HostRecord:
     created: int
     machine: str
     key: bytes | None        # an encrypted host's key record
+    instance: str = ""       # the claim that made it: before its lease is written (a claim cut
+                             # short), what tells a resumed `store push` that the host is its own
 
 
 def read_host(bucket: Bucket, name: str) -> HostRecord | None:
     try:
         raw = json.loads(bucket.get(host_dir(name) + "host.json")[0])
         return HostRecord(raw["name"], raw["created"], raw.get("machine", ""),
-                          raw["key"].encode() if raw.get("key") else None)
+                          raw["key"].encode() if raw.get("key") else None, str(raw.get("instance", "")))
     except PackMissing:
         return None
     except (ValueError, KeyError, TypeError, AttributeError):
@@ -145,8 +148,11 @@ def read_host(bucket: Bucket, name: str) -> HostRecord | None:
 
 def claim_host(bucket: Bucket, name: str, instance: str, key_record: bytes | None) -> None:
     """Host `name` made in the store, its lease ours; refused in one line
-    when it exists (a second machine with the same name)."""
-    record = {"name": name, "created": int(time.time()), "machine": socket.gethostname()}
+    when it exists (a second machine with the same name). host.json names
+    `instance` too: a claim killed between its two PUTs leaves a host with
+    no lease, which the claimer alone can then tell is its own
+    (rpofs.store.push resumes so)."""
+    record = {"name": name, "created": int(time.time()), "machine": socket.gethostname(), "instance": instance}
     if key_record is not None:
         record["key"] = key_record.decode()
     try:
@@ -165,6 +171,8 @@ def set_host_key(bucket: Bucket, name: str, key_record: bytes) -> None:
     record = read_host(bucket, name)
     body = {"name": name, "created": record.created if record else int(time.time()),
             "machine": record.machine if record else socket.gethostname(), "key": key_record.decode()}
+    if record is not None and record.instance:
+        body["instance"] = record.instance
     bucket.put(host_dir(name) + "host.json", json.dumps(body).encode())
 
 

@@ -26,6 +26,7 @@ import threading
 
 from ..durable import sync_dir
 from ..errors import PackMissing, RpofsError
+from . import storeconf
 from .schema import pack_name
 
 OPEN_PACKS = 256
@@ -146,10 +147,13 @@ class LocalPackFile(PackFile):
 
 
 class LocalPacks(PackStore):
-    """Packs as files in one directory."""
+    """Packs as files in one directory (REPO/chunks)."""
 
     def __init__(self, directory: str):
         self.directory = directory
+        # REPO/store.json appearing means `rpofs store push` moved the repository into an object store
+        # after this process opened it (rpofs.store.push): a pack written here now would be in no store
+        self._moved = os.path.join(os.path.dirname(os.path.abspath(directory)), storeconf.NAME)
         self._fds: collections.OrderedDict[int, list[int]] = collections.OrderedDict()  # pack -> [fd, users]
         self._lock = threading.Lock()
 
@@ -157,6 +161,9 @@ class LocalPacks(PackStore):
         return os.path.join(self.directory, pack_name(pack))
 
     def create(self, pack: int) -> PackFile:
+        if os.path.exists(self._moved):
+            raise RpofsError(f"{os.path.dirname(self._moved)} was moved into an object store (rpofs store push) "
+                             f"after this process opened it: start it again (nothing written)")
         return LocalPackFile(self.path(pack), self.directory)
 
     @contextlib.contextmanager

@@ -27,6 +27,7 @@ default, which RGW 16 does not take; they are asked only "when required"
 
 import dataclasses
 import threading
+from typing import BinaryIO
 from urllib.parse import urlsplit
 
 import boto3
@@ -121,9 +122,12 @@ class Bucket:
             raise StoreError(f"{self.url}: bucket {self.url.bucket} does not exist and cannot be created: "
                              f"{e.reason}") from None
 
-    def put_new(self, name: str, body: bytes) -> None:
+    def put_new(self, name: str, body: "bytes | BinaryIO") -> None:
         """Store `body` under `name` only if nothing is there: StoreConflict
-        if something is (412 from the store)."""
+        if something is (412 from the store). body: bytes, or a binary file
+        read from where it is (streamed, not held in memory: a local pack
+        that `rpofs store push` moves may be GiBs; botocore rewinds it for
+        a retry)."""
         self._call(f"writing {name}", self._client.put_object, Bucket=self.url.bucket, Key=self.url.key(name),
                    Body=body, IfNoneMatch="*")
 

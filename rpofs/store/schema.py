@@ -15,6 +15,8 @@ keys are the META_* constants.
     REPO/locks/<vm uuid>.lock   one backup of a VM at a time (rpofs.store.vmlock)
     REPO/holds/*.json points something outside the catalog reads (rpofs.store.holds)
     REPO/verify.json  the last verify's results (rpofs.store.verify)
+    REPO/store.json   where the packs are when in an object store (rpofs.store.storeconf)
+    REPO/push.json    a `store push` under way: its claim (rpofs.store.push)
     REPO/run/         what `rpofs run` made (rpofs.recover.instant)
     REPO/journal/<vm uuid>/<session, 16 hex>/seg-*.jnl
                       continuous protection's write journal: segments the
