@@ -22,8 +22,8 @@ from .common import EXIT_ERROR, EXIT_USAGE, take_secrets
 
 FAMILIES = (repo, backup, browse, recover, protect, maintain)
 # the order `rpofs --help` lists them in
-ORDER = ("init", "hosts", "store", "backup", "points", "ship", "mount", "umount", "ingest", "cp", "prune", "forget", "verify",
-         "upgrade", "key", "defrag", "restore", "run", "protect", "unprotect", "status")
+ORDER = ("init", "hosts", "store", "backup", "points", "ship", "mount", "umount", "ingest", "cp", "prune", "forget",
+         "verify", "upgrade", "key", "defrag", "restore", "run", "protect", "unprotect", "status")
 # the commands whose --host names this machine's host in a store (not another host's catalog to read)
 OWN_HOST = ("init", "store")
 
