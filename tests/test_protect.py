@@ -449,9 +449,10 @@ def test_a_full_repository_fails_the_mirror_not_the_guest(tmp_path):
 
 def test_every_command_takes_a_journal_instant_as_at_does(tmp_path):
     """At a time that names a journal instant newer than any fold, at/ in
-    the mount, `cp`, `restore` and `restore --vm` give the same bytes (the
-    disk as the guest's acknowledged writes left it then), and `run`
-    refuses in one line: no command answers with the older fold."""
+    the mount, `cp`, `restore`, `restore --vm` and `run` give the same
+    bytes (the disk as the guest's acknowledged writes left it then): no
+    command answers with the older fold. The journal's retention keeps the
+    records a VM run at the instant reads, until it no longer does."""
     src = tmp_path / "src"
     src.mkdir()
     (src / "log.txt").write_bytes(b"A" * 65536)
@@ -489,14 +490,43 @@ def test_every_command_takes_a_journal_instant_as_at_does(tmp_path):
         assert (tmp_path / "cp.txt").read_bytes() == want_file
         out = run_rpofs("restore", f"{vm.name}@{text}:vda", tmp_path / "vda.raw", repo=repo)
         assert (tmp_path / "vda.raw").read_bytes() == want_disk and "journal instant" in out.stderr
-        refused = run_rpofs("run", f"{vm.name}@{text}", repo=repo, check=False)
-        assert refused.returncode != 0 and refused.stderr.count("\n") == 1 and "journal instant" in refused.stderr
         (tmp_path / "vmdir").mkdir()
         run_rpofs("restore", f"{vm.name}@{text}", "--vm", "--name", restored, "--dir", tmp_path / "vmdir",
                   "--format", "raw", repo=repo)
         assert (tmp_path / "vmdir" / f"{restored}-vda.raw").read_bytes() == want_disk
+        runner = f"rpofs-pti-run-{os.getpid()}"
+        run_rpofs("run", f"{vm.name}@{text}", "--name", runner, "--no-network", repo=repo)
+        [ran] = [r for r in json.loads(run_rpofs("run", "--list", "--json", repo=repo).stdout) if r["name"] == runner]
+        # the instant at/<text> names: the newest write's at or before it
+        assert parse_as_of(ran["time"]) <= parse_as_of(text) and ran["state"] == "running"
+        overlay = next(f for f in ran["files"] if f.endswith("-vda.qcow2"))
+        info = json.loads(subprocess.run(["qemu-img", "info", "-U", "--output", "json", overlay], capture_output=True,
+                                         text=True, check=True).stdout)
+        assert info["backing-filename"].endswith(f"/at/{ran['time']}/vda.raw"), info["backing-filename"]
+
+        def overlay_reads() -> bytes:
+            subprocess.run(["qemu-img", "convert", "-U", "-O", "raw", overlay, str(tmp_path / "run.raw")], check=True)
+            return (tmp_path / "run.raw").read_bytes()
+        assert overlay_reads() == want_disk
+        # the session ends (its journal folded past the instant); retention keeps what the VM reads
+        run_rpofs("unprotect", vm.name, repo=repo)
+        from rpofs.protect import protector
+        with Repository.open(str(repo)) as r:
+            [session] = protection.of_vm(r, vm.uuid)
+            protector.drop_journal(r, session, 0)
+            assert journal.segments(journal.journal_dir(str(repo), session))
+        assert overlay_reads() == want_disk
+        run_rpofs("run", "--move", runner, "--dir", tmp_path, repo=repo)
+        moved = tmp_path / f"{runner}-vda.raw"
+        subprocess.run(["qemu-img", "convert", "-U", "-O", "raw", str(tmp_path / f"{runner}-vda.qcow2"),
+                        str(moved)], check=True)
+        assert moved.read_bytes() == want_disk
+        with Repository.open(str(repo)) as r:  # nothing reads the instant now: its records may go
+            protector.drop_journal(r, session, 0)
+            assert not journal.segments(journal.journal_dir(str(repo), session))
     finally:
         with contextlib.suppress(libvirt.libvirtError):
             vm.conn.lookupByName(restored).undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
+        run_rpofs("run", "--stop", f"rpofs-pti-run-{os.getpid()}", repo=repo, check=False)
         vm.destroy()
         _stop_servers(repo, vm.uuid)

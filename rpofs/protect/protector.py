@@ -49,7 +49,7 @@ from ..timefmt import now_us
 from ..virt.client import CHECKPOINT_PREFIX, Domain, DomainInfo
 from ..virt.disks import DiskChoice, chosen_disks
 from ..virt.marker import run_vm_refused, runs_on_a_point
-from ..store import protection
+from ..store import holds, protection
 from ..store.journal import JournalReader, journal_dir, reader as journal_reader, scan, segment_start, segments
 from .fold import FoldInput, fold
 from .guard import note as guard_note
@@ -431,14 +431,28 @@ def readable_span(session: ProtectionSession) -> tuple[int, int] | None:
     return (start, session.last_us) if session.last_us > start else None
 
 
+def _held_from(repo: Repository, vm: str) -> int:
+    """The oldest fold a VM run at a journal instant reads on (holds'
+    instant_us): the journal's records after it must stay. Far future: none."""
+    keep = 1 << 62
+    with repo.env.begin() as txn:
+        for hold in holds.every(repo.path):
+            if hold.vm == vm and hold.instant_us:
+                fold = repo.get_point(txn, hold.point)
+                if fold is not None:
+                    keep = min(keep, fold.time_us)
+    return keep
+
+
 def drop_journal(repo: Repository, session: ProtectionSession, keep_within_us: int, now: int | None = None) -> int:
     """Retention of the journal's microsecond precision: delete the
     segments whose every record is folded and older than keep_within_us
-    (oldest first: the journal stays a suffix), recording up to when
-    records may be gone. An instant whose base fold is older then reads
+    (oldest first: the journal stays a suffix; never past the fold a VM run
+    at an instant reads on), recording up to when records may be gone. An instant whose base fold is older then reads
     from its fold only (at/ falls back to the points). Bytes freed."""
     now = now_us() if now is None else now
-    horizon = min(session.folded_us if session.state != "ended" else session.last_us, now - keep_within_us)
+    horizon = min(session.folded_us if session.state != "ended" else session.last_us, now - keep_within_us,
+                  _held_from(repo, session.vm))
     directory = journal_dir(repo.path, session)
     paths = segments(directory)
     freed, dropped_to = 0, session.journal_from_us

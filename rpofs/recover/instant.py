@@ -54,7 +54,7 @@ from dataclasses import dataclass, field
 
 from .. import durable
 from ..errors import RpofsError, UnknownVM, VirtError
-from ..mount.tree import resolve
+from ..mount.tree import Tree, resolve
 from ..progress import Progress
 from ..store import holds
 from ..store.materialize import DiskReader
@@ -160,12 +160,10 @@ def run(repo: Repository, conn: Connection, vm: str, when: str, opts: RunOptions
         check_name(opts.name)
     disk_dir = check_dir(opts.dir) if opts.dir else ""
     moment = resolve(repo, vm, when)  # as at/ does
-    if moment.kind == "journal":
-        base = moment.tree.journal_base(moment.point.vm, moment.point.time_us)[1]
-        raise RpofsError(f"{vm}@{when} is {moment.described()}: rpofs run boots points only (run "
-                         f"{vm}@{base.name or base.point}, the point it extends, or restore {vm}@{moment.name} "
-                         f"--vm for the VM as of the instant)")
     point = moment.point
+    # a journal instant: its disks are read through the mount's at/<instant> (the fold it extends
+    # with the journal's records up to it); the fold is what the hold keeps, with the journal after it
+    held = moment.tree.journal_base(point.vm, point.time_us)[1] if moment.kind == "journal" else point
     captured = repo.read_chunk(bytes.fromhex(point.domain_xml)).decode()
     with _run_lock(repo):
         taken = {r.name for r in records(repo)}
@@ -185,7 +183,7 @@ def run(repo: Repository, conn: Connection, vm: str, when: str, opts: RunOptions
         mountpoint, starting = _ensure_mount(repo)
         try:
             os.makedirs(workdir, mode=0o700)
-            rec = RunRecord(name=name, uuid=new_uuid, vm=point.vm, vm_name=point.vm_name, point=point.point,
+            rec = RunRecord(name=name, uuid=new_uuid, vm=point.vm, vm_name=point.vm_name, point=held.point,
                             time_us=point.time_us, workdir=workdir, mountpoint=mountpoint,
                             mount_started=starting is not None, created_us=now_us())
             rec.save()
@@ -193,7 +191,7 @@ def run(repo: Repository, conn: Connection, vm: str, when: str, opts: RunOptions
             _abandon_mount(mountpoint, starting)
             raise
         try:
-            notes = ([moment.note()] if moment.note() else []) + _make(repo, conn, rec, point, captured,
+            notes = ([moment.note()] if moment.note() else []) + _make(repo, conn, rec, point, held, captured,
                                                                        overlays, opts, starting)
         except BaseException:
             if starting is not None:
@@ -205,7 +203,8 @@ def run(repo: Repository, conn: Connection, vm: str, when: str, opts: RunOptions
 
 
 def backing_path(mountpoint: str, point: PointRecord, target: str) -> str:
-    """The point's disk through the mount, by a path that keeps naming it."""
+    """The point's disk (or a journal instant's) through the mount, by a
+    path that keeps naming it."""
     return os.path.join(point_dir(mountpoint, point.vm, point.time_us), f"{target}.raw")
 
 
@@ -215,13 +214,17 @@ def point_dir(mountpoint: str, vm: str, time_us: int) -> str:
     return os.path.join(mountpoint, ".by-uuid", vm, "at", format_time(time_us, 6))
 
 
-def _make(repo: Repository, conn: Connection, rec: RunRecord, point: PointRecord, captured: str,
-          overlays: dict[str, str], opts: RunOptions, starting) -> list[str]:
+def _make(repo: Repository, conn: Connection, rec: RunRecord, point: PointRecord, held: PointRecord,
+          captured: str, overlays: dict[str, str], opts: RunOptions, starting) -> list[str]:
     """Everything but the mount is made while the mount starts (its daemon
-    takes 0.6-0.8 s to serve, a third of `run`); the VM starts once it does."""
-    holds.put(repo, holds.Hold(rec.holder, point.vm, point.point, f"VM {rec.name} runs on it", rec.name))
-    if not repo.has_point(point.point):  # pruned between finding it and holding it
-        raise RpofsError(f"the point {point.name or point.point} of {point.vm_name} was just pruned")
+    takes 0.6-0.8 s to serve, a third of `run`); the VM starts once it does.
+    point: what it boots (a point, or a journal instant's stand-in); held:
+    the stored point prune must keep (the instant's fold)."""
+    instant_us = point.time_us if held is not point else 0
+    holds.put(repo, holds.Hold(rec.holder, held.vm, held.point, f"VM {rec.name} runs on it", rec.name,
+                               instant_us))
+    if not repo.has_point(held.point):  # pruned between finding it and holding it
+        raise RpofsError(f"the point {held.name or held.point} of {held.vm_name} was just pruned")
     for d in point.disks:
         rec.made.append(overlays[d.target])
         rec.save()
@@ -235,7 +238,7 @@ def _make(repo: Repository, conn: Connection, rec: RunRecord, point: PointRecord
         name=rec.name, uuid=rec.uuid,
         disks=tuple(domainxml.NewDisk(t, p, "qcow2") for t, p in overlays.items()),
         workdir=rec.workdir, network=opts.network, nvram=boot.nvram,
-        marker={"kind": "run", "vm": point.vm, "point": point.point,
+        marker={"kind": "run", "vm": point.vm, "point": held.point,
                 "time": format_time(point.time_us, 6), "repository": repo.path}))
     dom = conn.define(prepared.xml)
     rec.defined = True
@@ -488,11 +491,22 @@ def _write_bases(repo: Repository, point: PointRecord, dom: Domain, rec: RunReco
         for path in (d.final, d.top):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
-    readers = [DiskReader(repo, point, d.target) for d in todo]
+    readers = _readers(repo, point, rec, [d.target for d in todo])
     with Progress(f"moving {rec.name}: writing the point's disks", sum(r.size for r in readers)) as progress:
         for d, reader in zip(todo, readers):
             images.write_disk(reader, d.final, "qcow2", progress.add)
             images.create(d.top, "qcow2", backing=d.final, backing_fmt="qcow2")
+
+
+def _readers(repo: Repository, point: PointRecord, rec: RunRecord, targets: list[str]) -> list:
+    """The disks the VM runs on, as readers: the point's, or for a VM run at
+    a journal instant that instant's (its fold with the records up to it,
+    read as the mount reads it)."""
+    if rec.time_us == point.time_us:
+        return [DiskReader(repo, point, t) for t in targets]
+    tree = Tree(repo)
+    stand_in = tree.instant_point(rec.vm, rec.time_us)
+    return [tree.disk_reader(stand_in, t) for t in targets]
 
 
 def _block_job(dom: Domain, rec: RunRecord, target: str, begin, what: str) -> None:

@@ -4,7 +4,13 @@ A VM booted from a point (`rpofs run`) reads that point's disks through the
 mount for as long as it runs on its overlays: pruning the point under it
 would turn the guest's reads into EIO. Such a user records a hold:
 
-    REPO/holds/<holder>.json    {"vm": uuid, "point": number, "why": text, "name": text}
+    REPO/holds/<holder>.json    {"vm": uuid, "point": number, "why": text, "name": text,
+                                 "instant_us": time}
+
+A VM run at a journal instant holds the instant's fold (`point`) and names
+the instant (`instant_us`): the journal's retention keeps the records after
+that fold (rpofs.protect.protector.drop_journal), so the instant stays
+readable for as long as the VM reads it.
 
 one small file per holder, written to a temporary name, fsync'ed and renamed
 (a crash leaves the old file or the new one). Prune reads the holds while it
@@ -34,6 +40,7 @@ class Hold:
     point: int    # the held point's number
     why: str = ""
     name: str = ""  # what a person calls the holder (a run VM's libvirt name); "": the holder
+    instant_us: int = 0  # a journal instant read on top of the point (0: the point itself)
 
 
 def _path(repo_path: str, holder: str) -> str:
@@ -48,7 +55,7 @@ def put(repo, hold: Hold) -> None:
     os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
     with repo.shared():
         durable.write_file(path, json.dumps({"vm": hold.vm, "point": hold.point, "why": hold.why,
-                                                 "name": hold.name}).encode())
+                                                 "name": hold.name, "instant_us": hold.instant_us}).encode())
 
 
 def drop(repo_path: str, holder: str) -> None:
@@ -70,7 +77,8 @@ def every(repo_path: str) -> list[Hold]:
         try:
             with open(path) as f:
                 d = json.load(f)
-            out.append(Hold(name[:-5], str(d["vm"]), int(d["point"]), str(d.get("why", "")), str(d.get("name", ""))))
+            out.append(Hold(name[:-5], str(d["vm"]), int(d["point"]), str(d.get("why", "")), str(d.get("name", "")),
+                            int(d.get("instant_us", 0))))
         except FileNotFoundError:
             continue  # dropped while we listed
         except (OSError, ValueError, KeyError, TypeError) as e:
