@@ -158,7 +158,8 @@ def _status(repo) -> dict:
 
 
 def _session_count(repo, uuid) -> list:
-    r = Repository.open(str(repo))
+    from rpofs.store import crypto
+    r = Repository.open(str(repo), keys=crypto.Passphrase(lambda: os.environ.get("RPOFS_PASSPHRASE")))
     try:
         return protection.of_vm(r, uuid)
     finally:
@@ -528,5 +529,46 @@ def test_every_command_takes_a_journal_instant_as_at_does(tmp_path):
         with contextlib.suppress(libvirt.libvirtError):
             vm.conn.lookupByName(restored).undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
         run_rpofs("run", "--stop", f"rpofs-pti-run-{os.getpid()}", repo=repo, check=False)
+        vm.destroy()
+        _stop_servers(repo, vm.uuid)
+
+
+def test_an_encrypted_repository_is_protected_with_its_journal_sealed(tmp_path, monkeypatch):
+    """An encrypted repository's VM protected by `rpofs protect`: the server
+    gets the key through a pipe, its journal holds no plaintext, and the
+    instants (through the mount, with the passphrase) and the folds read
+    back exactly the guest's writes."""
+    monkeypatch.setenv("RPOFS_PASSPHRASE", "protect me")
+    size = 8 << 20
+    content = seeded_content(size, 71)
+    disk = tmp_path / "d.qcow2"
+    make_qcow2(str(disk), bytes(content))
+    repo = tmp_path / "repo"
+    run_rpofs("init", "--encrypt", repo=repo)
+    vm = TestVM(f"rpofs-pte-{os.getpid()}", [(str(disk), "qcow2")])
+    try:
+        run_rpofs("protect", vm.name, repo=repo)
+        vm.write(0, 1 << 20, 65536, 0x5A)
+        first = bytearray(content)
+        first[1 << 20:(1 << 20) + 65536] = b"\x5a" * 65536
+        instant = time.time()
+        while time.time() <= instant + 0.002:  # the next write is issued after the instant
+            pass
+        vm.write(0, 3 << 20, 65536, 0x6B)
+        second = bytearray(first)
+        second[3 << 20:(3 << 20) + 65536] = b"\x6b" * 65536
+        text = format_time(int(instant * 1e6), 6)
+        with mounted(repo, tmp_path / "mnt") as mnt:
+            assert (mnt / vm.name / "at" / text / "vda.raw").read_bytes() == first
+        run_rpofs("unprotect", vm.name, repo=repo)
+        out = tmp_path / "vda.raw"
+        run_rpofs("restore", f"{vm.name}@latest:vda", out, repo=repo)
+        assert out.read_bytes() == second
+        segs = [p for p in (repo / "journal").rglob("seg-*.jnl")]
+        assert segs and sum(p.stat().st_size for p in segs) > 2 * 65536
+        for p in segs:
+            body = p.read_bytes()
+            assert b"\x5a" * 4096 not in body and b"\x6b" * 4096 not in body, p
+    finally:
         vm.destroy()
         _stop_servers(repo, vm.uuid)

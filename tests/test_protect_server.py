@@ -47,17 +47,25 @@ class Server:
     process, on a unix socket (in a short directory of its own: a unix
     socket's path is at most 107 bytes)."""
 
-    def __init__(self, directory: str, exports: dict[str, int], log_path: str):
+    def __init__(self, directory: str, exports: dict[str, int], log_path: str, master: bytes | None = None):
         self.directory = directory
         self.sockdir = tempfile.mkdtemp(prefix="rpj-")
         self.socket = os.path.join(self.sockdir, "s")
         self.log_path = log_path
         env = dict(os.environ, PYTHONPATH=REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        key_args, fds = [], ()
+        if master is not None:  # as protector.start_server hands it over: a pipe
+            r, w = os.pipe()
+            os.write(w, master)
+            os.close(w)
+            key_args, fds = [f"--key-fd={r}"], (r,)
         with open(log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "rpofs.protect.server", directory, self.socket]
-                + [f"{name}={size}" for name, size in exports.items()],
+                [sys.executable, "-m", "rpofs.protect.server", directory, self.socket] + key_args
+                + [f"{name}={size}" for name, size in exports.items()], pass_fds=fds,
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env, cwd=REPO_ROOT)
+        for fd in fds:
+            os.close(fd)
         deadline = time.monotonic() + 20
         while True:  # the socket file appears at bind(), before listen(): wait until it answers
             assert self.proc.poll() is None, self.log()
@@ -98,8 +106,8 @@ class Server:
 
 
 @contextlib.contextmanager
-def running(directory, exports, log_path):
-    s = Server(str(directory), exports, str(log_path))
+def running(directory, exports, log_path, master=None):
+    s = Server(str(directory), exports, str(log_path), master)
     try:
         yield s
     finally:
@@ -145,10 +153,10 @@ def random_writes(rnd: random.Random, disk: int, size: int, n: int, big: bool = 
     return out
 
 
-def replay(found: list[rec.Record], sizes: list[int]) -> list[bytearray]:
+def replay(found: list[rec.Record], sizes: list[int], sealer=None) -> list[bytearray]:
     disks = [bytearray(n) for n in sizes]
     for r in found:
-        disks[r.disk][r.offset:r.end] = rec.read_data(r)
+        disks[r.disk][r.offset:r.end] = rec.read_data(r, sealer)
     return disks
 
 
@@ -159,12 +167,12 @@ def model(writes: list[Write], sizes: list[int]) -> list[bytearray]:
     return disks
 
 
-def check_journal(found: list[rec.Record], per_disk: dict[int, list[Write]]) -> None:
+def check_journal(found: list[rec.Record], per_disk: dict[int, list[Write]], sealer=None) -> None:
     """Every write's records, in the order it was sent on its connection,
     with its data; nothing else."""
     for disk, writes in per_disk.items():
         want = [x for w in writes for x in w.records()]
-        got = [(r.kind, r.disk, r.offset, r.length, rec.read_data(r)) for r in found if r.disk == disk]
+        got = [(r.kind, r.disk, r.offset, r.length, rec.read_data(r, sealer)) for r in found if r.disk == disk]
         assert [g[:4] for g in got] == [x[:4] for x in want]
         assert all(g[4] == x[4] for g, x in zip(got, want))
     assert {r.disk for r in found} <= set(per_disk)
@@ -299,6 +307,48 @@ def test_answered_writes_are_in_the_journal_in_order(tmp_path):
         check_journal(found, {0: writes})
         assert replay(found, [size]) == model(writes, [size])
         assert check_batches(s.directory) == len(writes)  # one at a time: a batch each
+
+
+@needs_nbd
+def test_an_encrypted_repositorys_journal_holds_its_writes_sealed(tmp_path):
+    """The server given the master key (through a pipe) seals every write's
+    data: the segments hold no plaintext, the records read back with the
+    key and only with it, a flipped byte is found by the scan (no key
+    needed) and a record opened with another key fails."""
+    from rpofs.errors import ChunkError
+    from rpofs.store.crypto import Keys
+    master, other = os.urandom(32), os.urandom(32)
+    rnd = random.Random(12)
+    size = 2 * rec.MAX_RECORD + 4096
+    marker = b"PLAINTEXT-MARKER" * 64
+    with running(tmp_path / "j", {"vda": size}, tmp_path / "server.log", master) as s:
+        h = s.connect("vda")
+        writes = random_writes(rnd, 0, size, 12, big=True) + [Write(0, 8192, len(marker), marker)]
+        for w in writes:
+            if w.data is None:
+                h.zero(w.length, w.offset)
+            else:
+                h.pwrite(w.data, w.offset)
+        h.shutdown()
+        found = s.records()
+    assert found and all(r.sealed for r in found)
+    sealer = Keys(master, "test").journal
+    check_journal(found, {0: writes}, sealer)
+    assert replay(found, [size], sealer) == model(writes, [size])
+    [segment] = rec.segments(s.directory)
+    with open(segment, "rb") as f:
+        body = f.read()
+    assert marker[:64] not in body
+    writes_found = [r for r in found if r.kind == rec.KIND_WRITE]
+    with pytest.raises(ChunkError, match="key is needed"):
+        rec.read_data(writes_found[0])
+    with pytest.raises(ChunkError, match="does not decrypt"):
+        rec.read_data(writes_found[0], Keys(other, "test").journal)
+    damaged = bytearray(body)
+    damaged[writes_found[-1].data_pos + 100] ^= 1
+    with open(segment, "wb") as f:
+        f.write(damaged)
+    assert rec.scan(segment).torn
 
 
 @needs_nbd

@@ -32,16 +32,17 @@ class FoldInput:
     checkpoint_xml: str
 
 
-def replay(records: list[rec.Record], unit: int, sizes: list[int], base_read):
+def replay(records: list[rec.Record], unit: int, sizes: list[int], base_read, sealer=None):
     """(disk, unit no, bytes) of each unit the records touch, in order:
-    base_read(disk, offset, length) with the records applied in journal order."""
+    base_read(disk, offset, length) with the records applied in journal order.
+    sealer: an encrypted repository's keys.journal."""
     touched = collections.defaultdict(list)
     for i, r in enumerate(records):
         if r.disk >= len(sizes) or r.end > sizes[r.disk]:
             raise RpofsError(f"journal record beyond disk {r.disk}: {r.offset}+{r.length} in {r.segment}")
         for u in range(r.offset // unit, (r.end - 1) // unit + 1):
             touched[(r.disk, u)].append(i)
-    cache = rec.RecordCache()
+    cache = rec.RecordCache(sealer=sealer)
     for disk, u in sorted(touched):
         start = u * unit
         buf = bytearray(base_read(disk, start, min(unit, sizes[disk] - start)))
@@ -74,6 +75,7 @@ def fold(repo: Repository, session, journal: list[rec.Record], until_us: int, pa
     after = parent.time_us if parent is not None else -1
     chosen = [r for r in journal if after < r.time_us <= until_us]
     sizes = [d.size for d in session.disks]
+    sealer = repo.keys.journal if repo.keys else None   # an encrypted repository's records are sealed
     if parent is None:
         gap = uncovered(chosen, session.disks)
         if gap:
@@ -82,11 +84,12 @@ def fold(repo: Repository, session, journal: list[rec.Record], until_us: int, pa
         raise RpofsError("the disks changed since the last point: the journal cannot extend it")
     with repo.begin_writer() as writer:
         if parent is None:
-            for disk, chunk, data in replay(chosen, CHUNK_SIZE, sizes, lambda d, o, n: bytes(n)):
+            for disk, chunk, data in replay(chosen, CHUNK_SIZE, sizes, lambda d, o, n: bytes(n), sealer):
                 writer.put_full_chunk(disk, chunk, data)
         else:
             readers = [DiskReader(repo, parent, d.target) for d in session.disks]
-            for disk, block, data in replay(chosen, BLOCK_SIZE, sizes, lambda d, o, n: readers[d].read(o, n)):
+            for disk, block, data in replay(chosen, BLOCK_SIZE, sizes, lambda d, o, n: readers[d].read(o, n),
+                                            sealer):
                 writer.put_log_block(disk, block, data)
         xml_key, _ = writer.put_chunk(what.domain_xml.encode())
         cp_key = writer.put_chunk(what.checkpoint_xml.encode())[0].hex() if what.checkpoint_xml else ""

@@ -80,18 +80,31 @@ def socket_path(vm: str) -> str:
 
 # -- the journal server process ------------------------------------------------
 
-def start_server(directory: str, socket: str, disks: tuple[DiskRecord, ...]) -> int:
+def start_server(directory: str, socket: str, disks: tuple[DiskRecord, ...], master: bytes | None = None) -> int:
     """The server, detached: its own session, so it outlives the process
-    that started it (a daemon killed with -9 leaves the mirror working)."""
+    that started it (a daemon killed with -9 leaves the mirror working).
+    master: an encrypted repository's master key, handed over through a
+    pipe (never argv or the environment): the server seals every record."""
     os.makedirs(directory, mode=0o700, exist_ok=True)
     os.makedirs(os.path.dirname(socket), mode=0o700, exist_ok=True)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(socket)
-    with open(os.path.join(directory, "server.log"), "ab") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "rpofs.protect.server", directory, socket]
-            + [f"{d.target}={d.size}" for d in disks],
-            stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True, close_fds=True, env=child_env())
+    key_args, pass_fds = [], ()
+    if master is not None:
+        read_fd, write_fd = os.pipe()
+        os.write(write_fd, master)   # 32 bytes: within any pipe's buffer
+        os.close(write_fd)
+        key_args, pass_fds = [f"--key-fd={read_fd}"], (read_fd,)
+    try:
+        with open(os.path.join(directory, "server.log"), "ab") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "rpofs.protect.server", directory, socket] + key_args
+                + [f"{d.target}={d.size}" for d in disks], pass_fds=pass_fds,
+                stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True, close_fds=True,
+                env=child_env())
+    finally:
+        for fd in pass_fds:
+            os.close(fd)
     deadline = time.monotonic() + SERVER_START_S
     while not _listening(socket):  # the file exists from bind(), connections work from listen()
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -172,9 +185,6 @@ def protect(repo: Repository, dom: Domain, choice: DiskChoice = DiskChoice(), pr
     session once protected. progress: set(done, total) with the mirrors'
     first pass in bytes."""
     with vm_lock(repo.path, dom.uuid, dom.name, "protect", lock_wait_s):
-        if repo.encrypted:
-            raise NotProtectable("continuous protection does not work with an encrypted repository yet: "
-                                 "the journal server would write the guest's data in clear")
         info = dom.info()
         if not info.running:
             live = protection.current(repo, dom.uuid)
@@ -202,7 +212,7 @@ def _start(repo: Repository, dom: Domain, info: DomainInfo, disks, progress) -> 
     directory = journal_dir(repo.path, session)
     socket = socket_path(dom.uuid)
     try:
-        pid = start_server(directory, socket, disks)
+        pid = start_server(directory, socket, disks, repo.master_key())
         session = protection.save(repo, replace(session, server_pid=pid))
         checkpoint = f"{CHECKPOINT_PREFIX}{now_us()}"
         dom.create_checkpoint(checkpoint, [d.target for d in disks], [d.target for d in info.disks])

@@ -24,11 +24,12 @@ The server exits after such an error: a journal with a hole must not grow.
 Started by rpofs.protect.protector (start_server), detached from the
 process that starts it: it outlives a daemon killed with -9, and the mirror
 with it:
-    python -m rpofs.protect.server DIR SOCKET vda=SIZE [vdb=SIZE ...]
+    python -m rpofs.protect.server DIR SOCKET [--key-fd=FD] vda=SIZE [vdb=SIZE ...]
 """
 
 import contextlib
 import errno
+import functools
 import logging
 import os
 import signal
@@ -43,7 +44,8 @@ import trio
 
 from ..durable import sync_dir
 from ..timefmt import now_us
-from ..store.journal import KIND_COMMIT, KIND_WRITE, KIND_ZERO, MAX_RECORD, encode, encode_header, segment_name
+from ..store.journal import (KIND_COMMIT, KIND_WRITE, KIND_ZERO, MAX_RECORD, encode, encode_header, encode_sealed,
+                             segment_name)
 
 log = logging.getLogger("rpofs.protect.server")
 
@@ -82,8 +84,9 @@ class Export(NamedTuple):
 class JournalWriter:
     """The segment being appended and the group commit in front of it."""
 
-    def __init__(self, directory: str):
+    def __init__(self, directory: str, sealer=None):
         self.directory = directory
+        self.sealer = sealer   # an encrypted repository's keys.journal: every record's data sealed
         os.makedirs(directory, mode=0o700, exist_ok=True)
         self.fd = -1
         self.size = 0
@@ -107,7 +110,12 @@ class JournalWriter:
             view = memoryview(data)
             for i in range(0, length, MAX_RECORD):
                 piece = view[i:i + MAX_RECORD]
-                self.pending += (encode_header(kind, disk, offset + i, piece, self.last_us), piece)
+                if self.sealer is not None:
+                    self.pending += encode_sealed(kind, disk, offset + i, piece, self.last_us, self.sealer)
+                else:
+                    self.pending += (encode_header(kind, disk, offset + i, piece, self.last_us), piece)
+        elif self.sealer is not None:
+            self.pending.append(encode_sealed(kind, disk, offset, b"", self.last_us, self.sealer, length)[0])
         else:
             self.pending.append(encode_header(kind, disk, offset, b"", self.last_us, length))
         self.pending_bytes += length if kind == KIND_WRITE else 0
@@ -350,10 +358,12 @@ class Connection:
 
 
 async def serve(directory: str, path: str, exports: dict[str, Export],
-                task_status=trio.TASK_STATUS_IGNORED, stall_s: float = STALL_S, on_stall=None) -> None:
+                task_status=trio.TASK_STATUS_IGNORED, stall_s: float = STALL_S, on_stall=None,
+                sealer=None) -> None:
     """Serve until the journal fails (then exit: the mirror fails over), a
-    commit stalls (Watchdog), or the process is told to stop."""
-    journal = JournalWriter(directory)
+    commit stalls (Watchdog), or the process is told to stop. sealer: an
+    encrypted repository's keys.journal (the records' data sealed)."""
+    journal = JournalWriter(directory, sealer)
     watchdog = Watchdog(journal, stall_s, on_stall)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
@@ -444,9 +454,17 @@ def parse_exports(args: list[str]) -> dict[str, Export]:
 
 
 def main(argv: list[str]) -> None:
+    """argv: DIR SOCKET [--key-fd=FD] vda=SIZE ...; the key of an encrypted
+    repository comes as the master key through a pipe (never argv or the
+    environment), as the mount's does."""
     directory, path, *disks = argv
+    sealer = None
+    if disks and disks[0].startswith("--key-fd="):
+        from ..store.crypto import Keys
+        with os.fdopen(int(disks.pop(0).split("=", 1)[1]), "rb") as f:
+            sealer = Keys(f.read(), directory).journal
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    trio.run(serve, directory, path, parse_exports(disks))
+    trio.run(functools.partial(serve, directory, path, parse_exports(disks), sealer=sealer))
 
 
 if __name__ == "__main__":

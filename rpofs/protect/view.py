@@ -47,7 +47,7 @@ class JournalViews:
         self.repo = repo
         self._views: dict[tuple[str, int], _SessionView] = {}
         self._lock = threading.Lock()
-        self.cache = rec.RecordCache(64)
+        self.cache = rec.RecordCache(64, sealer=repo.keys.journal if repo.keys else None)
 
     def refresh(self, vm: str) -> list[_SessionView]:
         """The VM's sessions that have a journal to read, scanned on."""

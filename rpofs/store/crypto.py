@@ -41,6 +41,7 @@ SUBKEY_CONTEXTS = {
     "pieces": "rpofs 2025 pieces key v1",
     "packs": "rpofs 2025 pack records v1",
     "catalog": "rpofs 2025 catalog values v1",
+    "journal": "rpofs 2025 journal records v1",
     "fingerprint": "rpofs 2025 key fingerprint v1",
 }
 PACK_KEYS = 1024   # per-pack AES keys kept (each one AESGCM object)
@@ -164,6 +165,25 @@ class CatalogSealer:
                              f"decrypt (damaged)") from None
 
 
+class JournalSealer:
+    """Seals the data of continuous protection's journal records (rpofs.store.journal):
+    AAD is the record's header without its hash (magic, kind, disk, offset,
+    length, time), so data moved under another header, or to another
+    place or time, fails to open."""
+
+    def __init__(self, journal_key: bytes):
+        self._aead = AESGCM(journal_key)
+
+    def seal(self, head: bytes, data) -> bytes:
+        return _seal(self._aead, data, head)
+
+    def open(self, head: bytes, sealed, where: str) -> bytes:
+        try:
+            return _open(self._aead, sealed, head)
+        except InvalidTag:
+            raise CorruptChunk(f"{where} does not decrypt (damaged, or of another key)") from None
+
+
 # -- keys -------------------------------------------------------------------------
 
 def _subkey(master: bytes, purpose: str) -> bytes:
@@ -179,6 +199,7 @@ class Keys:
         self.ids = KeyedIds(_subkey(master, "ids"), _subkey(master, "pieces"))
         self.packs = Sealer(_subkey(master, "packs"))
         self.catalog = CatalogSealer(_subkey(master, "catalog"), path)
+        self.journal = JournalSealer(_subkey(master, "journal"))
         self.fingerprint = fingerprint(master)
 
 

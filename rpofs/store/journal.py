@@ -26,6 +26,14 @@ changes.
 Records are at most MAX_RECORD bytes of data: a larger write is journaled
 as several records with one time, so a read through the mount verifies at
 most that much to return a few bytes.
+
+In an encrypted repository every record has magic MAGIC_SEALED and a
+write's data is stored sealed (crypto.JournalSealer: nonce | AES-256-GCM
+ciphertext | tag, SEAL_OVERHEAD bytes more than its length; AAD the header
+without its hash). The header stays in clear (disk, offset, length, time:
+what the catalog's clear keys show of points too) and its hash covers the
+sealed bytes, so a scan finds torn tails and damage without the key; the
+data is opened, with the tag as its check, when it is read.
 """
 
 import collections
@@ -38,9 +46,10 @@ from dataclasses import dataclass
 import blake3
 
 from ..errors import ChunkError
-from .schema import ProtectionSession
+from .schema import SEAL_OVERHEAD, ProtectionSession
 
 MAGIC = b"RPJ1"
+MAGIC_SEALED = b"RPJ2"   # a record of an encrypted repository's journal: its data sealed
 KIND_WRITE = 1
 KIND_ZERO = 2
 KIND_COMMIT = 3   # ends a batch: no data; its time is the batch's newest
@@ -63,6 +72,7 @@ class Record:
     segment: str          # the segment file's path
     data_pos: int
     digest: bytes
+    sealed: bool = False  # its data is stored sealed (an encrypted repository's journal)
 
     @property
     def end(self) -> int:
@@ -86,6 +96,17 @@ def encode_header(kind: int, disk: int, offset: int, data, time_us: int, length:
     if kind == KIND_WRITE:
         h.update(data)
     return head + h.digest()
+
+
+def encode_sealed(kind: int, disk: int, offset: int, data, time_us: int, sealer,
+                  length: int | None = None) -> tuple[bytes, bytes]:
+    """(header, stored data) of a record of an encrypted repository's
+    journal: a write's data sealed by `sealer` (crypto.JournalSealer)."""
+    n = len(data) if kind == KIND_WRITE else (length or 0)
+    assert (n > 0 or kind == KIND_COMMIT) and n <= (MAX_RECORD if kind == KIND_WRITE else 1 << 63)
+    head = _HASHED.pack(MAGIC_SEALED, kind, disk, 0, offset, n, time_us)
+    stored = sealer.seal(head, data) if kind == KIND_WRITE else b""
+    return head + blake3.blake3(head + stored).digest(), stored
 
 
 def segment_name(first_time_us: int) -> str:
@@ -135,12 +156,13 @@ def scan(path: str, state: Scan | None = None) -> Scan:
             if len(head) < RECORD_HEADER.size:
                 return state
             magic, kind, disk, _, offset, length, time_us, digest = RECORD_HEADER.unpack(head)
-            if magic != MAGIC or kind not in (KIND_WRITE, KIND_ZERO, KIND_COMMIT) \
+            if magic not in (MAGIC, MAGIC_SEALED) or kind not in (KIND_WRITE, KIND_ZERO, KIND_COMMIT) \
                     or (kind == KIND_WRITE and length > MAX_RECORD):
                 state.torn = True
                 return state
-            data = f.read(length) if kind == KIND_WRITE else b""
-            if len(data) < (length if kind == KIND_WRITE else 0):
+            stored = _stored_len(magic, kind, length)
+            data = f.read(stored) if stored else b""
+            if len(data) < stored:
                 return state
             h = blake3.blake3(head[:_HASHED.size])
             h.update(data)
@@ -152,26 +174,43 @@ def scan(path: str, state: Scan | None = None) -> Scan:
                 state.records.extend(batch)
                 state.end, batch = pos, []
             else:
-                batch.append(Record(kind, disk, offset, length, time_us, path, pos - len(data), digest))
+                batch.append(Record(kind, disk, offset, length, time_us, path, pos - len(data), digest,
+                                    magic == MAGIC_SEALED))
 
 
-def read_data(record: Record) -> bytes:
+def _stored_len(magic: bytes, kind: int, length: int) -> int:
+    """The bytes of data a record's header is followed by."""
+    if kind != KIND_WRITE:
+        return 0
+    return length + SEAL_OVERHEAD if magic == MAGIC_SEALED else length
+
+
+def read_data(record: Record, sealer=None) -> bytes:
     """A record's bytes, verified again against its hash (zeros for a zero
-    record). A record that no longer verifies is a ChunkError: the read
-    fails, never guesses."""
+    record); a sealed one opened by `sealer` (the repository's
+    keys.journal). A record that no longer verifies is a ChunkError: the
+    read fails, never guesses."""
     if record.kind == KIND_ZERO:
         return bytes(record.length)
+    where = f"journal record at {record.data_pos} of {record.segment}"
+    if record.sealed and sealer is None:
+        raise ChunkError(f"{where} is sealed: the repository's key is needed to read it")
+    stored = _stored_len(MAGIC_SEALED if record.sealed else MAGIC, record.kind, record.length)
     try:
         with open(record.segment, "rb") as f:
             f.seek(record.data_pos - RECORD_HEADER.size)
             head = f.read(RECORD_HEADER.size)
-            data = f.read(record.length)
+            data = f.read(stored)
     except OSError as e:
         raise ChunkError(f"journal segment {record.segment}: {e.strerror or e}") from e
     h = blake3.blake3(head[:_HASHED.size])
     h.update(data)
-    if len(data) != record.length or h.digest() != record.digest:
-        raise ChunkError(f"journal record at {record.data_pos} of {record.segment} does not verify")
+    if len(data) != stored or h.digest() != record.digest:
+        raise ChunkError(f"{where} does not verify")
+    if record.sealed:
+        data = sealer.open(head[:_HASHED.size], data, where)
+        if len(data) != record.length:
+            raise ChunkError(f"{where} opens to {len(data)} bytes, not {record.length}")
     return data
 
 
@@ -179,8 +218,9 @@ class RecordCache:
     """The data of the records read last, verified: consecutive blocks of a
     fold or a read through the mount use the same record (up to 1 MiB)."""
 
-    def __init__(self, size: int = 32):
+    def __init__(self, size: int = 32, sealer=None):
         self._size = size
+        self._sealer = sealer   # an encrypted repository's keys.journal
         self._data: collections.OrderedDict[tuple, bytes] = collections.OrderedDict()
         self._lock = threading.Lock()
 
@@ -191,7 +231,7 @@ class RecordCache:
             if data is not None:
                 self._data.move_to_end(key)
                 return data
-        data = read_data(record)
+        data = read_data(record, self._sealer)
         with self._lock:
             self._data[key] = data
             if len(self._data) > self._size:

@@ -210,7 +210,13 @@ Encryption (optional, chosen at init: `rpofs init --encrypt`)
                 repository and fingerprint, replaced in one transaction.
     Subkeys     blake3 derive_key(context, master), contexts "rpofs 2025
                 chunk ids v1" (id key), "... pieces key v1", "... pack
-                records v1" (packs key), "... catalog values v1".
+                records v1" (packs key), "... catalog values v1", "...
+                journal records v1" (journal key).
+    Journal     continuous protection's write journal (REPO/journal/): the
+                server gets the master key through a pipe and stores every
+                write's data sealed under the journal key, AAD the record's
+                header (rpofs.store.journal, MAGIC_SEALED); headers (disk,
+                offset, length, time) stay in clear, as the catalog's keys do.
     Chunk keys  keyed blake3 under the id key: a whole record's key, a log
                 block's key and every piece hash in a piece table. A pieced
                 chunk's key is keyed blake3 under the pieces key over its
@@ -276,8 +282,8 @@ Encryption (optional, chosen at init: `rpofs init --encrypt`)
     Not covered  The catalog's structure is not authenticated: someone who
                 can write REPO/catalog can drop entries or point an index
                 entry at another stored block of the same repository (not
-                make up content, nor read any). Files outside catalog/ and
-                chunks/ are not encrypted: REPO/lock, REPO/locks/ (VM uuids),
+                make up content, nor read any). Files outside catalog/,
+                chunks/ and journal/ are not encrypted: REPO/lock, REPO/locks/ (VM uuids),
                 the ingester's status file and REPO/run/ (rpofs run's
                 records name VMs), mount.log. The master key lives in the
                 memory of every process that opened the repository.
