@@ -160,7 +160,9 @@ def test_a_database_back_at_every_shipped_commit(shipping, tmp_path):
         return agent(command, arguments, timeout_s)
 
     run.dom.agent = killing_agent
-    time.sleep(1)
+    # new frames to ship (the guest commits a row every 0.2 s): the ship reads the header, then frames
+    since = run.guest.progress()
+    wait_for(lambda: run.guest.progress() >= since + 3, timeout=30, what="new rows in the guest's database")
     with pytest.raises(AgentUnavailable):
         run.shipper.ship(ORDERS)
     run.dom.agent = agent

@@ -333,7 +333,10 @@ def journal_under_a_clock(tmp_path, monkeypatch):
     release = threading.Event()
     original = srv.JournalWriter._write_durably
 
+    started = threading.Event()
+
     def held(self, batch, batch_us):
+        started.set()
         release.wait(10)
         return original(self, batch, batch_us)
 
@@ -345,7 +348,7 @@ def journal_under_a_clock(tmp_path, monkeypatch):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(journal.run_commits)
             first = [journal.take(W, 0, 0, b"a", 1), journal.take(Z, 1, 10, b"", 5)]
-            await trio.sleep(0.05)        # the commit of those two has started, and is held
+            await trio.to_thread.run_sync(started.wait, 10)   # the commit of those two has started, and is held
             third = journal.take(W, 0, 2, b"c", 1)
             fourth = journal.take(W, 0, 3, b"d", 1)
             release.set()
