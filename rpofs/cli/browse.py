@@ -7,7 +7,6 @@ import json
 import os
 
 from ..errors import RpofsError
-from ..timefmt import point_names
 from .common import key_source, open_repository_of_vm, vm_of
 
 
@@ -15,6 +14,10 @@ def add_points(sub) -> None:
     pts = sub.add_parser("points", help="list a VM's recovery points")
     pts.add_argument("vm", help="VM name or UUID (as recorded in the repository)")
     pts.add_argument("--json", action="store_true", help="one JSON array (the point.json objects)")
+    pts.add_argument("--since", default=None, metavar="TIME", help="only points at or after TIME (as in at/)")
+    pts.add_argument("--until", default=None, metavar="TIME", help="only points at or before TIME (as in at/)")
+    pts.add_argument("--limit", default=None, type=int, metavar="N",
+                     help="only the newest N of the points listed (block and app points together)")
     pts.set_defaults(func=cmd_points)
 
 
@@ -59,14 +62,26 @@ def cmd_points(repo_path: str, args) -> None:
     from ..store import shipments
     from ..apps.view import app_point_json
     from ..mount.pointfiles import point_json
+    from ..timefmt import format_time, parse_as_of
+    if args.limit is not None and args.limit < 1:
+        raise RpofsError("points: --limit must be 1 or more")
+    since = parse_as_of(args.since) if args.since else 0   # BadTime: one line
+    until = parse_as_of(args.until) if args.until else None
     with open_repository_of_vm(repo_path, args, args.vm) as repo:
         vm = repo.find_vm(args.vm)[0]
-        points = repo.points(vm)
-        names = point_names([p.time_us for p in points], [p.name for p in points])
-        by_no = {p.point: (n, p) for n, p in zip(names, points)}
-        rows = [(p.time_us, 0, n, p) for n, p in zip(names, points)]
-        rows += [(s.time_us, 1, s.name, s) for s in shipments.ships(repo, vm)]
+        named = repo.named_points(vm, since, until, args.limit)
+        by_no = {p.point: (n, p) for n, p in named}
+        rows = [(p.time_us, 0, n, p) for n, p in named]
+        ships = list(shipments.ships(repo, vm, since, until, newest_first=args.limit is not None))
+        rows += [(s.time_us, 1, s.name, s) for s in ships[:args.limit]]
         rows.sort(key=lambda row: row[:2])
+        rows = rows[-args.limit:] if args.limit else rows
+        for _, kind, _, p in rows:  # an app point's base outside what is listed
+            if kind == 1 and p.base is not None and p.base not in by_no:
+                with repo.env.begin() as txn:
+                    base = repo.get_point(txn, p.base)
+                if base is not None:
+                    by_no[p.base] = (base.name or format_time(base.time_us), base)
         if args.json:
             print(json.dumps([json.loads(point_json(n, p)) if kind == 0
                               else app_point_json(p, by_no.get(p.base, (None, None))[1])

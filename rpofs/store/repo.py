@@ -497,6 +497,44 @@ class Repository:
                 out.append(self.decode_point(schema.point_key(no), points.get(schema.point_key(no))))
         return out
 
+    def named_points(self, vm: str, since_us: int = 0, until_us: int | None = None,
+                     newest: int | None = None) -> list[tuple[str, PointRecord]]:
+        """(name, point) of a VM's points with since_us <= time <= until_us,
+        oldest first; with `newest`, only the newest that many. Range scans
+        of vm_points (keyed by time), so the cost follows what is listed,
+        not the VM's history. The points sharing a second with the first or
+        last one listed are read too: a name is worked out among its
+        second's points (timefmt.point_names)."""
+        until_us = (1 << 63) if until_us is None else until_us
+        vm_bytes, prefix = schema.vm_key(vm), schema.vm_prefix(schema.vm_key(vm))
+        low = since_us // US * US          # whole seconds at both ends
+        high = (until_us // US + 1) * US - 1
+        keys = []
+        with self.env.begin() as txn:
+            cur = txn.cursor(db=self.db["vm_points"])
+            if newest is None:
+                for key in schema.scan_keys(cur, prefix, schema.vm_point_key(vm_bytes, low, 0)):
+                    if schema.read_vm_point_key(key)[1] > high:
+                        break
+                    keys.append(key)
+            else:
+                wanted = 0
+                for key in schema.scan_keys_back(cur, prefix):
+                    t = schema.read_vm_point_key(key)[1]
+                    if t > high:
+                        continue
+                    if t < low or (wanted >= newest and t // US != schema.read_vm_point_key(keys[-1])[1] // US):
+                        break
+                    keys.append(key)
+                    wanted += since_us <= t <= until_us
+                keys.reverse()
+            records = txn.cursor(db=self.db["points"])
+            points = [self.decode_point(schema.point_key(no), records.get(schema.point_key(no)))
+                      for _, _, no in map(schema.read_vm_point_key, keys)]
+        named = [(n, p) for n, p in zip(point_names([p.time_us for p in points], [p.name for p in points]), points)
+                 if since_us <= p.time_us <= until_us]
+        return named[-newest:] if newest else named
+
     def newest_points(self, vm: str):
         """A VM's points, newest first, read as they are consumed."""
         with self.env.begin() as txn:
