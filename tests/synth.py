@@ -11,7 +11,7 @@ VM = str(uuid.UUID(int=7))
 T0 = 1_795_546_770 * US  # 2026-11-24T18:59:30Z
 
 
-def back_up(repo, disks, dirty, kind, parent, time_us, vm_name="m", xml=b"<domain><name>m</name></domain>"):
+def back_up(repo, disks, dirty, kind, parent, time_us, vm_name="m", xml=b"<domain><name>m</name></domain>", vm=VM):
     """Record one point from in-memory disks, as the ingester does from NBD:
     a full reads every chunk, a log reads every block marked dirty."""
     with repo.begin_writer() as w:
@@ -24,7 +24,7 @@ def back_up(repo, disks, dirty, kind, parent, time_us, vm_name="m", xml=b"<domai
                     w.put_log_block(d, b, bytes(data[b * BLOCK_SIZE:(b + 1) * BLOCK_SIZE]))
         xml, _ = w.put_chunk(xml)
         return w.commit(
-            vm=VM, vm_name=vm_name, time_us=time_us, parent=None if kind == "full" else parent,
+            vm=vm, vm_name=vm_name, time_us=time_us, parent=None if kind == "full" else parent,
             consistency="crash-consistent",
             disks=[DiskRecord(f"vd{chr(97 + i)}", len(x)) for i, x in enumerate(disks)],
             checkpoint="", domain_xml=xml.hex())

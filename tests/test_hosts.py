@@ -38,9 +38,9 @@ def one_line(done, expected: str) -> None:
 class Host:
     """One host's repository and a disk it backs up, with the bytes of each point."""
 
-    def __init__(self, path, url, name, rnd, mib=4, vm_name="m", **init):
+    def __init__(self, path, url, name, rnd, mib=4, vm_name="m", vm=VM, **init):
         self.repo = Repository.init(str(path), store=url, host=name, cache_size=64 * MiB, **init)
-        self.path, self.rnd, self.vm_name = path, rnd, vm_name
+        self.path, self.rnd, self.vm_name, self.vm = path, rnd, vm_name, vm
         self.disk = bytearray(rnd.randbytes(mib * MiB))
         self.truth: dict[int, bytes] = {}
         self.last = None
@@ -51,7 +51,7 @@ class Host:
             for _ in range(3):
                 write(self.disk, dirty, self.rnd.randrange(len(self.disk) - 5000), self.rnd.randbytes(5000))
         self.last = back_up(self.repo, [self.disk], [dirty], "log" if self.last else "full", self.last, time_us,
-                            vm_name=self.vm_name)
+                            vm_name=self.vm_name, vm=self.vm)
         self.truth[self.last.point] = bytes(self.disk)
         return self.last
 
@@ -205,3 +205,40 @@ def test_an_encrypted_host_is_published_sealed_and_read_with_its_passphrase(tmp_
         Repository.open(replica, keys=crypto.Passphrase(lambda: "wrong"))
     with Repository.open(replica, keys=crypto.Passphrase(lambda: "pass one")) as seen:
         reads_every_point(seen, a.truth)
+
+
+def test_one_mount_shows_every_hosts_vms_and_follows_their_new_points(tmp_path, store_url):
+    """kvm2's mount holds its own VM m, kvm1's VM of the same name as
+    m@kvm1, both by UUID, every point byte-exact; a point kvm1 publishes
+    while it is mounted appears."""
+    from rpofs.timefmt import format_time
+    from vmlab import wait_for
+    a = Host(tmp_path / "a", store_url, "kvm1", random.Random(7), mib=2)
+    for i in range(2):
+        a.point(T0 + i * US)
+    a.repo.publish()
+    other = "00000000-0000-0000-0000-0000000000b2"
+    b = Host(tmp_path / "b", store_url, "kvm2", random.Random(8), mib=2, vm=other)
+    b.point(T0 + 5 * US)
+    b.repo.close()
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    done = rpofs("mount", str(mnt), repo=tmp_path / "b")
+    assert done.returncode == 0, done.stderr
+    try:
+        assert sorted(os.listdir(mnt)) == [".by-uuid", "m", "m@kvm1"]
+        assert os.readlink(mnt / ".by-uuid" / VM) == "../m@kvm1" and os.readlink(mnt / ".by-uuid" / other) == "../m"
+        for point in a.repo.points(VM):
+            with open(mnt / "m@kvm1" / "at" / format_time(point.time_us, 6) / "vda.raw", "rb") as f:
+                assert f.read() == a.truth[point.point]
+        with open(mnt / "m" / "latest" / "vda.raw", "rb") as f:
+            assert f.read() == b.truth[b.last.point]
+        newest = a.point(T0 + 30 * US)
+        a.repo.publish()
+        wait_for(lambda: os.readlink(mnt / "m@kvm1" / "latest") == newest.name, timeout=30,
+                 what="kvm1's new point in kvm2's mount")
+        with open(mnt / "m@kvm1" / newest.name / "vda.raw", "rb") as f:
+            assert f.read() == a.truth[newest.point]
+    finally:
+        rpofs("umount", str(mnt), repo=tmp_path / "b")
+        a.repo.close()

@@ -24,6 +24,7 @@ from ..children import child_env
 from ..errors import MountError, RpofsError
 from ..store.repo import Repository
 from .fs import Operations
+from .forest import Forest
 from .tree import Tree
 
 log = logging.getLogger(__name__)
@@ -141,8 +142,11 @@ def mount_foreground(opts: MountOptions, ready_fd: int | None = None, keys=None)
     except RpofsError as e:
         tell(f"error: {e}")
         raise
+    repos = [repo]
     try:
-        ops = Operations(Tree(repo, journal_spacing_s=opts.journal_spacing_s))
+        repos += _other_hosts(repo, keys)
+        trees = [(r.host, Tree(r, journal_spacing_s=opts.journal_spacing_s)) for r in repos]
+        ops = Operations(trees[0][1] if len(trees) == 1 else Forest(trees))
         options = set(pyfuse3.default_options) - {"default_permissions"}
         options |= {f"fsname=rpofs:{opts.repo}", "subtype=rpofs", "ro"}
         if opts.allow_other:
@@ -152,26 +156,51 @@ def mount_foreground(opts: MountOptions, ready_fd: int | None = None, keys=None)
         except RuntimeError as e:
             raise MountError(f"cannot mount at {opts.mountpoint}: {e}") from None
         try:
-            trio.run(_serve, opts, tell, repo)
+            trio.run(_serve, opts, tell, repos)
         finally:
             pyfuse3.close(unmount=True)
     except RpofsError as e:
         tell(f"error: {e}")
         raise
     finally:
-        repo.close()
+        for r in repos:
+            r.close()
 
 
-async def _serve(opts: MountOptions, tell, repo: Repository) -> None:
+def _other_hosts(repo: Repository, keys) -> list[Repository]:
+    """A repository in an object store: the other hosts' catalogs, as this
+    machine follows them (rpofs.mount.forest shows their VMs beside its
+    own). A host whose catalog cannot be read here (another key, the store
+    unreachable before it was ever followed) is left out with a warning."""
+    if not repo.publishes:
+        return []
+    from ..store import anyhost, hosts
+    out = []
+    try:
+        names = anyhost.other_hosts(repo.path)
+    except RpofsError as e:
+        log.warning("the other hosts of the store are not shown: %s", e)
+        return []
+    for name in names:
+        try:
+            out.append(Repository.open(hosts.ensure_replica(repo.path, repo.store_conf, name), keys=keys))
+        except RpofsError as e:
+            log.warning("host %s's VMs are not shown: %s", name, e)
+    return out
+
+
+async def _serve(opts: MountOptions, tell, repos: list[Repository]) -> None:
     async with trio.open_nursery() as nursery:
-        async def follow_the_host():
-            # another host's VMs (a replica): its new points within FOLLOW_S of their publication
+        async def follow_the_hosts():
+            # other hosts' VMs (replicas): their new points within FOLLOW_S of their publication
             while True:
                 await trio.sleep(FOLLOW_S)
-                try:
-                    await trio.to_thread.run_sync(repo.follow)
-                except RpofsError as e:
-                    log.warning("host %s: its new publications are not read yet: %s", repo.host, e)
+                for repo in repos:
+                    if repo.replica:
+                        try:
+                            await trio.to_thread.run_sync(repo.follow)
+                        except RpofsError as e:
+                            log.warning("host %s: its new publications are not read yet: %s", repo.host, e)
 
         async def stop_on_signal():
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
@@ -191,8 +220,8 @@ async def _serve(opts: MountOptions, tell, repo: Repository) -> None:
 
         nursery.start_soon(stop_on_signal)
         nursery.start_soon(announce_when_serving)
-        if repo.replica:
-            nursery.start_soon(follow_the_host)
+        if any(r.replica for r in repos):
+            nursery.start_soon(follow_the_hosts)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
 
