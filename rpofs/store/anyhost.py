@@ -96,9 +96,10 @@ def host_rows(repo_path: str, keys) -> list[HostRow]:
         try:
             with Repository.open(path, keys=keys) as repo:
                 vms = repo.vms()
-                points = [p for uuid, _ in vms for p in repo.points(uuid)]
+                count = sum(repo.point_count(uuid) for uuid, _ in vms)   # counted, not read
+                newest = [next(repo.newest_points(uuid), None) for uuid, _ in vms]
                 unpublished = publish.backlog(repo).batches if this else 0
-            rows.append(HostRow(name, this, len(vms), len(points), max((p.time_us for p in points), default=None),
+            rows.append(HostRow(name, this, len(vms), count, max((p.time_us for p in newest if p), default=None),
                                 lease.machine if lease else "", lease.age() if lease else None, unpublished))
         except RpofsError as e:
             rows.append(HostRow(name, this, 0, 0, None, lease.machine if lease else "",

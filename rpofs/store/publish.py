@@ -35,9 +35,11 @@ snapshot when it is behind it and the logs no longer reach back to it.
 
 import contextlib
 import dataclasses
+import json
 import logging
 import os
 import shutil
+import struct
 import tempfile
 import time
 
@@ -234,13 +236,11 @@ def publish(repo) -> Published:
 
 
 def _state(txn, repo) -> dict:
-    import json
     raw = txn.get(schema.META_PUBLISHING, db=repo.db["meta"])
     return json.loads(bytes(raw)) if raw is not None else {"snapshot": 0, "bytes": 0, "since": 0}
 
 
 def _put_state(txn, repo, state: dict) -> None:
-    import json
     txn.put(schema.META_PUBLISHING, json.dumps(state).encode(), db=repo.db["meta"])
 
 
@@ -358,7 +358,7 @@ def _batches(data: bytes, name: str) -> list[Batch]:
             n = schema.read_u32(view[at:at + 4])
             out.append(schema.decode_batch(view[at + 4:at + 4 + n]))
             at += 4 + n
-    except (ValueError, Exception) as e:
+    except (ValueError, struct.error, IndexError) as e:
         raise RpofsError(f"published object {name} is damaged: {e}") from None
     return out
 

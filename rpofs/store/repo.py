@@ -13,6 +13,7 @@ import functools
 import json
 import logging
 import os
+import shutil
 import threading
 
 import lmdb
@@ -275,7 +276,6 @@ class Repository:
             for made_path in reversed(made):
                 with contextlib.suppress(OSError):
                     if os.path.isdir(made_path):
-                        import shutil
                         shutil.rmtree(made_path)
                     else:
                         os.unlink(made_path)
