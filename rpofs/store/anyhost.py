@@ -48,23 +48,28 @@ def repository_of_vm(repo_path: str, ref: str, keys) -> Repository:
     except BaseException:
         repo.close()
         raise
-    found = []
-    for name in other_hosts(repo_path):
-        path = hosts.ensure_replica(repo_path, conf, name)
-        try:
-            with Repository.open(path, keys=keys) as replica:
+    found = []   # (host, its replica, open): followed once, kept for the command
+    try:
+        for name in other_hosts(repo_path):
+            try:
+                replica = Repository.open(hosts.ensure_replica(repo_path, conf, name), keys=keys)
+            except RpofsError as e:
+                log.warning("host %s's catalog is not searched: %s", name, e)
+                continue
+            try:
                 replica.find_vm(ref)
-            found.append((name, path))
-        except UnknownVM:
-            continue
-        except RpofsError as e:
-            log.warning("host %s's catalog is not searched: %s", name, e)
-    if not found:
-        raise missing
-    if len(found) > 1:
-        raise RpofsError(f"VM {ref!r} is on several hosts ({', '.join(n for n, _ in found)}): choose one with "
-                         f"rpofs --host NAME")
-    return Repository.open(found[0][1], keys=keys)
+                found.append((name, replica))
+            except UnknownVM:
+                replica.close()
+        if not found:
+            raise missing
+        if len(found) > 1:
+            raise RpofsError(f"VM {ref!r} is on several hosts ({', '.join(n for n, _ in found)}): choose one "
+                             f"with rpofs --host NAME")
+        return found.pop()[1]
+    finally:
+        for _, replica in found:
+            replica.close()
 
 
 @dataclasses.dataclass(frozen=True)

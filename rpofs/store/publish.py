@@ -33,6 +33,7 @@ META_FOLLOWED moved in the same transaction; it starts from the newest
 snapshot when it is behind it and the logs no longer reach back to it.
 """
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import json
@@ -55,6 +56,8 @@ log = logging.getLogger(__name__)
 MAX_LOG = 8 << 20            # bytes of batches one log object carries at most
 SNAPSHOT_MIN = 4 << 20       # logs since the last snapshot before another is worth its PUT
 MAX_UNPACKED = 64 << 30      # what a published object may decompress to at most
+SNAPSHOT_OVER_LOGS = 16     # a replica further behind than this many log objects reads the snapshot
+FETCH_LOGS = 8              # log objects GET at once, applied in one transaction
 SEAL_CONTEXT = "published"   # the catalog sealer's "sub-database" for published objects
 
 
@@ -312,37 +315,51 @@ def followed(env, db: dict) -> int:
 
 def follow(env, db: dict, bucket, host: str, keys) -> Followed:
     """Host `host`'s published batches applied to the catalog in `env`
-    (db: its handles), from the newest snapshot when it is behind it."""
+    (db: its handles). From the newest snapshot when the replica is behind
+    it and the logs no longer reach back, or more than SNAPSHOT_OVER_LOGS
+    log objects would be read instead (a new host: measured, its first
+    `points` of 10,000 points took 72.6 s applying every log object since
+    batch 1, 6.8 ms each, against 2.1 s on the host that has them). Log
+    objects are fetched FETCH_LOGS at a time and applied in one write
+    transaction per fetch."""
     through = followed(env, db)
     listing = _listing(bucket, host)
     from_snapshot = False
     newest = listing.snapshots[-1] if listing.snapshots else 0
     reachable = any(first <= through + 1 <= last for first, last in listing.logs)
-    if newest - 1 > through and not reachable:
+    behind = sum(1 for first, last in listing.logs if last > through and first < newest)
+    if newest - 1 > through and (not reachable or behind > SNAPSHOT_OVER_LOGS):
         name = snap_name(host, newest)
         _load_snapshot(env, db, _unseal(keys, name, bucket.get(name)[0]), newest - 1)
         through, from_snapshot = newest - 1, True
-    applied = 0
+    todo, expect = [], through
     for first, last in listing.logs:
-        if last <= through:
+        if last <= expect:
             continue
-        if first > through + 1:
-            log.warning("host %s: batches %d-%d are not in the store yet: followed to %d", host, through + 1,
-                        first - 1, through)
+        if first > expect + 1:
+            log.warning("host %s: batches %d-%d are not in the store yet: followed to %d", host, expect + 1,
+                        first - 1, expect)
             break
-        name = log_name(host, first, last)
-        batches = _batches(_unseal(keys, name, bucket.get(name)[0]), name)
-        with env.begin(write=True) as txn:
-            through = _followed_in(txn, db)   # another process may have applied some meanwhile
-            for batch in batches:
-                if batch.seq != through + 1:
-                    if batch.seq <= through:
-                        continue
-                    raise RpofsError(f"published object {name}: batch {batch.seq} follows {through}: damaged")
-                apply(txn, db, batch)
-                through = batch.seq
-                applied += 1
-            txn.put(schema.META_FOLLOWED, schema.u64(through), db=db["meta"])
+        todo.append(log_name(host, first, last))
+        expect = last
+    applied = 0
+    with concurrent.futures.ThreadPoolExecutor(FETCH_LOGS) as pool:
+        for at in range(0, len(todo), FETCH_LOGS):
+            names = todo[at:at + FETCH_LOGS]
+            bodies = pool.map(lambda name: _batches(_unseal(keys, name, bucket.get(name)[0]), name), names)
+            with env.begin(write=True) as txn:
+                through = _followed_in(txn, db)   # another process may have applied some meanwhile
+                for name, batches in zip(names, bodies):
+                    for batch in batches:
+                        if batch.seq <= through:
+                            continue
+                        if batch.seq != through + 1:
+                            raise RpofsError(f"published object {name}: batch {batch.seq} follows {through}: "
+                                             f"damaged")
+                        apply(txn, db, batch)
+                        through = batch.seq
+                        applied += 1
+                txn.put(schema.META_FOLLOWED, schema.u64(through), db=db["meta"])
     return Followed(applied, through, from_snapshot)
 
 
