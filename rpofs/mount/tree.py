@@ -125,9 +125,11 @@ class Moment:
                            # for a journal instant its stand-in (Tree.instant_point)
     ship: ShipRecord | None = None
 
-    def reader(self, target: str):
-        """The disk `target` as of this moment (read(offset, length), size, extents)."""
-        return self.tree.disk_reader(self.point, target)
+    def reader(self, target: str, whole: bool = False):
+        """The disk `target` as of this moment (read(offset, length), size,
+        extents); whole: read from start to end once (a restore: the
+        repository's streaming reader)."""
+        return self.tree.disk_reader(self.point, target, whole)
 
     @property
     def exact(self) -> bool:
@@ -373,10 +375,11 @@ class Tree:
                                    consistency="crash-consistent", disks=session.session.disks, origin="journal",
                                    checkpoint="", checkpoint_xml="")
 
-    def disk_reader(self, point: PointRecord, target: str):
-        """A disk of a point, or of a journal instant's stand-in."""
+    def disk_reader(self, point: PointRecord, target: str, whole: bool = False):
+        """A disk of a point, or of a journal instant's stand-in; whole: to
+        be read once from start to end (Repository.streaming_reader)."""
         if point.point >= 0:
-            return DiskReader(self.repo, point, target)
+            return DiskReader(self.repo, point, target, self.repo.streaming_reader() if whole else None)
         uuid, time_us = self._instant_of[point.point]
         session, base = self.journal_base(uuid, time_us)
         return self.journal.reader(session, base, time_us, target)

@@ -17,5 +17,5 @@ def restore_disk(repo: Repository, source: str, dest: str, force: bool = False,
     disks = [d.target for d in moment.point.disks]
     if target not in disks:
         raise RpofsError(f"{moment.described()} has no disk {target} (it has {', '.join(disks)})")
-    size, written = write_disk(moment.reader(target), dest, force, progress)
+    size, written = write_disk(moment.reader(target, whole=True), dest, force, progress)
     return moment, size, written

@@ -95,7 +95,7 @@ def restore_vm(repo: Repository, conn: Connection, vm: str, when: str, opts: VmR
         name=name, uuid=dom_uuid, new_identity=not opts.replace,
         disks=tuple(domainxml.NewDisk(t, p, opts.format) for t, p in paths.items()),
         workdir=workdir, nvram=nvram_path if domainxml.uses_nvram(captured) else ""))
-    readers = {d.target: moment.reader(d.target) for d in point.disks}
+    readers = {d.target: moment.reader(d.target, whole=True) for d in point.disks}
     _check_room(readers, paths)
     written, made = 0, []
     try:

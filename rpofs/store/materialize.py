@@ -36,8 +36,11 @@ class Extent(NamedTuple):
 
 
 class DiskReader:
-    def __init__(self, repo: Repository, point: PointRecord, target: str):
+    def __init__(self, repo: Repository, point: PointRecord, target: str, reader=None):
+        """reader: the ChunkReader to read with (default the repository's;
+        a whole-disk copy passes repo.streaming_reader())."""
         self.repo = repo
+        self.reader = reader or repo.reader
         self.point = point
         self.disk = point.disk_index(target)
         self.size = point.disks[self.disk].size
@@ -60,7 +63,7 @@ class DiskReader:
         view = memoryview(out)
         i = 0
         while i < len(extents):
-            run = _run_from(extents, i, self.repo.reader.record_len)
+            run = _run_from(extents, i, self.reader.record_len)
             if len(run) > 1:
                 self._read_run(run, view, offset)
             elif extents[i].loc is not None:
@@ -72,7 +75,7 @@ class DiskReader:
     def _read_run(self, run: list[Extent], view: memoryview, offset: int) -> None:
         """Whole log blocks stored one after another: one read into place."""
         try:
-            self.repo.reader.read_run_into([e.loc for e in run], [view[e.pos - offset:e.stop - offset] for e in run])
+            self.reader.read_run_into([e.loc for e in run], [view[e.pos - offset:e.stop - offset] for e in run])
         except PackMissing:  # moved after our snapshot: block by block, each finds its new place
             for e in run:
                 view[e.pos - offset:e.stop - offset] = self.extent_bytes(e)
@@ -101,7 +104,7 @@ class DiskReader:
         wanted = [e.wanted() for e in extents if e.loc is not None]
         if ahead:
             wanted += [e.wanted() for e in self.extents(*ahead) if e.loc is not None]
-        self.repo.reader.prefetch(wanted)
+        self.reader.prefetch(wanted)
 
     def extents(self, offset: int, end: int) -> list[Extent]:
         """The runs of [offset, end) each served by one chunk or log block (or
@@ -168,7 +171,7 @@ class DiskReader:
 
     def prefetch(self, extents: list[Extent]) -> None:
         """Start fetching the stored extents among these (a copy's window)."""
-        self.repo.reader.prefetch([e.wanted() for e in extents if e.loc is not None])
+        self.reader.prefetch([e.wanted() for e in extents if e.loc is not None])
 
     def extent_bytes(self, extent: Extent):
         """The bytes of an extent that has a chunk (or a log block), verified:
@@ -187,7 +190,7 @@ class DiskReader:
         if loc.raw_len != min(extent.span, self.size - base):
             raise ChunkError(f"{self._where()}: {_what(extent)} does not fit its place")
         try:
-            return self.repo.reader.read_range(extent.key, loc, extent.pos - base, extent.stop - base)
+            return self.reader.read_range(extent.key, loc, extent.pos - base, extent.stop - base)
         except PackMissing:
             raise
         except ChunkError as e:

@@ -589,6 +589,9 @@ class _Direct(PackStore):
     def read_into(self, pack: int, offset: int, buffers: list) -> int:
         return _scatter(self.read(pack, offset, sum(len(buf) for buf in buffers)), buffers)
 
+    def advise(self, pack: int, offset: int, length: int) -> None:
+        """Nothing is kept here to fetch ahead into: each read is its GET."""
+
     def size(self, pack: int) -> int:
         return self._packs.bucket.size(self._packs.key(pack))
 

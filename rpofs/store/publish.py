@@ -22,9 +22,11 @@ of it (and at least SNAPSHOT_MIN), the catalog is copied compacted by
 LMDB (one read transaction: a consistent copy) and put as
 PREFIX/hosts/NAME/snap/<seq>, seq being the first batch it does not hold.
 A new follower reads the newest snapshot and the logs after it, not the
-whole history; logs and snapshots older than the previous snapshot are
-deleted then, so a follower that is one snapshot behind still finds its
-way.
+whole history. The logs the new snapshot holds are deleted then (a
+follower that still wanted one finds the logs no longer reach back and
+reads the snapshot), and snapshots older than the previous one (kept for
+a follower reading it meanwhile): what a follower lists and reads stays
+bounded by a snapshot and the logs since.
 
 Following (follow): a replica (another host's catalog here, or this
 host's own on a machine that takes it over) applies every batch after the
@@ -268,14 +270,13 @@ def snapshot(repo) -> int:
     with repo.write_txn(publish=False) as txn:
         previous = _state(txn, repo)["snapshot"]
         _put_state(txn, repo, {"snapshot": seq, "bytes": len(body), "since": 0})
-    if previous:
-        listing = _listing(bucket, conf.host)
-        for s in listing.snapshots:
-            if s < previous:
-                bucket.delete(snap_name(conf.host, s))
-        for first, last in listing.logs:
-            if last < previous:
-                bucket.delete(log_name(conf.host, first, last))
+    listing = _listing(bucket, conf.host)
+    for s in listing.snapshots:
+        if s < previous:
+            bucket.delete(snap_name(conf.host, s))
+    for first, last in listing.logs:
+        if last < seq:   # the new snapshot holds them (a follower that still wanted one reads the snapshot)
+            bucket.delete(log_name(conf.host, first, last))
     return len(body)
 
 

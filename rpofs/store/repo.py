@@ -58,6 +58,7 @@ class Repository:
         self.lease_checked = float("-inf")
         self.packs: PackStore = packs if packs is not None else _open_packs(path, self.chunks_dir, self.store_conf)
         self.reader = ChunkReader(self.packs, ids=self.ids, sealer=keys.packs if keys else None)
+        self._streaming: ChunkReader | None = None
         self._write_lock = threading.Lock()
         self.key_record: bytes | None = None   # meta/encryption as the keys were unlocked from it
 
@@ -121,6 +122,18 @@ class Repository:
                 if unreadable is None:
                     raise RpofsError(f"point record {schema.read_u32(key)} cannot be read: {e}") from None
                 unreadable.append((schema.read_u32(key), str(e)))
+
+    def streaming_reader(self) -> ChunkReader:
+        """A reader for whole-disk copies (restore): in an object store, every
+        record GET from the store itself, not through the block cache (the
+        bench: a restore through an empty cache ran at 0.49x restic's, while
+        the GETs alone ran at 1,140 MB/s; filling the cache with a disk read
+        once costs its hashing and writes, and evicts what the mount uses).
+        A local repository's packs are read as ever."""
+        if self._streaming is None:
+            self._streaming = ChunkReader(self.packs.uncached(), ids=self.ids,
+                                          sealer=self.keys.packs if self.keys else None)
+        return self._streaming
 
     @property
     def host(self) -> str:
