@@ -11,12 +11,14 @@ started with the mirrors (rpofs.protect.protector) and needing no daemon:
 every PROBE_S it connects to the server's socket and waits ANSWER_S for
 the NBD greeting the server's event loop sends at once to every client
 (a probe chooses no export: the server counts it as no mirror). After
-MISSES probes in a row unanswered (about 6-7 s of silence), it cuts QEMU's NBD
+MISSES probes in a row unanswered (6 s of silence), it cuts QEMU's NBD
 connections to that socket (QMP `yank`, Domain.let_go_of_nbd): the writes
 in flight fail at the mirror, QEMU completes them for the guest (they are
 in its disk) and fails the mirror job, and the guest runs on; the stuck
 server is killed. Measured on the test guest: its writes stopped at the
-SIGSTOP and went on 0.2 s after the yank, 5 s after the stop with 2 s probes, 7 s with the 3 s probes kept (fewer false alarms on a loaded disk). The note
+SIGSTOP and went on 0.2 s after the yank; they stood still 5 s in all with
+2 s probes, 6.8-7.5 s with the 3 s probes kept (fewer false alarms when an
+fdatasync on a loaded disk holds the server's loop a while). The note
 it leaves in the session's directory (GUARD_NOTE) is the reason the
 session ends with; the repair backup from the confirmed checkpoint then
 takes what the journal missed, as after any lost mirror (docs/PROTECT.md).

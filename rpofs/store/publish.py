@@ -199,7 +199,7 @@ def _unseal(keys, name: str, body: bytes) -> bytes:
 def publish(repo) -> Published:
     """Everything in the outbox put in the store, then a snapshot if one is
     due. Raises a StoreError (the batches stay queued for the next call) or
-    hosts.TakenOver (another machine writes this host now)."""
+    TakenOver (rpofs.errors: another machine writes this host now)."""
     conf, bucket = repo.store_conf, repo.packs.bucket
     done = Published()
     if time.monotonic() - repo.lease_checked > hosts.LEASE_REFRESH_S:
