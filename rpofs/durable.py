@@ -2,7 +2,10 @@
 never half of either: written to a temporary name, fsync'ed, renamed, and
 the directory fsync'ed so the rename itself survives."""
 
+import json
 import os
+
+from .errors import RpofsError
 
 
 def write_file(path: str, data: bytes, mode: int = 0o600) -> None:
@@ -28,3 +31,15 @@ def sync_dir(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def read_json(path: str):
+    """What a small JSON file (written by write_file) holds; None when there
+    is none; one RpofsError line when it cannot be read or parsed."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise RpofsError(f"{path} cannot be read: {e}") from None

@@ -63,9 +63,13 @@ def reads_every_point(repo: Repository, truth: dict[int, bytes]) -> None:
         assert bytes(DiskReader(repo, p, "vda").read(0, len(truth[p.point]))) == truth[p.point]
 
 
-def replica_of(repo_path, name):
-    conf = Repository.open(str(repo_path)).store_conf  # noqa: SIM115 (closed below)
-    return hosts.ensure_replica(str(repo_path), conf, name)
+def kvm1_seen_from_a_new_host(tmp_path, store_url) -> str:
+    """kvm2, a host made now: the directory of its replica of kvm1."""
+    b = Repository.init(str(tmp_path / "b"), store=store_url, host="kvm2")
+    try:
+        return hosts.ensure_replica(str(tmp_path / "b"), b.store_conf, "kvm1")
+    finally:
+        b.close()
 
 
 def test_a_host_reads_every_point_of_another_byte_exact_and_follows_its_new_ones(tmp_path, store_url):
@@ -73,9 +77,7 @@ def test_a_host_reads_every_point_of_another_byte_exact_and_follows_its_new_ones
     for i in range(3):
         a.point(T0 + i * US)
     a.repo.publish()
-    b = Repository.init(str(tmp_path / "b"), store=store_url, host="kvm2")
-    replica = hosts.ensure_replica(str(tmp_path / "b"), b.store_conf, "kvm1")
-    b.close()
+    replica = kvm1_seen_from_a_new_host(tmp_path, store_url)
     with Repository.open(replica) as seen:
         assert seen.replica and seen.host == "kvm1"
         reads_every_point(seen, a.truth)
@@ -128,9 +130,7 @@ def test_the_host_lost_a_new_machine_takes_it_over_and_carries_on_its_chain(tmp_
         a.point(T0 + 30 * US)
         a.repo.publish()
     a.repo.close()
-    b = Repository.init(str(tmp_path / "b"), store=store_url, host="kvm2")
-    replica = hosts.ensure_replica(str(tmp_path / "b"), b.store_conf, "kvm1")
-    b.close()
+    replica = kvm1_seen_from_a_new_host(tmp_path, store_url)
     with Repository.open(replica) as seen:
         reads_every_point(seen, truth)
 
@@ -138,7 +138,6 @@ def test_the_host_lost_a_new_machine_takes_it_over_and_carries_on_its_chain(tmp_
 def test_a_new_follower_starts_from_a_snapshot_and_old_logs_go(tmp_path, store_url, monkeypatch):
     monkeypatch.setattr(publish, "SNAPSHOT_MIN", 1)  # a snapshot at every publication once logs outweigh half of it
     a = Host(tmp_path / "a", store_url, "kvm1", random.Random(3), mib=2)
-    early = hosts.ensure_replica(str(tmp_path / "a"), a.repo.store_conf, "kvm1-early")
     for i in range(12):
         a.point(T0 + i * US)
         a.repo.publish()
@@ -149,12 +148,9 @@ def test_a_new_follower_starts_from_a_snapshot_and_old_logs_go(tmp_path, store_u
     assert all(last >= listing.snapshots[-2] for _, last in listing.logs)
     assert all(s >= listing.snapshots[-2] for s in listing.snapshots)
     a.repo.close()
-    b = Repository.init(str(tmp_path / "b"), store=store_url, host="kvm2")
-    replica = hosts.ensure_replica(str(tmp_path / "b"), b.store_conf, "kvm1")
-    b.close()
+    replica = kvm1_seen_from_a_new_host(tmp_path, store_url)
     with Repository.open(replica) as seen:
         reads_every_point(seen, a.truth)
-    del early
 
 
 def test_a_publication_killed_after_its_put_is_put_again_and_applied_once(tmp_path, store_url, monkeypatch):
@@ -180,9 +176,7 @@ def test_a_publication_killed_after_its_put_is_put_again_and_applied_once(tmp_pa
         logs = publish._listing(bucket, "kvm1").logs
     assert any(f1 == f2 and l1 < l2 for f1, l1 in logs for f2, l2 in logs), logs
     a.repo.close()
-    b = Repository.init(str(tmp_path / "b"), store=store_url, host="kvm2")
-    replica = hosts.ensure_replica(str(tmp_path / "b"), b.store_conf, "kvm1")
-    b.close()
+    replica = kvm1_seen_from_a_new_host(tmp_path, store_url)
     with Repository.open(replica) as seen:
         reads_every_point(seen, a.truth)
 
@@ -197,9 +191,7 @@ def test_an_encrypted_host_is_published_sealed_and_read_with_its_passphrase(tmp_
         for name in names:
             if "/log/" in name or "/snap/" in name:
                 assert b"vda" not in bucket.get(name)[0]
-    b = Repository.init(str(tmp_path / "b"), store=store_url, host="kvm2")
-    replica = hosts.ensure_replica(str(tmp_path / "b"), b.store_conf, "kvm1")
-    b.close()
+    replica = kvm1_seen_from_a_new_host(tmp_path, store_url)
     from rpofs.store import crypto
     with pytest.raises(RpofsError):
         Repository.open(replica, keys=crypto.Passphrase(lambda: "wrong"))
@@ -269,8 +261,6 @@ def test_a_new_follower_reads_the_snapshot_rather_than_every_log_since_the_first
         again = publish.follow(env, db, bucket, "kvm1", None)
         assert again.applied == 0 and again.through == done.through
     env.close()
-    b = Repository.init(str(tmp_path / "b"), store=store_url, host="kvm2")
-    replica = hosts.ensure_replica(str(tmp_path / "b"), b.store_conf, "kvm1")
-    b.close()
+    replica = kvm1_seen_from_a_new_host(tmp_path, store_url)
     with Repository.open(replica) as seen:
         reads_every_point(seen, a.truth)

@@ -61,7 +61,7 @@ import json
 import os
 import time
 
-from ..durable import sync_dir, write_file
+from ..durable import read_json, sync_dir, write_file
 from ..errors import NoRepository, PackMissing, RpofsError, StoreConflict, StoreError
 from . import hosts, publish, schema, storeconf
 from .objectpacks import DEFAULT_CACHE, UPLOADERS
@@ -116,13 +116,9 @@ class PushReport:
 def read_claim(repo_path: str) -> Claim | None:
     """REPO/push.json, or None when no push is under way."""
     where = os.path.join(repo_path, CLAIM)
-    try:
-        with open(where) as f:
-            raw = json.load(f)
-    except FileNotFoundError:
+    raw = read_json(where)
+    if raw is None:
         return None
-    except (OSError, ValueError) as e:
-        raise RpofsError(f"{where} cannot be read: {e}") from None
     try:
         claim = Claim(raw["store"], raw["host"], raw["instance"], raw["cache_size"])
         ok = all(isinstance(v, str) and v for v in (claim.store, claim.host, claim.instance)) and \

@@ -16,7 +16,7 @@ import dataclasses
 import json
 import os
 
-from ..durable import write_file
+from ..durable import read_json, write_file
 from ..errors import RpofsError
 
 NAME = "store.json"
@@ -38,13 +38,9 @@ class StoreConf:
 def read(repo_path: str) -> StoreConf | None:
     """REPO/store.json, or None for a repository whose packs are local."""
     where = os.path.join(repo_path, NAME)
-    try:
-        with open(where) as f:
-            raw = json.load(f)
-    except FileNotFoundError:
+    raw = read_json(where)
+    if raw is None:
         return None
-    except (OSError, ValueError) as e:
-        raise RpofsError(f"{where} cannot be read: {e}") from None
     try:
         conf = StoreConf(**raw)
         ok = isinstance(conf.store, str) and isinstance(conf.cache_size, int) and conf.cache_size >= 0 and \
