@@ -16,10 +16,18 @@ backup may be between finding a chunk stored and committing its reference):
 A crash or a full disk anywhere leaves a consistent catalog and, at worst,
 pack data nothing refers to; gc_pending still set makes the next prune
 collect it even when it removes nothing.
+
+In an object store shared by hosts, step 1 leaves the unused `chunks`
+rows (another host may be borrowing them) and deletes the unused
+`borrowed` rows (given back); `collect` first condemns, uncondemns and
+sweeps by rpofs.store.lending's protocol. A collection is also due there
+every COLLECT_EVERY_S without anything removed here, so chunks given back
+by other hosts and condemnations waiting out their grace are seen to.
 """
 
 import contextlib
 import logging
+import time
 
 from ..errors import ChunkError
 from . import refs, schema
@@ -28,6 +36,7 @@ from .schema import ChunkLocation
 log = logging.getLogger(__name__)
 
 COMPACT_BELOW = 0.5   # compact a pack when less than half of it is in use
+COLLECT_EVERY_S = 600  # in an object store shared by hosts: a collection at least this often (with a prune)
 
 
 @contextlib.contextmanager
@@ -53,28 +62,48 @@ def mark(repo, txn) -> None:
 
 
 def pending(repo) -> bool:
-    """Whether a collection was started and did not finish (killed, disk full)."""
+    """Whether a collection was started and did not finish (killed, disk
+    full), or, in an object store shared by hosts, the last one is older
+    than COLLECT_EVERY_S."""
     with repo.env.begin(db=repo.db["meta"]) as txn:
-        return txn.get(schema.META_GC_PENDING) is not None
+        if txn.get(schema.META_GC_PENDING) is not None:
+            return True
+        last = txn.get(schema.META_COLLECTED)
+    return repo.lenders() is not None and (last is None or
+                                           time.time() - schema.read_u64(last) / 1e6 > COLLECT_EVERY_S)
 
 
 def collect(repo, progress=None) -> tuple[int, int]:
     """Steps 2 and 3, from the catalog as it is now (the exclusive lock is
     held: nothing changes it meanwhile); returns (packs deleted, packs
-    compacted)."""
+    compacted). In an object store shared by hosts, the condemned chunks
+    that may go are swept first."""
+    if repo.lenders() is not None:
+        from . import lending
+        lending.sweep(repo, lending.census(repo), repo.store_conf.grace)
     with repo.env.begin() as txn:
         live = refs.bytes_in_use(repo, txn)
     deleted = delete_dead_packs(repo, live)
     compacted = compact(repo, live, progress)
     with repo.write_txn() as txn:
         txn.delete(schema.META_GC_PENDING, db=repo.db["meta"])
+    if repo.lenders() is not None:
+        with repo.write_txn(publish=False) as txn:
+            txn.put(schema.META_COLLECTED, schema.u64(time.time_ns() // 1000), db=repo.db["meta"])
     return deleted, compacted
 
 
 def drop_unused_chunks(repo, txn) -> int:
-    """Step 1: delete the `chunks` rows nothing names; returns how many."""
+    """Step 1: delete the `chunks` rows nothing names (in an object store
+    shared by hosts: left to `collect`, see above) and the `borrowed` rows
+    nothing names; returns how many chunks nothing here uses now."""
+    used = refs.used_chunk_keys(repo, txn)
+    dead = refs.unused_chunks(repo, txn, used)
+    for key in refs.unused_borrows(repo, txn, used):
+        txn.delete(key, db=repo.db["borrowed"])
+    if repo.lenders() is not None:
+        return len(dead)
     cur = txn.cursor(db=repo.db["chunks"])
-    dead = refs.unused_chunks(repo, txn)
     for key in dead:
         cur.set_key(key)
         cur.delete()

@@ -8,9 +8,11 @@ catalogs kept under REPO/hosts/.
                                     creates it, with the claiming instance; an
                                     encrypted host's key record (wrapped: as
                                     safe to publish as the local catalog's)
-    PREFIX/hosts/NAME/lease         {"instance", "machine", "refreshed"}: the
-                                    machine that writes NAME now, refreshed
-                                    while it publishes
+    PREFIX/hosts/NAME/lease         {"instance", "machine", "refreshed",
+                                    "drained"}: the machine that writes NAME
+                                    now, refreshed while it publishes, and
+                                    when its publication was last drained
+                                    (rpofs.store.lending)
     PREFIX/hosts/NAME/packs/pack-N  its packs (rpofs.store.objectpacks)
     PREFIX/hosts/NAME/log/F-L       its catalog's changes, batches F..L
     PREFIX/hosts/NAME/snap/S        its catalog compacted, as of batch S - 1
@@ -192,6 +194,8 @@ class Lease:
     instance: str
     machine: str
     refreshed: float
+    drained: float = 0.0     # every commit of the host before this time is published (0: not known;
+                             # rpofs.store.lending's collections wait for it)
 
     def age(self) -> float:
         return max(0.0, time.time() - self.refreshed)
@@ -207,15 +211,15 @@ def new_instance() -> str:
 def read_lease(bucket: Bucket, name: str) -> Lease | None:
     try:
         raw = json.loads(bucket.get(host_dir(name) + "lease")[0])
-        return Lease(raw["instance"], raw.get("machine", ""), float(raw["refreshed"]))
+        return Lease(raw["instance"], raw.get("machine", ""), float(raw["refreshed"]), float(raw.get("drained", 0)))
     except PackMissing:
         return None
     except (ValueError, KeyError, TypeError):
         return Lease("", "", 0.0)  # damaged: as good as expired
 
 
-def write_lease(bucket: Bucket, name: str, instance: str) -> None:
-    body = {"instance": instance, "machine": socket.gethostname(), "refreshed": time.time()}
+def write_lease(bucket: Bucket, name: str, instance: str, drained: float = 0.0) -> None:
+    body = {"instance": instance, "machine": socket.gethostname(), "refreshed": time.time(), "drained": drained}
     bucket.put(host_dir(name) + "lease", json.dumps(body).encode())
 
 
@@ -234,13 +238,14 @@ def take_over(bucket: Bucket, name: str, instance: str, force: bool) -> HostReco
     return record
 
 
-def check_lease(bucket: Bucket, name: str, instance: str) -> None:
-    """The lease still ours (TakenOver if not), refreshed."""
+def check_lease(bucket: Bucket, name: str, instance: str, drained: float = 0.0) -> None:
+    """The lease still ours (TakenOver if not), refreshed, saying when the
+    host's publication was last drained."""
     lease = read_lease(bucket, name)
     if lease is not None and lease.instance and lease.instance != instance:
         raise TakenOver(f"host {name} was taken over ({lease.describe()}): this repository no longer "
                         f"writes to {bucket.url}")
-    write_lease(bucket, name, instance)
+    write_lease(bucket, name, instance, drained)
 
 
 # -- replicas -----------------------------------------------------------------------

@@ -29,6 +29,7 @@ class Extent(NamedTuple):
     key: bytes | None           # the full chunk's key; None when the catalog has none (a log block's is in
                                 # its record's header, checked on reading; a full's zeros have none)
     loc: ChunkLocation | None   # where it is stored; None: zeros
+    lender: str = ""            # the host whose packs hold it when this catalog borrows it (schema: borrowed)
 
     def wanted(self) -> tuple[bytes | None, ChunkLocation, int, int]:
         """(key, location, start, stop) within the chunk: what ChunkReader.prefetch takes."""
@@ -41,6 +42,7 @@ class DiskReader:
         a whole-disk copy passes repo.streaming_reader())."""
         self.repo = repo
         self.reader = reader or repo.reader
+        self._streaming = self.reader is not repo.reader
         self.point = point
         self.disk = point.disk_index(target)
         self.size = point.disks[self.disk].size
@@ -101,10 +103,9 @@ class DiskReader:
                     ahead = (start, stop)
                     self._ahead_from, self._ahead_to = offset, stop
             self._last_end = end
-        wanted = [e.wanted() for e in extents if e.loc is not None]
         if ahead:
-            wanted += [e.wanted() for e in self.extents(*ahead) if e.loc is not None]
-        self.reader.prefetch(wanted)
+            extents = extents + self.extents(*ahead)
+        self.prefetch(extents)
 
     def extents(self, offset: int, end: int) -> list[Extent]:
         """The runs of [offset, end) each served by one chunk or log block (or
@@ -115,6 +116,7 @@ class DiskReader:
         with self.repo.env.begin() as txn:
             fulls = txn.cursor(db=db["full_index"])
             chunks = txn.cursor(db=db["chunks"])
+            borrowed = txn.cursor(db=db["borrowed"])
             changes = {}
             if self.point.kind == "log":
                 changes = self._changes(txn.cursor(db=db["log_index"]), offset // BLOCK_SIZE,
@@ -123,6 +125,7 @@ class DiskReader:
             pos = offset
             while pos < end:
                 block = pos // BLOCK_SIZE
+                lender = ""
                 if block in changes:  # a log's record of the block, or None: zeros
                     kind = "log"
                     base, span = block * BLOCK_SIZE, BLOCK_SIZE
@@ -142,10 +145,14 @@ class DiskReader:
                     if key is not None:  # absent: zeros
                         key = bytes(key)
                         raw = chunks.get(key)
-                        if raw is None:
+                        if raw is not None:
+                            loc = ChunkLocation.decode(raw)
+                        elif (lent := borrowed.get(key)) is not None:
+                            lent = schema.Borrow.decode(lent)
+                            loc, lender = lent.loc, lent.host
+                        else:
                             raise ChunkMissing(f"{self._where()}: chunk {key.hex()[:16]} is not in the catalog")
-                        loc = ChunkLocation.decode(raw)
-                out.append(Extent(pos, stop, base, span, kind, key, loc))
+                out.append(Extent(pos, stop, base, span, kind, key, loc, lender))
                 pos = stop
         return out
 
@@ -171,7 +178,16 @@ class DiskReader:
 
     def prefetch(self, extents: list[Extent]) -> None:
         """Start fetching the stored extents among these (a copy's window)."""
-        self.reader.prefetch([e.wanted() for e in extents if e.loc is not None])
+        by_reader: dict[str, list] = {}
+        for e in extents:
+            if e.loc is not None:
+                by_reader.setdefault(e.lender, []).append(e.wanted())
+        for lender, wanted in by_reader.items():
+            self._reader_of(lender).prefetch(wanted)
+
+    def _reader_of(self, lender: str):
+        """What reads an extent: this catalog's reader, or the lender's packs' for a borrowed chunk."""
+        return self.repo.lender_reader(lender, self._streaming) if lender else self.reader
 
     def extent_bytes(self, extent: Extent):
         """The bytes of an extent that has a chunk (or a log block), verified:
@@ -179,6 +195,8 @@ class DiskReader:
         try:
             return self._bytes(extent)
         except PackMissing:  # prune moved it after our snapshot: look again
+            if extent.lender:  # the lender's compaction moved it: its replica says where
+                return self._bytes(extent._replace(loc=self.repo.relocate_borrowed(extent.lender, extent.key)))
             fresh = self.extents(extent.pos, extent.stop)
             if len(fresh) != 1 or fresh[0].loc is None or fresh[0].loc == extent.loc:
                 raise
@@ -190,7 +208,7 @@ class DiskReader:
         if loc.raw_len != min(extent.span, self.size - base):
             raise ChunkError(f"{self._where()}: {_what(extent)} does not fit its place")
         try:
-            return self.reader.read_range(extent.key, loc, extent.pos - base, extent.stop - base)
+            return self._reader_of(extent.lender).read_range(extent.key, loc, extent.pos - base, extent.stop - base)
         except PackMissing:
             raise
         except ChunkError as e:

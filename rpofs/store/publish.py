@@ -202,8 +202,9 @@ def publish(repo) -> Published:
     TakenOver (rpofs.errors: another machine writes this host now)."""
     conf, bucket = repo.store_conf, repo.packs.bucket
     done = Published()
+    started = time.time()   # every commit before it is in the outbox or published already
     if time.monotonic() - repo.lease_checked > hosts.LEASE_REFRESH_S:
-        hosts.check_lease(bucket, conf.host, conf.instance)
+        hosts.check_lease(bucket, conf.host, conf.instance, repo.drained_at)
         repo.lease_checked = time.monotonic()
     while True:
         frames, first, last = [], None, None
@@ -232,6 +233,10 @@ def publish(repo) -> Published:
         done.batches += last - first + 1
         done.objects += 1
         done.bytes += len(body)
+    repo.drained_at = started   # the outbox was found empty: the next lease says so
+    if done.batches:
+        with repo.write_txn(publish=False) as txn:
+            txn.put(schema.META_DRAINED, schema.u64(int(started * 1e6)), db=repo.db["meta"])
     with repo.env.begin(db=repo.db["meta"]) as txn:
         state = _state(txn, repo)
     if state["since"] >= max(SNAPSHOT_MIN, state["bytes"] // 2):

@@ -6,7 +6,9 @@ Two levels (rpofs.store.schema):
     boot state) and those a shipment names (an application's shipped log
     bytes, rpofs.apps) refer to a row of `chunks` by key;
   * places in packs — a row of `chunks` and a stored `log_index` entry (a log
-    block) each refer to one pack record.
+    block) each refer to one pack record; a row of `borrowed` to one record
+    in another host's packs (rpofs.store.lending), whose collection, not
+    this host's, frees it.
 
 Prune collects the `chunks` rows no user names and the packs no place is in;
 defrag and compaction count the bytes still in use per pack; verify checks
@@ -36,6 +38,7 @@ class Ref(NamedTuple):
                        # point; app: the shipment's number
     key: bytes | None  # None when not keyed
     loc: ChunkLocation | None
+    lender: str = ""   # borrowed (schema: `borrowed`): the host whose packs hold it, loc in them
 
     @property
     def keyed(self) -> bool:
@@ -72,10 +75,16 @@ def used_chunk_keys(repo, txn) -> set[bytes]:
     return used
 
 
-def unused_chunks(repo, txn) -> list[bytes]:
+def unused_chunks(repo, txn, used: set[bytes] | None = None) -> list[bytes]:
     """Keys of `chunks` rows nothing names any more: garbage to collect."""
-    used = used_chunk_keys(repo, txn)
+    used = used_chunk_keys(repo, txn) if used is None else used
     return [bytes(k) for k in txn.cursor(db=repo.db["chunks"]).iternext(values=False) if k not in used]
+
+
+def unused_borrows(repo, txn, used: set[bytes]) -> list[bytes]:
+    """Keys of `borrowed` rows nothing names any more: given back (the
+    lender's collection then sees them unborrowed)."""
+    return [bytes(k) for k in txn.cursor(db=repo.db["borrowed"]).iternext(values=False) if k not in used]
 
 
 def record_len(repo, loc: ChunkLocation) -> int:
@@ -127,6 +136,7 @@ def log_refs(repo, txn, sizes: dict[tuple[int, int], int]) -> Iterator[Ref]:
 def chunk_refs(repo, txn, unreadable: list | None = None) -> Iterator[Ref]:
     """Every use of a chunk: the fulls' chunks, then the points' own."""
     rows = txn.cursor(db=repo.db["chunks"])
+    borrowed = txn.cursor(db=repo.db["borrowed"])
 
     def where(key: bytes) -> ChunkLocation | None:
         found = rows.get(key)
@@ -134,7 +144,12 @@ def chunk_refs(repo, txn, unreadable: list | None = None) -> Iterator[Ref]:
 
     for key, value in txn.cursor(db=repo.db["full_index"]):
         chain, disk, chunk = schema.read_full_key(key)
-        yield Ref("full", chain, disk, chunk, chain, bytes(value), where(value))
+        loc = where(value)
+        if loc is None and (lent := borrowed.get(value)) is not None:
+            lent = schema.Borrow.decode(lent)
+            yield Ref("full", chain, disk, chunk, chain, bytes(value), lent.loc, lent.host)
+            continue
+        yield Ref("full", chain, disk, chunk, chain, bytes(value), loc)
     for record in repo.all_points(txn, unreadable):
         for kind, key in point_chunks(record).items():
             yield Ref(kind, record.chain, -1, -1, record.point, key, where(key))

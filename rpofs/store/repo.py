@@ -32,6 +32,11 @@ DEFAULT_REPO = "/var/lib/rpofs"
 MAP_SIZE = 1 << 40  # address space only; the file grows as needed
 
 
+# The repositories open in this process, by real path: a lookup in another
+# host's catalog uses the one open already (LMDB: an environment once per process).
+_OPEN: dict[str, "Repository"] = {}
+
+
 def default_repo_path() -> str:
     return os.environ.get("RPOFS_REPO") or DEFAULT_REPO
 
@@ -56,6 +61,11 @@ class Repository:
         self.store_conf: storeconf.StoreConf | None = storeconf.read(path)
         self.publishes = self.store_conf is not None and not self.store_conf.replica
         self.lease_checked = float("-inf")
+        self.drained_at = 0.0       # when this process's publication last emptied the outbox
+        self._lenders = None        # other hosts' replicas (rpofs.store.lending), opened on first use
+        self._lender_readers: dict[tuple[str, bool], ChunkReader] = {}   # (host, streaming) -> reader
+        self._lenders_lock = threading.Lock()
+        _OPEN.setdefault(os.path.realpath(path), self)
         self.packs: PackStore = packs if packs is not None else _open_packs(path, self.chunks_dir, self.store_conf)
         self.reader = ChunkReader(self.packs, ids=self.ids, sealer=keys.packs if keys else None)
         self._streaming: ChunkReader | None = None
@@ -134,6 +144,64 @@ class Repository:
             self._streaming = ChunkReader(self.packs.uncached(), ids=self.ids,
                                           sealer=self.keys.packs if self.keys else None)
         return self._streaming
+
+    def lenders(self):
+        """The other hosts of the store this repository borrows chunks from
+        and lends them to (rpofs.store.lending); None for a local repository
+        or a replica."""
+        if not self.publishes:
+            return None
+        if self._lenders is None:
+            from .lending import Lenders
+            self._lenders = Lenders(self)
+        return self._lenders
+
+    def lender_reader(self, host: str, streaming: bool = False) -> ChunkReader:
+        """A reader of host `host`'s packs, for the chunks this catalog
+        borrows from it (schema: `borrowed`): through the block cache (its
+        blocks named by host, as a replica's are) or, streaming, straight
+        from the store."""
+        with self._lenders_lock:
+            reader = self._lender_readers.get((host, False))
+            if reader is None:
+                from . import hosts
+                conf = self.store_conf
+                cache = os.path.relpath(conf.cache_dir(self.path), self.path)
+                lent = hosts.open_packs(self.path, storeconf.StoreConf(conf.store, conf.cache_size, host,
+                                                                       replica=True, cache=cache))
+                reader = self._lender_readers[(host, False)] = ChunkReader(
+                    lent, ids=self.ids, sealer=self.keys.packs if self.keys else None)
+            if streaming:
+                cached = reader
+                reader = self._lender_readers.get((host, True))
+                if reader is None:
+                    reader = self._lender_readers[(host, True)] = ChunkReader(
+                        cached.packs.uncached(), ids=self.ids, sealer=self.keys.packs if self.keys else None)
+            return reader
+
+    def relocate_borrowed(self, host: str, key: bytes) -> ChunkLocation:
+        """Where host `host` holds chunk `key` now (its compaction moved it
+        since this catalog borrowed it): its replica, followed."""
+        from .lending import place
+        lenders = self.lenders()
+        if lenders is not None:
+            replica = lenders.replica(host)
+            found = place(replica, key) if replica is not None else None
+        else:  # a replica: the lender is this machine's own host, or its replica beside this one
+            from . import hosts
+            root = os.path.dirname(os.path.dirname(self.path)) if self.replica else self.path
+            path = os.path.realpath(root if storeconf.read(root).host == host else hosts.replica_path(root, host))
+            lender = _OPEN.get(path)
+            if lender is not None:
+                if lender.replica:
+                    lender.follow()
+                found = place(lender, key)
+            else:
+                with Repository.open(path, keys=crypto.MasterKey(self.keys.master) if self.keys else None) as lender:
+                    found = place(lender, key)
+        if found is None:
+            raise ChunkMissing(f"chunk {key.hex()[:16]}, borrowed from host {host}, is no longer there")
+        return found
 
     @property
     def host(self) -> str:
@@ -438,6 +506,13 @@ class Repository:
                         log.warning("catalog changes not published yet (the next command or the ingester "
                                     "publishes them): %s", e)
         finally:
+            if _OPEN.get(os.path.realpath(self.path)) is self:
+                del _OPEN[os.path.realpath(self.path)]
+            if self._lenders is not None:
+                self._lenders.close()
+            for (_, streaming), reader in self._lender_readers.items():
+                if not streaming:   # a streaming reader reads through its cached twin's store
+                    reader.close()
             self.reader.close()
             self.env.close()
 
@@ -649,6 +724,8 @@ class BackupWriter:
         self.pack = pack
         self._lock_fd = lock_fd  # shared repository lock, held until commit or abort
         self._new: dict[bytes, ChunkLocation] = {}
+        self._borrowed: dict[bytes, schema.Borrow] = {}   # full chunks another host of the store holds
+        self._lenders = repo.lenders()
         self._lock = threading.Lock()
         self._full: list[tuple[int, int, bytes]] = []    # (disk, chunk no, key)
         self._log: list[tuple[int, int, bytes]] = []     # (disk, block no, log_index value)
@@ -675,16 +752,31 @@ class BackupWriter:
         chunk stored before costs; compressing only for a new one."""
         ids = self.repo.ids
         hashes = ids.piece_hashes(data)
-        return self._put(ids.pieces_key(hashes), len(data), lambda: (CODEC_PIECES, encode_pieces(data, hashes)))
+        return self._put(ids.pieces_key(hashes), len(data), lambda: (CODEC_PIECES, encode_pieces(data, hashes)),
+                         borrow=True)
 
-    def _put(self, key: bytes, raw_len: int, encoded) -> tuple[bytes, int]:
+    def _put(self, key: bytes, raw_len: int, encoded, borrow: bool = False) -> tuple[bytes, int]:
+        """borrow: the chunk may be borrowed from another host of the store
+        (a full's chunk: rpofs.store.lending) rather than stored."""
         with self._lock:
             if key in self._new:
                 return key, self._new[key].stored_len
-        with self.repo.env.begin(db=self.repo.db["chunks"]) as txn:
-            found = txn.get(key)
+            if key in self._borrowed:
+                return key, 0
+        with self.repo.env.begin() as txn:
+            found = txn.get(key, db=self.repo.db["chunks"])
             if found is not None:
                 return key, ChunkLocation.decode(found).stored_len
+            if borrow and txn.get(key, db=self.repo.db["borrowed"]) is not None:
+                return key, 0
+        if borrow and self._lenders is not None:
+            lent = self._lenders.find(key)
+            if lent is not None:
+                with self._lock:
+                    if key not in self._borrowed:
+                        self._borrowed[key] = lent
+                        self.stats["borrowed_chunks"] = self.stats.get("borrowed_chunks", 0) + 1
+                return key, 0
         codec, stored = encoded()
         loc = self.pack.append(key, codec, raw_len, stored)
         with self._lock:
@@ -743,6 +835,7 @@ class BackupWriter:
         for index, d in enumerate(disks):
             drawn[d.target] = drawn.get(d.target, 0) + self._disk_bytes[index]
         self.stats["disk_bytes"] = drawn
+        self._confirm_borrows()
         self.pack.sync()
         db = self.repo.db
         vm_bytes = schema.vm_key(vm)
@@ -778,6 +871,7 @@ class BackupWriter:
         """Commit what was stored with the catalog entries `entries(txn)`
         writes, in one transaction (a shipment: rpofs.store.shipments); its
         result."""
+        self._confirm_borrows()
         self.pack.sync()
         with self.repo.write_txn() as txn:
             self._put_chunks(txn)
@@ -785,11 +879,28 @@ class BackupWriter:
         self._finish()
         return result
 
+    def _confirm_borrows(self) -> None:
+        """Before the commit: each new borrow confirmed against its lender
+        as the store says now (rpofs.store.lending); a chunk the lender
+        condemned meanwhile is copied here after all."""
+        if not self._borrowed:
+            return
+        from .lending import copy_from_lender
+        for key, lent in self._lenders.confirm(self._borrowed).items():
+            if lent is None:
+                self._new[key] = copy_from_lender(self.repo, self.pack, key, self._borrowed.pop(key))
+                self.stats["borrowed_chunks"] -= 1
+            else:
+                self._borrowed[key] = lent
+
     def _put_chunks(self, txn) -> None:
         cur = txn.cursor(db=self.repo.db["chunks"])
         for key, loc in self._new.items():
             # overwrite=False: another session may have stored the same chunk first
             cur.put(key, loc.encode(), overwrite=False)
+        for key, lent in self._borrowed.items():
+            if txn.get(key, db=self.repo.db["chunks"]) is None:   # (a session beside this one stored it here)
+                txn.put(key, lent.encode(), db=self.repo.db["borrowed"], overwrite=False)
 
     def _finish(self) -> None:
         self._done = True

@@ -100,6 +100,21 @@ Sub-databases
                     (present in every repository of this format, it came
                     with hosts and changed no other layout)
 
+    borrowed    chunk key (32) -> Borrow: a full chunk this host's fulls use
+                    and that another host of the store holds, not stored here
+                    (cross-host dedup, docs/OBJECTSTORE.md "Dedup across
+                    hosts"): the lender's host name | where the record is in
+                    the lender's packs, as the lender's `chunks` row said when
+                    it was borrowed (a lender's compaction may move it since;
+                    its replica says where). A key is in `chunks` or here,
+                    never both. Empty in a local repository.
+    condemned   chunk key (32) -> Condemned: a `chunks` row nothing of this
+                    host's uses, not deleted yet because another host might
+                    be borrowing it (rpofs.store.lending): a time after it
+                    was condemned, and one by which this host's publication
+                    held the condemnation (each 0 until a collection stamps it). Empty in a
+                    local repository (it collects at once).
+
     protection  vm uuid (16) | session start time_us (u64) -> JSON
                     ProtectionSession: one period of continuous protection
                     (an active mirror into the journal server), its state and
@@ -114,6 +129,11 @@ docs/OBJECTSTORE.md)
              the next compacted snapshot is due (local: never published)
          META_FOLLOWED b"followed" -> u64: in a replica of another host's
              catalog (or a catalog taken over), the last seq applied
+         META_DRAINED b"drained" -> u64 time_us: every commit before it is
+             published (set by a publication that emptied the outbox;
+             rpofs.store.lending's collection reads it)
+         META_COLLECTED b"collected" -> u64 time_us: the last collection
+             (rpofs.store.gc: one is due every COLLECT_EVERY_S)
     A batch (encode_batch / decode_batch) is seq (u64) | time_us (u64) |
     count (u32) then `count` changes, each kind (u8: 1 put, 2 delete) | the
     sub-database's index in DATABASES (u8) | key length (u16) | key, and for
@@ -333,7 +353,7 @@ BLOCK_SIZE = 1 << 16
 BLOCKS_PER_CHUNK = CHUNK_SIZE // BLOCK_SIZE
 
 DATABASES = ("meta", "vms", "points", "vm_points", "full_index", "log_index", "chunks", "apps", "ships", "protection",
-             "outbox")
+             "outbox", "borrowed", "condemned")   # appended only: a batch names a sub-database by its index
 SEALED = ("vms", "points", "apps", "ships", "protection")  # values sealed in an encrypted repository
 
 # meta's keys (their values: see the spec above)
@@ -347,8 +367,10 @@ META_ENCRYPTION = b"encryption"  # the key record of an encrypted repository
 META_NEXT_SEQ = b"next_seq"      # publication (see "Publication")
 META_PUBLISHING = b"publishing"
 META_FOLLOWED = b"followed"
+META_DRAINED = b"drained"
+META_COLLECTED = b"collected"
 UNPUBLISHED = ("outbox",)        # sub-databases whose changes are never published
-UNPUBLISHED_META = (META_NEXT_SEQ, META_PUBLISHING, META_FOLLOWED)
+UNPUBLISHED_META = (META_NEXT_SEQ, META_PUBLISHING, META_FOLLOWED, META_DRAINED, META_COLLECTED)
 
 CODEC_RAW = 0
 CODEC_ZSTD = 1
@@ -368,6 +390,7 @@ _FULL_KEY = struct.Struct(">IHI")
 _PROTECTION = struct.Struct(">16sQ")
 _LOG_KEY = struct.Struct(">IHII")
 _CHUNK_LOC = struct.Struct(">IQIIB")
+_CONDEMNED = struct.Struct(">QQ")
 PACK_HEADER = struct.Struct(">32sBII")  # key, codec, raw length, stored length
 """Each record in a pack file: PACK_HEADER then the stored bytes. The catalog
 points at the stored bytes; the header lets a repair tool rebuild `chunks`."""
@@ -602,6 +625,37 @@ class ChunkLocation:
     @classmethod
     def decode(cls, b: bytes) -> "ChunkLocation":
         return cls(*_CHUNK_LOC.unpack(b))
+
+
+@dataclass(frozen=True)
+class Borrow:
+    """A `borrowed` value: the host that holds the chunk, and where."""
+    host: str
+    loc: ChunkLocation
+
+    def encode(self) -> bytes:
+        name = self.host.encode()
+        return bytes((len(name),)) + name + self.loc.encode()
+
+    @classmethod
+    def decode(cls, b) -> "Borrow":
+        b = bytes(b)
+        n = b[0]
+        return cls(b[1:1 + n].decode(), ChunkLocation.decode(b[1 + n:]))
+
+
+@dataclass(frozen=True)
+class Condemned:
+    """A `condemned` value (rpofs.store.gc): times in microseconds."""
+    since_us: int          # a time after the condemnation committed (0 until a collection stamps it)
+    published_us: int      # a time by which this host's publication held the condemnation; 0: not known yet
+
+    def encode(self) -> bytes:
+        return _CONDEMNED.pack(self.since_us, self.published_us)
+
+    @classmethod
+    def decode(cls, b) -> "Condemned":
+        return cls(*_CONDEMNED.unpack(bytes(b)))
 
 
 def log_value(loc: ChunkLocation | None) -> bytes:

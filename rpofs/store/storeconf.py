@@ -8,8 +8,10 @@ that opening a local repository never imports it.
                                 absent in a replica
      "replica": true,           a copy of another host's catalog that this
                                 machine follows and never writes
-     "cache": PATH}             the cache directory (default REPO/cache; a
+     "cache": PATH,             the cache directory (default REPO/cache; a
                                 replica shares its repository's)
+     "grace": SECONDS}          how long a condemned chunk waits before it may
+                                be deleted (rpofs.store.lending; default 3600)
 """
 
 import dataclasses
@@ -30,6 +32,7 @@ class StoreConf:
     instance: str = ""
     replica: bool = False
     cache: str = ""
+    grace: float = 3600.0
 
     def cache_dir(self, repo_path: str) -> str:
         return os.path.join(repo_path, self.cache or "cache")
@@ -45,7 +48,7 @@ def read(repo_path: str) -> StoreConf | None:
         conf = StoreConf(**raw)
         ok = isinstance(conf.store, str) and isinstance(conf.cache_size, int) and conf.cache_size >= 0 and \
             all(isinstance(v, str) for v in (conf.host, conf.instance, conf.cache)) and \
-            isinstance(conf.replica, bool)
+            isinstance(conf.replica, bool) and isinstance(conf.grace, (int, float)) and conf.grace >= 0
     except TypeError:
         ok = False
     if not ok:
@@ -55,5 +58,6 @@ def read(repo_path: str) -> StoreConf | None:
 
 
 def write(repo_path: str, conf: StoreConf) -> None:
-    body = {k: v for k, v in dataclasses.asdict(conf).items() if v not in ("", False)}
+    body = {k: v for k, v in dataclasses.asdict(conf).items()
+            if not (v == "" or v is False or k == "grace" and v == StoreConf.grace)}
     write_file(os.path.join(repo_path, NAME), json.dumps(body).encode() + b"\n", mode=0o644)

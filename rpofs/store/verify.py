@@ -43,7 +43,7 @@ from dataclasses import asdict, dataclass, field
 from typing import NamedTuple
 
 from .. import durable
-from ..errors import ChunkError, PackMissing
+from ..errors import ChunkError, ChunkMissing, PackMissing
 from ..timefmt import point_names
 from . import journal, protection, refs, schema
 from .shipments import all_ships
@@ -481,6 +481,8 @@ def verify(repo, vm: str | None = None, read_data: bool = False, progress=None,
         next_pack = schema.read_u32(txn.get(schema.META_NEXT_PACK, db=repo.db["meta"]))
         in_use = refs.bytes_in_use(repo, txn)
     report.references = len(wanted)
+    lent = [r for r in wanted if r.lender]
+    wanted = [r for r in wanted if not r.lender]
     by_place: dict[tuple[int, int], list[Ref]] = {}
     for ref in wanted:
         if ref.loc is None:
@@ -505,10 +507,41 @@ def verify(repo, vm: str | None = None, read_data: bool = False, progress=None,
         by_place = {place: users for place, users in by_place.items() if place[0] not in scanned}
     found.extend(_check_headers(repo, set(on_disk), by_place))
     _confirm(repo, found, read_data, report)
+    report.problems.extend(_check_borrowed(repo, lent, read_data, report))
     if read_data and only_packs is None:
         report.problems.extend(_journals(repo, report.vms))
     report.seconds = round(time.monotonic() - started, 3)
     return report
+
+
+def _check_borrowed(repo, lent: list[Ref], read_data: bool, report: VerifyReport) -> list[Problem]:
+    """The chunks this catalog borrows from other hosts (rpofs.store.lending):
+    each still held by its lender (its replica followed), and with
+    read_data read from the store itself through the lender's packs and
+    checked against its key. A problem names the chunk and the lender."""
+    by_key: dict[tuple[str, bytes], list[Ref]] = {}
+    for ref in lent:
+        by_key.setdefault((ref.lender, ref.key), []).append(ref)
+    problems = []
+    for (host, key), users in sorted(by_key.items()):
+        where = f"chunk {key.hex()[:16]} borrowed from host {host}"
+        try:
+            loc = repo.relocate_borrowed(host, key)
+            if read_data:
+                repo.lender_reader(host, streaming=True).read(key, loc)
+                report.records_read += 1
+                report.bytes_read += repo.reader.record_len(loc)
+            continue
+        except ChunkMissing as e:
+            problem = Problem("missing-chunk", f"{where}: {e}")
+        except ChunkError as e:
+            problem = Problem("corrupt", f"{where}: {e}")
+        with repo.env.begin() as txn:
+            cat = _Catalog(repo, txn)
+            for ref in users:
+                problem.affects.extend(affects(repo, txn, cat, ref))
+        problems.append(problem)
+    return problems
 
 
 def _journals(repo, vms: list[str]) -> list[Problem]:
