@@ -5,10 +5,15 @@ condemns what it no longer uses and deletes it only when no host can be
 borrowing it (rpofs.store.lending, docs/OBJECTSTORE.md)."""
 
 import dataclasses
+import json
 import random
+import subprocess
+import sys
 import time
 
 import pytest
+
+from rpofs.errors import RpofsError
 
 from rpofs.store import forget, gc, hosts
 from rpofs.store.materialize import DiskReader
@@ -97,6 +102,10 @@ def test_a_second_host_stores_only_what_the_first_does_not_hold_and_reads_it_byt
     assert reads(b, OTHER_VM, own) == own
     report = verify(b, read_data=True)
     assert report.ok, report.problems
+    shown = subprocess.run([sys.executable, "-m", "rpofs.cli", "--repo", str(tmp_path / "b"), "hosts", "--json"],
+                           capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0, shown.stderr
+    assert {r["name"]: r["borrowed"] for r in json.loads(shown.stdout)} == {"kvm1": 0, "kvm2": 5}
     # a third host reads kvm2's point through its replica: the borrowed chunks from kvm1's packs
     c = host(tmp_path / "c", store_url, "kvm3")
     with Repository.open(hosts.ensure_replica(str(tmp_path / "c"), c.store_conf, "kvm2")) as seen:
@@ -184,16 +193,26 @@ def test_a_borrow_the_lender_condemned_during_the_backup_is_copied_and_reads_aft
     b.close()
 
 
-def test_hosts_of_different_keys_do_not_borrow(tmp_path, store_url):
+def test_encrypted_hosts_share_the_stores_key_and_borrow_only_within_it(tmp_path, store_url):
     rnd = random.Random(14)
     disk = rnd.randbytes(MiB)
-    a = host(tmp_path / "a", store_url, "kvm1")
+    a = host(tmp_path / "a", store_url, "kvm1")   # unencrypted
     back_up(a, [bytearray(disk)], [set()], "full", None, T0)
     a.publish()
-    b = Repository.init(str(tmp_path / "b"), store=store_url, host="kvm2", passphrase="other words",
-                        cache_size=64 * MiB)
+    b = Repository.init(str(tmp_path / "b"), store=store_url, host="kvm2", passphrase="pass one", cache_size=64 * MiB)
     point = back_up(b, [bytearray(disk)], [set()], "full", None, T0, vm=OTHER_VM)
-    assert point.stats.get("borrowed_chunks", 0) == 0 and point.stats["new_chunks"] == 2
-    assert reads(b, OTHER_VM, disk) == disk
-    a.close()
-    b.close()
+    assert point.stats.get("borrowed_chunks", 0) == 0 and point.stats["new_chunks"] == 2   # another key space
+    b.publish()
+    with pytest.raises(RpofsError, match="under other passphrases"):   # nothing claimed
+        Repository.init(str(tmp_path / "c"), store=store_url, host="kvm3", passphrase="pass two")
+    assert not (tmp_path / "c" / "catalog").exists()
+    c = Repository.init(str(tmp_path / "c"), store=store_url, host="kvm3", passphrase="pass one",
+                        cache_size=64 * MiB)
+    assert c.keys.fingerprint == b.keys.fingerprint and c.key_record != b.key_record   # one key, wrapped anew
+    third = "0d1e2f30-4152-4637-8899-aabbccddeeff"
+    point = back_up(c, [bytearray(disk)], [set()], "full", None, T0, vm=third)
+    assert point.stats["borrowed_chunks"] == 1   # from kvm2, whose key it shares
+    assert reads(c, third, disk) == disk
+    assert verify(c, read_data=True).ok
+    for repo in (a, b, c):
+        repo.close()

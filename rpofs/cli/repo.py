@@ -178,6 +178,10 @@ def cmd_hosts(repo_path: str, args) -> int | None:
                      else "no lease")
             newest = format_time(r.newest_us, 0) if r.newest_us else "-"
             extra = f"  {r.unpublished} changes not published yet" if r.unpublished else ""
+            if r.borrowed:
+                extra += f"  {r.borrowed} chunks borrowed"
+            if r.condemned:
+                extra += f"  {r.condemned} chunks condemned"
             if r.error:
                 extra += f"  (not readable here: {r.error})"
             print(f"{r.name + (' (this host)' if r.this else ''):24} {r.vms:4} VMs {r.points:7} points  "

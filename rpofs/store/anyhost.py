@@ -83,6 +83,8 @@ class HostRow:
     lease_age_s: float | None
     unpublished: int            # this host's batches not in the store yet (others: 0)
     error: str = ""             # why its catalog could not be read here
+    borrowed: int = 0           # full chunks it reads from other hosts' packs (dedup across hosts)
+    condemned: int = 0          # chunks of its own no point uses, waiting before they may be deleted
 
 
 def host_rows(repo_path: str, keys) -> list[HostRow]:
@@ -104,8 +106,11 @@ def host_rows(repo_path: str, keys) -> list[HostRow]:
                 count = sum(repo.point_count(uuid) for uuid, _ in vms)   # counted, not read
                 newest = [next(repo.newest_points(uuid), None) for uuid, _ in vms]
                 unpublished = publish.backlog(repo).batches if this else 0
+                with repo.env.begin() as txn:
+                    borrowed, condemned = (txn.stat(repo.db[db])["entries"] for db in ("borrowed", "condemned"))
             rows.append(HostRow(name, this, len(vms), count, max((p.time_us for p in newest if p), default=None),
-                                lease.machine if lease else "", lease.age() if lease else None, unpublished))
+                                lease.machine if lease else "", lease.age() if lease else None, unpublished,
+                                borrowed=borrowed, condemned=condemned))
         except RpofsError as e:
             rows.append(HostRow(name, this, 0, 0, None, lease.machine if lease else "",
                                 lease.age() if lease else None, 0, str(e)))

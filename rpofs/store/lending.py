@@ -39,7 +39,7 @@ import threading
 import time
 
 from ..errors import ChunkError, KeyRequired, PackMissing, RpofsError, WrongKey
-from . import hosts, refs, schema
+from . import hosts, schema
 from .crypto import MasterKey
 from .schema import Borrow, Condemned
 
@@ -58,6 +58,7 @@ class Lenders:
         self._lock = threading.RLock()
         self._replicas: dict[str, object] = {}     # host -> its replica (a Repository), open
         self.refused: set[str] = set()             # hosts of another key space
+        self.shared: set[str] = set()              # replicas open elsewhere in this process (not ours to close)
         self._looked = float("-inf")               # when hosts were last listed and followed
 
     def names(self) -> list[str]:
@@ -76,14 +77,22 @@ class Lenders:
                 if follow:
                     replica.follow()
                 return replica
+            path = hosts.ensure_replica(self.repo.path, self.repo.store_conf, name)
+            replica = type(self.repo).opened(path)   # (a mount of every host has it open already)
+            if replica is not None:
+                self.shared.add(name)
+                if follow:
+                    replica.follow()
             try:
-                replica = type(self.repo).open(hosts.ensure_replica(self.repo.path, self.repo.store_conf, name),
-                                          keys=MasterKey(self.repo.keys.master) if self.repo.keys else None)
+                replica = replica or type(self.repo).open(path, keys=MasterKey(self.repo.keys.master)
+                                                          if self.repo.keys else None)
             except (WrongKey, KeyRequired):
                 self.refused.add(name)
                 return None
-            if (replica.keys is None) != (self.repo.keys is None):
-                replica.close()
+            mine, theirs = self.repo.keys, replica.keys
+            if (mine is None) != (theirs is None) or mine and mine.fingerprint != theirs.fingerprint:
+                if name not in self.shared:
+                    replica.close()
                 self.refused.add(name)
                 return None
             self._replicas[name] = replica
@@ -128,8 +137,9 @@ class Lenders:
 
     def close(self) -> None:
         with self._lock:
-            for replica in self._replicas.values():
-                replica.close()
+            for name, replica in self._replicas.items():
+                if name not in self.shared:
+                    replica.close()
             self._replicas.clear()
 
 
@@ -200,7 +210,7 @@ def census(repo) -> Census:
     return Census(frozenset(borrowed), min(drained, default=now), tuple(silent))
 
 
-def sweep(repo, seen: Census, grace_s: float) -> int:
+def sweep(repo, seen: Census, grace_s: float, unused) -> int:
     """The lender's side of a collection (under the exclusive lock, no
     backup in flight). One write transaction: the `chunks` rows nothing of
     this host uses and no other host borrows condemned, condemned ones
@@ -208,8 +218,9 @@ def sweep(repo, seen: Census, grace_s: float) -> int:
     and those past the bound above deleted (their bytes become garbage
     that compaction and dead-pack deletion free). Then a second one stamps
     the new condemnations with a time after the first committed (what a
-    drained publication is compared with). Returns how many rows were
-    deleted."""
+    drained publication is compared with). unused(txn): the keys of the
+    `chunks` rows nothing of this host's uses (rpofs.store.refs). Returns
+    how many rows were deleted."""
     grace = int(grace_s * 1e6)
     with repo.env.begin(db=repo.db["meta"]) as txn:
         raw = txn.get(schema.META_DRAINED)
@@ -217,7 +228,7 @@ def sweep(repo, seen: Census, grace_s: float) -> int:
     deleted = 0
     with repo.write_txn() as txn:
         now = time.time_ns() // 1000
-        unused = set(refs.unused_chunks(repo, txn))
+        unused = set(unused(txn))
         rows = txn.cursor(db=repo.db["condemned"])
         for key, value in [(bytes(k), Condemned.decode(v)) for k, v in rows]:
             if key not in unused or key in seen.borrowed:

@@ -19,7 +19,7 @@ import threading
 import lmdb
 
 from ..errors import (BadTime, ChunkMissing, NeedsUpgrade, NoRepository, PackMissing, RpofsError, StoreError,
-                      UnknownFormat, UnknownVM)
+                      UnknownFormat, UnknownVM, WrongKey)
 from . import crypto, schema, storeconf
 from .packs import LocalPacks, PackStore
 from .chunks import ChunkReader, PackWriter, encode, encode_pieces
@@ -191,7 +191,7 @@ class Repository:
             from . import hosts
             root = os.path.dirname(os.path.dirname(self.path)) if self.replica else self.path
             path = os.path.realpath(root if storeconf.read(root).host == host else hosts.replica_path(root, host))
-            lender = _OPEN.get(path)
+            lender = self.opened(path)
             if lender is not None:
                 if lender.replica:
                     lender.follow()
@@ -323,7 +323,7 @@ class Repository:
                     keys = crypto.unwrap(found.key, passphrase, path)
             else:
                 if passphrase is not None:
-                    record, keys = crypto.new_key_record(passphrase, path)
+                    record, keys = _store_key(bucket, passphrase, path)
                 hosts.claim_host(bucket, name, instance, record)
                 claimed = True
             for sub in ("catalog", "chunks"):
@@ -376,6 +376,11 @@ class Repository:
         except RpofsError as e:
             log.warning("the new catalog is not published yet: %s", e)
         return repo
+
+    @staticmethod
+    def opened(path: str) -> "Repository | None":
+        """The repository at `path` if this process has it open already."""
+        return _OPEN.get(os.path.realpath(path))
 
     @classmethod
     def open(cls, path: str, upgrading: bool = False, keys: "crypto.KeySource | None" = None) -> "Repository":
@@ -927,6 +932,27 @@ def _first_meta(txn, db: dict, key_record: bytes | None) -> None:
     txn.put(schema.META_NEXT_PACK, schema.u32(1), db=db["meta"])
     if key_record is not None:
         txn.put(schema.META_ENCRYPTION, key_record, db=db["meta"])
+
+
+def _store_key(bucket, passphrase: str, path: str) -> tuple[bytes, "crypto.Keys"]:
+    """(key record, keys) of an encrypted host joining a store: the store's
+    master key when it has encrypted hosts, so that all of them share one
+    key space and dedup across hosts (rpofs.store.lending); a new one for
+    the store's first. The passphrase must open one of theirs (each host
+    wraps the key under its own afterwards: rpofs key change)."""
+    from . import hosts
+    held = [(n, r.key) for n in hosts.host_names(bucket) if (r := hosts.read_host(bucket, n)) and r.key]
+    if not held:
+        return crypto.new_key_record(passphrase, path)
+    for _, record in held:
+        try:
+            keys = crypto.unwrap(record, passphrase, path)
+        except WrongKey:
+            continue
+        return crypto.rewrap(record, keys, passphrase, path), keys
+    raise RpofsError(f"{bucket.url}: its encrypted hosts ({', '.join(n for n, _ in held)}) hold the store's key "
+                     f"under other passphrases: give one of theirs to join (each host may change its own "
+                     f"afterwards with rpofs key change)")
 
 
 def _open_packs(path: str, chunks_dir: str, conf: "storeconf.StoreConf | None") -> PackStore:
