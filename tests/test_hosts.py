@@ -202,7 +202,7 @@ def test_an_encrypted_host_is_published_sealed_and_read_with_its_passphrase(tmp_
 def test_one_mount_shows_every_hosts_vms_and_follows_their_new_points(tmp_path, store_url):
     """kvm2's mount holds its own VM m, kvm1's VM of the same name as
     m@kvm1, both by UUID, every point byte-exact; a point kvm1 publishes
-    while it is mounted appears."""
+    while it is mounted appears, and so do the VMs of a host that joins."""
     from rpofs.timefmt import format_time
     from vmlab import wait_for
     a = Host(tmp_path / "a", store_url, "kvm1", random.Random(7), mib=2)
@@ -231,6 +231,14 @@ def test_one_mount_shows_every_hosts_vms_and_follows_their_new_points(tmp_path, 
                  what="kvm1's new point in kvm2's mount")
         with open(mnt / "m@kvm1" / newest.name / "vda.raw", "rb") as f:
             assert f.read() == a.truth[newest.point]
+        # a host that joins the store while it is mounted: its VMs appear
+        c = Host(tmp_path / "c", store_url, "kvm3", random.Random(9), mib=1, vm_name="w",
+                 vm="00000000-0000-0000-0000-0000000000c3")
+        c.point(T0 + 40 * US)
+        c.repo.close()
+        wait_for(lambda: "w" in os.listdir(mnt), timeout=30, what="the new host kvm3's VM in kvm2's mount")
+        with open(mnt / "w" / "latest" / "vda.raw", "rb") as f:
+            assert f.read() == c.truth[c.last.point]
     finally:
         rpofs("umount", str(mnt), repo=tmp_path / "b")
         a.repo.close()
@@ -264,3 +272,30 @@ def test_a_new_follower_reads_the_snapshot_rather_than_every_log_since_the_first
     replica = kvm1_seen_from_a_new_host(tmp_path, store_url)
     with Repository.open(replica) as seen:
         reads_every_point(seen, a.truth)
+
+
+def test_a_hold_taken_on_another_hosts_point_is_kept_by_that_hosts_prune_and_forget(tmp_path, store_url):
+    """kvm2 runs a VM on kvm1's second point (a hold through its replica,
+    as `rpofs run` takes it): kvm1's prune keeps that point and its forget
+    is refused, until kvm2 drops the hold."""
+    from rpofs.store import forget, holds
+    from rpofs.store.prune import Retention, prune
+    a = Host(tmp_path / "a", store_url, "kvm1", random.Random(10), mib=1)
+    for i in range(3):
+        a.point(T0 + i * US)
+    a.repo.publish()
+    full, held = a.repo.points(VM)[:2]
+    replica = kvm1_seen_from_a_new_host(tmp_path, store_url)
+    with Repository.open(replica) as seen:
+        holds.put(seen, holds.Hold("web-run", VM, held.point, "VM web-run runs on it", "web-run"))
+    with Bucket(StoreUrl.parse(store_url)) as bucket:
+        assert list(bucket.list("hosts/kvm2/holds/kvm1/")) == ["hosts/kvm2/holds/kvm1/web-run.json"]
+    report = prune(a.repo, VM, Retention(last=1))
+    assert [p.point for p in a.repo.points(VM)] == [full.point, held.point, a.last.point], report
+    with pytest.raises(RpofsError, match="VM web-run@kvm2 runs on one of its points .on host kvm2: rpofs run"):
+        forget.forget(a.repo, VM)
+    assert bytes(DiskReader(a.repo, held, "vda").read(0, MiB)) == a.truth[held.point]
+    holds.drop(replica, "web-run")
+    prune(a.repo, VM, Retention(last=1))
+    assert [p.point for p in a.repo.points(VM)] == [full.point, a.last.point]   # the full: the last's chain
+    a.repo.close()

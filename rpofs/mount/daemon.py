@@ -146,7 +146,8 @@ def mount_foreground(opts: MountOptions, ready_fd: int | None = None, keys=None)
     try:
         repos += _other_hosts(repo, keys)
         trees = [(r.host, Tree(r, journal_spacing_s=opts.journal_spacing_s)) for r in repos]
-        ops = Operations(trees[0][1] if len(trees) == 1 else Forest(trees))
+        forest = Forest(trees) if repo.publishes else None   # (a host may join the store later)
+        ops = Operations(forest or trees[0][1])
         options = set(pyfuse3.default_options) - {"default_permissions"}
         options |= {f"fsname=rpofs:{opts.repo}", "subtype=rpofs", "ro"}
         if opts.allow_other:
@@ -156,7 +157,7 @@ def mount_foreground(opts: MountOptions, ready_fd: int | None = None, keys=None)
         except RuntimeError as e:
             raise MountError(f"cannot mount at {opts.mountpoint}: {e}") from None
         try:
-            trio.run(_serve, opts, tell, repos)
+            trio.run(_serve, opts, tell, repos, forest, keys)
         finally:
             pyfuse3.close(unmount=True)
     except RpofsError as e:
@@ -189,18 +190,41 @@ def _other_hosts(repo: Repository, keys) -> list[Repository]:
     return out
 
 
-async def _serve(opts: MountOptions, tell, repos: list[Repository]) -> None:
+def _new_hosts(repos: list[Repository], forest: Forest, keys, opts: MountOptions) -> None:
+    """Hosts that joined the store since the mount began, added to it."""
+    from ..store import anyhost, hosts
+    shown = {r.host for r in repos}
+    try:
+        names = [n for n in anyhost.other_hosts(repos[0].path) if n not in shown]
+    except RpofsError as e:
+        log.warning("the store's hosts are not listed now: %s", e)
+        return
+    for name in names:
+        try:
+            replica = Repository.open(hosts.ensure_replica(repos[0].path, repos[0].store_conf, name), keys=keys)
+        except RpofsError as e:
+            log.warning("host %s's VMs are not shown: %s", name, e)
+            continue
+        repos.append(replica)
+        forest.add(name, Tree(replica, journal_spacing_s=opts.journal_spacing_s))
+        log.info("event=host-joined host=%s", name)
+
+
+async def _serve(opts: MountOptions, tell, repos: list[Repository], forest: Forest | None, keys) -> None:
     async with trio.open_nursery() as nursery:
         async def follow_the_hosts():
-            # other hosts' VMs (replicas): their new points within FOLLOW_S of their publication
+            # other hosts' VMs (replicas): their new points within FOLLOW_S of their publication,
+            # and the VMs of a host that joined the store since the mount began
             while True:
                 await trio.sleep(FOLLOW_S)
-                for repo in repos:
+                for repo in list(repos):
                     if repo.replica:
                         try:
                             await trio.to_thread.run_sync(repo.follow)
                         except RpofsError as e:
                             log.warning("host %s: its new publications are not read yet: %s", repo.host, e)
+                if forest is not None:
+                    await trio.to_thread.run_sync(_new_hosts, repos, forest, keys, opts)
 
         async def stop_on_signal():
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:

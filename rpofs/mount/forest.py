@@ -44,6 +44,12 @@ class Forest:
         self._link_of: dict[int, str] = {}
         self._lock = threading.Lock()
 
+    def add(self, host: str, tree: Tree) -> None:
+        """A host that joined the store: its VMs shown from now on (the
+        trees' indexes, hence every inode number given out, stay)."""
+        with self._lock:
+            self.trees = self.trees + [(host, tree)]
+
     # -- the forest's own nodes ---------------------------------------------------
 
     def _vms(self) -> list[_Vm]:

@@ -223,6 +223,8 @@ def _make(repo: Repository, conn: Connection, rec: RunRecord, point: PointRecord
     instant_us = point.time_us if held is not point else 0
     holds.put(repo, holds.Hold(rec.holder, held.vm, held.point, f"VM {rec.name} runs on it", rec.name,
                                instant_us))
+    if repo.replica:   # another host's point: what that host published since, read (holds.py)
+        repo.follow()
     if not repo.has_point(held.point):  # pruned between finding it and holding it
         raise RpofsError(f"the point {held.name or held.point} of {held.vm_name} was just pruned")
     for d in point.disks:

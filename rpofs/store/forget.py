@@ -24,8 +24,10 @@ def _refuse_held(repo, vm: str, name: str, points) -> None:
     for hold in holds.every(repo.path):
         if hold.vm == vm and hold.point in numbers:
             vm_name = hold.name or hold.holder
+            run, _, host = vm_name.partition("@")   # NAME@HOST: a VM run on another host of the store
+            where = f"on host {host}: " if host else ""
             raise RpofsError(f"cannot forget {name}: VM {vm_name} runs on one of its points "
-                             f"(rpofs run --move {vm_name} --dir DIR, or rpofs run --stop {vm_name}, first)")
+                             f"({where}rpofs run --move {run} --dir DIR, or rpofs run --stop {run}, first)")
 
 
 def forget(repo, vm: str, name: str = "", dry_run: bool = False, progress=None) -> PruneReport:
