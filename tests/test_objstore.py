@@ -50,6 +50,18 @@ def three_points(path, url, rnd, mib=40, cache=64 * MiB):
     return repo, (full, log1, log2), truth
 
 
+def test_a_restore_reads_the_store_ahead_in_large_gets_and_writes_every_byte(tmp_path, store_url):
+    from rpofs.store.restore import write_disk
+    repo, points, truth = three_points(tmp_path / "repo", store_url, random.Random(3))
+    with repo:
+        for point in points:
+            before, dest = repo.packs.gets, tmp_path / f"vda-{point.point}.raw"
+            write_disk(DiskReader(repo, point, "vda", repo.streaming_reader()), str(dest))
+            assert dest.read_bytes() == truth[point.point]
+            # 40 chunks of 1 MiB in ~3 packs: GETs of up to 16 MiB ahead, not one a chunk
+            assert repo.packs.gets - before <= 10, repo.packs.gets - before
+
+
 def cache_files(path) -> list[str]:
     out = []
     for root, _, files in os.walk(os.path.join(path, "cache")):

@@ -112,11 +112,17 @@ def copy_disk(reader: DiskReader, pwrite, zero_fill: bool, progress=None) -> int
         return written
 
     written = 0
+    def window(start: int) -> list:
+        extents = reader.extents(start, min(start + WINDOW, reader.size))
+        reader.prefetch(extents)
+        return extents
+
     with concurrent.futures.ThreadPoolExecutor(THREADS) as pool:
+        extents = window(0) if reader.size else []
         for start in range(0, reader.size, WINDOW):
-            extents = reader.extents(start, min(start + WINDOW, reader.size))
-            reader.prefetch(extents)
+            ahead = window(start + WINDOW) if start + WINDOW < reader.size else []   # fetched while this is written
             written += sum(pool.map(copy, extents))
+            extents = ahead
     return written
 
 
