@@ -24,6 +24,7 @@ from .schema import (CODEC_PIECES, CODEC_RAW, CODEC_ZSTD, PACK_HEADER, PIECE_ENT
                      ChunkLocation, pack_name, piece_count, piece_table_len, record_span)
 
 ZSTD_LEVEL = 1  # ~1 GB/s per core; higher levels cost more than they save on disk data
+PREFETCH_GAP = 64 << 10  # prefetched spans this close are asked for as one (fewer requests to a store)
 TABLES = 16384  # piece tables kept decoded: ~1.3 KB each, 21 MB for 16 GiB of full chunks
 _local = threading.local()
 
@@ -339,9 +340,9 @@ class ChunkReader:
                     spans.append((loc.pack, loc.offset, loc.offset + piece_table_len(loc.raw_len) + self.overhead))
         if len(spans) < 2:
             return  # the read itself asks for it right away
-        merged = []  # spans that touch go as one
+        merged = []  # spans that touch, or nearly (the piece tables between pieces), go as one
         for pack, start, end in sorted(spans):
-            if merged and merged[-1][0] == pack and merged[-1][2] >= start - head:
+            if merged and merged[-1][0] == pack and merged[-1][2] >= start - PREFETCH_GAP:
                 merged[-1][2] = max(merged[-1][2], end)
             else:
                 merged.append([pack, start, end])
