@@ -65,12 +65,12 @@ class Repository:
         self._lenders = None        # other hosts' replicas (rpofs.store.lending), opened on first use
         self._lender_readers: dict[tuple[str, bool], ChunkReader] = {}   # (host, streaming) -> reader
         self._lenders_lock = threading.Lock()
-        _OPEN.setdefault(os.path.realpath(path), self)
         self.packs: PackStore = packs if packs is not None else _open_packs(path, self.chunks_dir, self.store_conf)
         self.reader = ChunkReader(self.packs, ids=self.ids, sealer=keys.packs if keys else None)
         self._streaming: ChunkReader | None = None
         self._write_lock = threading.Lock()
         self.key_record: bytes | None = None   # meta/encryption as the keys were unlocked from it
+        _OPEN.setdefault(os.path.realpath(path), self)
 
     @property
     def encrypted(self) -> bool:
