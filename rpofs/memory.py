@@ -12,8 +12,10 @@ with the limits below, 3,600 faults and 580 MB/s (plain: 7,400 and 700 →
 stays with the process.
 """
 
+import contextlib
 import ctypes
 import ctypes.util
+import gc
 
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
@@ -29,3 +31,23 @@ def tune() -> bool:
     except (OSError, AttributeError):
         return False
     return bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)) and bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+
+
+@contextlib.contextmanager
+def no_collection():
+    """Python's cyclic garbage collector paused while many long-lived
+    objects are made at once (a mount listing a VM's 86,400 points of a day
+    at 1 s: ~1 M containers, each gen-0 collection walking the young ones
+    and the older generations walked again and again as they grow). Measured
+    on such a listing in process: the first 2.14 s, 1.10 s with collection
+    paused; the next 0.52 s, 0.36 s. What is made holds no reference
+    cycles (records, tuples, dicts): reference counting frees it whatever
+    the collector does. Threads beside it allocate uncollected meanwhile;
+    nested or concurrent uses leave the collector as the outermost found it."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()

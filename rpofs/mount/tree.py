@@ -45,6 +45,7 @@ import time
 from dataclasses import dataclass, field
 
 from ..errors import BadTime, RpofsError
+from ..memory import no_collection
 from ..store import protection, shipments
 from ..store.materialize import DiskReader
 from ..store.repo import Repository
@@ -228,11 +229,12 @@ class Tree:
             views, dirs = {}, {}
             for uuid, name in vms:
                 view = known.get(uuid) or VmView(uuid)
-                new = self.repo.points(uuid, after=view.points[-1] if view.points else None)
-                if new:
-                    renamed = view.extend(new)
-                    for pname, p in zip(view.names[renamed:], view.points[renamed:]):
-                        self._points[p.point] = (pname, p)
+                with no_collection():   # a day of 1 s points is 86,400 records at the first listing
+                    new = self.repo.points(uuid, after=view.points[-1] if view.points else None)
+                    if new:
+                        renamed = view.extend(new)
+                        for pname, p in zip(view.names[renamed:], view.points[renamed:]):
+                            self._points[p.point] = (pname, p)
                 if not view.points:
                     continue
                 self._refresh_ships(view)
@@ -438,7 +440,9 @@ class Tree:
 
     def readdir(self, ino: int) -> list[tuple[str, Attr]]:
         """Entries in a stable order: new points are appended at the end."""
-        return [(name, self._listed(child)) for name, child in self._node_of(ino).children(self)]
+        node = self._node_of(ino)
+        with no_collection():
+            return [(name, self._listed(child)) for name, child in node.children(self)]
 
     def known_attr(self, ino: int) -> Attr | None:
         """A guest entry's full attributes if already read, else None: never
