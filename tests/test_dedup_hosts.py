@@ -216,3 +216,21 @@ def test_encrypted_hosts_share_the_stores_key_and_borrow_only_within_it(tmp_path
     assert verify(c, read_data=True).ok
     for repo in (a, b, c):
         repo.close()
+
+
+def test_a_host_alone_in_its_store_frees_what_its_prune_removes_at_once(tmp_path, store_url):
+    """Nothing can be borrowing: no grace to wait out (a host that joins
+    later claims its name before it follows, so it sees the condemnation)."""
+    rnd = random.Random(15)
+    a = host(tmp_path / "a", store_url, "kvm1")
+    disk = bytearray(rnd.randbytes(2 * MiB))
+    back_up(a, [disk], [set()], "full", None, T0)
+    refresh_lease(a)
+    first = a.packs.list()
+    disk[:] = rnd.randbytes(2 * MiB)   # nothing shared with the first full
+    back_up(a, [disk], [set()], "full", None, T0 + 1_000_000)
+    from rpofs.store.prune import Retention, prune
+    prune(a, VM, Retention(last=1))
+    assert not condemned(a) and not set(first) & set(a.packs.list())   # the first full's pack deleted
+    assert reads(a, VM, bytes(disk)) == bytes(disk)
+    a.close()

@@ -80,7 +80,11 @@ def collect(repo, progress=None) -> tuple[int, int]:
     that may go are swept first."""
     if repo.lenders() is not None:
         from . import lending
-        lending.sweep(repo, lending.census(repo), repo.store_conf.grace, lambda txn: refs.unused_chunks(repo, txn))
+        seen = lending.census(repo)
+        lending.sweep(repo, seen, repo.store_conf.grace, lambda txn: refs.unused_chunks(repo, txn))
+        if seen.alone:   # no host to wait for: the condemnations published, then swept at once
+            repo.publish()
+            lending.sweep(repo, seen, repo.store_conf.grace, lambda txn: refs.unused_chunks(repo, txn))
     with repo.env.begin() as txn:
         live = refs.bytes_in_use(repo, txn)
     deleted = delete_dead_packs(repo, live)

@@ -28,8 +28,11 @@ published, it saw it and did not borrow. If it came before, the commit is
 earlier than published_us + GRACE (minus clock skew up to GRACE / 2 and a
 confirmation shorter than GRACE / 2), so a drained time past it means the
 commit is published, and the replica shows the borrow, which uncondemns
-the key. Nothing waits on a lock between hosts and no backup is ever
-blocked; a host that stops publishing (down, cut off) holds back sweeping
+the key. A host alone in its store deletes a condemned chunk as soon as
+the condemnation is published: a host that joins claims its name before
+it ever follows, so it either was listed by the census or follows after
+the condemnation was published. Nothing waits on a lock between hosts and
+no backup is ever blocked; a host that stops publishing (down, cut off) holds back sweeping
 (never data) until it publishes again: garbage kept, never a chunk lost.
 """
 
@@ -179,6 +182,7 @@ class Census:
     borrowed: frozenset          # keys of this host's chunks some other host borrows
     drained_us: int              # the oldest of the other hosts' drained times (no other host: now)
     silent: tuple                # hosts whose drained time is unknown (they hold sweeping back)
+    alone: bool = False          # the store has no other host: nothing can be borrowing
 
 
 def census(repo) -> Census:
@@ -188,7 +192,8 @@ def census(repo) -> Census:
     be read now is silent (it holds sweeping back)."""
     lenders = repo.lenders()
     borrowed, drained, silent = set(), [], []
-    for name in lenders.names():
+    names = lenders.names()
+    for name in names:
         lease = hosts.read_lease(repo.packs.bucket, name)
         if lease is None or not lease.drained:
             silent.append(name)
@@ -207,7 +212,7 @@ def census(repo) -> Census:
                     borrowed.add(bytes(key))
         drained.append(int(lease.drained * 1e6))
     now = time.time_ns() // 1000
-    return Census(frozenset(borrowed), min(drained, default=now), tuple(silent))
+    return Census(frozenset(borrowed), min(drained, default=now), tuple(silent), alone=not names)
 
 
 def sweep(repo, seen: Census, grace_s: float, unused) -> int:
@@ -233,10 +238,12 @@ def sweep(repo, seen: Census, grace_s: float, unused) -> int:
         for key, value in [(bytes(k), Condemned.decode(v)) for k, v in rows]:
             if key not in unused or key in seen.borrowed:
                 txn.delete(key, db=repo.db["condemned"])
-            elif value.since_us and not value.published_us and own_drained >= value.since_us:
-                txn.put(key, Condemned(value.since_us, own_drained).encode(), db=repo.db["condemned"])
-            elif value.published_us and now >= value.published_us + grace and not seen.silent and \
-                    seen.drained_us >= value.published_us + grace:
+                continue
+            if value.since_us and not value.published_us and own_drained >= value.since_us:
+                value = Condemned(value.since_us, own_drained)   # known published now
+                txn.put(key, value.encode(), db=repo.db["condemned"])
+            due = value.published_us + grace
+            if value.published_us and (seen.alone or now >= due and not seen.silent and seen.drained_us >= due):
                 txn.delete(key, db=repo.db["chunks"])
                 txn.delete(key, db=repo.db["condemned"])
                 deleted += 1
