@@ -166,9 +166,13 @@ def holds(repo, key: bytes):
 def copy_from_lender(repo, writer, key: bytes, borrow: Borrow) -> schema.ChunkLocation:
     """A borrowed chunk the lender condemned meanwhile, stored here after
     all (read from the lender, verified, appended to `writer`)."""
+    reader = repo.lender_reader(borrow.host)
     try:
-        key, stored = repo.lender_reader(borrow.host).verified(key, borrow.loc)
-    except (ChunkError, PackMissing) as e:
+        try:
+            key, stored = reader.verified(key, borrow.loc)
+        except PackMissing:   # moved by the lender's compaction since: its replica says where
+            key, stored = reader.verified(key, repo.relocate_borrowed(borrow.host, key))
+    except ChunkError as e:
         raise RpofsError(f"chunk {key.hex()[:16]}, borrowed from host {borrow.host}, was collected there "
                          f"during this backup ({e}): nothing recorded; back up again") from None
     return writer.append(key, borrow.loc.codec, borrow.loc.raw_len, stored)
