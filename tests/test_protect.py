@@ -528,6 +528,11 @@ def test_every_command_takes_a_journal_instant_as_at_does(tmp_path):
         with contextlib.suppress(libvirt.libvirtError):
             vm.conn.lookupByName(restored).undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
         run_rpofs("run", "--stop", f"rpofs-pti-run-{os.getpid()}", repo=repo, check=False)
+        with contextlib.suppress(libvirt.libvirtError):   # moved off the mount: an ordinary domain now
+            moved_vm = vm.conn.lookupByName(f"rpofs-pti-run-{os.getpid()}")
+            with contextlib.suppress(libvirt.libvirtError):
+                moved_vm.destroy()
+            moved_vm.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
         vm.destroy()
         _stop_servers(repo, vm.uuid)
 
