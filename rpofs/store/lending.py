@@ -17,8 +17,8 @@ Collecting (Census and sweep, for the host that lends): a `chunks` row
 nothing of the host's own uses is not deleted but condemned (schema,
 `condemned`). It is deleted only when all of these hold:
   * the condemnation is published (a collection after the host's
-    publication was drained past it sets `published_us`), and GRACE has
-    passed since then;
+    publication was drained past it sets `published_us`), and GRACE
+    (store.json "grace", default an hour) has passed since then;
   * every other host's lease says its publication was drained at or after
     published_us + GRACE, and the replica of it, followed after reading
     that lease, borrows nothing under that key.
@@ -32,8 +32,9 @@ the key. A host alone in its store deletes a condemned chunk as soon as
 the condemnation is published: a host that joins claims its name before
 it ever follows, so it either was listed by the census or follows after
 the condemnation was published. Nothing waits on a lock between hosts and
-no backup is ever blocked; a host that stops publishing (down, cut off) holds back sweeping
-(never data) until it publishes again: garbage kept, never a chunk lost.
+no backup is ever blocked; a host that stops publishing (down, cut off)
+holds back sweeping until it publishes again: garbage kept, never a chunk
+lost.
 """
 
 import dataclasses
