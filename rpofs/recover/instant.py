@@ -548,8 +548,8 @@ def _finish_move(repo: Repository, conn: Connection, dom: Domain, rec: RunRecord
         if path not in still:
             _unlink(path)
     holds.drop(repo.path, rec.holder)
+    _release_mount(repo, rec)   # before the record goes: a move killed in between is run again and ends it
     shutil.rmtree(rec.workdir, ignore_errors=True)
-    _release_mount(repo, rec)
 
 
 # -- list ------------------------------------------------------------------------
