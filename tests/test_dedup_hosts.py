@@ -78,6 +78,26 @@ def chunk_rows(repo: Repository, db: str = "chunks") -> set[bytes]:
         return {bytes(k) for k in txn.cursor().iternext(values=False)}
 
 
+def lender_and_borrower(tmp_path, store_url, disk: bytes) -> tuple[Repository, Repository]:
+    """kvm1 with a full of `disk` published, and kvm2 beside it; both with a
+    short grace and a fresh lease."""
+    a = host(tmp_path / "a", store_url, "kvm1", grace=GRACE)
+    back_up(a, [bytearray(disk)], [set()], "full", None, T0)
+    refresh_lease(a)
+    b = host(tmp_path / "b", store_url, "kvm2", grace=GRACE)
+    refresh_lease(b)
+    return a, b
+
+
+def until_swept(a: Repository, b: Repository) -> None:
+    """kvm1 collects, both publishing, until it holds no chunk any more."""
+    def step():
+        refresh_lease(b)
+        collect(a)
+        refresh_lease(a)
+    until(lambda: not chunk_rows(a), step)
+
+
 def collect(repo: Repository) -> None:
     """A collection as prune runs it when nothing new is unused."""
     with repo.exclusive():
@@ -120,11 +140,7 @@ def test_the_gc_race_a_borrow_not_yet_published_survives_the_lenders_collections
     point reads byte-exact. Once kvm2 gives the chunk back, kvm1 deletes it."""
     rnd = random.Random(12)
     disk = rnd.randbytes(3 * MiB)
-    a = host(tmp_path / "a", store_url, "kvm1", grace=GRACE)
-    back_up(a, [bytearray(disk)], [set()], "full", None, T0)
-    refresh_lease(a)
-    b = host(tmp_path / "b", store_url, "kvm2", grace=GRACE)
-    refresh_lease(b)
+    a, b = lender_and_borrower(tmp_path, store_url, disk)
     back_up(b, [bytearray(disk)], [set()], "full", None, T0 + 1_000_000, vm=OTHER_VM, vm_name="web")
     borrowed = chunk_rows(b, "borrowed")
     assert len(borrowed) == 3 and borrowed <= chunk_rows(a)
@@ -149,12 +165,7 @@ def test_the_gc_race_a_borrow_not_yet_published_survives_the_lenders_collections
     # kvm2 forgets its point too: the chunks are given back, and kvm1 deletes them after the grace
     forget.forget(b, OTHER_VM)
     assert not chunk_rows(b, "borrowed")
-
-    def step():
-        refresh_lease(b)
-        collect(a)
-        refresh_lease(a)
-    until(lambda: not chunk_rows(a), step)
+    until_swept(a, b)
     assert not condemned(a) and a.packs.list() == []   # its pack deleted
     a.close()
     b.close()
@@ -164,11 +175,7 @@ def test_a_borrow_the_lender_condemned_during_the_backup_is_copied_and_reads_aft
         tmp_path, store_url):
     rnd = random.Random(13)
     disk = rnd.randbytes(2 * MiB)
-    a = host(tmp_path / "a", store_url, "kvm1", grace=GRACE)
-    back_up(a, [bytearray(disk)], [set()], "full", None, T0)
-    refresh_lease(a)
-    b = host(tmp_path / "b", store_url, "kvm2", grace=GRACE)
-    refresh_lease(b)
+    a, b = lender_and_borrower(tmp_path, store_url, disk)
     w = b.begin_writer()
     for c in range(0, len(disk), CHUNK_SIZE):   # the backup finds both chunks at kvm1's
         w.put_full_chunk(0, c // CHUNK_SIZE, disk[c:c + CHUNK_SIZE])
@@ -181,12 +188,7 @@ def test_a_borrow_the_lender_condemned_during_the_backup_is_copied_and_reads_aft
                      domain_xml=xml.hex())
     assert point.stats["borrowed_chunks"] == 0     # copied from kvm1 before the commit
     refresh_lease(b)
-
-    def step():   # kvm1 sweeps them once the grace has passed
-        refresh_lease(b)
-        collect(a)
-        refresh_lease(a)
-    until(lambda: not chunk_rows(a), step)
+    until_swept(a, b)   # kvm1 sweeps them once the grace has passed
     assert a.packs.list() == []
     assert reads(b, OTHER_VM, disk) == disk
     a.close()

@@ -81,10 +81,13 @@ def collect(repo, progress=None) -> tuple[int, int]:
     if repo.lenders() is not None:
         from . import lending
         seen = lending.census(repo)
-        lending.sweep(repo, seen, repo.store_conf.grace, lambda txn: refs.unused_chunks(repo, txn))
+
+        def unused(txn):
+            return refs.unused_chunks(repo, txn)
+        lending.sweep(repo, seen, repo.store_conf.grace, unused)
         if seen.alone:   # no host to wait for: the condemnations published, then swept at once
             repo.publish()
-            lending.sweep(repo, seen, repo.store_conf.grace, lambda txn: refs.unused_chunks(repo, txn))
+            lending.sweep(repo, seen, repo.store_conf.grace, unused)
     with repo.env.begin() as txn:
         live = refs.bytes_in_use(repo, txn)
     deleted = delete_dead_packs(repo, live)

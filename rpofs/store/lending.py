@@ -262,8 +262,3 @@ def sweep(repo, seen: Census, grace_s: float, unused) -> int:
             if not value.since_us:
                 txn.put(key, Condemned(now, 0).encode(), db=repo.db["condemned"])
     return deleted
-
-
-def condemned_count(repo) -> int:
-    with repo.env.begin(db=repo.db["condemned"]) as txn:
-        return txn.stat(repo.db["condemned"])["entries"]
